@@ -1,0 +1,97 @@
+"""sagellm_backend: the hardware abstraction layer of the sageLLM inference engine.
+
+Engine code talks to :class:`BackendProvider`; backends are chosen by config string with
+:func:`get_backend`. Importing this package imports no torch and no device library.
+"""
+
+from sagellm_backend._version import __version__
+from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.device import HOST, DeviceRef, MemoryStats
+from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp
+from sagellm_backend.errors import (
+    BackendError,
+    BackendLoadError,
+    BackendNotFoundError,
+    BackendNotInstalledError,
+    BackendUnavailableError,
+    BlockNotFoundError,
+    CapabilityError,
+    CommBackendNotSupportedError,
+    CommError,
+    CommGroupBrokenError,
+    CommRankMismatchError,
+    CommTimeoutError,
+    DeadlineExceededError,
+    ErrorCode,
+    EventStateError,
+    GraphCaptureError,
+    IncompatiblePluginError,
+    InvalidArgumentError,
+    InvalidBlockError,
+    InvalidSpecError,
+    KernelExistsError,
+    KernelNotFoundError,
+    ResourceExhaustedError,
+    UnknownOptionError,
+)
+from sagellm_backend.kernels import KernelSpec
+from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.protocols import (
+    BackendProvider,
+    CollectiveOps,
+    Event,
+    Graph,
+    GraphCapture,
+    KernelRegistry,
+    KVBlockManager,
+    Stream,
+    StreamOps,
+)
+
+__all__ = [
+    "HOST",
+    "BackendError",
+    "BackendLoadError",
+    "BackendNotFoundError",
+    "BackendNotInstalledError",
+    "BackendProvider",
+    "BackendUnavailableError",
+    "BlockNotFoundError",
+    "CapabilityDescriptor",
+    "CapabilityError",
+    "CollectiveOp",
+    "CollectiveOps",
+    "CommBackendNotSupportedError",
+    "CommError",
+    "CommGroupBrokenError",
+    "CommRankMismatchError",
+    "CommTimeoutError",
+    "DType",
+    "DeadlineExceededError",
+    "DeviceRef",
+    "ErrorCode",
+    "Event",
+    "EventStateError",
+    "Graph",
+    "GraphCapture",
+    "GraphCaptureError",
+    "IncompatiblePluginError",
+    "InvalidArgumentError",
+    "InvalidBlockError",
+    "InvalidSpecError",
+    "KVBlock",
+    "KVBlockManager",
+    "KVLayout",
+    "KernelExistsError",
+    "KernelKind",
+    "KernelNotFoundError",
+    "KernelRegistry",
+    "KernelSpec",
+    "MemoryStats",
+    "ReduceOp",
+    "ResourceExhaustedError",
+    "Stream",
+    "StreamOps",
+    "UnknownOptionError",
+    "__version__",
+]

@@ -1,0 +1,138 @@
+"""Kernel registry: named device kernels with their reference implementations.
+
+A kernel registered with a reference and an input generator can be checked against that
+reference on fresh random inputs by anyone (the conformance kit does so for every backend).
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm_backend.dtypes import DType, KernelKind, coerce
+from sagellm_backend.errors import (
+    InvalidArgumentError,
+    KernelExistsError,
+    KernelNotFoundError,
+)
+
+__all__ = ["Comparator", "InputMaker", "KernelInputs", "KernelSpec", "KernelTable"]
+
+KernelInputs = tuple[tuple[Any, ...], dict[str, Any]]
+"""Positional and keyword arguments for one kernel call."""
+
+InputMaker = Callable[[int, DType], KernelInputs]
+"""``make_inputs(seed, dtype)``: fresh random inputs; the same seed gives equal inputs."""
+
+Comparator = Callable[[Any, Any, DType], None]
+"""``compare(result, expected, dtype)``: raises AssertionError if they differ beyond tolerance."""
+
+
+def _assert_equal(result: Any, expected: Any, dtype: DType) -> None:
+    if result != expected:
+        raise AssertionError(f"{dtype.value}: result {result!r} != reference {expected!r}")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A registered kernel: its implementation and what it may be checked against."""
+
+    name: str
+    impl: Callable[..., Any]
+    kind: KernelKind | None = None
+    dtypes: frozenset[DType] = frozenset()
+    reference: Callable[..., Any] | None = None
+    make_inputs: InputMaker | None = None
+    compare: Comparator = field(default=_assert_equal)
+
+    @property
+    def checkable(self) -> bool:
+        return self.reference is not None and self.make_inputs is not None
+
+    def check(self, seed: int, dtype: DType) -> None:
+        """Run the kernel and its reference on the same fresh inputs and compare the results.
+
+        Each side gets its own inputs (generated twice from ``seed``), so a kernel that writes
+        into its arguments cannot affect the reference.
+        """
+        if self.reference is None or self.make_inputs is None:
+            raise InvalidArgumentError(
+                f"kernel {self.name!r} has no reference or input generator to check against"
+            )
+        args, kwargs = self.make_inputs(seed, dtype)
+        ref_args, ref_kwargs = self.make_inputs(seed, dtype)
+        self.compare(self.impl(*args, **kwargs), self.reference(*ref_args, **ref_kwargs), dtype)
+
+
+class KernelTable:
+    """Thread-safe name -> KernelSpec table; existing names are only replaced on request."""
+
+    def __init__(self, specs: Iterable[KernelSpec] = ()) -> None:
+        self._lock = threading.Lock()
+        self._specs: dict[str, KernelSpec] = {s.name: s for s in specs}
+
+    def register(
+        self,
+        name: str,
+        impl: Callable[..., Any],
+        *,
+        kind: KernelKind | str | None = None,
+        dtypes: Iterable[DType | str] = (),
+        reference: Callable[..., Any] | None = None,
+        make_inputs: InputMaker | None = None,
+        compare: Comparator | None = None,
+        override: bool = False,
+    ) -> KernelSpec:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidArgumentError(
+                f"kernel name must be a non-empty string, got {name!r}",
+                hint="name kernels like 'rms_norm'",
+            )
+        for what, fn in (("impl", impl), ("reference", reference), ("make_inputs", make_inputs)):
+            if fn is not None and not callable(fn):
+                raise InvalidArgumentError(f"kernel {name!r}: {what} must be callable")
+        if impl is None:
+            raise InvalidArgumentError(f"kernel {name!r}: impl must be callable")
+        if isinstance(dtypes, str):
+            dtypes = (dtypes,)
+        spec = KernelSpec(
+            name=name,
+            impl=impl,
+            kind=None if kind is None else coerce(KernelKind, kind, "kernel kind"),
+            dtypes=frozenset(coerce(DType, d, "dtype") for d in dtypes),
+            reference=reference,
+            make_inputs=make_inputs,
+            compare=compare if compare is not None else _assert_equal,
+        )
+        with self._lock:
+            if name in self._specs and not override:
+                raise KernelExistsError(
+                    f"a kernel named {name!r} is already registered",
+                    hint="pass override=True to replace it, or choose another name",
+                )
+            self._specs[name] = spec
+        return spec
+
+    def spec(self, name: str) -> KernelSpec:
+        with self._lock:
+            spec = self._specs.get(name)
+            if spec is not None:
+                return spec
+            known = sorted(self._specs)
+        near = difflib.get_close_matches(str(name), known, n=1)
+        raise KernelNotFoundError(
+            f"no kernel named {name!r}; registered: {', '.join(known) or '(none)'}",
+            hint=f"did you mean {near[0]!r}?" if near else "register it with register_kernel()",
+        )
+
+    def get(self, name: str) -> Callable[..., Any]:
+        return self.spec(name).impl
+
+    def list(self, kind: KernelKind | str | None = None) -> list[KernelSpec]:
+        wanted = None if kind is None else coerce(KernelKind, kind, "kernel kind")
+        with self._lock:
+            specs = sorted(self._specs.values(), key=lambda s: s.name)
+        return [s for s in specs if wanted is None or s.kind == wanted]

@@ -1,0 +1,66 @@
+"""KV-cache value types: the layout every backend is configured with, and block handles."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sagellm_backend.dtypes import DType, coerce
+from sagellm_backend.errors import InvalidArgumentError
+
+__all__ = ["KVBlock", "KVLayout"]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one KV page: K and V for ``tokens_per_block`` tokens in every layer.
+
+    A torch pool stores pages as ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads,
+    head_size]``, so one page of one layer is contiguous, as paged-attention kernels read it.
+    """
+
+    num_layers: int = 2
+    num_kv_heads: int = 2
+    head_size: int = 64
+    tokens_per_block: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_size", "tokens_per_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidArgumentError(
+                    f"KV layout {name} must be a positive int, got {value!r}"
+                )
+
+    @property
+    def elements_per_page(self) -> int:
+        """Elements of one page over all layers (K and V)."""
+        return 2 * self.num_layers * self.tokens_per_block * self.num_kv_heads * self.head_size
+
+    def page_bytes(self, dtype: DType | str) -> int:
+        """Bytes of one page over all layers in ``dtype``."""
+        return self.elements_per_page * coerce(DType, dtype, "dtype").bits // 8
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages a block of ``num_tokens`` tokens occupies: ceil(num_tokens / tokens_per_block)."""
+        return math.ceil(num_tokens / self.tokens_per_block)
+
+
+@dataclass(frozen=True)
+class KVBlock:
+    """Handle to a live KV block of one provider. Immutable, hashable and picklable.
+
+    ``handle`` is unique within its provider and never reused, so a stale handle is detected.
+    ``pages`` are indices into the provider's page pool (empty where the backend has none).
+    """
+
+    handle: int
+    num_tokens: int
+    dtype: DType
+    device: str
+    pages: tuple[int, ...] = ()
+    owner: str = ""
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
