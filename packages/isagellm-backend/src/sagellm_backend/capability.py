@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
@@ -33,56 +33,81 @@ _OPTIONAL_INT_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class CapabilityDescriptor:
     """Immutable capability matrix of one backend instance.
 
-    Sequences given as lists (or strings of their values) are normalised to tuples of enum members.
+    Sequences may hold enum members or their string values; they are stored as tuples of members.
     """
 
-    supported_dtypes: Sequence[DType] = (DType.FP32,)
-    supported_kernels: Sequence[KernelKind] = ()
-    has_stream: bool = True
-    has_event: bool = True
-    has_collective: bool = False
-    has_graph_exec: bool = False
-    max_memory_mb: int | None = None
-    device_name: str | None = None
-    device_type: str = "unknown"
-    compute_capability: str | None = None
-    total_memory_bytes: int | None = None
-    available_memory_bytes: int | None = None
-    supported_collectives: Sequence[CollectiveOp] = ()
-    supported_reduce_ops: Sequence[ReduceOp] = ()
-    has_kv_block_copy: bool = True
-    has_kv_block_migrate: bool = True
-    max_batch_size: int | None = None
-    max_sequence_length: int | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
+    supported_dtypes: tuple[DType, ...]
+    supported_kernels: tuple[KernelKind, ...]
+    has_stream: bool
+    has_event: bool
+    has_collective: bool
+    has_graph_exec: bool
+    max_memory_mb: int | None
+    device_name: str | None
+    device_type: str
+    compute_capability: str | None
+    total_memory_bytes: int | None
+    available_memory_bytes: int | None
+    supported_collectives: tuple[CollectiveOp, ...]
+    supported_reduce_ops: tuple[ReduceOp, ...]
+    has_kv_block_copy: bool
+    has_kv_block_migrate: bool
+    max_batch_size: int | None
+    max_sequence_length: int | None
+    extra: Mapping[str, str]
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        supported_dtypes: Iterable[DType | str] = (DType.FP32,),
+        supported_kernels: Iterable[KernelKind | str] = (),
+        has_stream: bool = True,
+        has_event: bool = True,
+        has_collective: bool = False,
+        has_graph_exec: bool = False,
+        max_memory_mb: int | None = None,
+        *,
+        device_name: str | None = None,
+        device_type: str = "unknown",
+        compute_capability: str | None = None,
+        total_memory_bytes: int | None = None,
+        available_memory_bytes: int | None = None,
+        supported_collectives: Iterable[CollectiveOp | str] = (),
+        supported_reduce_ops: Iterable[ReduceOp | str] = (),
+        has_kv_block_copy: bool = True,
+        has_kv_block_migrate: bool = True,
+        max_batch_size: int | None = None,
+        max_sequence_length: int | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        values = dict(locals())
+        del values["self"]
         for name, enum in _ENUM_FIELDS.items():
-            raw = getattr(self, name)
+            raw = values[name]
             if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
                 raise InvalidArgumentError(
                     f"{name} must be a sequence, got {type(raw).__name__}",
                     hint=f"pass a list of {enum.__name__} members or their string values",
                 )
-            members = tuple(dict.fromkeys(coerce(enum, v, name[:-1]) for v in raw))
-            object.__setattr__(self, name, members)
+            values[name] = tuple(dict.fromkeys(coerce(enum, v, name[:-1]) for v in raw))
         for name in _OPTIONAL_INT_FIELDS:
-            value = getattr(self, name)
+            value = values[name]
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
                 raise InvalidArgumentError(
                     f"{name} must be a non-negative int or None, got {value!r}"
                 )
-        object.__setattr__(self, "extra", dict(self.extra))
-        if self.has_collective and not self.supported_collectives:
-            object.__setattr__(self, "supported_collectives", tuple(CollectiveOp))
-        if self.supported_collectives and not self.supported_reduce_ops:
-            object.__setattr__(self, "supported_reduce_ops", tuple(ReduceOp))
+        values["extra"] = dict(extra or {})
+        if has_collective and not values["supported_collectives"]:
+            values["supported_collectives"] = tuple(CollectiveOp)
+        if values["supported_collectives"] and not values["supported_reduce_ops"]:
+            values["supported_reduce_ops"] = tuple(ReduceOp)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))

@@ -1,0 +1,112 @@
+"""Development sessions. Tests run against the built wheels, never the source tree.
+
+nox                  # every default session
+nox -s tests-3.12    # core tests on one Python
+nox -s torch         # torch layer and cpu backend (Python 3.11, pinned CPU torch)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "mypy", "tests", "torch"]
+
+ROOT = Path(__file__).parent
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+TORCH_PYTHON = "3.11"
+TORCH_CONSTRAINTS = str(ROOT / "constraints" / "torch.txt")
+PACKAGES = {
+    "isagellm-backend": ROOT / "packages" / "isagellm-backend",
+}
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+CORE_TESTS = ["packages/isagellm-backend/tests", "tests"]
+
+
+def _add_pyenv_interpreters() -> None:
+    """Put every pyenv-installed CPython on PATH so that nox finds python3.10 to python3.13."""
+    versions = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    bins = [str(p / "bin") for p in sorted(versions.glob("3.1*")) if (p / "bin").is_dir()]
+    if bins:
+        os.environ["PATH"] = os.pathsep.join([*bins, os.environ.get("PATH", "")])
+
+
+_add_pyenv_interpreters()
+
+
+def build_wheels(session: nox.Session) -> dict[str, str]:
+    """Build every wheel of the repo into the session's tmp dir; return name -> path."""
+    outdir = Path(session.create_tmp()) / "dist"
+    session.install("build>=1.2", "hatchling>=1.21")
+    wheels: dict[str, str] = {}
+    for name, path in PACKAGES.items():
+        session.run(
+            "python",
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(outdir),
+            str(path),
+            silent=True,
+        )
+        stem = name.replace("-", "_")
+        (wheel,) = sorted(outdir.glob(f"{stem}-*.whl"))
+        wheels[name] = str(wheel)
+    return wheels
+
+
+def run_pytest(session: nox.Session, *paths: str) -> None:
+    """Run pytest from a tmp dir so that the source tree is never imported."""
+    args = [str(ROOT / p) for p in paths]
+    with session.chdir(session.create_tmp()):
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(ROOT),
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            *args,
+            *session.posargs,
+        )
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Core tests on the installed core wheel, without torch."""
+    wheels = build_wheels(session)
+    session.install(wheels["isagellm-backend"], *TEST_DEPS)
+    run_pytest(session, *CORE_TESTS)
+
+
+@nox.session(python=TORCH_PYTHON, venv_backend="venv")
+def torch(session: nox.Session) -> None:
+    """The torch layer and the cpu backend, on the pinned CPU build of torch."""
+    wheels = build_wheels(session)
+    session.install("-c", TORCH_CONSTRAINTS, f"{wheels['isagellm-backend']}[torch]", *TEST_DEPS)
+    run_pytest(session, *CORE_TESTS)
+
+
+@nox.session(python=TORCH_PYTHON, venv_backend="venv")
+def mypy(session: nox.Session) -> None:
+    """mypy --strict over every package, the tests and this file."""
+    session.install(
+        "-c", TORCH_CONSTRAINTS, "mypy>=1.10", "torch", "nox", *TEST_DEPS, "typing-extensions>=4.6"
+    )
+    session.run("mypy", "--config-file", str(ROOT / "pyproject.toml"))
+
+
+@nox.session(python=TORCH_PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

@@ -1,0 +1,194 @@
+"""Value types: enums, capability descriptor, KV layout and handles, device references."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from sagellm_backend import (
+    CapabilityDescriptor,
+    CapabilityError,
+    CollectiveOp,
+    DeviceRef,
+    DType,
+    ErrorCode,
+    InvalidArgumentError,
+    KernelKind,
+    KVBlock,
+    KVLayout,
+    ReduceOp,
+)
+from sagellm_backend.dtypes import coerce
+
+
+def test_enum_values_are_the_wire_strings() -> None:
+    assert [d.value for d in DType] == ["fp32", "fp16", "bf16", "fp8", "int8", "int4"]
+    assert [k.value for k in KernelKind] == [
+        "matmul", "attention", "fusion", "layernorm", "softmax",
+    ]  # fmt: skip
+    assert [r.value for r in ReduceOp] == [
+        "sum", "max", "min", "prod", "band", "bor", "bxor", "avg",
+    ]  # fmt: skip
+    assert [c.value for c in CollectiveOp][:3] == ["all_reduce", "all_gather", "reduce_scatter"]
+
+
+@pytest.mark.parametrize("enum", [DType, KernelKind, ReduceOp, CollectiveOp])
+def test_coerce_accepts_members_and_their_strings(enum: type[DType]) -> None:
+    for member in enum:
+        assert coerce(enum, member) is member
+        assert coerce(enum, member.value) is member
+        assert coerce(enum, member.value.upper()) is member
+
+
+def test_coerce_accepts_a_member_of_another_enum_with_the_same_value() -> None:
+    from enum import Enum
+
+    class TheirDType(str, Enum):
+        BF16 = "bf16"
+
+    assert coerce(DType, TheirDType.BF16) is DType.BF16
+
+
+@pytest.mark.parametrize("bad", ["fp64", "", 3, None, b"fp16"])
+def test_coerce_refuses_unknown_values_with_the_choices(bad: object) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        coerce(DType, bad, "dtype")
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "'fp16'" in str(info.value)
+
+
+def test_dtype_widths() -> None:
+    assert {d: d.bits for d in DType} == {
+        DType.FP32: 32, DType.FP16: 16, DType.BF16: 16, DType.FP8: 8, DType.INT8: 8, DType.INT4: 4,
+    }  # fmt: skip
+
+
+def test_descriptor_from_the_seed_keywords_alone() -> None:
+    cap = CapabilityDescriptor(
+        supported_dtypes=[DType.FP16, DType.BF16],
+        supported_kernels=[KernelKind.MATMUL],
+        has_stream=True,
+        has_event=True,
+        has_collective=True,
+        has_graph_exec=False,
+        max_memory_mb=1024,
+    )
+    assert cap.supported_dtypes == (DType.FP16, DType.BF16)
+    assert cap.supports_collective("all_reduce")
+    assert cap.supports_reduce_op(ReduceOp.BXOR)
+
+
+def test_descriptor_is_immutable_and_hashable() -> None:
+    cap = CapabilityDescriptor(supported_dtypes=["fp16"])
+    with pytest.raises(AttributeError):
+        cap.has_stream = False  # type: ignore[misc]
+    assert hash(cap) == hash(CapabilityDescriptor(supported_dtypes=[DType.FP16]))
+    assert cap.replace(has_stream=False).has_stream is False
+    assert cap.has_stream is True
+
+
+def test_descriptor_round_trips_through_dict_json_and_pickle() -> None:
+    cap = CapabilityDescriptor(
+        supported_dtypes=["fp16", "bf16", "fp8"],
+        supported_kernels=["attention"],
+        has_collective=True,
+        supported_collectives=["all_reduce", "all_gather"],
+        supported_reduce_ops=["sum", "max"],
+        device_name="H200",
+        device_type="cuda",
+        compute_capability="9.0",
+        total_memory_bytes=150_000_000_000,
+        available_memory_bytes=140_000_000_000,
+        max_batch_size=256,
+        max_sequence_length=8192,
+        extra={"driver": "580"},
+    )
+    data = cap.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["supported_dtypes"] == ["fp16", "bf16", "fp8"]
+    assert CapabilityDescriptor.from_dict(data) == cap
+    assert CapabilityDescriptor.from_json(cap.to_json()) == cap
+    assert pickle.loads(pickle.dumps(cap)) == cap
+
+
+def test_descriptor_queries_refuse_with_capability_errors() -> None:
+    cap = CapabilityDescriptor(supported_dtypes=["fp16"], has_collective=False)
+    assert cap.require_dtype("fp16") is DType.FP16
+    with pytest.raises(CapabilityError) as info:
+        cap.require_dtype(DType.BF16, "kv_block_alloc")
+    assert isinstance(info.value, NotImplementedError)
+    assert "kv_block_alloc" in str(info.value) and "fp16" in str(info.value)
+    with pytest.raises(InvalidArgumentError):
+        cap.require_dtype("fp64")
+    with pytest.raises(CapabilityError):
+        cap.require_collective("all_reduce")
+    with pytest.raises(CapabilityError):
+        cap.require_graph_exec()
+    with pytest.raises(CapabilityError):
+        cap.require_kernel("matmul")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"supported_dtypes": "fp16"},
+        {"supported_dtypes": ["fp64"]},
+        {"max_memory_mb": -1},
+        {"total_memory_bytes": 1.5},
+        {"max_batch_size": True},
+    ],
+)
+def test_descriptor_validates_fields(changes: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        CapabilityDescriptor(**changes)  # type: ignore[arg-type]
+
+
+def test_descriptor_from_dict_refuses_unknown_fields_and_bad_json() -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown capability fields"):
+        CapabilityDescriptor.from_dict({"has_warp_drive": True})
+    with pytest.raises(InvalidArgumentError):
+        CapabilityDescriptor.from_json("{not json")
+    with pytest.raises(InvalidArgumentError):
+        CapabilityDescriptor.from_json("[1, 2]")
+
+
+def test_kv_layout_sizes() -> None:
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_size=128, tokens_per_block=16)
+    assert layout.page_bytes(DType.BF16) == 2 * 1024 * 1024
+    assert layout.page_bytes("int4") == layout.page_bytes("int8") // 2
+    assert [layout.pages_for(n) for n in (1, 16, 17, 128)] == [1, 1, 2, 8]
+
+
+@pytest.mark.parametrize("field", ["num_layers", "num_kv_heads", "head_size", "tokens_per_block"])
+@pytest.mark.parametrize("value", [0, -1, 1.0, True])
+def test_kv_layout_validates(field: str, value: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=field):
+        KVLayout(**{field: value})  # type: ignore[arg-type]
+
+
+def test_kv_block_is_a_picklable_value() -> None:
+    block = KVBlock(7, 33, DType.FP16, "mock:0", pages=(4, 9, 2), owner="p1")
+    assert block.num_pages == 3
+    assert pickle.loads(pickle.dumps(block)) == block
+    assert len({block, KVBlock(7, 33, DType.FP16, "mock:0", pages=(4, 9, 2), owner="p1")}) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("cuda:0", DeviceRef("cuda", 0)),
+        ("host", DeviceRef("host")),
+        ("npu:12", DeviceRef("npu", 12)),
+    ],
+)
+def test_device_ref_parses(text: str, expected: DeviceRef) -> None:
+    assert DeviceRef.parse(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["", "cuda:", ":0", "cuda:-1", "cuda:x", "CUDA 0", None, 3])
+def test_device_ref_refuses_malformed_names(text: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="malformed device"):
+        DeviceRef.parse(text)
