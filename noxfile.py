@@ -91,7 +91,9 @@ def tests(session: nox.Session) -> None:
 def torch(session: nox.Session) -> None:
     """The torch layer and the cpu backend, on the pinned CPU build of torch."""
     wheels = build_wheels(session)
-    session.install("-c", TORCH_CONSTRAINTS, f"{wheels['isagellm-backend']}[torch]", *TEST_DEPS)
+    session.install(
+        "-c", TORCH_CONSTRAINTS, f"{wheels['isagellm-backend']}[torch]", "numpy", *TEST_DEPS
+    )
     run_pytest(session, *CORE_TESTS)
 
 

@@ -17,12 +17,15 @@ class KVLayout:
 
     A torch pool stores pages as ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads,
     head_size]``, so one page of one layer is contiguous, as paged-attention kernels read it.
+    ``dtype`` is the pool's element type where the pool has one; None means each block may use
+    any dtype the backend supports (the mock).
     """
 
     num_layers: int = 2
     num_kv_heads: int = 2
     head_size: int = 64
     tokens_per_block: int = 16
+    dtype: DType | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_size", "tokens_per_block"):
@@ -31,6 +34,8 @@ class KVLayout:
                 raise InvalidArgumentError(
                     f"KV layout {name} must be a positive int, got {value!r}"
                 )
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", coerce(DType, self.dtype, "KV dtype"))
 
     @property
     def elements_per_page(self) -> int:

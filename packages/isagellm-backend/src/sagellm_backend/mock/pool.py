@@ -1,0 +1,92 @@
+"""Memory of the mock devices: one ``bytearray`` per KV block, allocated when the block is.
+
+Nothing is reserved up front. Each mock device has a budget of ``max_memory_mb``; host memory is
+not budgeted. A batch that does not fit raises ResourceExhaustedError before anything is
+allocated, so the pool is exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sagellm_backend.blocks import Allocation, PageRequest
+from sagellm_backend.device import HOST, MemoryStats
+from sagellm_backend.dtypes import DType
+from sagellm_backend.errors import ResourceExhaustedError
+from sagellm_backend.kv import KVLayout
+
+__all__ = ["BlockBytes", "MockMemory"]
+
+_UNBOUNDED_PAGES = 1 << 40
+
+
+@dataclass(eq=False)
+class BlockBytes:
+    """The storage of one block: where it lives, its page count and its bytes."""
+
+    device: str
+    num_pages: int
+    data: bytearray
+
+
+class MockMemory:
+    """A :class:`~sagellm_backend.blocks.BlockStorage` of per-block bytearrays, with accounting.
+
+    Not thread-safe on its own: the BlockTable calls it under its lock.
+    """
+
+    def __init__(self, layout: KVLayout, devices: Sequence[str], capacity_bytes: int) -> None:
+        self._layout = layout
+        self._capacity = {d: capacity_bytes for d in devices if d != HOST}
+        self._used = dict.fromkeys(devices, 0)
+        self._peak = dict.fromkeys(devices, 0)
+        self._blocks = dict.fromkeys(devices, 0)
+        self._pages = dict.fromkeys(devices, 0)
+
+    def max_pages(self, device: str, dtype: DType) -> int:
+        capacity = self._capacity.get(device)
+        if capacity is None:
+            return _UNBOUNDED_PAGES
+        return capacity // self._layout.page_bytes(dtype)
+
+    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[BlockBytes]]:
+        needed: dict[str, int] = {}
+        for r in requests:
+            needed[r.device] = needed.get(r.device, 0) + self._nbytes(r)
+        for device, nbytes in needed.items():
+            capacity = self._capacity.get(device)
+            if capacity is not None and self._used[device] + nbytes > capacity:
+                free = capacity - self._used[device]
+                raise ResourceExhaustedError(
+                    f"{device} is out of KV memory: {nbytes} bytes requested, {free} of "
+                    f"{capacity} free",
+                    hint="free or migrate blocks first, or raise max_memory_mb",
+                )
+        out = []
+        for r in requests:
+            nbytes = self._nbytes(r)
+            out.append(Allocation((), BlockBytes(r.device, r.num_pages, bytearray(nbytes))))
+            self._used[r.device] += nbytes
+            self._peak[r.device] = max(self._peak[r.device], self._used[r.device])
+            self._blocks[r.device] += 1
+            self._pages[r.device] += r.num_pages
+        return out
+
+    def release(self, slots: Sequence[BlockBytes]) -> None:
+        for slot in slots:
+            self._used[slot.device] -= len(slot.data)
+            self._blocks[slot.device] -= 1
+            self._pages[slot.device] -= slot.num_pages
+
+    def stats(self, device: str) -> MemoryStats:
+        return MemoryStats(
+            total_bytes=self._capacity.get(device, 0),
+            used_bytes=self._used[device],
+            peak_used_bytes=self._peak[device],
+            kv_blocks_in_use=self._blocks[device],
+            kv_pages_in_use=self._pages[device],
+        )
+
+    def _nbytes(self, request: PageRequest) -> int:
+        return request.num_pages * self._layout.page_bytes(request.dtype)

@@ -1,0 +1,54 @@
+"""Kinds this project ships, and the distribution and ``pip install`` that provide each.
+
+The table lets "a kind of ours whose wheel is not installed" be told apart from "a kind nobody
+provides", and lets the registry rank a distribution of this project above a foreign one that
+claims the same kind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = ["KNOWN_KINDS", "OUR_DISTRIBUTIONS", "KnownKind", "is_ours", "normalize_dist_name"]
+
+CORE_DISTRIBUTION = "isagellm-backend"
+
+
+@dataclass(frozen=True)
+class KnownKind:
+    """A kind this project provides: the distribution that registers it and how to install it."""
+
+    kind: str
+    distribution: str
+    install: str
+    alias_of: str | None = None
+
+
+_ENTRIES = (
+    KnownKind("mock", CORE_DISTRIBUTION, "pip install isagellm-backend"),
+    KnownKind("cpu", CORE_DISTRIBUTION, "pip install 'isagellm-backend[torch]'"),
+    KnownKind("cuda", "isagellm-backend-cuda", "pip install isagellm-backend-cuda"),
+    KnownKind("ascend", "isagellm-backend-ascend", "pip install isagellm-backend-ascend"),
+    KnownKind(
+        "ascend_cann", "isagellm-backend-ascend", "pip install isagellm-backend-ascend", "ascend"
+    ),
+    KnownKind("npu", "isagellm-backend-ascend", "pip install isagellm-backend-ascend", "ascend"),
+)
+
+KNOWN_KINDS: Mapping[str, KnownKind] = MappingProxyType({k.kind: k for k in _ENTRIES})
+"""kind -> the distribution of this project that provides it."""
+
+OUR_DISTRIBUTIONS = frozenset(k.distribution for k in _ENTRIES)
+"""Distributions of this project; one of them wins a kind claimed by a foreign one too."""
+
+
+def normalize_dist_name(name: str) -> str:
+    """Distribution name in its normalised form (PEP 503): lower case, runs of -_. as '-'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def is_ours(distribution: str | None) -> bool:
+    return distribution is not None and normalize_dist_name(distribution) in OUR_DISTRIBUTIONS

@@ -1,0 +1,112 @@
+"""What a backend author supplies to the kit: a ConformanceTarget.
+
+A target makes providers, optionally builds tensors of its tensor type (for collectives), and
+runs a function on every rank of a world. The kit is generic in the tensor type ``T`` and in how
+ranks are launched: the mock runs ranks as threads in one process, a torch backend as processes.
+Rank functions the kit passes to :meth:`ConformanceTarget.run_world` are module-level functions
+(or ``functools.partial`` of them) with picklable arguments, so a process launcher can ship them.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from sagellm_backend.dtypes import DType
+from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.protocols import BackendProvider
+
+__all__ = ["ConformanceTarget", "RankFn", "RankOutcome", "TensorAdapter"]
+
+T = TypeVar("T")
+
+RankFn = Callable[["ConformanceTarget[T]", BackendProvider[T]], object]
+"""``fn(target, provider)`` run on one rank; its return value must be picklable."""
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """What one rank's function returned or raised, and how long it ran."""
+
+    rank: int
+    value: object = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+class TensorAdapter(Protocol[T]):
+    """Builds and reads 1-D tensors of a backend's tensor type, for the collective checks."""
+
+    @property
+    def dtypes(self) -> frozenset[DType]:
+        """Dtypes this adapter can build tensors in."""
+        ...
+
+    def tensor(self, provider: BackendProvider[T], values: Sequence[float], dtype: DType) -> T:
+        """A 1-D tensor of ``values`` in ``dtype`` on ``provider``'s device."""
+        ...
+
+    def values(self, tensor: T) -> list[float]:
+        """The elements of a 1-D tensor, as host numbers."""
+        ...
+
+
+class ConformanceTarget(ABC, Generic[T]):
+    """A backend under test, as the kit sees it. Subclass and implement :meth:`make_provider`.
+
+    Without :attr:`tensors` the checks that move tensor data through collectives are skipped
+    (with that reason). Without a :meth:`run_world` override, collectives run on the world the
+    provider already belongs to: one rank here, or every rank of a job whose processes all run
+    the kit at once (``torchrun ... sagellm-backend check SPEC``).
+    """
+
+    name: str = "backend"
+    tensors: TensorAdapter[T] | None = None
+
+    @abstractmethod
+    def make_provider(self) -> BackendProvider[T]:
+        """A fresh provider; the kit closes it when the check that made it ends."""
+
+    @property
+    def launches_worlds(self) -> bool:
+        """True if :meth:`run_world` starts worlds of its own (so a rank may be left out)."""
+        return False
+
+    def world_sizes(self) -> tuple[int, ...]:
+        """World sizes the collective checks run at; by default the provider's own."""
+        provider = self.make_provider()
+        try:
+            return (provider.world_size,)
+        finally:
+            provider.close()
+
+    def run_world(self, world_size: int, fn: RankFn[T], *, timeout: float) -> list[RankOutcome]:
+        """Run ``fn`` on every rank of a world of ``world_size``; one outcome per rank run here.
+
+        The default runs ``fn`` on this process's rank of the provider's own world.
+        """
+        provider = self.make_provider()
+        try:
+            if world_size != provider.world_size:
+                raise InvalidArgumentError(
+                    f"target {self.name!r} cannot start a world of {world_size} ranks; "
+                    f"its provider belongs to one of {provider.world_size}",
+                    hint="override ConformanceTarget.run_world to launch worlds",
+                )
+            return [_run_rank(provider.rank, fn, self, provider)]
+        finally:
+            provider.close()
+
+
+def _run_rank(
+    rank: int, fn: RankFn[T], target: ConformanceTarget[T], provider: BackendProvider[T]
+) -> RankOutcome:
+    start = time.perf_counter()
+    try:
+        value = fn(target, provider)
+    except Exception as exc:
+        return RankOutcome(rank, error=exc, seconds=time.perf_counter() - start)
+    return RankOutcome(rank, value=value, seconds=time.perf_counter() - start)

@@ -1,0 +1,41 @@
+"""Importing the core (and any installed plugin) imports no torch, vendor or heavy library."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "torch_npu", "triton", "numpy", "cupy", "pytest", "sagellm_protocol")
+PACKAGES = ["sagellm_backend", "sagellm_backend_cuda", "sagellm_backend_ascend"]
+
+
+def imported_after(statement: str) -> set[str]:
+    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return set(json.loads(out))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_import_loads_nothing_heavy(package: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed in this environment")
+    modules = imported_after(f"import {package}")
+    assert package in modules
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert heavy == []
+
+
+def test_loading_every_entry_point_target_loads_nothing_heavy() -> None:
+    modules = imported_after(
+        "from importlib.metadata import entry_points\n"
+        "targets = [ep.load() for ep in entry_points(group='sagellm.backends')]\n"
+        "assert targets"
+    )
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert heavy == []

@@ -1,0 +1,24 @@
+"""One version for every wheel, and never one the package registry already holds."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import distribution, version
+
+import sagellm_backend
+
+REGISTRY_HIGHEST = (0, 5, 4, 17)
+
+
+def test_installed_distribution_carries_the_package_version() -> None:
+    assert version("isagellm-backend") == sagellm_backend.__version__
+
+
+def test_version_is_newer_than_every_registry_release() -> None:
+    parts = tuple(int(p) for p in re.findall(r"\d+", sagellm_backend.__version__))
+    assert parts > REGISTRY_HIGHEST
+
+
+def test_wheel_ships_type_information() -> None:
+    files = {str(f) for f in distribution("isagellm-backend").files or ()}
+    assert "sagellm_backend/py.typed" in files
