@@ -3,6 +3,7 @@
 nox                  # every default session
 nox -s tests-3.12    # core tests on one Python
 nox -s torch         # torch layer and cpu backend (Python 3.11, pinned CPU torch)
+nox -s protocol      # the bridge to isagellm-protocol, with the real package (Python 3.11)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import nox
 
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "mypy", "tests", "torch"]
+nox.options.sessions = ["lint", "mypy", "tests", "torch", "protocol"]
 
 ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
@@ -24,6 +25,13 @@ PACKAGES = {
 }
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
 CORE_TESTS = ["packages/isagellm-backend/tests", "tests"]
+PROTOCOL_PYTHON = "3.11"
+"""isagellm-protocol is published for Python 3.11 only."""
+PROTOCOL_TESTS = [
+    "packages/isagellm-backend/tests/test_interop_protocol.py",
+    "packages/isagellm-backend/tests/test_interop_without_protocol.py",
+    "tests/test_factory_contract.py",
+]
 
 
 def _add_pyenv_interpreters() -> None:
@@ -95,6 +103,15 @@ def torch(session: nox.Session) -> None:
         "-c", TORCH_CONSTRAINTS, f"{wheels['isagellm-backend']}[torch]", "numpy", *TEST_DEPS
     )
     run_pytest(session, *CORE_TESTS)
+
+
+@nox.session(python=PROTOCOL_PYTHON, venv_backend="venv")
+def protocol(session: nox.Session) -> None:
+    """The isagellm-protocol bridge and the caller factory contract, with the real package."""
+    wheels = build_wheels(session)
+    session.install(f"{wheels['isagellm-backend']}[protocol]", "pydantic>=2", *TEST_DEPS)
+    session.run("python", "-c", "import sagellm_protocol")  # the extra must have installed it
+    run_pytest(session, *PROTOCOL_TESTS)
 
 
 @nox.session(python=TORCH_PYTHON, venv_backend="venv")

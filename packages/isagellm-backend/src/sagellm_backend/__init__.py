@@ -36,6 +36,12 @@ from sagellm_backend.errors import (
 )
 from sagellm_backend.kernels import KernelSpec
 from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.mock import (
+    MockBackendProvider,
+    MockTensor,
+    create_mock_backend,
+    create_mock_world,
+)
 from sagellm_backend.protocols import (
     BackendProvider,
     CollectiveOps,
@@ -47,6 +53,13 @@ from sagellm_backend.protocols import (
     Stream,
     StreamOps,
 )
+from sagellm_backend.registry import (
+    BackendRecord,
+    get_backend,
+    list_backends,
+    parse_spec,
+    register_backend,
+)
 
 __all__ = [
     "HOST",
@@ -55,6 +68,7 @@ __all__ = [
     "BackendNotFoundError",
     "BackendNotInstalledError",
     "BackendProvider",
+    "BackendRecord",
     "BackendUnavailableError",
     "BlockNotFoundError",
     "CapabilityDescriptor",
@@ -88,10 +102,18 @@ __all__ = [
     "KernelRegistry",
     "KernelSpec",
     "MemoryStats",
+    "MockBackendProvider",
+    "MockTensor",
     "ReduceOp",
     "ResourceExhaustedError",
     "Stream",
     "StreamOps",
     "UnknownOptionError",
     "__version__",
+    "create_mock_backend",
+    "create_mock_world",
+    "get_backend",
+    "list_backends",
+    "parse_spec",
+    "register_backend",
 ]

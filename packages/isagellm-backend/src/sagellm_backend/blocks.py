@@ -40,7 +40,15 @@ from sagellm_backend.errors import (
 )
 from sagellm_backend.kv import KVBlock, KVLayout
 
-__all__ = ["Allocation", "BlockStorage", "BlockTable", "Move", "PageRequest", "check_block"]
+__all__ = [
+    "Allocation",
+    "BlockStorage",
+    "BlockTable",
+    "Move",
+    "PageRequest",
+    "check_block",
+    "check_pairs",
+]
 
 S = TypeVar("S")
 
@@ -63,7 +71,7 @@ class Allocation(Generic[S]):
 
 
 class BlockStorage(Protocol[S]):
-    """Where block data lives. Called by a BlockTable under its lock, so it needs none of its own."""
+    """Where block data lives. A BlockTable calls it under its own lock, one call at a time."""
 
     def max_pages(self, device: str, dtype: DType) -> int:
         """The most pages one block of ``dtype`` on ``device`` could ever occupy."""
@@ -143,7 +151,7 @@ class BlockTable(Generic[S]):
         return self._capability.require_dtype(coerce(DType, dtype, "dtype"), operation)
 
     def check_device(self, target: object) -> str:
-        """``target`` as one of this table's device names; malformed or unknown names are refused."""
+        """``target`` as one of this table's devices; a malformed or unknown name is refused."""
         name = str(DeviceRef.parse(target))
         if name not in self._devices:
             raise InvalidArgumentError(
@@ -166,7 +174,7 @@ class BlockTable(Generic[S]):
             pages = [self._pages_for(n, limit, where, member) for n in counts]
             allocations = self._storage.allocate([PageRequest(where, member, p) for p in pages])
             blocks = []
-            for n, allocation in zip(counts, allocations):
+            for n, allocation in zip(counts, allocations, strict=True):
                 block = KVBlock(self._next_handle, n, member, where, allocation.pages, self._owner)
                 self._next_handle += 1
                 self._live[block.handle] = _Entry(block, allocation.slot)
@@ -197,11 +205,14 @@ class BlockTable(Generic[S]):
                         f"KV block {entry.block.handle} is already on {where}",
                         hint="migrate it to another device, or keep using it where it is",
                     )
-            requests = [PageRequest(where, e.block.dtype, e.block.num_pages) for e in entries]
+            requests = [
+                PageRequest(where, e.block.dtype, self._layout.pages_for(e.block.num_tokens))
+                for e in entries
+            ]
             allocations = self._storage.allocate(requests)
             self._storage.release([e.slot for e in entries])
             moves = []
-            for entry, allocation in zip(entries, allocations):
+            for entry, allocation in zip(entries, allocations, strict=True):
                 old = entry.block
                 new = KVBlock(
                     self._next_handle, old.num_tokens, old.dtype, where, allocation.pages, old.owner
@@ -232,7 +243,7 @@ class BlockTable(Generic[S]):
         but a destination may appear only once and never also as a source, so the result does
         not depend on the order the copies run in.
         """
-        items = _pair_list(pairs)
+        items = check_pairs(pairs)
         with self._lock:
             slots = []
             sources = {src.handle for src, _ in items}
@@ -246,10 +257,12 @@ class BlockTable(Generic[S]):
                         hint="split the copy into batches whose destinations are distinct",
                     )
                 destinations.add(dst.handle)
-                if src.num_pages != dst.num_pages or src.dtype != dst.dtype:
+                src_pages = self._layout.pages_for(src.num_tokens)
+                dst_pages = self._layout.pages_for(dst.num_tokens)
+                if src_pages != dst_pages or src.dtype != dst.dtype:
                     raise InvalidBlockError(
-                        f"cannot copy KV block {src.handle} ({src.num_pages} pages, "
-                        f"{src.dtype.value}) into block {dst.handle} ({dst.num_pages} pages, "
+                        f"cannot copy KV block {src.handle} ({src_pages} pages, "
+                        f"{src.dtype.value}) into block {dst.handle} ({dst_pages} pages, "
                         f"{dst.dtype.value})",
                         hint="copy between blocks of the same page count and dtype",
                         code=ErrorCode.KV_BLOCK_MISMATCH,
@@ -340,7 +353,8 @@ def _block_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
     return [check_block(b, f"each of {what}") for b in _iterable(blocks, what)]
 
 
-def _pair_list(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, KVBlock]]:
+def check_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, KVBlock]]:
+    """``pairs`` as a list of (src, dst) KVBlock tuples, else InvalidArgumentError."""
     out = []
     for pair in _iterable(pairs, "pairs"):
         if not isinstance(pair, tuple) or len(pair) != 2:

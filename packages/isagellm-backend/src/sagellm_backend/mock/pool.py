@@ -2,11 +2,13 @@
 
 Nothing is reserved up front. Each mock device has a budget of ``max_memory_mb``; host memory is
 not budgeted. A batch that does not fit raises ResourceExhaustedError before anything is
-allocated, so the pool is exactly as it was.
+allocated, so the pool is exactly as it was. Blocks get page ids as from a pool (unique among
+the live blocks of a device, so ``KVBlock.num_pages`` is right); the mock never reuses them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,16 +35,18 @@ class BlockBytes:
 class MockMemory:
     """A :class:`~sagellm_backend.blocks.BlockStorage` of per-block bytearrays, with accounting.
 
-    Not thread-safe on its own: the BlockTable calls it under its lock.
+    The BlockTable serialises allocation and release; the lock here keeps ``stats`` consistent.
     """
 
     def __init__(self, layout: KVLayout, devices: Sequence[str], capacity_bytes: int) -> None:
         self._layout = layout
+        self._lock = threading.Lock()
         self._capacity = {d: capacity_bytes for d in devices if d != HOST}
         self._used = dict.fromkeys(devices, 0)
         self._peak = dict.fromkeys(devices, 0)
         self._blocks = dict.fromkeys(devices, 0)
         self._pages = dict.fromkeys(devices, 0)
+        self._next_page = dict.fromkeys(devices, 0)
 
     def max_pages(self, device: str, dtype: DType) -> int:
         capacity = self._capacity.get(device)
@@ -51,6 +55,10 @@ class MockMemory:
         return capacity // self._layout.page_bytes(dtype)
 
     def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[BlockBytes]]:
+        with self._lock:
+            return self._allocate(requests)
+
+    def _allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[BlockBytes]]:
         needed: dict[str, int] = {}
         for r in requests:
             needed[r.device] = needed.get(r.device, 0) + self._nbytes(r)
@@ -66,7 +74,10 @@ class MockMemory:
         out = []
         for r in requests:
             nbytes = self._nbytes(r)
-            out.append(Allocation((), BlockBytes(r.device, r.num_pages, bytearray(nbytes))))
+            first = self._next_page[r.device]
+            self._next_page[r.device] += r.num_pages
+            pages = tuple(range(first, first + r.num_pages))
+            out.append(Allocation(pages, BlockBytes(r.device, r.num_pages, bytearray(nbytes))))
             self._used[r.device] += nbytes
             self._peak[r.device] = max(self._peak[r.device], self._used[r.device])
             self._blocks[r.device] += 1
@@ -74,19 +85,21 @@ class MockMemory:
         return out
 
     def release(self, slots: Sequence[BlockBytes]) -> None:
-        for slot in slots:
-            self._used[slot.device] -= len(slot.data)
-            self._blocks[slot.device] -= 1
-            self._pages[slot.device] -= slot.num_pages
+        with self._lock:
+            for slot in slots:
+                self._used[slot.device] -= len(slot.data)
+                self._blocks[slot.device] -= 1
+                self._pages[slot.device] -= slot.num_pages
 
     def stats(self, device: str) -> MemoryStats:
-        return MemoryStats(
-            total_bytes=self._capacity.get(device, 0),
-            used_bytes=self._used[device],
-            peak_used_bytes=self._peak[device],
-            kv_blocks_in_use=self._blocks[device],
-            kv_pages_in_use=self._pages[device],
-        )
+        with self._lock:
+            return MemoryStats(
+                total_bytes=self._capacity.get(device, 0),
+                used_bytes=self._used[device],
+                peak_used_bytes=self._peak[device],
+                kv_blocks_in_use=self._blocks[device],
+                kv_pages_in_use=self._pages[device],
+            )
 
     def _nbytes(self, request: PageRequest) -> int:
         return request.num_pages * self._layout.page_bytes(request.dtype)

@@ -29,7 +29,7 @@ from sagellm_backend.errors import (
 from sagellm_backend.kv import KVBlock
 from sagellm_backend.protocols import Event, Stream
 
-__all__ = ["Issue", "MockEvent", "MockStream", "StreamScheduler"]
+__all__ = ["Capture", "Captured", "Issue", "MockEvent", "MockStream", "StreamScheduler"]
 
 Work = Callable[[], None]
 Issue = Callable[["MockStream"], None]
@@ -65,8 +65,8 @@ class StreamScheduler:
         self.default_stream = self.new_stream()
 
     def new_stream(self) -> MockStream:
-        stream = MockStream(self, len(self._streams))
         with self.lock:
+            stream = MockStream(self, len(self._streams))
             self._streams.append(stream)
         return stream
 
@@ -153,15 +153,16 @@ class MockStream:
 
         self.issue(issue, blocks)
 
-    def issue(self, issue: Issue, blocks: Sequence[KVBlock] = ()) -> None:
+    def issue(self, op: Issue, blocks: Sequence[KVBlock] = ()) -> None:
+        """Run ``op`` to put work on this stream, or record it while this stream is captured."""
         scheduler = self.scheduler
         scheduler.check_open()
         with scheduler.lock:
             capture = scheduler.capture
             if capture is not None and capture.stream is self:
-                capture.recorded.append(Captured(issue, tuple(blocks)))
+                capture.recorded.append(Captured(op, tuple(blocks)))
             else:
-                issue(self)
+                op(self)
 
     def enqueue(self, work: Work) -> int:
         """Queue ``work`` now; returns its position on this stream."""

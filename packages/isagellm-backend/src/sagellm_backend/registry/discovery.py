@@ -1,14 +1,25 @@
-"""Entry-point discovery: reads installed metadata only, never imports a plugin module."""
+"""Entry-point discovery: reads installed metadata only, never imports a plugin module.
+
+``importlib.metadata`` itself is imported on the first discovery, not with the package.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import metadata
+from typing import TYPE_CHECKING
 
-from sagellm_backend.registry.known import CORE_DISTRIBUTION, normalize_dist_name
+if TYPE_CHECKING:
+    from importlib import metadata
 
-__all__ = ["GROUP", "DiscoveredEntryPoint", "discover"]
+from sagellm_backend._version import __version__
+from sagellm_backend.registry.known import (
+    CORE_DISTRIBUTION,
+    CORE_ENTRY_POINTS,
+    normalize_dist_name,
+)
+
+__all__ = ["GROUP", "DiscoveredEntryPoint", "builtin_entry_points", "discover"]
 
 GROUP = "sagellm.backends"
 """Entry-point group of backend factories; an entry point's name is the kind it provides."""
@@ -40,6 +51,8 @@ class DiscoveredEntryPoint:
 
 def discover(group: str = GROUP) -> list[DiscoveredEntryPoint]:
     """Every entry point of ``group`` on sys.path, sorted by kind then distribution."""
+    from importlib import metadata
+
     found: list[DiscoveredEntryPoint] = []
     for ep in metadata.entry_points(group=group):
         dist = ep.dist
@@ -54,6 +67,21 @@ def discover(group: str = GROUP) -> list[DiscoveredEntryPoint]:
         )
     found.sort(key=lambda d: (d.kind, d.distribution or ""))
     return found
+
+
+def builtin_entry_points(group: str = GROUP) -> list[DiscoveredEntryPoint]:
+    """The core's own entry points, for when its metadata is not installed."""
+    from importlib import metadata
+
+    return [
+        DiscoveredEntryPoint(
+            entry_point=metadata.EntryPoint(kind, target, group),
+            distribution=CORE_DISTRIBUTION,
+            version=__version__,
+            requires_core=None,
+        )
+        for kind, target in sorted(CORE_ENTRY_POINTS.items())
+    ]
 
 
 def _core_requirement(dist: metadata.Distribution) -> str | None:

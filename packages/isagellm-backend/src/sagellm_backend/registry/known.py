@@ -12,9 +12,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["KNOWN_KINDS", "OUR_DISTRIBUTIONS", "KnownKind", "is_ours", "normalize_dist_name"]
+__all__ = [
+    "CORE_DISTRIBUTION",
+    "CORE_ENTRY_POINTS",
+    "KNOWN_KINDS",
+    "OUR_DISTRIBUTIONS",
+    "KnownKind",
+    "is_ours",
+    "normalize_dist_name",
+]
 
 CORE_DISTRIBUTION = "isagellm-backend"
+
+CORE_ENTRY_POINTS: Mapping[str, str] = MappingProxyType(
+    {
+        "mock": "sagellm_backend.mock:create_mock_backend",
+        "cpu": "sagellm_backend.torch_backend.cpu:create_cpu_backend",
+    }
+)
+"""The core's own entry points, as its pyproject declares them. Used when the core runs from a
+source tree without installed metadata, so its built-in kinds are found all the same."""
 
 
 @dataclass(frozen=True)

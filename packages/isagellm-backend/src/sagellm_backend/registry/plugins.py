@@ -104,7 +104,9 @@ class Plugin:
         """The kind this entry stands for when its name is an alias of another kind."""
         if isinstance(self._factory, BackendFactory) and self._factory.kind != self.kind:
             return self._factory.kind
-        return self.known.alias_of if self.known is not None and self.is_ours else None
+        if self.known is not None and (self.entry is None or self.is_ours):
+            return self.known.alias_of
+        return None
 
     @property
     def target_kind(self) -> str:
@@ -124,7 +126,7 @@ class Plugin:
         if reason is not None:
             raise self._fail(self._incompatible(reason))
         try:
-            loaded = self.entry.entry_point.load()
+            loaded: object = self.entry.entry_point.load()
         except Exception as exc:
             error = BackendLoadError(
                 f"backend {self.label} failed to import its entry point "
@@ -258,7 +260,9 @@ class Plugin:
             api_version=factory.api_version if isinstance(factory, BackendFactory) else None,
             loaded=self.loaded,
             reason=self._status_reason(),
-            install=self.known.install if self.known is not None else None,
+            install=self.known.install
+            if self.known is not None and self.source is RecordSource.KNOWN
+            else None,
             chosen=self.chosen,
         )
 
@@ -334,13 +338,13 @@ def _contract_problem(kind: str, factory: FactoryCallable) -> BackendLoadError |
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError) as exc:
-        return IncompatiblePluginError(
+        return BackendLoadError(
             f"the factory of backend {kind!r} has no inspectable signature ({exc})",
             hint="use a BackendFactory or a Python function factory(config=None, **options)",
         )
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not params or params[0].name != "config" or params[0].kind not in positional:
-        return IncompatiblePluginError(
+        return BackendLoadError(
             f"the factory of backend {kind!r} does not take 'config' as its first parameter",
             hint="sageLLM calls factory(config); declare it as factory(config=None, **options)",
         )
@@ -354,7 +358,10 @@ def _signature_options(factory: FactoryCallable) -> tuple[dict[str, Option | Non
     for param in list(inspect.signature(factory).parameters.values())[1:]:
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             open_ended = True
-        elif param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        elif param.kind in (
+            inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
             default = param.default
             if type(default) in _PLAIN_OPTION_TYPES:
                 declared[param.name] = Option(param.name, type(default), default, "")

@@ -32,9 +32,16 @@ class RecordStatus(str, Enum):
 
 
 class RecordSource(str, Enum):
+    """Where a candidate comes from."""
+
     ENTRY_POINT = "entry_point"
+    """An entry point of an installed distribution."""
+    BUILTIN = "builtin"
+    """A kind of the core found without installed metadata (the core runs from a source tree)."""
     REGISTERED = "registered"
+    """register_backend() in this process."""
     KNOWN = "known"
+    """A kind of this project that nothing installed provides."""
 
     def __str__(self) -> str:
         return self.value

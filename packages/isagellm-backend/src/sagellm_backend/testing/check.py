@@ -27,6 +27,9 @@ __all__ = [
     "CheckSkipped",
     "ConformanceFailure",
     "Requirement",
+    "block_nbytes",
+    "block_pages",
+    "call_untyped",
     "claims",
     "expect_refusal",
     "lacks",
@@ -91,9 +94,11 @@ def lacks(flag: str) -> Requirement:
     """Applies when the boolean capability ``flag`` is not claimed (checks its refusal)."""
 
     def requirement(capability: CapabilityDescriptor) -> str | None:
-        return f"claimed: {flag}=True (the claimed operation is checked instead)" if getattr(
-            capability, flag
-        ) else None
+        return (
+            f"claimed: {flag}=True (the claimed operation is checked instead)"
+            if getattr(capability, flag)
+            else None
+        )
 
     return requirement
 
@@ -109,7 +114,7 @@ class CheckContext(Generic[T]):
         target: ConformanceTarget[T],
         capability: CapabilityDescriptor,
         *,
-        seed: int,
+        seed: int | str,
         world_timeout: float = 30.0,
     ) -> None:
         self.target = target
@@ -156,15 +161,27 @@ class CheckContext(Generic[T]):
         return data
 
     def run_world(self, world_size: int, fn: RankFn[T]) -> list[RankOutcome]:
-        """Run ``fn`` on every rank of a world of ``world_size``; records the size for the report."""
+        """Run ``fn`` on every rank of a world of ``world_size``; the report lists the size."""
         outcomes = self.target.run_world(world_size, fn, timeout=self.world_timeout)
         self.world_sizes.add(world_size)
         return outcomes
 
 
+def block_pages(provider: BackendProvider[Any], block: KVBlock) -> int:
+    """Pages a block of ``provider`` occupies (``block.pages`` is empty where pages are not
+    exposed, so this is computed from the layout)."""
+    return provider.kv_layout.pages_for(block.num_tokens)
+
+
 def block_nbytes(provider: BackendProvider[Any], block: KVBlock) -> int:
     """Bytes a block of ``provider`` holds: its pages times the page size in its dtype."""
-    return provider.kv_layout.page_bytes(block.dtype) * block.num_pages
+    return provider.kv_layout.page_bytes(block.dtype) * block_pages(provider, block)
+
+
+def call_untyped(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    """``fn(*args)`` as a thunk, for calls whose arguments are deliberately of the wrong type
+    (refusing them is the promise under check)."""
+    return lambda: fn(*args)
 
 
 def expect_refusal(

@@ -19,7 +19,7 @@ from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.protocols import BackendProvider
 
-__all__ = ["ConformanceTarget", "RankFn", "RankOutcome", "TensorAdapter"]
+__all__ = ["ConformanceTarget", "RankFn", "RankOutcome", "TensorAdapter", "run_rank"]
 
 T = TypeVar("T")
 
@@ -65,6 +65,9 @@ class ConformanceTarget(ABC, Generic[T]):
 
     name: str = "backend"
     tensors: TensorAdapter[T] | None = None
+    exhaustion_limit_bytes: int | None = 1 << 30
+    """The exhaustion check allocates at most this much (None: no limit, for a preallocated
+    pool); a larger pool skips the check with that reason."""
 
     @abstractmethod
     def make_provider(self) -> BackendProvider[T]:
@@ -96,12 +99,12 @@ class ConformanceTarget(ABC, Generic[T]):
                     f"its provider belongs to one of {provider.world_size}",
                     hint="override ConformanceTarget.run_world to launch worlds",
                 )
-            return [_run_rank(provider.rank, fn, self, provider)]
+            return [run_rank(provider.rank, fn, self, provider)]
         finally:
             provider.close()
 
 
-def _run_rank(
+def run_rank(
     rank: int, fn: RankFn[T], target: ConformanceTarget[T], provider: BackendProvider[T]
 ) -> RankOutcome:
     start = time.perf_counter()

@@ -3,6 +3,7 @@ exhaustion, all-or-nothing batches and picklable handles."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from sagellm_backend.testing.check import (
     CheckContext,
     CheckSkipped,
     ConformanceFailure,
+    block_pages,
     claims,
     expect_refusal,
     lacks,
@@ -40,9 +42,6 @@ __all__ = ["CHECKS", "pool_pages"]
 
 T = TypeVar("T")
 
-_EXHAUSTION_LIMIT_BYTES = 4 << 30
-"""The exhaustion check gives up (skips) rather than allocate more than this."""
-
 
 def _token_counts(provider: BackendProvider[Any]) -> list[int]:
     tpb = provider.kv_layout.tokens_per_block
@@ -53,14 +52,13 @@ def _expect_counts(provider: BackendProvider[Any], expected: tuple[int, int], wh
     got = kv_counts(provider)
     if got != expected:
         raise ConformanceFailure(
-            f"accounting is not exact {when}: (blocks, pages) in use is {got}, "
-            f"expected {expected}"
+            f"accounting is not exact {when}: (blocks, pages) in use is {got}, expected {expected}"
         )
 
 
 def _expect_bytes(got: bytes, expected: bytes, what: str) -> None:
     if got != expected:
-        differing = sum(1 for x, y in zip(got, expected) if x != y)
+        differing = sum(1 for x, y in zip(got, expected, strict=False) if x != y)
         raise ConformanceFailure(
             f"{what}: the bytes differ ({differing} of {len(expected)} bytes differ, "
             f"length {len(got)})"
@@ -73,8 +71,8 @@ def _accounting(ctx: CheckContext[T]) -> None:
     base_blocks, base_pages = kv_counts(p)
     tokens = _token_counts(p)
     blocks = [p.kv_block_alloc(n, dtype) for n in tokens]
-    for n, block in zip(tokens, blocks):
-        if block.num_pages != p.kv_layout.pages_for(n):
+    for n, block in zip(tokens, blocks, strict=True):
+        if block.pages and block.num_pages != p.kv_layout.pages_for(n):
             raise ConformanceFailure(
                 f"a block of {n} tokens has {block.num_pages} pages; ceil(num_tokens / "
                 f"tokens_per_block) is {p.kv_layout.pages_for(n)}"
@@ -86,12 +84,12 @@ def _accounting(ctx: CheckContext[T]) -> None:
     pages = [page for b in blocks for page in b.pages]
     if len(set(pages)) != len(pages):
         raise ConformanceFailure("a page was handed out to two live blocks")
-    total_pages = sum(b.num_pages for b in blocks)
+    total_pages = sum(block_pages(p, b) for b in blocks)
     _expect_counts(p, (base_blocks + len(blocks), base_pages + total_pages), "after allocation")
     half = blocks[: len(blocks) // 2]
     for block in half:
         p.kv_block_free(block)
-    freed_pages = sum(b.num_pages for b in half)
+    freed_pages = sum(block_pages(p, b) for b in half)
     _expect_counts(
         p,
         (base_blocks + len(blocks) - len(half), base_pages + total_pages - freed_pages),
@@ -128,7 +126,7 @@ def _dtypes(ctx: CheckContext[T]) -> None:
                 f"dtype {dtype.value} is not claimed, so allocating it (as {spelling!r}) is "
                 "refused",
                 CapabilityError,
-                lambda spelling=spelling: p.kv_block_alloc(tokens, spelling),
+                functools.partial(p.kv_block_alloc, tokens, spelling),
             )
     assert_unchanged(p, before, "a refused allocation of an unclaimed dtype")
 
@@ -186,7 +184,7 @@ def _migrate(ctx: CheckContext[T]) -> None:
     block = p.kv_block_alloc(2 * p.kv_layout.tokens_per_block + 1, first_dtype(ctx))
     data = ctx.fill(p, block)
     moved = p.kv_block_migrate(block, HOST)
-    if moved.device != HOST or moved.num_pages != block.num_pages:
+    if moved.device != HOST or moved.num_tokens != block.num_tokens:
         raise ConformanceFailure(f"migrating to {HOST!r} returned {moved}")
     _expect_bytes(read_now(p, moved), data, f"kv_block_migrate to {HOST!r}")
     expect_refusal(
@@ -229,7 +227,7 @@ def _batched_alloc_free(ctx: CheckContext[T]) -> None:
         raise ConformanceFailure("kv_blocks_alloc did not return one block per count, in order")
     if len({b.handle for b in blocks}) != len(blocks):
         raise ConformanceFailure("kv_blocks_alloc returned two blocks with one handle")
-    pages = sum(b.num_pages for b in blocks)
+    pages = sum(block_pages(p, b) for b in blocks)
     _expect_counts(p, (base_blocks + len(blocks), base_pages + pages), "after kv_blocks_alloc")
     data = {b: ctx.fill(p, b) for b in blocks}
     for block, expected in data.items():
@@ -249,9 +247,9 @@ def _batched_copy(ctx: CheckContext[T]) -> None:
         ctx.fill(p, b)
     p.synchronize()
     stream = p.create_stream() if ctx.capability.has_stream else None
-    done = p.kv_blocks_copy(list(zip(srcs, dsts)), stream=stream)
+    done = p.kv_blocks_copy(list(zip(srcs, dsts, strict=True)), stream=stream)
     done.synchronize()
-    for i, (dst, expected) in enumerate(zip(dsts, data)):
+    for i, (dst, expected) in enumerate(zip(dsts, data, strict=True)):
         _expect_bytes(p.kv_block_read(dst), expected, f"kv_blocks_copy, pair {i}")
     p.kv_blocks_free(srcs + dsts)
 
@@ -267,17 +265,17 @@ def _batched_migrate(ctx: CheckContext[T]) -> None:
     done.synchronize()
     if len(moved) != len(blocks) or any(m.device != HOST for m in moved):
         raise ConformanceFailure(f"kv_blocks_migrate to {HOST!r} returned {moved}")
-    for i, (block, expected) in enumerate(zip(moved, data)):
+    for i, (block, expected) in enumerate(zip(moved, data, strict=True)):
         _expect_bytes(p.kv_block_read(block), expected, f"kv_blocks_migrate to host, block {i}")
     for block in blocks:
         expect_refusal(
             "the source handles of a batched migration are released",
             BlockNotFoundError,
-            lambda block=block: p.kv_block_read(block),
+            functools.partial(p.kv_block_read, block),
         )
     back, done = p.kv_blocks_migrate(moved, p.device, stream=stream)
     done.synchronize()
-    for i, (block, expected) in enumerate(zip(back, data)):
+    for i, (block, expected) in enumerate(zip(back, data, strict=True)):
         _expect_bytes(p.kv_block_read(block), expected, f"kv_blocks_migrate back, block {i}")
     p.kv_blocks_free(back)
     _expect_counts(p, base, "after a batched migration away and back and freeing")
@@ -345,14 +343,20 @@ def _exhaustion(ctx: CheckContext[T]) -> None:
     pages_per_block = max(1, min(64, (capacity or 512) // 8))
     page_bytes = p.kv_layout.page_bytes(dtype)
     tokens = pages_per_block * p.kv_layout.tokens_per_block
+    limit = ctx.target.exhaustion_limit_bytes
+    if limit is not None and capacity is not None and capacity * page_bytes > limit:
+        raise CheckSkipped(
+            f"the pool ({capacity * page_bytes >> 20} MiB) is larger than the target's "
+            f"exhaustion limit ({limit >> 20} MiB); give it a smaller pool (max_memory_mb)"
+        )
     base = kv_counts(p)
     blocks: list[KVBlock] = []
     while True:
-        if (len(blocks) + 1) * pages_per_block * page_bytes > _EXHAUSTION_LIMIT_BYTES:
+        if limit is not None and (len(blocks) + 1) * pages_per_block * page_bytes > limit:
             p.kv_blocks_free(blocks)
             raise CheckSkipped(
-                f"the pool holds more than {_EXHAUSTION_LIMIT_BYTES >> 30} GiB; give the "
-                "target a smaller pool (max_memory_mb) to check exhaustion"
+                f"the pool was not exhausted by {limit >> 20} MiB, the target's exhaustion "
+                "limit; give it a smaller pool (max_memory_mb)"
             )
         try:
             blocks.append(p.kv_block_alloc(tokens, dtype))
@@ -476,8 +480,7 @@ CHECKS = (
     Check(
         "kv.exhaustion",
         Area.KV,
-        "exhausting the pool raises resource_exhausted, changes nothing, and the pool "
-        "stays usable",
+        "exhausting the pool raises resource_exhausted, changes nothing, and the pool stays usable",
         _exhaustion,
     ),
     Check(

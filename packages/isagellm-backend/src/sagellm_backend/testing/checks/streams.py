@@ -18,6 +18,7 @@ from sagellm_backend.testing.check import (
     Check,
     CheckContext,
     ConformanceFailure,
+    block_nbytes,
     claims,
     expect_refusal,
     lacks,
@@ -43,7 +44,7 @@ def _busy_work(ctx: CheckContext[T], provider: BackendProvider[T], rounds: int) 
         for _ in range(rounds):
             provider.kv_block_copy(src, dst)
     else:
-        data = ctx.random_bytes(provider.kv_layout.page_bytes(dtype) * src.num_pages)
+        data = ctx.random_bytes(block_nbytes(provider, src))
         for _ in range(rounds):
             provider.kv_block_write(dst, data)
     return [src, dst]

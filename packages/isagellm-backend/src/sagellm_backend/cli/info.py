@@ -1,0 +1,52 @@
+"""``sagellm-backend info [SPEC]``: the capability matrix of a backend."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from sagellm_backend.cli.output import format_table, print_json
+from sagellm_backend.errors import BackendNotFoundError
+from sagellm_backend.registry import default_registry, get_backend
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "spec", nargs="?", help="config string (default: $SAGELLM_BACKEND, else 'mock')"
+    )
+    parser.add_argument("--json", action="store_true", help="print the matrix as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    provider = get_backend(args.spec)
+    try:
+        capability = provider.capability().to_dict()
+        layout = dataclasses.asdict(provider.kv_layout)
+        kind, device = provider.kind, provider.device
+    finally:
+        provider.close()
+    try:
+        record = default_registry().record(kind)
+        source = {"distribution": record.distribution, "version": record.version}
+    except BackendNotFoundError:
+        source = {"distribution": None, "version": None}
+    if args.json:
+        print_json(
+            {
+                "kind": kind,
+                "device": device,
+                **source,
+                "kv_layout": layout,
+                "capability": capability,
+            }
+        )
+        return 0
+    origin = f" ({source['distribution']} {source['version']})" if source["distribution"] else ""
+    print(f"backend {kind!r} on {device}{origin}")
+    print()
+    print(format_table(("CAPABILITY", "VALUE"), sorted(capability.items())))
+    print()
+    print(format_table(("KV LAYOUT", "VALUE"), list(layout.items())))
+    return 0

@@ -1,0 +1,492 @@
+"""MockBackendProvider: a faithful, pure-Python fake device satisfying BackendProvider[MockTensor].
+
+- KV blocks are real bytes, allocated per block and counted against ``max_memory_mb``
+  (:mod:`.pool`), with the shared bookkeeping and checks of :mod:`sagellm_backend.blocks`.
+- Device data operations (``kv_block_write``, copies, the data movement of a migrate) are queued
+  on the current stream, or on ``stream=``, and run when something waits for them
+  (:mod:`.streams`). ``kv_block_read`` waits for the current stream only.
+- Collectives run at once on the calling thread, meeting the other ranks' threads
+  (:mod:`.collectives`). MockTensors live in host memory and no stream work touches them, so there
+  is no stream work to order them against.
+- Every capability flag is enforced: an operation whose capability is off, or a dtype outside
+  ``supported_dtypes``, raises CapabilityError before anything happens.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from typing_extensions import TypedDict, Unpack
+
+from sagellm_backend.blocks import BlockTable, check_block, check_pairs
+from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.device import HOST, MemoryStats
+from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
+from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
+from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
+from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
+from sagellm_backend.mock.pool import BlockBytes, MockMemory
+from sagellm_backend.mock.streams import MockEvent, MockStream, StreamScheduler
+from sagellm_backend.mock.tensor import MockTensor
+from sagellm_backend.protocols import Stream
+
+__all__ = [
+    "DEFAULT_DTYPES",
+    "DEFAULT_KERNELS",
+    "MockBackendProvider",
+    "MockOptions",
+    "create_mock_world",
+]
+
+DEFAULT_DTYPES = (DType.FP16, DType.BF16)
+DEFAULT_KERNELS = (KernelKind.MATMUL, KernelKind.ATTENTION)
+_LAYOUT = KVLayout()
+_MIB = 1 << 20
+
+
+class MockBackendProvider:
+    """A mock device with a configurable, enforced capability matrix.
+
+    The first five parameters are the original package's, with its defaults (``None`` means
+    fp16 and bf16, and matmul and attention kernels). The keyword-only ones set every other
+    capability field, the KV layout, the devices (``mock:0`` to ``mock:{num_devices - 1}`` and
+    ``host``), and the simulated world this provider is one rank of (a world of its own if None).
+    """
+
+    def __init__(
+        self,
+        supported_dtypes: Sequence[DType | str] | None = None,
+        supported_kernels: Sequence[KernelKind | str] | None = None,
+        has_collective: bool = True,
+        has_graph_exec: bool = False,
+        max_memory_mb: int = 16384,
+        *,
+        has_stream: bool = True,
+        has_event: bool = True,
+        has_kv_block_copy: bool = True,
+        has_kv_block_migrate: bool = True,
+        supported_collectives: Sequence[CollectiveOp | str] = (),
+        supported_reduce_ops: Sequence[ReduceOp | str] = (),
+        device_name: str | None = None,
+        device_type: str = "mock",
+        compute_capability: str | None = None,
+        total_memory_bytes: int | None = None,
+        available_memory_bytes: int | None = None,
+        max_batch_size: int | None = None,
+        max_sequence_length: int | None = None,
+        extra: Mapping[str, str] | None = None,
+        num_layers: int = _LAYOUT.num_layers,
+        num_kv_heads: int = _LAYOUT.num_kv_heads,
+        head_size: int = _LAYOUT.head_size,
+        tokens_per_block: int = _LAYOUT.tokens_per_block,
+        num_devices: int = 2,
+        device_index: int = 0,
+        validate_collectives: bool = True,
+        collective_timeout: float = 60.0,
+        world: MockWorld | None = None,
+        rank: int = 0,
+    ) -> None:
+        flags = {
+            "has_collective": has_collective,
+            "has_graph_exec": has_graph_exec,
+            "has_stream": has_stream,
+            "has_event": has_event,
+            "has_kv_block_copy": has_kv_block_copy,
+            "has_kv_block_migrate": has_kv_block_migrate,
+            "validate_collectives": validate_collectives,
+        }
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
+        _positive_int(max_memory_mb, "max_memory_mb")
+        _positive_int(num_devices, "num_devices")
+        if (
+            isinstance(device_index, bool)
+            or not isinstance(device_index, int)
+            or not 0 <= device_index < num_devices
+        ):
+            raise InvalidArgumentError(
+                f"device_index {device_index!r} is not a mock device (num_devices={num_devices})",
+                hint=f"use an index from 0 to {num_devices - 1}, or raise num_devices",
+            )
+        if world is not None and not isinstance(world, MockWorld):
+            raise InvalidArgumentError(
+                f"world must be a MockWorld, got {type(world).__name__}",
+                hint="use create_mock_world() to make providers that share one",
+            )
+        self._layout = KVLayout(num_layers, num_kv_heads, head_size, tokens_per_block)
+        self._device = f"mock:{device_index}"
+        self._capability = CapabilityDescriptor(
+            supported_dtypes=DEFAULT_DTYPES if supported_dtypes is None else supported_dtypes,
+            supported_kernels=DEFAULT_KERNELS if supported_kernels is None else supported_kernels,
+            has_stream=has_stream,
+            has_event=has_event,
+            has_collective=has_collective,
+            has_graph_exec=has_graph_exec,
+            max_memory_mb=max_memory_mb,
+            device_name=self._device if device_name is None else device_name,
+            device_type=device_type,
+            compute_capability=compute_capability,
+            total_memory_bytes=(
+                max_memory_mb * _MIB if total_memory_bytes is None else total_memory_bytes
+            ),
+            available_memory_bytes=(
+                max_memory_mb * _MIB if available_memory_bytes is None else available_memory_bytes
+            ),
+            supported_collectives=supported_collectives,
+            supported_reduce_ops=supported_reduce_ops,
+            has_kv_block_copy=has_kv_block_copy,
+            has_kv_block_migrate=has_kv_block_migrate,
+            max_batch_size=max_batch_size,
+            max_sequence_length=max_sequence_length,
+            extra={} if extra is None else extra,
+        )
+        world = MockWorld(1) if world is None else world
+        communicator = MockCommunicator(
+            world, rank, validate=validate_collectives, default_timeout=collective_timeout
+        )
+        devices = [f"mock:{i}" for i in range(num_devices)] + [HOST]
+        self._memory = MockMemory(self._layout, devices, max_memory_mb * _MIB)
+        self._table: BlockTable[BlockBytes] = BlockTable(
+            self._memory,
+            layout=self._layout,
+            capability=self._capability,
+            devices=devices,
+            default_device=self._device,
+            owner=f"{self._device}#{uuid.uuid4().hex}",
+        )
+        name = self._device if world.world_size == 1 else f"{self._device} (rank {rank})"
+        world.join(rank, name)
+        self._comm = communicator
+        self._kernels = KernelTable()
+        self._streams = StreamScheduler(name)
+
+    def __repr__(self) -> str:
+        return f"MockBackendProvider({self._streams.name})"
+
+    # Identity and capability.
+
+    @property
+    def kind(self) -> str:
+        return "mock"
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return self._layout
+
+    def capability(self) -> CapabilityDescriptor:
+        """The capability matrix; stays readable after close()."""
+        return self._capability
+
+    def close(self) -> None:
+        """Free every block and leave the world; every later operation is refused. Idempotent."""
+        if self._streams.closed:
+            return
+        self._streams.check_host("close")
+        self._streams.closed = True
+        self._table.release_all()
+        self._comm.world.leave(self._comm.rank)
+
+    # Streams, events, memory.
+
+    def create_stream(self) -> MockStream:
+        self._capability.require("has_stream", "create_stream")
+        self._streams.check_open()
+        return self._streams.new_stream()
+
+    def create_event(self, enable_timing: bool = True) -> MockEvent:
+        self._capability.require("has_event", "create_event")
+        self._streams.check_open()
+        return MockEvent(self._streams, enable_timing)
+
+    def current_stream(self) -> MockStream:
+        self._streams.check_open()
+        return self._streams.current()
+
+    def synchronize(self) -> None:
+        self._streams.synchronize()
+
+    def live_blocks(self, device: str | None = None) -> list[KVBlock]:
+        """The live KV blocks (on ``device`` if given), oldest first."""
+        self._streams.check_open()
+        return self._table.live_blocks(None if device is None else self._table.check_device(device))
+
+    def memory_stats(self) -> MemoryStats:
+        """Memory of this provider's own device (blocks migrated elsewhere are not counted)."""
+        self._streams.check_open()
+        return self._memory.stats(self._device)
+
+    # KV blocks.
+
+    def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
+        self._streams.check_host("kv_block_alloc")
+        return self._table.alloc([num_tokens], dtype)[0]
+
+    def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
+        self._streams.check_host("kv_blocks_alloc")
+        return self._table.alloc(num_tokens, dtype)
+
+    def kv_block_free(self, block: KVBlock) -> None:
+        self._streams.check_host("kv_block_free")
+        self._table.free([check_block(block)])
+
+    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+        self._streams.check_host("kv_blocks_free")
+        self._table.free(blocks)
+
+    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
+        self._capability.require("has_kv_block_copy", "kv_block_copy")
+        stream = self.current_stream()
+        [(source, target)] = self._table.copy_pairs([(check_block(src), check_block(dst))])
+        stream.launch(lambda: _copy_bytes(source, target), (src, dst))
+
+    def kv_blocks_copy(
+        self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
+    ) -> MockEvent:
+        self._capability.require("has_kv_block_copy", "kv_blocks_copy")
+        on = self._stream_arg(stream)
+        listed = check_pairs(pairs)
+        slots = self._table.copy_pairs(listed)
+        blocks = [b for pair in listed for b in pair]
+        on.launch(lambda: _copy_all(slots), blocks)
+        return on.record_event(MockEvent(self._streams))
+
+    def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
+        self._capability.require("has_kv_block_migrate", "kv_block_migrate")
+        self._streams.check_host("kv_block_migrate")
+        stream = self._streams.current()
+        [move] = self._table.migrate([check_block(block)], target_device)
+        stream.launch(lambda: _copy_bytes(move.src_slot, move.dst_slot), (move.dst,))
+        return move.dst
+
+    def kv_blocks_migrate(
+        self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
+    ) -> tuple[list[KVBlock], MockEvent]:
+        self._capability.require("has_kv_block_migrate", "kv_blocks_migrate")
+        self._streams.check_host("kv_blocks_migrate")
+        on = self._stream_arg(stream)
+        moves = self._table.migrate(blocks, target_device)
+        pairs = [(m.src_slot, m.dst_slot) for m in moves]
+        on.launch(lambda: _copy_all(pairs), [m.dst for m in moves])
+        return [m.dst for m in moves], on.record_event(MockEvent(self._streams))
+
+    def kv_block_write(self, block: KVBlock, data: bytes) -> None:
+        """Fill ``block`` with ``data`` (exactly its size), queued on the current stream."""
+        stream = self.current_stream()
+        slot = self._table.slot(check_block(block))
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(
+                f"data must be bytes, got {type(data).__name__}", hint="pass a bytes object"
+            )
+        payload = bytes(data)
+        if len(payload) != len(slot.data):
+            raise InvalidArgumentError(
+                f"data is {len(payload)} bytes but KV block {block.handle} holds {len(slot.data)}",
+                hint="write exactly num_pages * kv_layout.page_bytes(dtype) bytes",
+            )
+        stream.launch(lambda: _fill(slot, payload), (block,))
+
+    def kv_block_read(self, block: KVBlock) -> bytes:
+        """The block's bytes once the current stream's queued work has run."""
+        self._streams.check_host("kv_block_read")
+        slot = self._table.slot(check_block(block))
+        stream = self._streams.current()
+        stream.run_to(stream.queued)
+        return bytes(slot.data)
+
+    # Collectives.
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    def all_reduce(
+        self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
+    ) -> MockTensor:
+        member = self._before_collective(CollectiveOp.ALL_REDUCE, tensor, op)
+        assert member is not None
+        return self._comm.all_reduce(tensor, member, timeout)
+
+    def all_gather(self, tensor: MockTensor, *, timeout: float | None = None) -> MockTensor:
+        self._before_collective(CollectiveOp.ALL_GATHER, tensor)
+        return self._comm.all_gather(tensor, timeout)
+
+    def reduce_scatter(
+        self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
+    ) -> MockTensor:
+        member = self._before_collective(CollectiveOp.REDUCE_SCATTER, tensor, op)
+        assert member is not None
+        return self._comm.reduce_scatter(tensor, member, timeout)
+
+    def broadcast(
+        self, tensor: MockTensor, src: int = 0, *, timeout: float | None = None
+    ) -> MockTensor:
+        self._before_collective(CollectiveOp.BROADCAST, tensor)
+        return self._comm.broadcast(tensor, src, timeout)
+
+    def send(self, tensor: MockTensor, dst: int, *, timeout: float | None = None) -> None:
+        self._before_collective(CollectiveOp.SEND, tensor)
+        self._comm.send(tensor, dst, timeout)
+
+    def recv(self, tensor: MockTensor, src: int, *, timeout: float | None = None) -> MockTensor:
+        self._before_collective(CollectiveOp.RECV, tensor)
+        return self._comm.recv(tensor, src, timeout)
+
+    def barrier(self, *, timeout: float | None = None) -> None:
+        self._before_collective(CollectiveOp.BARRIER, None)
+        self._comm.barrier(timeout)
+
+    # Kernels.
+
+    def register_kernel(
+        self,
+        name: str,
+        impl: Callable[..., Any],
+        *,
+        kind: KernelKind | str | None = None,
+        dtypes: Iterable[DType | str] = (),
+        reference: Callable[..., Any] | None = None,
+        make_inputs: InputMaker | None = None,
+        compare: Comparator | None = None,
+        override: bool = False,
+    ) -> KernelSpec:
+        """Register a kernel; its kind and dtypes must be within the capability."""
+        self._streams.check_open()
+        if kind is not None:
+            self._capability.require_kernel(kind)
+        listed = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+        for dtype in listed:
+            self._capability.require_dtype(dtype, f"kernel {name!r}")
+        return self._kernels.register(
+            name,
+            impl,
+            kind=kind,
+            dtypes=listed,
+            reference=reference,
+            make_inputs=make_inputs,
+            compare=compare,
+            override=override,
+        )
+
+    def get_kernel(self, name: str) -> Callable[..., Any]:
+        self._streams.check_open()
+        return self._kernels.get(name)
+
+    def kernel_spec(self, name: str) -> KernelSpec:
+        self._streams.check_open()
+        return self._kernels.spec(name)
+
+    def list_kernels(self, kind: KernelKind | str | None = None) -> list[KernelSpec]:
+        self._streams.check_open()
+        return self._kernels.list(kind)
+
+    # Graphs.
+
+    def capture_graph(self, stream: Stream | None = None) -> GraphCaptureContext:
+        """Capture the device operations issued on ``stream`` (default: current) into a graph."""
+        self._capability.require_graph_exec()
+        on = self.current_stream() if stream is None else self._streams.own_stream(stream)
+        return GraphCaptureContext(MockGraph(on, self._check_live), on)
+
+    # Internals.
+
+    def _stream_arg(self, stream: Stream | None) -> MockStream:
+        if stream is None:
+            return self.current_stream()
+        self._capability.require("has_stream", "passing stream=")
+        self._streams.check_open()
+        return self._streams.own_stream(stream)
+
+    def _check_live(self, blocks: Sequence[KVBlock]) -> None:
+        for block in blocks:
+            self._table.slot(block)
+
+    def _before_collective(
+        self, op: CollectiveOp, tensor: object, reduce: ReduceOp | str | None = None
+    ) -> ReduceOp | None:
+        """Capability and local argument checks shared by every collective."""
+        self._capability.require_collective(op)
+        self._streams.check_host(op.value)
+        if tensor is not None:
+            if not isinstance(tensor, MockTensor):
+                raise InvalidArgumentError(
+                    f"{op.value} needs a MockTensor, got {type(tensor).__name__}",
+                    hint="build tensors with MockTensor(values, dtype)",
+                )
+            self._capability.require_dtype(tensor.dtype, op.value)
+        if reduce is None:
+            return None
+        return self._capability.require_reduce_op(coerce(ReduceOp, reduce, "reduce op"))
+
+
+class MockOptions(TypedDict, total=False):
+    """Keyword options of MockBackendProvider that every rank of a world shares."""
+
+    supported_dtypes: Sequence[DType | str] | None
+    supported_kernels: Sequence[KernelKind | str] | None
+    has_collective: bool
+    has_graph_exec: bool
+    max_memory_mb: int
+    has_stream: bool
+    has_event: bool
+    has_kv_block_copy: bool
+    has_kv_block_migrate: bool
+    supported_collectives: Sequence[CollectiveOp | str]
+    supported_reduce_ops: Sequence[ReduceOp | str]
+    device_name: str | None
+    device_type: str
+    compute_capability: str | None
+    total_memory_bytes: int | None
+    available_memory_bytes: int | None
+    max_batch_size: int | None
+    max_sequence_length: int | None
+    extra: Mapping[str, str] | None
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    tokens_per_block: int
+    num_devices: int
+    device_index: int
+    validate_collectives: bool
+    collective_timeout: float
+
+
+def create_mock_world(world_size: int, **options: Unpack[MockOptions]) -> list[MockBackendProvider]:
+    """One provider per rank of a new simulated world; drive each from its own thread."""
+    for reserved in ("world", "rank"):
+        if reserved in options:
+            raise InvalidArgumentError(
+                f"create_mock_world sets {reserved} itself", hint=f"leave {reserved} out"
+            )
+    world = MockWorld(world_size)
+    return [MockBackendProvider(world=world, rank=r, **options) for r in range(world_size)]
+
+
+def _positive_int(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidArgumentError(f"{what} must be a positive int, got {value!r}")
+
+
+def _copy_bytes(src: BlockBytes, dst: BlockBytes) -> None:
+    dst.data[:] = src.data
+
+
+def _copy_all(pairs: Sequence[tuple[BlockBytes, BlockBytes]]) -> None:
+    for src, dst in pairs:
+        dst.data[:] = src.data
+
+
+def _fill(slot: BlockBytes, payload: bytes) -> None:
+    slot.data[:] = payload

@@ -1,0 +1,187 @@
+"""The KV page pool: page tensors preallocated once per device, and a free list of page indices.
+
+Each device of a provider (its accelerator devices and ``"host"``) has one tensor of shape
+``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``: one page of one
+layer is contiguous, K at index 0 and V at index 1, as paged-attention kernels read it. A block
+is a tuple of page indices; allocating and freeing only moves indices, never device memory.
+
+Data moves as one indexed gather and one indexed scatter per (source device, target device)
+pair and batch, over every layer at once, never one copy per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sagellm_backend.blocks import Allocation, PageRequest
+from sagellm_backend.dtypes import DType
+from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
+from sagellm_backend.kv import KVLayout
+
+__all__ = ["DevicePages", "KVPagePool", "PageRun"]
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """Where one block's data lives: its device and its page indices there."""
+
+    device: str
+    pages: tuple[int, ...]
+
+
+class DevicePages:
+    """One device's page tensor and its free list (a LIFO stack, so hot pages are reused)."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_pages: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        pin: bool,
+    ) -> None:
+        shape = (
+            layout.num_layers,
+            num_pages,
+            2,
+            layout.tokens_per_block,
+            layout.num_kv_heads,
+            layout.head_size,
+        )
+        self.device = device
+        self.pinned = pin
+        self.tensor = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> tuple[int, ...]:
+        taken = self._free[len(self._free) - count :]
+        del self._free[len(self._free) - count :]
+        return tuple(reversed(taken))
+
+    def give_back(self, pages: Sequence[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def index(self, pages: Sequence[int]) -> torch.Tensor:
+        """Page indices as an int64 tensor on this device."""
+        return torch.tensor(pages, dtype=torch.int64, device=self.device)
+
+
+class KVPagePool:
+    """The page pools of one provider, as a :class:`~sagellm_backend.blocks.BlockStorage`."""
+
+    def __init__(self, layout: KVLayout, pools: dict[str, DevicePages]) -> None:
+        if layout.dtype is None:
+            raise InvalidArgumentError("a torch KV pool needs a layout with a dtype")
+        self.layout = layout
+        self.dtype: DType = layout.dtype
+        self.pools = pools
+        self._blocks = dict.fromkeys(pools, 0)
+
+    # BlockStorage.
+
+    def max_pages(self, device: str, dtype: DType) -> int:
+        return self.pools[device].num_pages
+
+    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[PageRun]]:
+        needed = dict.fromkeys(self.pools, 0)
+        for request in requests:
+            needed[request.device] += request.num_pages
+        for device, count in needed.items():
+            free = self.pools[device].free_pages
+            if count > free:
+                raise ResourceExhaustedError(
+                    f"{device} is out of KV pages: {count} requested, {free} of "
+                    f"{self.pools[device].num_pages} free",
+                    hint="free or migrate blocks first, or configure a larger pool "
+                    "(num_blocks, kv_memory_mb)",
+                )
+        out = []
+        for request in requests:
+            pages = self.pools[request.device].take(request.num_pages)
+            self._blocks[request.device] += 1
+            out.append(Allocation(pages, PageRun(request.device, pages)))
+        return out
+
+    def release(self, slots: Sequence[PageRun]) -> None:
+        for slot in slots:
+            self.pools[slot.device].give_back(slot.pages)
+            self._blocks[slot.device] -= 1
+
+    # Accounting.
+
+    def blocks_in_use(self, device: str) -> int:
+        return self._blocks[device]
+
+    def pages_in_use(self, device: str) -> int:
+        pool = self.pools[device]
+        return pool.num_pages - pool.free_pages
+
+    # Data movement.
+
+    def move(
+        self,
+        pairs: Sequence[tuple[PageRun, PageRun]],
+        *,
+        non_blocking: bool,
+        wait_for_host: Callable[[], None],
+    ) -> None:
+        """Copy the pages of every (src, dst) pair: one gather and one scatter per device pair.
+
+        Runs on the current stream. Between devices the gathered pages cross in one copy, staged
+        in pinned memory when ``non_blocking``; a device-to-host move then calls
+        ``wait_for_host`` before scattering on the host, which cannot wait on a stream itself.
+        """
+        groups: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        for src, dst in pairs:
+            src_pages, dst_pages = groups.setdefault((src.device, dst.device), ([], []))
+            src_pages.extend(src.pages)
+            dst_pages.extend(dst.pages)
+        for (src_device, dst_device), (src_pages, dst_pages) in groups.items():
+            source, target = self.pools[src_device], self.pools[dst_device]
+            src_index = source.index(src_pages)
+            if source.pinned and source.device != target.device:
+                shape = (source.tensor.shape[0], len(src_pages), *source.tensor.shape[2:])
+                staging = torch.empty(shape, dtype=source.tensor.dtype, pin_memory=True)
+                gathered = torch.index_select(source.tensor, 1, src_index, out=staging)
+            else:
+                gathered = source.tensor.index_select(1, src_index)
+            if source.device != target.device:
+                gathered = gathered.to(target.device, non_blocking=non_blocking)
+                if non_blocking and target.device.type == "cpu":
+                    wait_for_host()
+            target.tensor.index_copy_(1, target.index(dst_pages), gathered)
+
+    def write(self, run: PageRun, data: bytes) -> None:
+        """Fill the pages of ``run`` from ``data`` (layer-major, as :meth:`read` returns them)."""
+        pool = self.pools[run.device]
+        host = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        pages = host.view(pool.tensor.dtype).view(self._block_shape(len(run.pages)))
+        pool.tensor.index_copy_(1, pool.index(run.pages), pages.to(pool.device))
+
+    def read(self, run: PageRun) -> bytes:
+        """The pages of ``run`` as bytes: ``[num_layers, pages, 2, tokens, heads, head_size]``."""
+        pool = self.pools[run.device]
+        pages = pool.tensor.index_select(1, pool.index(run.pages)).cpu()
+        out = bytearray(pages.numel() * pages.element_size())
+        torch.frombuffer(out, dtype=torch.uint8).copy_(pages.reshape(-1).view(torch.uint8))
+        return bytes(out)
+
+    def _block_shape(self, num_pages: int) -> tuple[int, ...]:
+        layout = self.layout
+        return (
+            layout.num_layers,
+            num_pages,
+            2,
+            layout.tokens_per_block,
+            layout.num_kv_heads,
+            layout.head_size,
+        )

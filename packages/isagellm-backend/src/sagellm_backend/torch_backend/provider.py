@@ -1,0 +1,548 @@
+"""TorchBackendProvider: the protocols' BackendProvider[torch.Tensor] over a device adapter.
+
+Block validation and bookkeeping are the shared :class:`~sagellm_backend.blocks.BlockTable`'s;
+where the data lives is the :class:`~sagellm_backend.torch_backend.pool.KVPagePool`'s. Data ops
+(writes, copies, migrations) are issued on the current stream, or on the ``stream=`` given, and
+batched ones return an event recorded after them; host-side calls run at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from sagellm_backend.blocks import BlockTable, check_block
+from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.device import HOST, MemoryStats
+from sagellm_backend.dtypes import DType, KernelKind, ReduceOp, coerce
+from sagellm_backend.errors import (
+    BackendUnavailableError,
+    CapabilityError,
+    InvalidArgumentError,
+)
+from sagellm_backend.factory import DeviceSelection, OptionValue
+from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
+from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.protocols import Graph, Stream
+from sagellm_backend.torch_backend.adapter import DeviceAdapter
+from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
+from sagellm_backend.torch_backend.dtypes import to_torch_dtype
+from sagellm_backend.torch_backend.kernels import register_reference_kernels
+from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageRun
+from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_stream
+
+__all__ = ["TorchBackendProvider", "create_torch_provider"]
+
+S = TypeVar("S")
+E = TypeVar("E")
+R = TypeVar("R")
+
+MIB = 1 << 20
+
+
+class TorchBackendProvider(Generic[S, E]):
+    """One torch device: its KV pools, streams, process group and kernels.
+
+    Construct it with :func:`create_torch_provider` (which reads options and the launcher's
+    environment) or directly with an adapter and sizes.
+    """
+
+    def __init__(
+        self,
+        adapter: DeviceAdapter[S, E],
+        *,
+        index: int,
+        layout: KVLayout,
+        num_pages: int,
+        host_num_pages: int,
+        world: WorldConfig,
+        collective_timeout: float,
+        validate_collectives: bool = True,
+    ) -> None:
+        if layout.dtype is None:
+            raise InvalidArgumentError(
+                "a torch backend needs a KV layout with a dtype", hint="set KVLayout(dtype=...)"
+            )
+        for name, count in (("num_pages", num_pages), ("host_num_pages", host_num_pages)):
+            if count < 1:
+                raise InvalidArgumentError(
+                    f"the KV pool needs at least one page, got {name}={count}",
+                    hint="raise num_blocks or kv_memory_mb (host_num_blocks, host_kv_memory_mb)",
+                )
+        self._adapter = adapter
+        self._index = index
+        self._device = f"{adapter.kind}:{index}"
+        self._torch_device = adapter.torch_device(index)
+        element = to_torch_dtype(layout.dtype)
+        self._pool = KVPagePool(
+            layout,
+            {
+                self._device: DevicePages(
+                    layout, num_pages, element, self._torch_device, pin=False
+                ),
+                HOST: DevicePages(
+                    layout,
+                    host_num_pages,
+                    element,
+                    torch.device("cpu"),
+                    pin=adapter.pins_host_memory,
+                ),
+            },
+        )
+        self._kernels = KernelTable()
+        register_reference_kernels(self._kernels, self._torch_device)
+        self._group = ProcessGroup(
+            adapter.comm,
+            world,
+            self._torch_device,
+            timeout=collective_timeout,
+            validate=validate_collectives,
+        )
+        self._capability = self._describe(num_pages * layout.page_bytes(layout.dtype))
+        self._blocks: BlockTable[PageRun] = BlockTable(
+            self._pool,
+            layout=layout,
+            capability=self._capability,
+            devices=(self._device, HOST),
+            default_device=self._device,
+            owner=f"{self._device}/{os.getpid()}/{uuid.uuid4().hex[:12]}",
+        )
+        self._peak_used = 0
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def _describe(self, pool_bytes: int) -> CapabilityDescriptor:
+        spec = self._adapter.comm
+        kinds = {s.kind for s in self._kernels.list() if s.kind is not None}
+        device = self._adapter.capability(self._index)
+        layout = self._pool.layout
+        return device.replace(
+            supported_dtypes=(self._pool.dtype,),
+            supported_kernels=tuple(
+                k for k in KernelKind if k in kinds or device.supports_kernel(k)
+            ),
+            has_collective=True,
+            has_graph_exec=False,
+            supported_collectives=spec.collectives,
+            supported_reduce_ops=tuple(op for op in ReduceOp if op in spec.reduce_ops),
+            has_kv_block_copy=True,
+            has_kv_block_migrate=True,
+            max_memory_mb=pool_bytes // MIB,
+            extra={
+                **device.extra,
+                "dist_backend": spec.backend,
+                "kv_layout": (
+                    f"[{layout.num_layers}, pages, 2, {layout.tokens_per_block}, "
+                    f"{layout.num_kv_heads}, {layout.head_size}] {self._pool.dtype.value}"
+                ),
+                "kv_pages": str(self._pool.pools[self._device].num_pages),
+                "host_kv_pages": str(self._pool.pools[HOST].num_pages),
+                "pinned_host_memory": str(self._adapter.pins_host_memory).lower(),
+            },
+        )
+
+    # Identity and lifetime.
+
+    @property
+    def kind(self) -> str:
+        return self._adapter.kind
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self._torch_device
+
+    @property
+    def adapter(self) -> DeviceAdapter[S, E]:
+        return self._adapter
+
+    def capability(self) -> CapabilityDescriptor:
+        return self._capability
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._blocks.release_all()
+        self._group.close()
+
+    def __repr__(self) -> str:
+        return f"TorchBackendProvider({self._device}, rank {self.rank} of {self.world_size})"
+
+    def _live(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError(
+                f"the {self._device} backend is closed", hint="create a new backend"
+            )
+
+    # Streams, events, memory.
+
+    def create_stream(self) -> TorchStream[S, E]:
+        self._live()
+        return TorchStream(self._adapter, self._index, self._adapter.new_stream(self._index))
+
+    def create_event(self, enable_timing: bool = True) -> TorchEvent[S, E]:
+        self._live()
+        return TorchEvent(self._adapter, self._index, enable_timing=enable_timing)
+
+    def current_stream(self) -> TorchStream[S, E]:
+        self._live()
+        return TorchStream(self._adapter, self._index, self._adapter.current_stream(self._index))
+
+    def synchronize(self) -> None:
+        self._live()
+        self._adapter.synchronize(self._index)
+
+    def memory_stats(self) -> MemoryStats:
+        """Device-wide memory (from the adapter) and this provider's KV page accounting."""
+        self._live()
+        free, total = self._adapter.mem_get_info(self._index)
+        used = total - free
+        self._peak_used = max(self._peak_used, used)
+        return MemoryStats(
+            total_bytes=total,
+            used_bytes=used,
+            peak_used_bytes=self._peak_used,
+            kv_blocks_in_use=self._pool.blocks_in_use(self._device),
+            kv_pages_in_use=self._pool.pages_in_use(self._device),
+            kv_pages_total=self._pool.pools[self._device].num_pages,
+        )
+
+    # Collectives.
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._group.world_size
+
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp | str = ReduceOp.SUM,
+        *,
+        timeout: float | None = None,
+    ) -> torch.Tensor:
+        self._live()
+        return self._group.all_reduce(tensor, op, timeout)
+
+    def all_gather(self, tensor: torch.Tensor, *, timeout: float | None = None) -> torch.Tensor:
+        self._live()
+        return self._group.all_gather(tensor, timeout)
+
+    def reduce_scatter(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp | str = ReduceOp.SUM,
+        *,
+        timeout: float | None = None,
+    ) -> torch.Tensor:
+        self._live()
+        return self._group.reduce_scatter(tensor, op, timeout)
+
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, *, timeout: float | None = None
+    ) -> torch.Tensor:
+        self._live()
+        return self._group.broadcast(tensor, src, timeout)
+
+    def send(self, tensor: torch.Tensor, dst: int, *, timeout: float | None = None) -> None:
+        self._live()
+        self._group.send(tensor, dst, timeout)
+
+    def recv(self, tensor: torch.Tensor, src: int, *, timeout: float | None = None) -> torch.Tensor:
+        self._live()
+        return self._group.recv(tensor, src, timeout)
+
+    def barrier(self, *, timeout: float | None = None) -> None:
+        self._live()
+        self._group.barrier(timeout)
+
+    # KV blocks.
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        return self._pool.layout
+
+    def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
+        return self.kv_blocks_alloc([num_tokens], dtype)[0]
+
+    def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
+        self._live()
+        member = coerce(DType, dtype, "dtype")
+        if member is not self._pool.dtype:
+            raise CapabilityError(
+                f"this KV pool holds {self._pool.dtype.value}; a {member.value} block was "
+                "asked for",
+                hint=f"allocate {self._pool.dtype.value} blocks, or create the backend with "
+                f"kv_dtype={member.value}",
+            )
+        return self._blocks.alloc(num_tokens, member)
+
+    def kv_block_free(self, block: KVBlock) -> None:
+        self.kv_blocks_free([check_block(block)])
+
+    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+        self._live()
+        self._blocks.free(blocks)
+
+    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
+        self.kv_blocks_copy([(check_block(src, "src"), check_block(dst, "dst"))])
+
+    def kv_blocks_copy(
+        self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
+    ) -> TorchEvent[S, E]:
+        """Copy every (src, dst) pair with one gather and one scatter per device pair."""
+        self._live()
+        target = self._stream(stream)
+        slots = self._blocks.copy_pairs(pairs)
+        return self._on(target, lambda: self._move(slots))
+
+    def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
+        return self.kv_blocks_migrate([check_block(block)], target_device)[0][0]
+
+    def kv_blocks_migrate(
+        self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
+    ) -> tuple[list[KVBlock], TorchEvent[S, E]]:
+        """Move blocks to another device of this provider or to "host" (swap out and in).
+
+        One gather, one transfer and one scatter per batch; ``stream`` lets a swap overlap
+        compute, and the returned event marks its completion.
+        """
+        self._live()
+        target = self._stream(stream)
+        moves = self._blocks.migrate(blocks, target_device)
+        event = self._on(target, lambda: self._move([(m.src_slot, m.dst_slot) for m in moves]))
+        return [m.dst for m in moves], event
+
+    def kv_block_write(self, block: KVBlock, data: bytes) -> None:
+        """Fill ``block`` with ``data`` in the layout :meth:`kv_block_read` returns."""
+        self._live()
+        run = self._blocks.slot(check_block(block))
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(
+                f"data must be bytes, got {type(data).__name__}", hint="pass bytes or bytearray"
+            )
+        size = self.kv_layout.page_bytes(block.dtype) * block.num_pages
+        if len(data) != size:
+            raise InvalidArgumentError(
+                f"KV block {block.handle} holds {size} bytes, got {len(data)}",
+                hint="write exactly the block's size: page_bytes(dtype) * num_pages",
+            )
+        self._pool.write(run, bytes(data))
+
+    def kv_block_read(self, block: KVBlock) -> bytes:
+        """The block's bytes, layer-major: ``[num_layers, pages, 2, tokens, kv_heads, head_size]``.
+
+        Waits for the current stream first, as the protocol says.
+        """
+        self._live()
+        run = self._blocks.slot(check_block(block))
+        self._adapter.stream_synchronize(self._adapter.current_stream(self._index))
+        return self._pool.read(run)
+
+    # What engines and kernels read: the pools and block tables.
+
+    def kv_cache(self, device: str | None = None) -> torch.Tensor:
+        """The whole KV pool of ``device`` (default: this provider's device).
+
+        Shape ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``.
+        """
+        self._live()
+        where = self._device if device is None else self._blocks.check_device(device)
+        return self._pool.pools[where].tensor
+
+    def kv_cache_layer(self, layer: int, device: str | None = None) -> torch.Tensor:
+        """One layer's pages, ``[num_pages, 2, tokens, kv_heads, head_size]`` (a view)."""
+        layers = self.kv_layout.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
+            raise InvalidArgumentError(
+                f"layer must be an int in 0..{layers - 1}, got {layer!r}",
+            )
+        return self.kv_cache(device)[layer]
+
+    def block_table(self, blocks: Sequence[KVBlock], *, width: int | None = None) -> torch.Tensor:
+        """``[len(blocks), width]`` int32 page indices, padded with 0, on the blocks' device.
+
+        ``width`` defaults to the most pages any of the blocks has; every block must be live and
+        on one device.
+        """
+        self._live()
+        items = [check_block(b, "each of blocks") for b in blocks]
+        runs = [self._blocks.slot(b) for b in items]
+        devices = {r.device for r in runs}
+        if len(devices) > 1:
+            raise InvalidArgumentError(
+                f"a block table needs blocks of one device, got {sorted(devices)}",
+                hint="migrate the blocks to one device first",
+            )
+        longest = max((len(r.pages) for r in runs), default=0)
+        columns = longest if width is None else width
+        if isinstance(columns, bool) or not isinstance(columns, int) or columns < longest:
+            raise InvalidArgumentError(
+                f"width must be an int of at least {longest} (the longest block), got {width!r}"
+            )
+        rows = [list(r.pages) + [0] * (columns - len(r.pages)) for r in runs]
+        where = self._pool.pools[devices.pop()].device if devices else self._torch_device
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), columns).to(where)
+
+    def _stream(self, stream: Stream | None) -> TorchStream[S, E]:
+        if stream is None:
+            return self.current_stream()
+        return own_stream(self._adapter, stream)
+
+    def _on(self, stream: TorchStream[S, E], work: Callable[[], None]) -> TorchEvent[S, E]:
+        with stream:
+            work()
+        return stream.record_event()
+
+    def _move(self, pairs: Sequence[tuple[PageRun, PageRun]]) -> None:
+        current = self._adapter.current_stream(self._index)
+        self._pool.move(
+            pairs,
+            non_blocking=self._adapter.pins_host_memory,
+            wait_for_host=lambda: self._adapter.stream_synchronize(current),
+        )
+
+    # Kernels.
+
+    def register_kernel(
+        self,
+        name: str,
+        impl: Callable[..., Any],
+        *,
+        kind: KernelKind | str | None = None,
+        dtypes: Iterable[DType | str] = (),
+        reference: Callable[..., Any] | None = None,
+        make_inputs: InputMaker | None = None,
+        compare: Comparator | None = None,
+        override: bool = False,
+    ) -> KernelSpec:
+        self._live()
+        if kind is not None:
+            self._capability.require_kernel(kind)
+        return self._kernels.register(
+            name,
+            impl,
+            kind=kind,
+            dtypes=dtypes,
+            reference=reference,
+            make_inputs=make_inputs,
+            compare=compare,
+            override=override,
+        )
+
+    def get_kernel(self, name: str) -> Callable[..., Any]:
+        return self._kernels.get(name)
+
+    def kernel_spec(self, name: str) -> KernelSpec:
+        return self._kernels.spec(name)
+
+    def list_kernels(self, kind: KernelKind | str | None = None) -> list[KernelSpec]:
+        return self._kernels.list(kind)
+
+    # Graphs.
+
+    def capture_graph(self, stream: Stream | None = None) -> AbstractContextManager[Graph]:
+        """Refused at once: the torch layer does not capture graphs (has_graph_exec=False)."""
+        self._live()
+        raise CapabilityError(
+            f"{self._device} cannot capture graphs (has_graph_exec=False)",
+            hint="run the operations eagerly",
+        )
+
+
+def create_torch_provider(
+    adapter: DeviceAdapter[S, E],
+    device: DeviceSelection,
+    options: Mapping[str, OptionValue],
+    environ: Mapping[str, str] | None = None,
+) -> TorchBackendProvider[S, E]:
+    """A provider from a factory's device selection and validated options (see options.py).
+
+    The device index is the one asked for, else the one a launcher assigned (LOCAL_RANK),
+    else 0; rank and world come from the options, else the launcher's environment.
+    """
+    env = os.environ if environ is None else environ
+    bound = adapter.bind(env)
+    index = device.index if device.index is not None else (bound if bound is not None else 0)
+    count = adapter.device_count()
+    if not 0 <= index < count:
+        raise InvalidArgumentError(
+            f"{adapter.kind}:{index} does not exist; this machine has {count} {adapter.kind} "
+            f"device(s)",
+            hint=f"use an index in 0..{count - 1}",
+        )
+    layout = KVLayout(
+        num_layers=_int(options, "num_layers"),
+        num_kv_heads=_int(options, "num_kv_heads"),
+        head_size=_int(options, "head_size"),
+        tokens_per_block=_int(options, "tokens_per_block"),
+        dtype=coerce(DType, options["kv_dtype"], "kv_dtype"),
+    )
+    assert layout.dtype is not None
+    to_torch_dtype(layout.dtype)
+    page_bytes = layout.page_bytes(layout.dtype)
+    num_pages = _pages(options, "num_blocks", "kv_memory_mb", page_bytes)
+    host_pages = _pages(options, "host_num_blocks", "host_kv_memory_mb", page_bytes)
+    world = WorldConfig.resolve(
+        env,
+        rank=_optional_int(options, "rank"),
+        world_size=_optional_int(options, "world_size"),
+        master_addr=_optional_str(options, "master_addr"),
+        master_port=_optional_int(options, "master_port"),
+    )
+    timeout = options["collective_timeout"]
+    validate = options["validate_collectives"]
+    assert isinstance(timeout, float) and isinstance(validate, bool)
+    return TorchBackendProvider(
+        adapter,
+        index=index,
+        layout=layout,
+        num_pages=num_pages,
+        host_num_pages=host_pages,
+        world=world,
+        collective_timeout=timeout,
+        validate_collectives=validate,
+    )
+
+
+def _int(options: Mapping[str, OptionValue], name: str) -> int:
+    value = options[name]
+    assert isinstance(value, int)
+    return value
+
+
+def _optional_int(options: Mapping[str, OptionValue], name: str) -> int | None:
+    return _int(options, name) if name in options else None
+
+
+def _optional_str(options: Mapping[str, OptionValue], name: str) -> str | None:
+    value = options.get(name)
+    assert value is None or isinstance(value, str)
+    return value
+
+
+def _pages(options: Mapping[str, OptionValue], count: str, budget: str, page_bytes: int) -> int:
+    explicit, megabytes = _int(options, count), _int(options, budget)
+    if explicit < 0 or megabytes < 0:
+        raise InvalidArgumentError(f"{count} and {budget} must not be negative")
+    pages = explicit or megabytes * MIB // page_bytes
+    if pages < 1:
+        raise InvalidArgumentError(
+            f"{budget}={megabytes} MiB holds no page of {page_bytes} bytes",
+            hint=f"raise {budget}, or set {count}",
+        )
+    return pages

@@ -1,0 +1,280 @@
+"""BlockTable, the shared KV block bookkeeping, over a page free-list storage like a torch pool."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from sagellm_backend.blocks import Allocation, BlockTable, PageRequest
+from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.dtypes import DType
+from sagellm_backend.errors import (
+    BlockNotFoundError,
+    CapabilityError,
+    ErrorCode,
+    InvalidArgumentError,
+    InvalidBlockError,
+    ResourceExhaustedError,
+)
+from sagellm_backend.kv import KVBlock, KVLayout
+
+LAYOUT = KVLayout(tokens_per_block=16)
+CAPABILITY = CapabilityDescriptor(supported_dtypes=[DType.FP16, DType.BF16])
+
+
+Slot = tuple[str, tuple[int, ...]]
+"""A block's device and its pages."""
+
+
+class PageListStorage:
+    """A fixed pool of pages per device with a free-list: what a preallocated torch pool does."""
+
+    def __init__(self, pages_per_device: dict[str, int]) -> None:
+        self.free = {d: list(range(n)) for d, n in pages_per_device.items()}
+        self.size = dict(pages_per_device)
+
+    def max_pages(self, device: str, dtype: DType) -> int:
+        return self.size[device]
+
+    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[Slot]]:
+        needed: dict[str, int] = {}
+        for r in requests:
+            needed[r.device] = needed.get(r.device, 0) + r.num_pages
+        for device, count in needed.items():
+            if count > len(self.free[device]):
+                raise ResourceExhaustedError(f"{device}: {count} pages needed")
+        out = []
+        for r in requests:
+            pages = tuple(self.free[r.device].pop(0) for _ in range(r.num_pages))
+            out.append(Allocation(pages, (r.device, pages)))
+        return out
+
+    def release(self, slots: Sequence[Slot]) -> None:
+        for device, pages in slots:
+            self.free[device].extend(pages)
+
+
+def make_table(pages: int = 16, owner: str = "p1") -> tuple[BlockTable[Slot], PageListStorage]:
+    storage = PageListStorage({"dev:0": pages, "dev:1": pages, "host": 4 * pages})
+    table: BlockTable[Slot] = BlockTable(
+        storage,
+        layout=LAYOUT,
+        capability=CAPABILITY,
+        devices=["dev:0", "dev:1", "host"],
+        default_device="dev:0",
+        owner=owner,
+    )
+    return table, storage
+
+
+def state(table: BlockTable[Slot], storage: PageListStorage) -> object:
+    return table.live_blocks(), {d: sorted(f) for d, f in storage.free.items()}
+
+
+def test_alloc_hands_out_pages_and_monotonic_handles() -> None:
+    table, _ = make_table()
+    a, b = table.alloc([16, 17], DType.FP16)
+    assert (a.num_pages, b.num_pages) == (1, 2)
+    assert a.pages == (0,) and b.pages == (1, 2)
+    assert a.owner == b.owner == "p1" and a.device == "dev:0"
+    table.free([a])
+    (c,) = table.alloc([1], "bf16")
+    assert c.handle > b.handle, "handles are never reused"
+    assert c.pages == (3,) and c.dtype is DType.BF16
+    assert table.live_blocks() == [b, c]
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "16", None])
+def test_num_tokens_that_is_not_a_positive_int_is_refused(bad: object) -> None:
+    table, storage = make_table()
+    before = state(table, storage)
+    with pytest.raises(InvalidArgumentError) as info:
+        table.alloc([16, bad], DType.FP16)  # type: ignore[list-item]  # deliberately wrong type
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+    assert state(table, storage) == before
+
+
+def test_num_tokens_beyond_what_the_storage_could_ever_hold_is_invalid_not_exhausted() -> None:
+    table, _ = make_table(pages=4)
+    with pytest.raises(InvalidArgumentError, match="could ever hold") as info:
+        table.alloc([4 * 16 + 1], DType.FP16)
+    assert not isinstance(info.value, ResourceExhaustedError)
+    assert table.alloc([4 * 16], DType.FP16)[0].num_pages == 4
+
+
+def test_dtype_outside_capability_is_a_capability_error_as_enum_or_string() -> None:
+    table, _ = make_table()
+    for dtype in (DType.FP32, "fp32", "INT8"):
+        with pytest.raises(CapabilityError) as info:
+            table.alloc([16], dtype)
+        assert info.value.code is ErrorCode.NOT_IMPLEMENTED
+        assert isinstance(info.value, NotImplementedError)
+    with pytest.raises(InvalidArgumentError, match="unknown dtype"):
+        table.alloc([16], "fp64")
+    assert table.live_blocks() == []
+
+
+def test_double_free_and_use_after_free_are_block_not_found() -> None:
+    table, storage = make_table()
+    (a,) = table.alloc([16], DType.FP16)
+    table.free([a])
+    before = state(table, storage)
+    with pytest.raises(BlockNotFoundError) as info:
+        table.free([a])
+    assert info.value.code is ErrorCode.BLOCK_NOT_FOUND and isinstance(info.value, LookupError)
+    with pytest.raises(BlockNotFoundError):
+        table.slot(a)
+    assert state(table, storage) == before
+
+
+def test_foreign_forged_and_altered_blocks_are_refused() -> None:
+    table, storage = make_table(owner="p1")
+    other, _ = make_table(owner="p2")
+    (mine,) = table.alloc([16], DType.FP16)
+    (theirs,) = other.alloc([16], DType.FP16)
+    before = state(table, storage)
+    with pytest.raises(InvalidBlockError) as info:
+        table.free([theirs])
+    assert info.value.code is ErrorCode.FOREIGN_BLOCK
+    forged = KVBlock(99, 16, DType.FP16, "dev:0", (0,), "p1")
+    with pytest.raises(InvalidBlockError, match="never allocated"):
+        table.slot(forged)
+    altered = KVBlock(mine.handle, 32, mine.dtype, mine.device, mine.pages, mine.owner)
+    with pytest.raises(InvalidBlockError, match="does not match"):
+        table.free([altered])
+    assert state(table, storage) == before
+
+
+def test_batch_free_is_all_or_nothing_and_refuses_duplicates() -> None:
+    table, storage = make_table()
+    a, b = table.alloc([16, 16], DType.FP16)
+    before = state(table, storage)
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        table.free([a, b, a])
+    table.free([a])
+    with pytest.raises(BlockNotFoundError):
+        table.free([b, a])
+    assert table.live_blocks() == [b]
+    table.free([b])
+    assert state(table, storage) != before and table.live_blocks() == []
+
+
+def test_exhaustion_allocates_nothing() -> None:
+    table, storage = make_table(pages=4)
+    table.alloc([16], DType.FP16)
+    before = state(table, storage)
+    with pytest.raises(ResourceExhaustedError) as info:
+        table.alloc([16, 16, 32], DType.FP16)
+    assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED and isinstance(info.value, MemoryError)
+    assert state(table, storage) == before
+    assert len(table.alloc([16, 16, 16], DType.FP16)) == 3
+
+
+def test_copy_pairs_checks_shape_dtype_and_distinct_destinations() -> None:
+    table, _ = make_table()
+    a, b, c, d = table.alloc([16, 16, 32, 16], DType.FP16)
+    (h,) = table.alloc([16], DType.BF16)
+    fanned_out = table.copy_pairs([(a, b), (a, d)])
+    assert fanned_out == [
+        (("dev:0", a.pages), ("dev:0", b.pages)),
+        (("dev:0", a.pages), ("dev:0", d.pages)),
+    ]
+    with pytest.raises(InvalidBlockError) as info:
+        table.copy_pairs([(a, c)])
+    assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
+    with pytest.raises(InvalidBlockError) as info:
+        table.copy_pairs([(a, h)])
+    assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        table.copy_pairs([(a, b), (h, b)])
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        table.copy_pairs([(a, a)])
+    with pytest.raises(InvalidArgumentError, match="tuple"):
+        table.copy_pairs([a])  # type: ignore[list-item]  # deliberately not a pair
+
+
+def test_migrate_moves_to_a_device_retires_the_source_and_keeps_pages_count() -> None:
+    table, storage = make_table()
+    a, b = table.alloc([16, 40], DType.FP16)
+    moves = table.migrate([a, b], "host")
+    assert [m.src for m in moves] == [a, b]
+    assert [m.dst.device for m in moves] == ["host", "host"]
+    assert [m.dst.num_pages for m in moves] == [1, 3]
+    assert moves[1].dst.num_tokens == 40
+    assert sorted(storage.free["dev:0"]) == list(range(16)), "source pages given back"
+    with pytest.raises(BlockNotFoundError):
+        table.slot(a)
+    assert table.live_blocks() == [m.dst for m in moves]
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [
+        ("dev:7", "unknown device"),
+        ("cuda:0", "unknown device"),
+        ("dev 0", "malformed"),
+        (3, "malformed"),
+    ],
+)
+def test_migrate_to_bad_target_changes_nothing(target: object, match: str) -> None:
+    table, storage = make_table()
+    (a,) = table.alloc([16], DType.FP16)
+    before = state(table, storage)
+    with pytest.raises(InvalidArgumentError, match=match) as info:
+        table.migrate([a], target)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    if match == "unknown device":
+        assert "dev:0, dev:1, host" in str(info.value)
+    assert state(table, storage) == before
+
+
+def test_migrate_is_all_or_nothing() -> None:
+    table, storage = make_table(pages=4)
+    table.migrate(table.alloc([32], DType.FP16), "dev:1")
+    blocks = table.alloc([32, 16], DType.FP16)
+    before = state(table, storage)
+    with pytest.raises(ResourceExhaustedError):
+        table.migrate(blocks, "dev:1")
+    with pytest.raises(InvalidArgumentError, match="already on dev:0"):
+        table.migrate(blocks, "dev:0")
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        table.migrate([blocks[0], blocks[0]], "host")
+    assert state(table, storage) == before
+
+
+def test_blocks_pickle_and_stay_valid() -> None:
+    table, _ = make_table()
+    (a,) = table.alloc([16], DType.FP16)
+    clone = pickle.loads(pickle.dumps(a))
+    assert clone == a
+    table.free([clone])
+    assert table.live_blocks() == []
+
+
+def test_threads_end_with_exact_accounting() -> None:
+    table, storage = make_table(pages=10_000)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(200):
+                blocks = table.alloc([16, 33], DType.FP16)
+                table.free(blocks)
+            table.alloc([16], DType.FP16)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    live = table.live_blocks()
+    assert len(live) == 8
+    assert len({b.handle for b in live}) == 8
+    assert len(storage.free["dev:0"]) == 10_000 - 8
+    assert len({p for b in live for p in b.pages}) == 8, "no page handed out twice"

@@ -1,0 +1,148 @@
+"""The ``sagellm-backend`` command, run as ``python -m sagellm_backend`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sagellm_backend import CapabilityDescriptor, __version__, cli
+from sagellm_backend.cli import EXIT_OK, EXIT_USER_ERROR, CommandInfo
+
+SRC = Path(__file__).parent.parent / "src"
+
+
+def sagellm_backend(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "SAGELLM_BACKEND"}
+    environ.update({"PYTHONPATH": str(SRC), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "sagellm_backend", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_version_and_help_import_no_backend() -> None:
+    result = sagellm_backend("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"sagellm-backend {__version__}")
+    usage = sagellm_backend("--help")
+    assert usage.returncode == 0
+    for name in ("list", "info", "doctor", "demo", "check", "bench"):
+        assert name in usage.stdout
+    bare = sagellm_backend()
+    assert bare.returncode == EXIT_USER_ERROR and "COMMAND" in bare.stderr
+
+
+def test_list_shows_every_kind_with_its_status() -> None:
+    result = sagellm_backend("list")
+    assert result.returncode == EXIT_OK, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["KIND", "STATUS", "DISTRIBUTION", "VERSION", "ALIASES", "PRIORITY",
+                              "DETAIL"]  # fmt: skip
+    by_kind = {row.split()[0]: row for row in rows}
+    assert by_kind["mock"].split()[1:4] == ["available", "isagellm-backend", __version__]
+    assert "alias of ascend" in by_kind["npu"]
+    if "not_installed" in by_kind["cuda"]:
+        assert "pip install isagellm-backend-cuda" in by_kind["cuda"]
+
+
+def test_list_json_and_no_probe() -> None:
+    probed = json.loads(sagellm_backend("list", "--json").stdout)
+    unprobed = json.loads(sagellm_backend("list", "--json", "--no-probe").stdout)
+    mock = next(r for r in probed if r["kind"] == "mock")
+    assert mock["status"] == "available" and mock["available"] is True and mock["loaded"]
+    mock = next(r for r in unprobed if r["kind"] == "mock")
+    assert mock["status"] == "found" and mock["available"] is None and not mock["loaded"]
+
+
+def test_info_prints_the_capability_matrix_as_a_table_and_as_json() -> None:
+    table = sagellm_backend("info", "mock?supported_dtypes=fp32+int8&max_memory_mb=64")
+    assert table.returncode == EXIT_OK, table.stderr
+    assert "backend 'mock' on mock:0" in table.stdout
+    rows = {line.split()[0]: line.split(None, 1)[-1] for line in table.stdout.splitlines() if line}
+    assert rows["supported_dtypes"] == "fp32, int8"
+    assert rows["max_memory_mb"] == "64"
+    assert rows["has_graph_exec"] == "no"
+    data = json.loads(sagellm_backend("info", "mock:1", "--json").stdout)
+    assert data["device"] == "mock:1" and data["kind"] == "mock"
+    assert data["kv_layout"]["tokens_per_block"] > 0
+    capability = CapabilityDescriptor.from_dict(data["capability"])
+    assert capability.device_type == "mock"
+
+
+def test_info_reads_the_env_var_when_no_spec_is_given() -> None:
+    result = sagellm_backend("info", "--json", env={"SAGELLM_BACKEND": "mock?max_memory_mb=32"})
+    assert json.loads(result.stdout)["capability"]["max_memory_mb"] == 32
+
+
+def test_demo_on_the_mock_runs_every_step_and_checks_it() -> None:
+    result = sagellm_backend("demo", "mock")
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    steps = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+    names = [s[3] for s in steps]
+    assert names == ["create", "capability", "allocate", "copy", "migrate", "free", "streams",
+                     "collective", "kernel"]  # fmt: skip
+    assert all(s[0] == "ok" and s[2] == "ms" and float(s[1]) >= 0 for s in steps)
+    assert "simulated world of 4 ranks" in result.stdout
+    assert result.stdout.rstrip().endswith("9 steps: 9 ok, 0 failed, 0 skipped")
+
+
+def test_demo_skips_what_the_capability_matrix_does_not_claim() -> None:
+    result = sagellm_backend("demo", "mock?has_collective=false&has_kv_block_migrate=false")
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert "skip" in result.stdout and "capability has_collective is off" in result.stdout
+    assert "capability has_kv_block_migrate is off" in result.stdout
+    assert "7 ok, 0 failed, 2 skipped" in result.stdout
+
+
+def test_doctor_reports_the_environment_without_importing_torch() -> None:
+    result = sagellm_backend("doctor", "--json")
+    assert result.returncode == EXIT_OK, result.stderr
+    report = json.loads(result.stdout)
+    assert report["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
+    assert report["core"]["version"] == __version__ and report["core"]["api_version"] == "1"
+    assert set(report["libraries"]) == {"torch", "torch_npu", "triton"}
+    assert {"drivers", "devices", "platform"} <= set(report)
+    assert any(r["kind"] == "mock" and r["available"] for r in report["backends"])
+    text = sagellm_backend("doctor")
+    assert text.returncode == EXIT_OK and "LIBRARIES" in text.stdout and "mock" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("info", "cuda:x"), "device index 'x'"),
+        (("info", "mokc"), "did you mean 'mock'?"),
+        (("demo", "mock?bogus=1"), "has no option bogus"),
+        (("info", "mock?max_memory_mb=lots"), "max_memory_mb"),
+        (("info", "zz_unknown,mock"), "unknown backend kind 'zz_unknown'"),
+    ],
+)
+def test_user_errors_print_a_message_and_exit_2(args: tuple[str, ...], words: str) -> None:
+    result = sagellm_backend(*args)
+    assert result.returncode == EXIT_USER_ERROR
+    assert words in result.stderr
+    assert "fix:" in result.stderr or "did you mean" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_command_whose_module_is_missing_exits_2_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = {**cli.COMMANDS, "check": CommandInfo("sagellm_backend.cli.zz_absent", "absent")}
+    monkeypatch.setattr(cli, "COMMANDS", table)
+    assert cli.main(["check", "mock"]) == EXIT_USER_ERROR
+    assert "the 'check' command is not available in this installation" in capsys.readouterr().err
+
+
+def test_the_command_table_reserves_check_and_bench() -> None:
+    assert cli.COMMANDS["check"].module == "sagellm_backend.cli.check"
+    assert cli.COMMANDS["bench"].module == "sagellm_backend.cli.bench"

@@ -1,0 +1,325 @@
+"""The kit catches real mistakes: deliberately broken variants of the mock each fail the check
+of the promise they break, with a message that names it."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from sagellm_backend import (
+    BlockNotFoundError,
+    CapabilityDescriptor,
+    DType,
+    InvalidArgumentError,
+    KernelSpec,
+    KVBlock,
+    ReduceOp,
+)
+from sagellm_backend.mock import MockBackendProvider, MockEvent, MockStream, MockTensor
+from sagellm_backend.protocols import Event, Stream
+from sagellm_backend.testing import MockTarget, Outcome, run_conformance
+
+
+class AcceptsDoubleFree(MockBackendProvider):
+    def kv_block_free(self, block: KVBlock) -> None:
+        with contextlib.suppress(BlockNotFoundError):
+            super().kv_block_free(block)
+
+
+class CopyMovesNothing(MockBackendProvider):
+    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
+        self.kv_block_read(src)
+        self.kv_block_read(dst)
+
+
+class NegativeEvent:
+    """An event whose elapsed_ms runs backwards."""
+
+    def __init__(self, inner: MockEvent) -> None:
+        self.inner = inner
+
+    @property
+    def enable_timing(self) -> bool:
+        return self.inner.enable_timing
+
+    def record(self, stream: Stream | None = None) -> None:
+        self.inner.record(stream)
+
+    def query(self) -> bool:
+        return self.inner.query()
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+    def elapsed_ms(self, start: Event) -> float:
+        assert isinstance(start, NegativeEvent)
+        return start.inner.elapsed_ms(self.inner) - 0.001
+
+
+class NegativeElapsed(MockBackendProvider):
+    # The override returns a wrapper, not a MockEvent: that is the fault under test.
+    def create_event(self, enable_timing: bool = True) -> NegativeEvent:  # type: ignore[override]
+        return NegativeEvent(super().create_event(enable_timing))
+
+
+class NoWaitStream:
+    """A stream whose wait_event does nothing."""
+
+    def __init__(self, inner: MockStream) -> None:
+        self.inner = inner
+
+    def record_event(self, event: Event | None = None) -> Event:
+        return self.inner.record_event(event)
+
+    def wait_event(self, event: Event) -> None:
+        return None
+
+    def wait_stream(self, other: Stream) -> None:
+        self.inner.wait_stream(other.inner if isinstance(other, NoWaitStream) else other)
+
+    def query(self) -> bool:
+        return self.inner.query()
+
+    def synchronize(self) -> None:
+        self.inner.synchronize()
+
+    def __enter__(self) -> NoWaitStream:
+        self.inner.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.inner.__exit__(exc_type, exc, tb)
+
+
+class WaitEventDoesNothing(MockBackendProvider):
+    # The override returns a wrapper, not a MockStream: that is the fault under test.
+    def create_stream(self) -> NoWaitStream:  # type: ignore[override]
+        return NoWaitStream(super().create_stream())
+
+
+class ClaimsFp32ButRejects(MockBackendProvider):
+    def capability(self) -> CapabilityDescriptor:
+        cap = super().capability()
+        return cap.replace(supported_dtypes=[*cap.supported_dtypes, DType.FP32])
+
+
+class WrongSum(MockBackendProvider):
+    def all_reduce(
+        self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
+    ) -> MockTensor:
+        out = super().all_reduce(tensor, op, timeout=timeout)
+        if ReduceOp(op) is ReduceOp.SUM and self.world_size > 1:
+            out.copy_(MockTensor([v + 1 for v in out.tolist()], out.dtype))
+        return out
+
+
+class OverwritesKernels(MockBackendProvider):
+    def register_kernel(self, name: str, impl: Callable[..., Any], **kwargs: Any) -> KernelSpec:
+        kwargs["override"] = True
+        return super().register_kernel(name, impl, **kwargs)
+
+
+class CopiesWithoutClaiming(MockBackendProvider):
+    """Claims no KV copy, yet copies."""
+
+    def capability(self) -> CapabilityDescriptor:
+        return super().capability().replace(has_kv_block_copy=False)
+
+
+class BarrierDoesNotWait(MockBackendProvider):
+    def barrier(self, *, timeout: float | None = None) -> None:
+        return None
+
+
+class BatchFreeIsNotAtomic(MockBackendProvider):
+    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+        for block in blocks:
+            self.kv_block_free(block)
+
+
+class GatherOutOfOrder(MockBackendProvider):
+    def all_gather(self, tensor: MockTensor, *, timeout: float | None = None) -> MockTensor:
+        out = super().all_gather(tensor, timeout=timeout)
+        return MockTensor(list(reversed(out.tolist())), out.dtype)
+
+
+@dataclass(frozen=True)
+class Fault:
+    provider: type[MockBackendProvider]
+    check: str
+    names: str
+    options: dict[str, object]
+
+
+FAULTS = [
+    Fault(AcceptsDoubleFree, "inputs.double_free", "a double free is refused", {}),
+    Fault(CopyMovesNothing, "kv.copy", "kv_block_copy", {}),
+    Fault(NegativeElapsed, "streams.elapsed_ms", "elapsed_ms returned", {}),
+    Fault(WaitEventDoesNothing, "streams.wait_event", "wait_event did not order work", {}),
+    Fault(ClaimsFp32ButRejects, "kv.dtypes", "dtype fp32 is claimed but allocating", {}),
+    Fault(WrongSum, "collectives.all_reduce", "all_reduce(sum)", {}),
+    Fault(OverwritesKernels, "kernels.registry", "no silent overwrite", {}),
+    Fault(CopiesWithoutClaiming, "kv.copy_refused", "without has_kv_block_copy is refused", {}),
+    Fault(BarrierDoesNotWait, "collectives.barrier", "although rank 0 entered", {}),
+    Fault(BatchFreeIsNotAtomic, "kv.all_or_nothing", "kv_blocks_free with one freed block", {}),
+    Fault(GatherOutOfOrder, "collectives.all_gather", "all_gather in", {}),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.provider.__name__)
+def test_the_kit_fails_a_broken_provider(fault: Fault, reliability_counts: Counter[str]) -> None:
+    target = MockTarget(provider_class=fault.provider)
+    report = run_conformance(target, select=[fault.check], seed=7)
+    result = report.result(fault.check)
+    reliability_counts["faults injected into providers"] += 1
+    assert result.outcome is Outcome.FAILED, report.format_table()
+    assert result.message.startswith(f"broken promise: {result.check.promise}")
+    assert fault.names in result.message
+    assert not report.ok
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.provider.__name__)
+def test_the_same_check_passes_on_the_faithful_mock(fault: Fault) -> None:
+    report = run_conformance(MockTarget(), select=[fault.check], seed=7)
+    outcome = report.result(fault.check).outcome
+    expected = Outcome.SKIPPED if fault.check.endswith("_refused") else Outcome.PASSED
+    assert outcome is expected, report.format_table()
+
+
+def test_an_expected_failure_needs_a_reason_and_a_known_check() -> None:
+    target = MockTarget(provider_class=AcceptsDoubleFree)
+    with pytest.raises(InvalidArgumentError, match="gives no reason"):
+        run_conformance(target, expected_failures={"inputs.double_free": " "})
+    with pytest.raises(InvalidArgumentError, match="unknown check"):
+        run_conformance(target, expected_failures={"inputs.tripple_free": "why"})
+
+
+def test_an_expected_failure_is_reported_as_xfailed_with_its_reason() -> None:
+    target = MockTarget(provider_class=AcceptsDoubleFree)
+    report = run_conformance(
+        target,
+        select=["inputs.double_free"],
+        expected_failures={"inputs.double_free": "frees are idempotent here, see issue 12"},
+    )
+    result = report.result("inputs.double_free")
+    assert result.outcome is Outcome.XFAILED
+    assert result.message == "frees are idempotent here, see issue 12"
+    assert report.ok
+
+
+def test_an_expected_failure_that_passes_fails_so_it_gets_removed() -> None:
+    report = run_conformance(
+        MockTarget(), select=["inputs.double_free"], expected_failures={"inputs.double_free": "x"}
+    )
+    result = report.result("inputs.double_free")
+    assert result.outcome is Outcome.FAILED
+    assert "remove the expected failure" in result.message
+
+
+def test_selection_by_area_and_refusal_of_unknown_names() -> None:
+    report = run_conformance(MockTarget(), select=["graph"], seed=1)
+    assert {r.check.area.value for r in report.results} == {"graph"}
+    with pytest.raises(InvalidArgumentError, match="unknown check or area 'gpu'"):
+        run_conformance(MockTarget(), select=["gpu"])
+
+
+def test_unclaimed_capabilities_are_checked_for_refusal_not_skipped_silently() -> None:
+    target = MockTarget(
+        has_stream=False,
+        has_event=False,
+        has_kv_block_copy=False,
+        has_kv_block_migrate=False,
+        has_collective=False,
+        supported_dtypes=["fp16"],
+    )
+    report = run_conformance(target, seed=3)
+    assert report.ok, report.format_table()
+    for check_id in ("streams.refused", "kv.copy_refused", "kv.migrate_refused", "graph.refused"):
+        assert report.result(check_id).outcome is Outcome.PASSED
+    skipped = report.result("collectives.all_reduce")
+    assert skipped.outcome is Outcome.SKIPPED
+    assert skipped.message == "not claimed: has_collective=False"
+    assert report.world_sizes == ()
+
+
+def test_an_unclaimed_reduce_op_must_be_refused() -> None:
+    report = run_conformance(
+        MockTarget(supported_reduce_ops=["sum", "max"]),
+        select=["collectives.unclaimed_reduce_ops", "collectives.all_reduce"],
+        seed=5,
+    )
+    assert report.ok, report.format_table()
+    assert report.world_sizes == (1, 2, 4)
+
+
+def test_a_check_that_raises_unexpectedly_fails_with_the_exception_named() -> None:
+    class Crashes(MockBackendProvider):
+        def kv_block_write(self, block: KVBlock, data: bytes) -> None:
+            raise RuntimeError("device lost")
+
+    report = run_conformance(MockTarget(provider_class=Crashes), select=["kv.write_read"])
+    message = report.result("kv.write_read").message
+    assert "raised RuntimeError: device lost" in message
+
+
+def test_the_table_lists_every_check_with_skip_reasons_and_world_sizes() -> None:
+    report = run_conformance(MockTarget(), seed=11)
+    table = report.format_table()
+    assert len(table.splitlines()) == len(report.results) + 3
+    assert "graph.replay" in table and "not claimed: has_graph_exec=False" in table
+    assert "collectives ran at world sizes: 1, 2, 4; seed 11" in table
+    assert report.to_dict()["counts"]["failed"] == 0
+
+
+def _scale_inputs(seed: int, dtype: DType) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    rng = random.Random(seed)
+    return ([rng.randint(-8, 8) for _ in range(16)],), {}
+
+
+def _double(values: list[int]) -> list[int]:
+    return [2 * v for v in values]
+
+
+def _double_but_last(values: list[int]) -> list[int]:
+    return [*_double(values[:-1]), values[-1]]
+
+
+class WithKernels(MockBackendProvider):
+    """Registers a kernel with a reference and an input generator, as a real backend would."""
+
+    kernel: Callable[[list[int]], list[int]] = staticmethod(_double)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.register_kernel(
+            "double", self.kernel, kind="matmul", reference=_double, make_inputs=_scale_inputs
+        )
+
+
+class WithAWrongKernel(WithKernels):
+    kernel = staticmethod(_double_but_last)
+
+
+def test_registered_kernels_are_checked_against_their_references(
+    reliability_counts: Counter[str],
+) -> None:
+    good = run_conformance(MockTarget(provider_class=WithKernels), select=["kernels.reference"])
+    assert good.result("kernels.reference").outcome is Outcome.PASSED, good.format_table()
+    assert "1 kernels, 6 runs" in good.result("kernels.reference").message
+    bad = run_conformance(MockTarget(provider_class=WithAWrongKernel), select=["kernels"])
+    result = bad.result("kernels.reference")
+    reliability_counts["faults injected into providers"] += 1
+    assert result.outcome is Outcome.FAILED
+    assert "kernel 'double' does not match its reference in fp16 (seed " in result.message

@@ -1,0 +1,100 @@
+"""The mock passes the conformance kit, through the pytest base class and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sagellm_backend.testing import MockTarget
+from sagellm_backend.testing.suite import BackendConformanceSuite
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+class TestMockConformance(BackendConformanceSuite):
+    def make_target(self) -> MockTarget:
+        return MockTarget()
+
+
+class TestFullyCapableMockConformance(BackendConformanceSuite):
+    def make_target(self) -> MockTarget:
+        return MockTarget(
+            supported_dtypes=["fp32", "fp16", "bf16", "fp8", "int8", "int4"],
+            supported_kernels=["matmul", "attention", "fusion", "layernorm", "softmax"],
+            has_graph_exec=True,
+        )
+
+
+class TestMinimalMockConformance(BackendConformanceSuite):
+    def make_target(self) -> MockTarget:
+        return MockTarget(
+            supported_dtypes=["fp32"],
+            supported_kernels=[],
+            has_stream=False,
+            has_event=False,
+            has_collective=False,
+            has_kv_block_copy=False,
+            has_kv_block_migrate=False,
+            supported_reduce_ops=["sum"],
+        )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop("SAGELLM_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sagellm_backend", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_check_command_passes_the_mock_and_prints_the_table() -> None:
+    done = _cli("check", "mock?max_memory_mb=64&has_graph_exec=true")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["check", "result", "time", "detail"]
+    assert any(line.startswith("graph.replay ") and " passed " in line for line in lines)
+    skip = next(line for line in lines if line.startswith("graph.refused "))
+    assert "claimed: has_graph_exec=True" in skip
+    assert "0 failed" in lines[-1] and "world sizes: 1, 2, 4" in lines[-1]
+
+
+def test_check_command_skips_exhaustion_of_a_large_pool_with_the_reason() -> None:
+    done = _cli("check", "mock", "--only", "kv.exhaustion", "--json", "--seed", "4")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    [result] = report["results"]
+    assert result["outcome"] == "skipped"
+    assert "larger than the target's exhaustion limit" in result["message"]
+    assert report["seed"] == 4
+
+
+def test_check_command_exit_codes() -> None:
+    assert _cli("check", "mock", "--only", "warp-drive").returncode == 2
+    assert _cli("check", "nosuchkind").returncode == 2
+    assert _cli("check", "mock?max_memory_mb=-1").returncode == 2
+
+
+def test_importing_the_core_imports_neither_the_kit_nor_pytest() -> None:
+    code = (
+        "import sys, sagellm_backend; "
+        "print(sorted(m for m in sys.modules "
+        "if m == 'pytest' or m.startswith('sagellm_backend.testing')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "[]"
+    code = "import sys, sagellm_backend.testing; print('pytest' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "False"

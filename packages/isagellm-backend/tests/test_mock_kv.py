@@ -1,0 +1,305 @@
+"""Mock KV blocks: real bytes, exact accounting, fail-fast checks that change nothing."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sagellm_backend import (
+    BlockNotFoundError,
+    CapabilityError,
+    DType,
+    ErrorCode,
+    InvalidArgumentError,
+    InvalidBlockError,
+    KVBlock,
+    MemoryStats,
+    MockBackendProvider,
+    ResourceExhaustedError,
+)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SEED_EXAMPLE = """\
+from sagellm_backend import MockBackendProvider, DType
+backend = MockBackendProvider(supported_dtypes=[DType.FP16, DType.BF16], has_collective=True)
+cap = backend.capability()
+print(cap.supported_dtypes)
+block = backend.kv_block_alloc(128, DType.FP16)
+"""
+
+
+def pattern(provider: MockBackendProvider, block: KVBlock, seed: int) -> bytes:
+    size = block.num_pages * provider.kv_layout.page_bytes(block.dtype)
+    return random.Random(seed).randbytes(size)
+
+
+def snapshot(provider: MockBackendProvider) -> tuple[MemoryStats, list[KVBlock], list[bytes]]:
+    blocks = provider.live_blocks()
+    return provider.memory_stats(), blocks, [provider.kv_block_read(b) for b in blocks]
+
+
+def test_seed_example_runs_verbatim_and_prints_the_dtypes() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    result = subprocess.run(
+        [sys.executable, "-c", SEED_EXAMPLE], capture_output=True, text=True, env=env, check=True
+    )
+    assert "fp16" in result.stdout and "bf16" in result.stdout
+    assert result.stdout.count("DType.") == 2
+
+
+def test_seed_defaults() -> None:
+    cap = MockBackendProvider().capability()
+    assert cap.supported_dtypes == (DType.FP16, DType.BF16)
+    assert [k.value for k in cap.supported_kernels] == ["matmul", "attention"]
+    assert cap.has_collective and not cap.has_graph_exec and cap.max_memory_mb == 16384
+
+
+def test_blocks_are_allocated_on_demand_and_accounted_exactly() -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    page = p.kv_layout.page_bytes(DType.FP16)
+    assert p.memory_stats() == MemoryStats(1 << 20, 0, 0, 0, 0)
+    a = p.kv_block_alloc(128, DType.FP16)
+    b, c = p.kv_blocks_alloc([1, 17], "bf16")
+    assert (a.num_pages, b.num_pages, c.num_pages) == (8, 1, 2)
+    assert p.memory_stats() == MemoryStats(1 << 20, 11 * page, 11 * page, 3, 11)
+    p.kv_blocks_free([a, c])
+    assert p.memory_stats() == MemoryStats(1 << 20, page, 11 * page, 1, 1)
+    p.kv_block_free(b)
+    assert p.memory_stats().used_bytes == 0 and p.live_blocks() == []
+
+
+def test_new_blocks_read_as_zeros_and_writes_read_back() -> None:
+    p = MockBackendProvider()
+    block = p.kv_block_alloc(20, DType.FP16)
+    assert p.kv_block_read(block) == bytes(2 * p.kv_layout.page_bytes(DType.FP16))
+    data = pattern(p, block, 1)
+    p.kv_block_write(block, data)
+    assert p.kv_block_read(block) == data
+
+
+def test_copy_and_batched_copy_move_the_bytes() -> None:
+    p = MockBackendProvider()
+    a, b, c, d = p.kv_blocks_alloc([32, 32, 32, 32], DType.FP16)
+    p.kv_block_write(a, pattern(p, a, 1))
+    p.kv_block_write(b, pattern(p, b, 2))
+    p.kv_block_copy(a, c)
+    assert p.kv_block_read(c) == pattern(p, a, 1)
+    done = p.kv_blocks_copy([(b, c), (a, d)])
+    done.synchronize()
+    assert p.kv_block_read(c) == pattern(p, b, 2)
+    assert p.kv_block_read(d) == pattern(p, a, 1)
+
+
+@pytest.mark.parametrize("target", ["mock:1", "host"])
+def test_migrate_moves_the_bytes_and_releases_the_source(target: str) -> None:
+    p = MockBackendProvider()
+    block = p.kv_block_alloc(100, DType.BF16)
+    data = pattern(p, block, 3)
+    p.kv_block_write(block, data)
+    moved = p.kv_block_migrate(block, target)
+    assert (moved.device, moved.num_tokens, moved.dtype) == (target, 100, DType.BF16)
+    assert p.kv_block_read(moved) == data
+    assert p.memory_stats().used_bytes == 0, "the source is released"
+    with pytest.raises(BlockNotFoundError):
+        p.kv_block_read(block)
+    back = p.kv_block_migrate(moved, "mock:0")
+    assert p.kv_block_read(back) == data and p.memory_stats().kv_blocks_in_use == 1
+
+
+def test_batched_migrate_moves_every_block_and_returns_an_event() -> None:
+    p = MockBackendProvider()
+    blocks = p.kv_blocks_alloc([16, 48, 5], DType.FP16)
+    datas = [pattern(p, b, i) for i, b in enumerate(blocks)]
+    for b, data in zip(blocks, datas, strict=True):
+        p.kv_block_write(b, data)
+    side = p.create_stream()
+    side.wait_stream(p.current_stream())
+    moved, done = p.kv_blocks_migrate(blocks, "host", stream=side)
+    done.synchronize()
+    assert [p.kv_block_read(m) for m in moved] == datas
+    assert [m.device for m in moved] == ["host"] * 3
+    assert p.memory_stats().used_bytes == 0
+
+
+def test_running_out_of_memory_leaves_the_pool_exactly_as_it_was() -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    page = p.kv_layout.page_bytes(DType.FP16)
+    pages = (1 << 20) // page
+    kept = p.kv_blocks_alloc([16] * (pages - 2), DType.FP16)
+    p.kv_block_write(kept[0], pattern(p, kept[0], 9))
+    before = snapshot(p)
+    with pytest.raises(ResourceExhaustedError) as info:
+        p.kv_blocks_alloc([16, 16, 16], DType.FP16)
+    assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED and info.value.hint
+    with pytest.raises(MemoryError):
+        p.kv_block_alloc(48, DType.FP16)
+    assert snapshot(p) == before
+    p.kv_blocks_alloc([16, 16], DType.FP16)
+    assert p.memory_stats().used_bytes == 1 << 20
+
+
+def test_migrating_into_a_full_device_changes_nothing() -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    full = (1 << 20) // p.kv_layout.page_bytes(DType.FP16) * 16
+    p.kv_block_migrate(p.kv_block_alloc(full, DType.FP16), "mock:1")
+    block = p.kv_block_alloc(16, DType.FP16)
+    before = snapshot(p)
+    with pytest.raises(ResourceExhaustedError, match="mock:1"):
+        p.kv_block_migrate(block, "mock:1")
+    assert snapshot(p) == before
+
+
+BAD_ALLOCS: list[tuple[object, object, type[Exception], ErrorCode]] = [
+    (0, DType.FP16, InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+    (-5, DType.FP16, InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+    (True, DType.FP16, InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+    (1 << 40, DType.FP16, InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+    (16, DType.FP32, CapabilityError, ErrorCode.NOT_IMPLEMENTED),
+    (16, "fp32", CapabilityError, ErrorCode.NOT_IMPLEMENTED),
+    (16, "float16", InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+    (16, None, InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+]
+
+
+@pytest.mark.parametrize(("num_tokens", "dtype", "error", "code"), BAD_ALLOCS)
+def test_bad_alloc_is_refused_with_its_code_and_changes_nothing(
+    num_tokens: object, dtype: object, error: type[Exception], code: ErrorCode
+) -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    p.kv_block_alloc(16, DType.FP16)
+    before = snapshot(p)
+    with pytest.raises(error) as info:
+        p.kv_block_alloc(num_tokens, dtype)  # type: ignore[arg-type]  # deliberately bad
+    assert getattr(info.value, "code", None) is code
+    with pytest.raises(error):
+        p.kv_blocks_alloc([16, num_tokens], dtype)  # type: ignore[list-item, arg-type]  # bad
+    assert snapshot(p) == before
+
+
+def test_double_free_use_after_free_and_foreign_blocks() -> None:
+    p, q = MockBackendProvider(), MockBackendProvider()
+    a, b = p.kv_blocks_alloc([16, 16], DType.FP16)
+    foreign = q.kv_block_alloc(16, DType.FP16)
+    p.kv_block_free(a)
+    before = snapshot(p)
+    stale: list[Callable[[], object]] = [
+        lambda: p.kv_block_free(a),
+        lambda: p.kv_block_read(a),
+        lambda: p.kv_block_write(a, bytes(16)),
+        lambda: p.kv_block_copy(a, b),
+        lambda: p.kv_block_migrate(a, "host"),
+        lambda: p.kv_blocks_free([b, a]),
+    ]
+    for call in stale:
+        with pytest.raises(BlockNotFoundError) as missing:
+            call()
+        assert missing.value.code is ErrorCode.BLOCK_NOT_FOUND
+    alien: list[Callable[[], object]] = [
+        lambda: p.kv_block_free(foreign),
+        lambda: p.kv_block_copy(b, foreign),
+        lambda: p.kv_blocks_migrate([b, foreign], "host"),
+    ]
+    for call in alien:
+        with pytest.raises(InvalidBlockError) as refused:
+            call()
+        assert refused.value.code is ErrorCode.FOREIGN_BLOCK
+    assert snapshot(p) == before
+    assert q.memory_stats().kv_blocks_in_use == 1
+
+
+def test_mismatched_copies_are_refused_and_change_nothing() -> None:
+    p = MockBackendProvider()
+    a, b, c = p.kv_blocks_alloc([16, 17, 16], DType.FP16)
+    h = p.kv_block_alloc(16, DType.BF16)
+    p.kv_block_write(a, pattern(p, a, 5))
+    before = snapshot(p)
+    for src, dst in ((a, b), (a, h)):
+        with pytest.raises(InvalidBlockError) as info:
+            p.kv_block_copy(src, dst)
+        assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
+        with pytest.raises(InvalidBlockError):
+            p.kv_blocks_copy([(a, c), (src, dst)])
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        p.kv_blocks_copy([(a, c), (a, c)])
+    with pytest.raises(InvalidArgumentError, match="bytes"):
+        p.kv_block_write(a, b"short")
+    assert snapshot(p) == before
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed")],
+)
+def test_migrate_to_a_bad_device_is_refused_and_changes_nothing(target: str, match: str) -> None:
+    p = MockBackendProvider()
+    block = p.kv_block_alloc(16, DType.FP16)
+    before = snapshot(p)
+    with pytest.raises(InvalidArgumentError, match=match) as info:
+        p.kv_block_migrate(block, target)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+    if "unknown" in match:
+        assert "mock:0, mock:1, host" in str(info.value)
+    assert snapshot(p) == before
+
+
+def test_layout_options_shape_the_blocks() -> None:
+    p = MockBackendProvider(num_layers=4, num_kv_heads=1, head_size=8, tokens_per_block=4)
+    block = p.kv_block_alloc(9, DType.FP16)
+    assert block.num_pages == 3
+    assert len(p.kv_block_read(block)) == 3 * 2 * 4 * 4 * 1 * 8 * 2
+
+
+def test_handles_descriptor_and_errors_pickle() -> None:
+    p = MockBackendProvider()
+    block = p.kv_block_alloc(16, DType.FP16)
+    assert pickle.loads(pickle.dumps(block)) == block
+    p.kv_block_free(pickle.loads(pickle.dumps(block)))
+    cap = p.capability()
+    assert pickle.loads(pickle.dumps(cap)) == cap
+    with pytest.raises(BlockNotFoundError) as info:
+        p.kv_block_free(block)
+    error = pickle.loads(pickle.dumps(info.value))
+    assert (type(error), error.code, str(error)) == (
+        BlockNotFoundError,
+        ErrorCode.BLOCK_NOT_FOUND,
+        str(info.value),
+    )
+
+
+def test_threads_on_one_provider_end_with_exact_accounting() -> None:
+    p = MockBackendProvider(max_memory_mb=64)
+    page = p.kv_layout.page_bytes(DType.FP16)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(100):
+                a, b = p.kv_blocks_alloc([16, 16], DType.FP16)
+                data = rng.randbytes(page)
+                p.kv_block_write(a, data)
+                p.kv_block_copy(a, b)
+                if p.kv_block_read(b) != data:
+                    raise AssertionError("copy lost bytes")
+                p.kv_blocks_free([a, b])
+            p.kv_block_alloc(16, DType.FP16)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    stats = p.memory_stats()
+    assert (stats.kv_blocks_in_use, stats.used_bytes) == (8, 8 * page)
+    assert len({b.handle for b in p.live_blocks()}) == 8

@@ -1,0 +1,277 @@
+"""The cpu backend as one process sees it: KV pool, blocks, streams, capability, options."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("torch", reason="needs torch: pip install 'isagellm-backend[torch]'")
+
+import torch
+
+from sagellm_backend import (
+    HOST,
+    BackendProvider,
+    BackendUnavailableError,
+    BlockNotFoundError,
+    CapabilityError,
+    CollectiveOp,
+    DType,
+    ErrorCode,
+    EventStateError,
+    InvalidArgumentError,
+    InvalidBlockError,
+    KernelKind,
+    KVBlock,
+    ReduceOp,
+    ResourceExhaustedError,
+    UnknownOptionError,
+)
+from sagellm_backend.torch_backend.cpu import create_cpu_backend
+from sagellm_backend.torch_backend.cpu_device import HostEvent, HostStream
+from sagellm_backend.torch_backend.provider import TorchBackendProvider
+
+Provider = TorchBackendProvider[HostStream, HostEvent]
+LAYOUT = {"num_layers": 3, "num_kv_heads": 2, "head_size": 8, "tokens_per_block": 4}
+
+
+@pytest.fixture
+def p() -> Iterator[Provider]:
+    provider: Provider = create_cpu_backend(num_blocks=16, host_num_blocks=8, **LAYOUT)
+    yield provider
+    provider.close()
+
+
+def fill(p: Provider, block: KVBlock) -> bytes:
+    data = os.urandom(p.kv_layout.page_bytes(block.dtype) * block.num_pages)
+    p.kv_block_write(block, data)
+    return data
+
+
+def counts(p: Provider) -> tuple[int, int]:
+    stats = p.memory_stats()
+    return stats.kv_blocks_in_use, stats.kv_pages_in_use
+
+
+def test_satisfies_the_protocol_and_describes_itself(p: Provider) -> None:
+    assert isinstance(p, BackendProvider)
+    cap = p.capability()
+    assert (p.kind, p.device, p.rank, p.world_size) == ("cpu", "cpu:0", 0, 1)
+    assert cap.device_type == "cpu"
+    assert cap.supported_dtypes == (DType.FP16,)
+    assert set(cap.supported_kernels) == {
+        KernelKind.ATTENTION,
+        KernelKind.FUSION,
+        KernelKind.LAYERNORM,
+    }
+    assert cap.has_stream and cap.has_event and cap.has_collective
+    assert not cap.has_graph_exec
+    assert set(cap.supported_collectives) == {
+        CollectiveOp.ALL_REDUCE,
+        CollectiveOp.ALL_GATHER,
+        CollectiveOp.REDUCE_SCATTER,
+        CollectiveOp.BROADCAST,
+        CollectiveOp.SEND,
+        CollectiveOp.RECV,
+        CollectiveOp.BARRIER,
+    }
+    assert set(cap.supported_reduce_ops) == set(ReduceOp)
+    assert cap.extra["dist_backend"] == "gloo"
+    assert cap.extra["pinned_host_memory"] == "false"
+    assert p.kv_layout.dtype is DType.FP16
+
+
+def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> None:
+    cache = p.kv_cache()
+    assert cache.shape == (3, 16, 2, 4, 2, 8) and cache.dtype == torch.float16
+    address = cache.data_ptr()
+    blocks = p.kv_blocks_alloc([4, 5, 9], "fp16")
+    assert [b.num_pages for b in blocks] == [1, 2, 3]
+    pages = [page for b in blocks for page in b.pages]
+    assert len(set(pages)) == len(pages) and all(0 <= q < 16 for q in pages)
+    # Writing through the block is visible in the pool tensor that kernels read, and back.
+    data = fill(p, blocks[1])
+    expected = torch.frombuffer(bytearray(data), dtype=torch.int16).view(3, 2, 2, 4, 2, 8)
+    assert torch.equal(cache[:, list(blocks[1].pages)].view(torch.int16), expected)
+    cache[2, blocks[1].pages[0], 1] = 1.5
+    assert (
+        torch.frombuffer(bytearray(p.kv_block_read(blocks[1])), dtype=torch.float16)
+        .view(3, 2, 2, 4, 2, 8)[2, 0, 1]
+        .eq(1.5)
+        .all()
+    )
+    assert p.kv_cache_layer(1).data_ptr() == cache[1].data_ptr()
+    p.kv_blocks_free(blocks)
+    assert p.kv_cache().data_ptr() == address
+    assert counts(p) == (0, 0)
+
+
+def test_block_table_lists_pages_padded(p: Provider) -> None:
+    a, b = p.kv_blocks_alloc([9, 4], DType.FP16)
+    table = p.block_table([a, b])
+    assert table.dtype == torch.int32
+    assert table.tolist() == [list(a.pages), [b.pages[0], 0, 0]]
+    assert p.block_table([b], width=5).shape == (1, 5)
+    with pytest.raises(InvalidArgumentError):
+        p.block_table([a], width=1)
+    host = p.kv_block_migrate(b, HOST)
+    with pytest.raises(InvalidArgumentError, match="one device"):
+        p.block_table([a, host])
+
+
+def test_copy_and_migrate_preserve_bytes_both_ways(p: Provider) -> None:
+    src, dst = p.kv_blocks_alloc([8, 7], "fp16")
+    data = fill(p, src)
+    p.kv_block_copy(src, dst)
+    assert p.kv_block_read(dst) == data
+    on_host = p.kv_block_migrate(dst, HOST)
+    assert on_host.device == HOST and p.kv_block_read(on_host) == data
+    with pytest.raises(BlockNotFoundError):
+        p.kv_block_read(dst)
+    back = p.kv_block_migrate(on_host, "cpu:0")
+    assert back.device == "cpu:0" and p.kv_block_read(back) == data
+    assert counts(p) == (2, 4)
+
+
+def test_batched_copy_and_swap_are_one_op_per_batch(
+    p: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = p.kv_blocks_alloc([4, 8, 12], "fp16")
+    targets = p.kv_blocks_alloc([3, 5, 9], "fp16")
+    datas = [fill(p, b) for b in sources]
+    scatters = 0
+    original = torch.Tensor.index_copy_
+
+    def counting(self: torch.Tensor, *args: object) -> torch.Tensor:
+        nonlocal scatters
+        scatters += 1
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.Tensor, "index_copy_", counting)
+    side = p.create_stream()
+    event = p.kv_blocks_copy(list(zip(sources, targets, strict=True)), stream=side)
+    assert scatters == 1
+    event.synchronize()
+    assert event.query()
+    assert [p.kv_block_read(b) for b in targets] == datas
+    moved, swapped = p.kv_blocks_migrate(targets, HOST, stream=side)
+    assert scatters == 2
+    swapped.synchronize()
+    assert [b.device for b in moved] == [HOST] * 3
+    assert [p.kv_block_read(b) for b in moved] == datas
+    assert p.memory_stats().kv_pages_in_use == 6
+
+
+def test_exhaustion_and_bad_inputs_change_nothing(p: Provider) -> None:
+    keep = p.kv_block_alloc(4 * 10, "fp16")
+    data = fill(p, keep)
+    before = counts(p)
+    with pytest.raises(ResourceExhaustedError) as exhausted:
+        p.kv_blocks_alloc([4 * 3, 4 * 4], "fp16")
+    assert exhausted.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    with pytest.raises(InvalidArgumentError):
+        p.kv_block_alloc(4 * 17, "fp16")
+    with pytest.raises(CapabilityError, match="kv_dtype=bf16"):
+        p.kv_block_alloc(4, "bf16")
+    with pytest.raises(InvalidArgumentError):
+        p.kv_block_alloc(4, "fp64")
+    with pytest.raises(InvalidArgumentError):
+        p.kv_block_alloc(0, "fp16")
+    with pytest.raises(InvalidArgumentError):
+        p.kv_block_migrate(keep, "cpu:1")
+    with pytest.raises(InvalidArgumentError):
+        p.kv_block_write(keep, data[:-1])
+    short = p.kv_block_alloc(4, "fp16")
+    with pytest.raises(InvalidBlockError) as mismatch:
+        p.kv_block_copy(keep, short)
+    assert mismatch.value.code is ErrorCode.KV_BLOCK_MISMATCH
+    p.kv_block_free(short)
+    with pytest.raises(BlockNotFoundError):
+        p.kv_block_free(short)
+    other: Provider = create_cpu_backend(num_blocks=4, host_num_blocks=4, **LAYOUT)
+    try:
+        theirs = other.kv_block_alloc(4, "fp16")
+        with pytest.raises(InvalidBlockError) as foreign:
+            p.kv_block_free(theirs)
+        assert foreign.value.code is ErrorCode.FOREIGN_BLOCK
+    finally:
+        other.close()
+    assert counts(p) == before
+    assert p.kv_block_read(keep) == data
+
+
+def test_cpu_streams_and_events_are_honest(p: Provider) -> None:
+    stream = p.create_stream()
+    assert stream.query()
+    with stream:
+        assert p.current_stream() == stream
+        start = p.create_event()
+        start.record()
+        time.sleep(0.02)
+        end = stream.record_event()
+    assert p.current_stream() != stream
+    assert end.query() and 15.0 <= end.elapsed_ms(start) < 1000.0
+    stream.wait_event(end)
+    p.current_stream().wait_stream(stream)
+    with pytest.raises(EventStateError):
+        p.create_event().elapsed_ms(start)
+    untimed = p.create_event(enable_timing=False)
+    untimed.record()
+    with pytest.raises(EventStateError):
+        untimed.elapsed_ms(start)
+    with pytest.raises(InvalidArgumentError):
+        p.kv_blocks_copy([], stream=object())  # type: ignore[arg-type]
+
+
+def test_unclaimed_operations_are_refused(p: Provider) -> None:
+    with pytest.raises(CapabilityError):
+        p.capture_graph()
+    with pytest.raises(CapabilityError):
+        p.register_kernel("gemm", torch.matmul, kind=KernelKind.MATMUL)
+
+
+def test_options_and_the_default_pool(p: Provider) -> None:
+    default: Provider = create_cpu_backend()
+    try:
+        pages = default.memory_stats().kv_pages_total
+        assert pages is not None
+        assert pages * default.kv_layout.page_bytes(DType.FP16) <= 256 << 20
+    finally:
+        default.close()
+    budget: Provider = create_cpu_backend(kv_memory_mb=1, kv_dtype="bf16", num_layers=1)
+    try:
+        assert budget.memory_stats().kv_pages_total == (1 << 20) // budget.kv_layout.page_bytes(
+            "bf16"
+        )
+        assert budget.kv_block_alloc(1, "bf16").dtype is DType.BF16
+    finally:
+        budget.close()
+    with pytest.raises(UnknownOptionError):
+        create_cpu_backend(num_pages=3)
+    with pytest.raises(InvalidArgumentError):
+        create_cpu_backend(kv_memory_mb=0)
+    with pytest.raises(CapabilityError):
+        create_cpu_backend(kv_dtype="int8")
+
+
+def test_config_objects_and_device_selection() -> None:
+    class Config:
+        kind = "cpu"
+        device = "cpu:0"
+        device_ids = None
+
+    made: Provider = create_cpu_backend(Config(), num_blocks=2, host_num_blocks=2)
+    made.close()
+    Config.device = "1"
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        create_cpu_backend(Config(), num_blocks=2, host_num_blocks=2)
+
+
+def test_a_closed_provider_refuses_calls(p: Provider) -> None:
+    p.close()
+    p.close()
+    with pytest.raises(BackendUnavailableError):
+        p.kv_block_alloc(4, "fp16")

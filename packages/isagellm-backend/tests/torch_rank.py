@@ -1,0 +1,100 @@
+"""One rank of a multi-process gloo world, run by test_torch_collectives.py as a script.
+
+``python torch_rank.py SCENARIO`` with the launcher's environment (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT, LOCAL_RANK), or with ``--explicit`` to pass rank and rendezvous as
+options instead. Prints one JSON object: what this rank observed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from sagellm_backend.errors import BackendError
+from sagellm_backend.torch_backend.cpu import create_cpu_backend
+from sagellm_backend.torch_backend.cpu_device import HostEvent, HostStream
+from sagellm_backend.torch_backend.provider import TorchBackendProvider
+
+Provider = TorchBackendProvider[HostStream, HostEvent]
+
+
+def refusal(call: Callable[[], object]) -> str:
+    """The error code ``call`` raised, or "accepted"."""
+    try:
+        call()
+    except BackendError as exc:
+        return exc.code.value
+    return "accepted"
+
+
+def ops(p: Provider) -> dict[str, object]:
+    r, n = p.rank, p.world_size
+    out: dict[str, object] = {"rank": r, "world_size": n, "device": p.device}
+    base = torch.tensor([r + 1.0, -2.0 * (r + 1), 0.5 + r], dtype=torch.float32)
+    for op in ("sum", "prod", "min", "max", "avg"):
+        out[f"all_reduce_{op}"] = p.all_reduce(base.clone(), op).tolist()
+    bits = torch.tensor([1 << r, 0b1010 + r], dtype=torch.int32)
+    for op in ("band", "bor", "bxor"):
+        out[f"all_reduce_{op}"] = p.all_reduce(bits.clone(), op).tolist()
+    out["all_gather"] = p.all_gather(torch.tensor([[r, 10 * r]], dtype=torch.int64)).tolist()
+    chunks = torch.arange(2 * n, dtype=torch.float64) * (r + 1)
+    out["reduce_scatter"] = p.reduce_scatter(chunks).tolist()
+    out["broadcast"] = p.broadcast(torch.full((2,), float(r)), src=n - 1).tolist()
+    received = torch.zeros(3, dtype=torch.bfloat16)
+    if r % 2 == 0 and r + 1 < n:
+        p.send(torch.tensor([r + 0.5, r + 1.5, r + 2.5], dtype=torch.bfloat16), dst=r + 1)
+    elif r % 2 == 1:
+        out["recv"] = p.recv(received, src=r - 1).float().tolist()
+    p.barrier()
+    out["refused"] = {
+        "bxor_float": refusal(lambda: p.all_reduce(torch.ones(2), "bxor")),
+        "avg_int": refusal(lambda: p.all_reduce(torch.ones(2, dtype=torch.int32), "avg")),
+        "fp8": refusal(lambda: p.all_reduce(torch.ones(2).to(torch.float8_e4m3fn))),
+        "reduce_scatter_indivisible": refusal(lambda: p.reduce_scatter(torch.ones(n + 1))),
+        "send_to_self": refusal(lambda: p.send(torch.ones(1), dst=r)),
+        "unknown_op": refusal(lambda: p.all_reduce(torch.ones(1), "mean")),
+    }
+    shape = 4 if r == 0 else 3
+    out["mismatch"] = refusal(lambda: p.all_reduce(torch.ones(shape)))
+    out["after_refusals"] = p.all_reduce(torch.ones(1)).tolist()
+    return out
+
+
+def timeout(p: Provider) -> dict[str, object]:
+    """Rank 0 waits in an all_reduce that rank 1 never joins."""
+    if p.rank != 0:
+        time.sleep(6.0)
+        return {"rank": p.rank}
+    start = time.monotonic()
+    first = refusal(lambda: p.all_reduce(torch.ones(2), timeout=1.0))
+    elapsed = time.monotonic() - start
+    return {"rank": 0, "first": first, "elapsed": elapsed, "then": refusal(lambda: p.barrier())}
+
+
+def main() -> None:
+    scenario = sys.argv[1]
+    if "--explicit" in sys.argv:
+        p: Provider = create_cpu_backend(
+            rank=int(os.environ.pop("RANK")),
+            world_size=int(os.environ.pop("WORLD_SIZE")),
+            master_addr=os.environ.pop("MASTER_ADDR"),
+            master_port=int(os.environ.pop("MASTER_PORT")),
+            num_blocks=8,
+            host_num_blocks=8,
+        )
+    else:
+        p = create_cpu_backend(num_blocks=8, host_num_blocks=8, collective_timeout=30.0)
+    result = {"ops": ops, "timeout": timeout}[scenario](p)
+    print(json.dumps(result), flush=True)
+    if scenario == "timeout":
+        os._exit(0)  # the stuck all_reduce cannot be cancelled; do not wait for it at exit
+    p.close()
+
+
+if __name__ == "__main__":
+    main()
