@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sagellm_backend.testing import MockTarget
+from sagellm_backend.testing import STANDARD_CHECKS, MockTarget
 from sagellm_backend.testing.suite import BackendConformanceSuite
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -98,3 +98,9 @@ def test_importing_the_core_imports_neither_the_kit_nor_pytest() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_every_standard_check_is_documented() -> None:
+    text = (Path(__file__).resolve().parents[3] / "docs" / "conformance.md").read_text()
+    missing = [c.id for c in STANDARD_CHECKS if f"| `{c.id}` | {c.promise} |" not in text]
+    assert not missing

@@ -345,7 +345,9 @@ def error_code_to_protocol(code: ErrorCode | str) -> Enum:
     """The protocol ErrorCode for ours: the same value, or the nearest code where it has none."""
     ours = coerce(ErrorCode, code, "error code")
     proto = _protocol()
-    value = ours.value if ours.value in _values(proto.ErrorCode) else NEAREST_PROTOCOL_CODES[ours]
+    value = ours.value
+    if value not in _values(proto.ErrorCode):
+        value = NEAREST_PROTOCOL_CODES.get(ours, value)
     return _their_member(proto, "ErrorCode", value)
 
 
@@ -377,7 +379,7 @@ def error_to_protocol(error: BackendError) -> ProtocolError:
     carried = _carried_code(text)
     if value not in theirs:
         text = f"[{value}] {text}"
-        value = NEAREST_PROTOCOL_CODES[error.code]
+        value = NEAREST_PROTOCOL_CODES.get(error.code, value)
     elif carried in theirs and NEAREST_CODES.get(carried) is error.code:
         value, text = carried, _strip_code(text)
     return cast(

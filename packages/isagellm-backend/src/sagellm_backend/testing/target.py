@@ -89,7 +89,9 @@ class ConformanceTarget(ABC, Generic[T]):
     def run_world(self, world_size: int, fn: RankFn[T], *, timeout: float) -> list[RankOutcome]:
         """Run ``fn`` on every rank of a world of ``world_size``; one outcome per rank run here.
 
-        The default runs ``fn`` on this process's rank of the provider's own world.
+        A rank still running after ``timeout`` seconds is reported with a DeadlineExceededError.
+        The default runs ``fn`` on this process's rank of the provider's own world, where each
+        collective the kit issues carries its own timeout.
         """
         provider = self.make_provider()
         try:
