@@ -423,7 +423,7 @@ factories = {ep.name: ep.load() for ep in group}
 heavy = sorted(m for m in ("torch", "torch_npu", "numpy", "triton") if m in sys.modules)
 made = {}
 for kind, factory in factories.items():
-    for config in (None, SimpleNamespace(kind=kind, device="1", device_ids=None),
+    for config in (None, SimpleNamespace(kind=kind, device="0", device_ids=None),
                    SimpleNamespace(kind=kind, device=f"{kind}:0", device_ids=[0])):
         try:
             provider = factory(config)

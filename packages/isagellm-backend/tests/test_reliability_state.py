@@ -72,7 +72,7 @@ class BlockMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.provider.close()
 
-    # Model helpers.
+    # The model.
 
     def nbytes(self, block: KVBlock) -> int:
         layout = self.provider.kv_layout

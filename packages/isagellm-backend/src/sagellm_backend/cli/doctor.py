@@ -30,7 +30,10 @@ LIBRARIES = {"torch": "torch", "torch_npu": "torch-npu", "triton": "triton"}
 """Import name -> distribution name of the libraries backends build on."""
 
 _DRIVER_FILES = {
-    "nvidia": ("/proc/driver/nvidia/version", re.compile(r"Kernel Module\s+(\S+)")),
+    "nvidia": (
+        "/proc/driver/nvidia/version",
+        re.compile(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)*)\s"),
+    ),
     "ascend": ("/usr/local/Ascend/driver/version.info", re.compile(r"Version=(\S+)")),
 }
 _DEVICE_NODES = {"nvidia": "/dev/nvidia[0-9]*", "ascend": "/dev/davinci[0-9]*"}

@@ -119,7 +119,7 @@ class BackendRegistry:
                         try:
                             plugin.probe(self._probe_timeout)
                         except BackendLoadError as exc:
-                            logger.warning("backend %s is broken: %s", plugin.label, exc)
+                            logger.warning("backend %s cannot be used: %s", plugin.label, exc)
             plugins = [*self._all_plugins(), *self._not_installed()]
             records = [p.record() for p in plugins]
         return sorted(

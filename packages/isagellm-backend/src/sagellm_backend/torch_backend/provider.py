@@ -158,6 +158,11 @@ class TorchBackendProvider(Generic[S, E]):
         return self._device
 
     @property
+    def index(self) -> int:
+        """Index of this provider's device among the adapter's devices."""
+        return self._index
+
+    @property
     def torch_device(self) -> torch.device:
         return self._torch_device
 

@@ -1,4 +1,4 @@
-"""Small helpers the check modules share: accounting snapshots and synchronised reads."""
+"""What the check modules share: accounting snapshots and synchronised reads."""
 
 from __future__ import annotations
 

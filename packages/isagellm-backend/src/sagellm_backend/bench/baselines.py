@@ -1,0 +1,77 @@
+"""Baselines: the device's own plain operations that the benchmarks compare a backend against.
+
+A backend's batched KV copy is compared with one contiguous copy of the same number of bytes on
+its device (the roofline), and its events with the device's raw events. These are device
+specific, so each provider type registers how to make them; a provider without registered
+baselines gets the rows that need none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sagellm_backend.protocols import BackendProvider
+
+__all__ = ["Baselines", "baselines_for", "register_baselines"]
+
+
+class Baselines(Protocol):
+    """Plain device operations of one provider."""
+
+    def contiguous_copy(self, nbytes: int) -> Callable[[], None]:
+        """An operation that copies ``nbytes`` contiguous bytes within the device, once per call."""
+        ...
+
+    def contiguous_swap(self, nbytes: int) -> Callable[[], None]:
+        """An operation that copies ``nbytes`` contiguous bytes to host memory and back."""
+        ...
+
+    def raw_event_pair(self) -> Callable[[], float]:
+        """An operation that records two raw device events and returns their elapsed_ms."""
+        ...
+
+
+BaselineFactory = Callable[[BackendProvider[Any]], Baselines]
+
+_lock = threading.Lock()
+_registered: dict[str, str | BaselineFactory] = {
+    "sagellm_backend.mock.provider.MockBackendProvider": (
+        "sagellm_backend.bench.mock_baselines:MockBaselines"
+    ),
+    "sagellm_backend.torch_backend.provider.TorchBackendProvider": (
+        "sagellm_backend.torch_backend.bench_baselines:TorchBaselines"
+    ),
+}
+
+
+def register_baselines(provider_type: type | str, factory: str | BaselineFactory) -> None:
+    """Use ``factory(provider)`` as the baselines of providers of ``provider_type``.
+
+    Both may be given as import paths (``"module.Class"``, ``"module:callable"``), so that
+    registering imports nothing heavy.
+    """
+    key = provider_type if isinstance(provider_type, str) else _qualname(provider_type)
+    with _lock:
+        _registered[key] = factory
+
+
+def baselines_for(provider: BackendProvider[Any]) -> Baselines | None:
+    """The baselines registered for ``provider``'s type or a base class of it, else None."""
+    for cls in type(provider).__mro__:
+        with _lock:
+            factory = _registered.get(_qualname(cls))
+        if factory is None:
+            continue
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        baselines: Baselines = factory(provider)
+        return baselines
+    return None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,253 @@
+"""The benchmark cases and their report.
+
+Every row compares two ways of doing the same work, timed in the same run on the same provider
+(median of ``repeats``, after one warm-up, with the device synchronised inside each timing):
+
+- ``kv copy``: one batched ``kv_blocks_copy`` of N randomly chosen single-page blocks, against
+  the per-block ``kv_block_copy`` loop and against one contiguous copy of the same bytes;
+- ``kv swap``: a batched swap out to "host" and back in, against the per-block migrate loop and
+  against two contiguous copies of the same bytes;
+- ``alloc+free``: ``kv_block_alloc`` + ``kv_block_free`` per block, against a plain Python list
+  ``pop`` + ``append`` of a page index;
+- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm_backend.bench.baselines import baselines_for
+from sagellm_backend.device import HOST
+from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
+from sagellm_backend.kv import KVBlock
+from sagellm_backend.protocols import BackendProvider
+
+__all__ = ["BenchReport", "Comparison", "run_benchmarks"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Median seconds of ours and of a baseline doing the same work; ``ratio`` = base / ours."""
+
+    case: str
+    ours: str
+    baseline: str
+    ours_s: float
+    baseline_s: float
+    nbytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """How many times faster ours is than the baseline (below 1: slower)."""
+        return self.baseline_s / self.ours_s if self.ours_s > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "case": self.case,
+            "ours": self.ours,
+            "baseline": self.baseline,
+            "ours_s": self.ours_s,
+            "baseline_s": self.baseline_s,
+            "ratio": self.ratio,
+            "bytes": self.nbytes,
+        }
+
+
+@dataclass
+class BenchReport:
+    backend: str
+    blocks: int
+    page_bytes: int
+    repeats: int
+    rows: list[Comparison] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "blocks": self.blocks,
+            "page_bytes": self.page_bytes,
+            "repeats": self.repeats,
+            "rows": [r.to_dict() for r in self.rows],
+            "skipped": list(self.skipped),
+        }
+
+    def format_table(self) -> str:
+        head = (
+            f"backend {self.backend}: {self.blocks} blocks of one page ({self.page_bytes} bytes), "
+            f"median of {self.repeats}"
+        )
+        lines = [
+            head,
+            "",
+            "| case | ours | baseline | ours / baseline time | ours is |",
+            "|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            verdict = f"{r.ratio:.2f}x faster" if r.ratio >= 1 else f"{1 / r.ratio:.2f}x slower"
+            share = r.ours_s / r.baseline_s
+            lines.append(f"| {r.case} | {r.ours} | {r.baseline} | {share:.3f} | {verdict} |")
+        lines += [f"skipped: {reason}" for reason in self.skipped]
+        return "\n".join(lines)
+
+
+def run_benchmarks(
+    provider: BackendProvider[Any],
+    *,
+    blocks: int = 256,
+    repeats: int = 7,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages."""
+    for name, value, least in (("blocks", blocks, 1), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    say = progress or (lambda _: None)
+    layout = provider.kv_layout
+    dtype = provider.capability().supported_dtypes[0]
+    page_bytes = layout.page_bytes(dtype)
+    report = BenchReport(f"{provider.kind} ({provider.device})", blocks, page_bytes, repeats)
+    baselines = baselines_for(provider)
+    rng = random.Random(seed)
+    try:
+        pool = provider.kv_blocks_alloc([layout.tokens_per_block] * (2 * blocks), dtype)
+    except ResourceExhaustedError as exc:
+        raise InvalidArgumentError(
+            f"the benchmark needs {2 * blocks} free KV pages on {provider.device}",
+            hint="pass a smaller --blocks, or a larger pool in the spec (e.g. num_blocks=...)",
+        ) from exc
+    nbytes = blocks * page_bytes
+
+    def timed(fn: Callable[[], object]) -> float:
+        return _median(fn, provider.synchronize, repeats)
+
+    swapping: list[KVBlock] = []
+    try:
+        chosen = rng.sample(pool, 2 * blocks)
+        pairs = list(zip(chosen[:blocks], chosen[blocks:], strict=True))
+        say("kv copy: batched")
+        batched = timed(lambda: provider.kv_blocks_copy(pairs))
+        say("kv copy: per-block loop")
+
+        def copy_loop() -> None:
+            for src, dst in pairs:
+                provider.kv_block_copy(src, dst)
+
+        loop = timed(copy_loop)
+        report.rows.append(
+            Comparison("kv copy", "batched", "per-block loop", batched, loop, nbytes)
+        )
+        if baselines is not None:
+            say("kv copy: contiguous")
+            flat = timed(baselines.contiguous_copy(nbytes))
+            report.rows.append(
+                Comparison("kv copy", "batched", "one contiguous copy", batched, flat, nbytes)
+            )
+        if provider.capability().has_kv_block_migrate:
+            swapping = chosen[:blocks]
+            _swap(provider, report, swapping, timed, say)
+            if baselines is not None:
+                say("kv swap: contiguous")
+                ours = next(r.ours_s for r in report.rows if r.case == "kv swap")
+                flat = timed(baselines.contiguous_swap(nbytes))
+                report.rows.append(
+                    Comparison("kv swap", "batched", "contiguous out + in", ours, flat, 2 * nbytes)
+                )
+        else:
+            report.skipped.append("kv swap: the backend does not migrate (has_kv_block_migrate)")
+    finally:
+        swapped = {b.handle for b in chosen[:blocks]} if swapping else set()
+        provider.kv_blocks_free([b for b in pool if b.handle not in swapped] + swapping)
+
+    say("alloc+free")
+    free_list = list(range(blocks))
+
+    def ours_alloc() -> None:
+        for _ in range(blocks):
+            provider.kv_block_free(provider.kv_block_alloc(layout.tokens_per_block, dtype))
+
+    def list_alloc() -> None:
+        for _ in range(blocks):
+            free_list.append(free_list.pop())
+
+    report.rows.append(
+        Comparison(
+            "alloc+free per block",
+            "kv_block_alloc + kv_block_free",
+            "list pop + append",
+            timed(ours_alloc),
+            timed(list_alloc),
+        )
+    )
+
+    say("events")
+    if baselines is not None:
+
+        def ours_events() -> None:
+            for _ in range(blocks):
+                start, end = provider.create_event(), provider.create_event()
+                start.record()
+                end.record()
+                end.synchronize()
+                end.elapsed_ms(start)
+
+        raw = baselines.raw_event_pair()
+        report.rows.append(
+            Comparison(
+                "event record + elapsed_ms",
+                "protocol events",
+                "raw device events",
+                timed(ours_events),
+                timed(lambda: [raw() for _ in range(blocks)]),
+            )
+        )
+    else:
+        report.skipped.append(f"contiguous copy and raw events: no baselines for {provider.kind}")
+    return report
+
+
+def _swap(
+    provider: BackendProvider[Any],
+    report: BenchReport,
+    blocks: list[KVBlock],
+    timed: Callable[[Callable[[], object]], float],
+    say: Progress,
+) -> None:
+    """Swap ``blocks`` out to host and back in; ``blocks`` holds the live handles afterwards."""
+    device = provider.device
+
+    def batched() -> None:
+        out, _ = provider.kv_blocks_migrate(blocks, HOST)
+        blocks[:], _ = provider.kv_blocks_migrate(out, device)
+
+    def loop() -> None:
+        out = [provider.kv_block_migrate(b, HOST) for b in blocks]
+        blocks[:] = [provider.kv_block_migrate(b, device) for b in out]
+
+    say("kv swap: batched")
+    ours = timed(batched)
+    say("kv swap: per-block loop")
+    nbytes = 2 * len(blocks) * provider.kv_layout.page_bytes(blocks[0].dtype)
+    report.rows.append(
+        Comparison("kv swap", "batched", "per-block loop", ours, timed(loop), nbytes)
+    )
+
+
+def _median(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

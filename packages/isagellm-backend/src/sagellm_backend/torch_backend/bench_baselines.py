@@ -1,0 +1,57 @@
+"""The torch layer's benchmark baselines: plain tensor copies and the adapter's raw events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+from sagellm_backend.torch_backend.provider import TorchBackendProvider
+
+__all__ = ["TorchBaselines"]
+
+S = TypeVar("S")
+E = TypeVar("E")
+
+
+class TorchBaselines(Generic[S, E]):
+    def __init__(self, provider: TorchBackendProvider[S, E]) -> None:
+        self._provider = provider
+
+    def contiguous_copy(self, nbytes: int) -> Callable[[], None]:
+        device = self._provider.torch_device
+        src = torch.full((nbytes,), 0x5A, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+
+        def copy() -> None:
+            dst.copy_(src)
+
+        return copy
+
+    def contiguous_swap(self, nbytes: int) -> Callable[[], None]:
+        adapter = self._provider.adapter
+        on_device = torch.full(
+            (nbytes,), 0x5A, dtype=torch.uint8, device=self._provider.torch_device
+        )
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=adapter.pins_host_memory)
+        non_blocking = adapter.pins_host_memory
+
+        def swap() -> None:
+            host.copy_(on_device, non_blocking=non_blocking)
+            on_device.copy_(host, non_blocking=non_blocking)
+
+        return swap
+
+    def raw_event_pair(self) -> Callable[[], float]:
+        adapter, index = self._provider.adapter, self._provider.index
+
+        def pair() -> float:
+            stream = adapter.current_stream(index)
+            start, end = adapter.new_event(True), adapter.new_event(True)
+            adapter.event_record(start, stream)
+            adapter.event_record(end, stream)
+            adapter.event_synchronize(end)
+            return adapter.event_elapsed_ms(start, end)
+
+        return pair
