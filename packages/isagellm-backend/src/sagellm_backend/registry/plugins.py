@@ -90,10 +90,6 @@ class Plugin:
         return self._factory is not None
 
     @property
-    def failed(self) -> bool:
-        return self._error is not None
-
-    @property
     def priority(self) -> int | None:
         if isinstance(self._factory, BackendFactory):
             return self._factory.priority
