@@ -15,12 +15,14 @@ from typing import Protocol, TypeVar
 import torch
 
 from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.protocols import Graph
 from sagellm_backend.torch_backend.collectives import CommSpec
 
-__all__ = ["DeviceAdapter"]
+__all__ = ["DeviceAdapter", "GraphHook"]
 
 S = TypeVar("S")
 E = TypeVar("E")
+S_contra = TypeVar("S_contra", contravariant=True)
 
 
 class DeviceAdapter(Protocol[S, E]):
@@ -97,4 +99,17 @@ class DeviceAdapter(Protocol[S, E]):
 
     def event_elapsed_ms(self, start: E, end: E) -> float:
         """Milliseconds from ``start`` to ``end``, both recorded with timing enabled."""
+        ...
+
+
+class GraphHook(Protocol[S_contra]):
+    """Graph capture of a device that has it; a provider given one claims has_graph_exec."""
+
+    @property
+    def capturing(self) -> bool:
+        """True while a capture is in progress; the provider then refuses host-side calls."""
+        ...
+
+    def capture(self, stream: S_contra | None) -> AbstractContextManager[Graph]:
+        """Capture the device work issued inside the block on ``stream`` (None: a side stream)."""
         ...

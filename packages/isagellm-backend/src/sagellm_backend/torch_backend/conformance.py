@@ -67,6 +67,23 @@ class CpuTarget(ConformanceTarget[torch.Tensor]):
         provider: BackendProvider[torch.Tensor] = create_cpu_backend(**self.options)
         return provider
 
+    def make_rank_provider(
+        self, rank: int, world_size: int, port: int
+    ) -> BackendProvider[torch.Tensor]:
+        """The provider of ``rank`` in a world meeting on 127.0.0.1:``port``, in its process.
+
+        A device wheel's target subclasses this one and overrides it (and make_provider) to run
+        its worlds the same way.
+        """
+        provider: BackendProvider[torch.Tensor] = create_cpu_backend(
+            **self.options,
+            rank=rank,
+            world_size=world_size,
+            master_addr="127.0.0.1",
+            master_port=port,
+        )
+        return provider
+
     @property
     def launches_worlds(self) -> bool:
         return True
@@ -132,13 +149,7 @@ def _rank_main(
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        provider: BackendProvider[torch.Tensor] = create_cpu_backend(
-            **target.options,
-            rank=rank,
-            world_size=world_size,
-            master_addr="127.0.0.1",
-            master_port=port,
-        )
+        provider = target.make_rank_provider(rank, world_size, port)
     except Exception as exc:
         outcome = RankOutcome(rank, error=exc, seconds=time.perf_counter() - start)
     else:

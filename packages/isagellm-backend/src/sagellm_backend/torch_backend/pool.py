@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -21,7 +22,7 @@ from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVLayout
 
-__all__ = ["DevicePages", "KVPagePool", "PageRun"]
+__all__ = ["DevicePages", "KVPagePool", "PageMover", "PageRun"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class DevicePages:
         )
         self.device = device
         self.pinned = pin
-        self.tensor = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.tensor = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))
 
@@ -75,15 +76,34 @@ class DevicePages:
         return torch.tensor(pages, dtype=torch.int64, device=self.device)
 
 
+class PageMover(Protocol):
+    """A device's own batched page copy, used by :meth:`KVPagePool.move` before its reference."""
+
+    def move_pages(
+        self,
+        source: DevicePages,
+        target: DevicePages,
+        src_pages: Sequence[int],
+        dst_pages: Sequence[int],
+    ) -> bool:
+        """Queue the copy of page ``src_pages[i]`` of ``source`` to ``dst_pages[i]`` of ``target``
+        (every layer) on the current stream and return True, or return False, having done
+        nothing, to leave this pair of pools to the reference."""
+        ...
+
+
 class KVPagePool:
     """The page pools of one provider, as a :class:`~sagellm_backend.blocks.BlockStorage`."""
 
-    def __init__(self, layout: KVLayout, pools: dict[str, DevicePages]) -> None:
+    def __init__(
+        self, layout: KVLayout, pools: dict[str, DevicePages], mover: PageMover | None = None
+    ) -> None:
         if layout.dtype is None:
             raise InvalidArgumentError("a torch KV pool needs a layout with a dtype")
         self.layout = layout
         self.dtype: DType = layout.dtype
         self.pools = pools
+        self._mover = mover
         self._blocks = dict.fromkeys(pools, 0)
 
     # BlockStorage.
@@ -136,7 +156,8 @@ class KVPagePool:
     ) -> None:
         """Copy the pages of every (src, dst) pair: one gather and one scatter per device pair.
 
-        Runs on the current stream. Between devices the gathered pages cross in one copy, staged
+        Runs on the current stream. A device's :class:`PageMover`, where one is plugged in, gets
+        each pair of pools first. Between devices the gathered pages cross in one copy, staged
         in pinned memory when ``non_blocking``; a device-to-host move then calls
         ``wait_for_host`` before scattering on the host, which cannot wait on a stream itself.
         """
@@ -147,6 +168,10 @@ class KVPagePool:
             dst_pages.extend(dst.pages)
         for (src_device, dst_device), (src_pages, dst_pages) in groups.items():
             source, target = self.pools[src_device], self.pools[dst_device]
+            if self._mover is not None and self._mover.move_pages(
+                source, target, src_pages, dst_pages
+            ):
+                continue
             src_index = source.index(src_pages)
             if source.pinned and source.device != target.device:
                 shape = (source.tensor.shape[0], len(src_pages), *source.tensor.shape[2:])

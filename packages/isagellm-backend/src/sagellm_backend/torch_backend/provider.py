@@ -24,17 +24,18 @@ from sagellm_backend.dtypes import DType, KernelKind, ReduceOp, coerce
 from sagellm_backend.errors import (
     BackendUnavailableError,
     CapabilityError,
+    GraphCaptureError,
     InvalidArgumentError,
 )
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
 from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.protocols import Graph, Stream
-from sagellm_backend.torch_backend.adapter import DeviceAdapter
+from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
 from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
 from sagellm_backend.torch_backend.kernels import register_reference_kernels
-from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageRun
+from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageMover, PageRun
 from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_stream
 
 __all__ = ["TorchBackendProvider", "create_torch_provider"]
@@ -64,6 +65,8 @@ class TorchBackendProvider(Generic[S, E]):
         world: WorldConfig,
         collective_timeout: float,
         validate_collectives: bool = True,
+        mover: PageMover | None = None,
+        graphs: GraphHook[S] | None = None,
     ) -> None:
         if layout.dtype is None:
             raise InvalidArgumentError(
@@ -76,6 +79,7 @@ class TorchBackendProvider(Generic[S, E]):
                     hint="raise num_blocks or kv_memory_mb (host_num_blocks, host_kv_memory_mb)",
                 )
         self._adapter = adapter
+        self._graphs = graphs
         self._index = index
         self._device = f"{adapter.kind}:{index}"
         self._torch_device = adapter.torch_device(index)
@@ -94,6 +98,7 @@ class TorchBackendProvider(Generic[S, E]):
                     pin=adapter.pins_host_memory,
                 ),
             },
+            mover,
         )
         self._kernels = KernelTable()
         register_reference_kernels(self._kernels, self._torch_device)
@@ -128,7 +133,7 @@ class TorchBackendProvider(Generic[S, E]):
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
             ),
             has_collective=True,
-            has_graph_exec=False,
+            has_graph_exec=self._graphs is not None,
             supported_collectives=spec.collectives,
             supported_reduce_ops=tuple(op for op in ReduceOp if op in spec.reduce_ops),
             has_kv_block_copy=True,
@@ -184,10 +189,16 @@ class TorchBackendProvider(Generic[S, E]):
     def __repr__(self) -> str:
         return f"TorchBackendProvider({self._device}, rank {self.rank} of {self.world_size})"
 
-    def _live(self) -> None:
+    def _live(self, host_side: str | None = None) -> None:
+        """Refuse calls on a closed provider, and ``host_side`` calls during a graph capture."""
         if self._closed:
             raise BackendUnavailableError(
                 f"the {self._device} backend is closed", hint="create a new backend"
+            )
+        if host_side is not None and self._graphs is not None and self._graphs.capturing:
+            raise GraphCaptureError(
+                f"{host_side} is a host-side call, refused while a graph is being captured",
+                hint="call it before or after the capture_graph block",
             )
 
     # Streams, events, memory.
@@ -205,7 +216,7 @@ class TorchBackendProvider(Generic[S, E]):
         return TorchStream(self._adapter, self._index, self._adapter.current_stream(self._index))
 
     def synchronize(self) -> None:
-        self._live()
+        self._live("synchronize")
         self._adapter.synchronize(self._index)
 
     def memory_stats(self) -> MemoryStats:
@@ -240,11 +251,11 @@ class TorchBackendProvider(Generic[S, E]):
         *,
         timeout: float | None = None,
     ) -> torch.Tensor:
-        self._live()
+        self._live("all_reduce")
         return self._group.all_reduce(tensor, op, timeout)
 
     def all_gather(self, tensor: torch.Tensor, *, timeout: float | None = None) -> torch.Tensor:
-        self._live()
+        self._live("all_gather")
         return self._group.all_gather(tensor, timeout)
 
     def reduce_scatter(
@@ -254,25 +265,25 @@ class TorchBackendProvider(Generic[S, E]):
         *,
         timeout: float | None = None,
     ) -> torch.Tensor:
-        self._live()
+        self._live("reduce_scatter")
         return self._group.reduce_scatter(tensor, op, timeout)
 
     def broadcast(
         self, tensor: torch.Tensor, src: int = 0, *, timeout: float | None = None
     ) -> torch.Tensor:
-        self._live()
+        self._live("broadcast")
         return self._group.broadcast(tensor, src, timeout)
 
     def send(self, tensor: torch.Tensor, dst: int, *, timeout: float | None = None) -> None:
-        self._live()
+        self._live("send")
         self._group.send(tensor, dst, timeout)
 
     def recv(self, tensor: torch.Tensor, src: int, *, timeout: float | None = None) -> torch.Tensor:
-        self._live()
+        self._live("recv")
         return self._group.recv(tensor, src, timeout)
 
     def barrier(self, *, timeout: float | None = None) -> None:
-        self._live()
+        self._live("barrier")
         self._group.barrier(timeout)
 
     # KV blocks.
@@ -285,7 +296,7 @@ class TorchBackendProvider(Generic[S, E]):
         return self.kv_blocks_alloc([num_tokens], dtype)[0]
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
-        self._live()
+        self._live("kv_blocks_alloc")
         member = coerce(DType, dtype, "dtype")
         if member is not self._pool.dtype:
             raise CapabilityError(
@@ -300,7 +311,7 @@ class TorchBackendProvider(Generic[S, E]):
         self.kv_blocks_free([check_block(block)])
 
     def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
-        self._live()
+        self._live("kv_blocks_free")
         self._blocks.free(blocks)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
@@ -326,7 +337,7 @@ class TorchBackendProvider(Generic[S, E]):
         One gather, one transfer and one scatter per batch; ``stream`` lets a swap overlap
         compute, and the returned event marks its completion.
         """
-        self._live()
+        self._live("kv_blocks_migrate")
         target = self._stream(stream)
         moves = self._blocks.migrate(blocks, target_device)
         event = self._on(target, lambda: self._move([(m.src_slot, m.dst_slot) for m in moves]))
@@ -334,7 +345,7 @@ class TorchBackendProvider(Generic[S, E]):
 
     def kv_block_write(self, block: KVBlock, data: bytes) -> None:
         """Fill ``block`` with ``data`` in the layout :meth:`kv_block_read` returns."""
-        self._live()
+        self._live("kv_block_write")
         run = self._blocks.slot(check_block(block))
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
@@ -353,7 +364,7 @@ class TorchBackendProvider(Generic[S, E]):
 
         Waits for the current stream first, as the protocol says.
         """
-        self._live()
+        self._live("kv_block_read")
         run = self._blocks.slot(check_block(block))
         self._adapter.stream_synchronize(self._adapter.current_stream(self._index))
         return self._pool.read(run)
@@ -461,8 +472,13 @@ class TorchBackendProvider(Generic[S, E]):
     # Graphs.
 
     def capture_graph(self, stream: Stream | None = None) -> AbstractContextManager[Graph]:
-        """Refused at once: the torch layer does not capture graphs (has_graph_exec=False)."""
+        """The device's graph capture on ``stream`` (None: a side stream), where it has one.
+
+        Without a graph hook (has_graph_exec=False) it is refused at once.
+        """
         self._live()
+        if self._graphs is not None:
+            return self._graphs.capture(None if stream is None else self._stream(stream).raw)
         raise CapabilityError(
             f"{self._device} cannot capture graphs (has_graph_exec=False)",
             hint="run the operations eagerly",
@@ -474,15 +490,21 @@ def create_torch_provider(
     device: DeviceSelection,
     options: Mapping[str, OptionValue],
     environ: Mapping[str, str] | None = None,
+    *,
+    mover: PageMover | None = None,
+    graphs: GraphHook[S] | None = None,
 ) -> TorchBackendProvider[S, E]:
     """A provider from a factory's device selection and validated options (see options.py).
 
     The device index is the one asked for, else the one a launcher assigned (LOCAL_RANK),
-    else 0; rank and world come from the options, else the launcher's environment.
+    else 0; rank and world come from the options, else the launcher's environment. A device
+    wheel passes its batched page ``mover`` and its ``graphs`` capture, where it has them.
     """
     env = os.environ if environ is None else environ
-    bound = adapter.bind(env)
-    index = device.index if device.index is not None else (bound if bound is not None else 0)
+    index = device.index
+    if index is None:
+        bound = adapter.bind(env)
+        index = bound if bound is not None else 0
     count = adapter.device_count()
     if not 0 <= index < count:
         raise InvalidArgumentError(
@@ -498,7 +520,6 @@ def create_torch_provider(
         dtype=coerce(DType, options["kv_dtype"], "kv_dtype"),
     )
     assert layout.dtype is not None
-    to_torch_dtype(layout.dtype)
     page_bytes = layout.page_bytes(layout.dtype)
     num_pages = _pages(options, "num_blocks", "kv_memory_mb", page_bytes)
     host_pages = _pages(options, "host_num_blocks", "host_kv_memory_mb", page_bytes)
@@ -521,6 +542,8 @@ def create_torch_provider(
         world=world,
         collective_timeout=timeout,
         validate_collectives=validate,
+        mover=mover,
+        graphs=graphs,
     )
 
 

@@ -1,0 +1,1 @@
+"""The native half of the stand-in: emulated devices and the HCCL process group."""

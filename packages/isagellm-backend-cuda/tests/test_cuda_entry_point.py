@@ -1,0 +1,88 @@
+"""The cuda entry point without a GPU: metadata, import cost, option and device validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sagellm_backend.errors import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    UnknownOptionError,
+)
+from sagellm_backend.factory import BackendFactory
+from sagellm_backend_cuda import create_cuda_backend
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _installed() -> bool:
+    try:
+        metadata.distribution("isagellm-backend-cuda")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_pyproject_declares_the_entry_point() -> None:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    assert project["entry-points"]["sagellm.backends"] == {
+        "cuda": "sagellm_backend_cuda:create_cuda_backend"
+    }
+    assert project["entry-points"]["sagellm.conformance"] == {
+        "cuda": "sagellm_backend_cuda.testing:CudaTarget"
+    }
+
+
+@pytest.mark.skipif(not _installed(), reason="isagellm-backend-cuda is not installed here")
+def test_installed_entry_point_loads_the_factory() -> None:
+    (entry,) = [e for e in metadata.entry_points(group="sagellm.backends") if e.name == "cuda"]
+    assert entry.load() is create_cuda_backend
+    requires = metadata.requires("isagellm-backend-cuda") or []
+    core = metadata.version("isagellm-backend")
+    assert f"isagellm-backend=={core}" in requires
+
+
+def test_importing_the_plugin_imports_no_torch_or_triton() -> None:
+    code = (
+        "import sys, json, sagellm_backend_cuda\n"
+        "from sagellm_backend_cuda import create_cuda_backend\n"
+        "create_cuda_backend.options\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(out.stdout) == []
+
+
+def test_factory_contract() -> None:
+    assert isinstance(create_cuda_backend, BackendFactory)
+    assert create_cuda_backend.kind == "cuda"
+    for name in ("num_blocks", "kv_memory_mb", "host_kv_memory_mb", "kv_dtype", "rank"):
+        assert name in create_cuda_backend.options
+    assert "pip install isagellm-backend-cuda" in create_cuda_backend.install_hint
+
+
+def test_options_are_validated_before_any_device_is_touched() -> None:
+    with pytest.raises(UnknownOptionError, match="num_pages"):
+        create_cuda_backend(None, num_pages=4)
+    with pytest.raises(InvalidArgumentError, match="num_blocks"):
+        create_cuda_backend(None, num_blocks="many")
+
+
+def test_config_objects_select_devices() -> None:
+    config = SimpleNamespace(kind="cuda", device="cuda:3", device_ids=None)
+    assert create_cuda_backend.select_device(config).index == 3
+    assert create_cuda_backend.select_device(SimpleNamespace(device="2")).index == 2
+    with pytest.raises(InvalidArgumentError, match="another kind"):
+        create_cuda_backend.select_device(SimpleNamespace(device="npu:0"))
+    with pytest.raises(InvalidArgumentError, match="one device per provider"):
+        create_cuda_backend.select_device(SimpleNamespace(device=None, device_ids=[0, 1]))

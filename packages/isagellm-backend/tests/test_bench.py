@@ -1,0 +1,84 @@
+"""``sagellm-backend bench``: every case runs on the mock and reports ratios of the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sagellm_backend import InvalidArgumentError
+from sagellm_backend.bench import baselines_for, register_baselines, run_benchmarks
+from sagellm_backend.bench.mock_baselines import MockBaselines
+from sagellm_backend.mock import MockBackendProvider
+
+CASES = [
+    ("kv copy", "per-block loop"),
+    ("kv copy", "one contiguous copy"),
+    ("kv swap", "per-block loop"),
+    ("kv swap", "contiguous out + in"),
+    ("alloc+free per block", "list pop + append"),
+    ("event record + elapsed_ms", "raw device events"),
+]
+
+
+def test_every_case_runs_and_leaves_the_pool_as_it_was() -> None:
+    provider = MockBackendProvider()
+    steps: list[str] = []
+    try:
+        report = run_benchmarks(provider, blocks=8, repeats=2, progress=steps.append)
+        assert provider.memory_stats().kv_blocks_in_use == 0
+    finally:
+        provider.close()
+    assert [(r.case, r.baseline) for r in report.rows] == CASES
+    assert all(r.ours_s > 0 and r.baseline_s > 0 and r.ratio > 0 for r in report.rows)
+    assert steps[0] == "kv copy: batched" and len(steps) == 8
+    table = report.format_table()
+    assert table.count("\n| ") == len(CASES) + 1
+    assert "| kv copy | batched | per-block loop |" in table
+
+
+def test_a_device_registers_its_own_baselines() -> None:
+    class Faster(MockBackendProvider):
+        """A provider type of a device wheel, subclassing another."""
+
+    plain = MockBackendProvider()
+    faster = Faster()
+    try:
+        inherited = baselines_for(faster)
+        assert type(inherited) is type(baselines_for(plain))
+        register_baselines(Faster, lambda _: MockBaselines(faster))
+        assert isinstance(baselines_for(faster), MockBaselines)
+        report = run_benchmarks(faster, blocks=4, repeats=1)
+        assert len(report.rows) == len(CASES)
+    finally:
+        plain.close()
+        faster.close()
+
+
+def test_bad_sizes_are_refused() -> None:
+    provider = MockBackendProvider(max_memory_mb=1)
+    try:
+        with pytest.raises(InvalidArgumentError, match="smaller --blocks"):
+            run_benchmarks(provider, blocks=4096, repeats=1)
+        with pytest.raises(InvalidArgumentError):
+            run_benchmarks(provider, blocks=0)
+        assert provider.memory_stats().kv_blocks_in_use == 0
+    finally:
+        provider.close()
+
+
+def test_the_command_prints_json() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sagellm_backend", "bench", "mock", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert [[r["case"], r["baseline"]] for r in report["rows"]] == [list(c) for c in CASES]
+    assert "bench: kv swap: batched" in out.stderr
