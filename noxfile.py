@@ -126,6 +126,6 @@ def mypy(session: nox.Session) -> None:
 @nox.session(python=TORCH_PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
-    session.install("ruff>=0.6")
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")

@@ -6,13 +6,15 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="the cuda backend needs torch")
+pytest.importorskip("torch", reason="the cuda backend needs torch")
+import torch
+
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU here: the conformance run needs one", allow_module_level=True)
 
-from sagellm_backend.testing.suite import BackendConformanceSuite  # noqa: E402
-from sagellm_backend.testing.target import ConformanceTarget  # noqa: E402
-from sagellm_backend_cuda.testing import CudaTarget  # noqa: E402
+from sagellm_backend.testing.suite import BackendConformanceSuite
+from sagellm_backend.testing.target import ConformanceTarget
+from sagellm_backend_cuda.testing import CudaTarget
 
 
 class TestCudaConformance(BackendConformanceSuite):

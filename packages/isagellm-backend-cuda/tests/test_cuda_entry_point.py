@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 
 from sagellm_backend.errors import (
-    BackendUnavailableError,
     InvalidArgumentError,
     UnknownOptionError,
 )

@@ -10,7 +10,9 @@ import os
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="the kernels need torch")
+pytest.importorskip("torch", reason="the kernels need torch")
+import torch
+
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
@@ -28,8 +30,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _random_pool(g: torch.Generator, pages: int, dtype: torch.dtype) -> torch.Tensor:
     """A pool of random bit patterns (NaN payloads included): a copy must keep every bit."""
     shape = (3, pages, 2, 4, 2, 16)
-    words = torch.randint(-(2**15), 2**15, (*shape[:-1], shape[-1] * dtype.itemsize // 2),
-                          generator=g, dtype=torch.int16)
+    words = torch.randint(
+        -(2**15),
+        2**15,
+        (*shape[:-1], shape[-1] * dtype.itemsize // 2),
+        generator=g,
+        dtype=torch.int16,
+    )
     return words.view(dtype).to(DEVICE)
 
 

@@ -85,9 +85,7 @@ CUDA_VERSION_PY = (
     "cuda: Optional[str] = '13.0'\n"
     "hip: Optional[str] = None\n"
 )
-ROCM_VERSION_PY = (
-    "__version__ = '2.11.0+rocm7.0'\ncuda = None\nhip = '7.0.51831'\n"
-)
+ROCM_VERSION_PY = "__version__ = '2.11.0+rocm7.0'\ncuda = None\nhip = '7.0.51831'\n"
 
 
 def test_build_of_a_cuda_torch_is_read_without_importing_it(tmp_path: Path) -> None:

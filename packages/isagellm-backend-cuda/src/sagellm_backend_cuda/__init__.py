@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING
 
 from sagellm_backend.factory import BackendFactory
 from sagellm_backend.torch_backend.options import torch_options
-
 from sagellm_backend_cuda.probe import INSTALL_HINT
 
 if TYPE_CHECKING:
     import torch
 
-    from sagellm_backend_cuda.adapter import PooledEvent
     from sagellm_backend.torch_backend.provider import TorchBackendProvider
+    from sagellm_backend_cuda.adapter import PooledEvent
 
 __all__ = ["INSTALL_HINT", "create_cuda_backend"]
 

@@ -12,6 +12,7 @@ the global capture mode such a call would invalidate the capture.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -27,13 +28,11 @@ from sagellm_backend.errors import (
 )
 from sagellm_backend.torch_backend.collectives import CommSpec
 
-__all__ = ["NCCL", "CudaAdapter", "PooledEvent"]
+__all__ = ["NCCL", "CudaAdapter", "PooledEvent", "new_cuda_event", "visible_devices_text"]
 
 NCCL = CommSpec(
     backend="nccl",
-    reduce_ops=frozenset(
-        {ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.AVG}
-    ),
+    reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.AVG}),
     float_only_ops=frozenset({ReduceOp.AVG}),
     int_only_ops=frozenset(),
     unsupported_dtypes=frozenset(
@@ -80,7 +79,7 @@ class _EventPools:
                 return idle.pop()
             except IndexError:  # another thread took the last one
                 pass
-        return torch.cuda.Event(enable_timing=enable_timing)
+        return new_cuda_event(enable_timing)
 
     def give_back(self, device: int | None, enable_timing: bool, event: torch.cuda.Event) -> None:
         idle = self._idle.setdefault((device, enable_timing), [])
@@ -160,7 +159,7 @@ class CudaAdapter:
                 "multiprocessors": str(props.multi_processor_count),
                 "torch": torch.__version__,
                 "cuda_runtime": str(torch.version.cuda),
-                "nccl": ".".join(str(v) for v in torch.cuda.nccl.version()),
+                "nccl": _nccl_version(),
                 "kv_movement": "triton: one launch per batch, host pool mapped (zero-copy)",
             },
         )
@@ -180,7 +179,8 @@ class CudaAdapter:
 
     def new_stream(self, index: int) -> torch.cuda.Stream:
         self._check(index)
-        return torch.cuda.Stream(device=index)
+        stream: torch.cuda.Stream = torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]  # unannotated in torch
+        return stream
 
     def current_stream(self, index: int) -> torch.cuda.Stream:
         return torch.cuda.current_stream(index)
@@ -220,7 +220,8 @@ class CudaAdapter:
 
     def event_query(self, event: PooledEvent) -> bool:
         self._not_capturing("event query")
-        return bool(event.event.query())
+        done: bool = event.event.query()  # type: ignore[no-untyped-call]  # unannotated in torch
+        return done
 
     def event_synchronize(self, event: PooledEvent) -> None:
         self._not_capturing("event synchronize")
@@ -269,10 +270,19 @@ class CudaAdapter:
             )
 
 
+def new_cuda_event(enable_timing: bool) -> torch.cuda.Event:
+    """A new ``torch.cuda.Event`` (its constructor is unannotated in torch)."""
+    event: torch.cuda.Event = torch.cuda.Event(enable_timing=enable_timing)  # type: ignore[no-untyped-call]  # unannotated in torch
+    return event
+
+
+def _nccl_version() -> str:
+    version: tuple[int, ...] | int = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]  # unannotated in torch
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def visible_devices_text(count: int) -> str:
     """``"2 CUDA devices are visible (CUDA_VISIBLE_DEVICES=0,3)"`` and the like."""
-    import os
-
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")
     where = f"CUDA_VISIBLE_DEVICES={shown}" if shown is not None else "CUDA_VISIBLE_DEVICES unset"
     noun = "device is" if count == 1 else "devices are"

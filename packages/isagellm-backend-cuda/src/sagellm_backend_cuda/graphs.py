@@ -9,6 +9,7 @@ call that would wait for the device.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -16,7 +17,6 @@ import torch
 
 from sagellm_backend.errors import GraphCaptureError
 from sagellm_backend.protocols import Graph
-
 from sagellm_backend_cuda.adapter import CudaAdapter
 from sagellm_backend_cuda.movement import TritonPageMover
 
@@ -53,18 +53,24 @@ class CudaGraphs:
     def capturing(self) -> bool:
         return self._adapter.capturing
 
-    def capture(self, stream: torch.cuda.Stream) -> AbstractContextManager[Graph]:
-        return self._capture(stream)
+    def capture(self, stream: torch.cuda.Stream | None) -> AbstractContextManager[Graph]:
+        """Capture on ``stream``; None takes a side stream (CUDA cannot capture the default)."""
+        return self._capture(
+            stream if stream is not None else self._adapter.new_stream(torch.cuda.current_device())
+        )
 
     @contextmanager
     def _capture(self, stream: torch.cuda.Stream) -> Iterator[Graph]:
         handle = CudaGraph(stream)
+        # An empty capture is a valid (no-op) graph here, not the mistake torch warns about.
         # "relaxed": the pinned page-index buffers a captured KV move allocates are allowed;
         # calls that would wait for the device are refused by the adapter before they reach CUDA.
         with (
+            warnings.catch_warnings(),
             self._mover.keeping(handle.kept),
             torch.cuda.graph(handle.graph, stream=stream, capture_error_mode="relaxed"),
         ):
+            warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
             self._adapter.begin_capture()
             try:
                 yield handle

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import torch
 
 from sagellm_backend.torch_backend.pool import DevicePages
-
 from sagellm_backend_cuda.kernels import copy_pages
 
 __all__ = ["TritonPageMover"]

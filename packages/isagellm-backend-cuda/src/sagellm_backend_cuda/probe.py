@@ -68,7 +68,9 @@ class SystemNvml:
             raise NvmlError(f"no NVIDIA driver: {self.library} cannot be loaded ({exc})") from None
         status = nvml.nvmlInit_v2()
         if status != 0:
-            raise NvmlError(f"the NVIDIA driver is not usable: nvmlInit failed ({_nvml_text(nvml, status)})")
+            raise NvmlError(
+                f"the NVIDIA driver is not usable: nvmlInit failed ({_nvml_text(nvml, status)})"
+            )
         try:
             count = ctypes.c_uint(0)
             status = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count))

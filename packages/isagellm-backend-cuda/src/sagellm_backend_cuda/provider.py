@@ -14,7 +14,6 @@ import torch
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.torch_backend.provider import TorchBackendProvider, create_torch_provider
-
 from sagellm_backend_cuda.adapter import CudaAdapter, PooledEvent, visible_devices_text
 from sagellm_backend_cuda.graphs import CudaGraphs
 from sagellm_backend_cuda.kernels import rms_norm

@@ -60,6 +60,7 @@ from sagellm_backend.registry import (
     parse_spec,
     register_backend,
 )
+from sagellm_backend.torch_backend.cpu import create_cpu_backend
 
 __all__ = [
     "HOST",
@@ -110,6 +111,7 @@ __all__ = [
     "StreamOps",
     "UnknownOptionError",
     "__version__",
+    "create_cpu_backend",
     "create_mock_backend",
     "create_mock_world",
     "get_backend",

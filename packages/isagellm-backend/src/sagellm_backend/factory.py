@@ -159,7 +159,7 @@ class BackendFactory(Generic[P]):
         if reason is not None:
             raise BackendUnavailableError(
                 f"backend {self.kind!r} is unavailable: {reason}",
-                hint=self.install_hint or None,
+                hint=self.hint_for(reason),
             )
         create = _resolve(self._create)
         return create(device=selection, **values)  # type: ignore[no-any-return]
@@ -170,6 +170,12 @@ class BackendFactory(Generic[P]):
             return None
         probe = _resolve(self._probe)
         return probe()  # type: ignore[no-any-return]
+
+    def hint_for(self, reason: str) -> str | None:
+        """The install hint, unless the unavailability reason already says it."""
+        if not self.install_hint or self.install_hint in reason:
+            return None
+        return self.install_hint
 
     def validate_options(self, options: Mapping[str, object]) -> dict[str, OptionValue]:
         """Typed option values with defaults filled in; unknown names are refused."""

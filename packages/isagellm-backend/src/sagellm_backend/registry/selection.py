@@ -223,7 +223,7 @@ class BackendRegistry:
             elif single:
                 raise BackendUnavailableError(
                     f"backend {plugin.label} is unavailable: {reason}",
-                    hint=_install_hint(plugin) or "check the device and driver on this machine",
+                    hint=_install_hint(plugin, reason),
                 )
             passed.append((str(candidate), reason))
         raise BackendUnavailableError(
@@ -438,12 +438,12 @@ def _config_for(
     return BackendConfig(plugin.target_kind, device, ids), merged
 
 
-def _install_hint(plugin: Plugin) -> str | None:
+def _install_hint(plugin: Plugin, reason: str) -> str | None:
     try:
         factory = plugin.load()
     except BackendLoadError:
         return None
-    return factory.install_hint or None if isinstance(factory, BackendFactory) else None
+    return factory.hint_for(reason) if isinstance(factory, BackendFactory) else None
 
 
 def _aliases(factory: Callable[..., object], kind: str) -> tuple[str, ...]:

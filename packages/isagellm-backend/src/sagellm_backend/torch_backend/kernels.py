@@ -178,7 +178,7 @@ def _paged_attention_reference(
             logits = keys[:, kv_head] @ query[b, h].double() * scale
             weights = torch.exp(logits - logits.max())
             out[b, h] = (weights / weights.sum()) @ values[:, kv_head]
-    return out.to(query.dtype)
+    return out.to(device=query.device, dtype=query.dtype)
 
 
 # Input generators: fresh random values from the seed (never zeros), placed on ``device``.

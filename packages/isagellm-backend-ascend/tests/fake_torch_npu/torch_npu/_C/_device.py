@@ -216,6 +216,7 @@ class NPUTensor(torch.Tensor):
             dtype=data.dtype,
             device=torch.device("npu", index),
             requires_grad=False,
+            dispatch_sizes_strides_policy="sizes",
         )
         wrapper.data_ = data
         wrapper.index = index
@@ -287,7 +288,35 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
+_METADATA = {
+    torch.ops.aten.sym_size.default: lambda t: t.data_.size(),
+    torch.ops.aten.sym_stride.default: lambda t: t.data_.stride(),
+    torch.ops.aten.sym_numel.default: lambda t: t.data_.numel(),
+    torch.ops.aten.sym_storage_offset.default: lambda t: t.data_.storage_offset(),
+    torch.ops.aten.dim.default: lambda t: t.data_.dim(),
+    torch.ops.aten.is_contiguous.default: lambda t: t.data_.is_contiguous(),
+    torch.ops.aten.is_contiguous.memory_format: lambda t, f: t.data_.is_contiguous(
+        memory_format=f
+    ),
+}
+"""Shape queries read the host tensor, whose shape an out= op may have resized."""
+
+_INPLACE_VIEWS = {
+    torch.ops.aten.squeeze_,
+    torch.ops.aten.unsqueeze_,
+    torch.ops.aten.transpose_,
+    torch.ops.aten.t_,
+    torch.ops.aten.as_strided_,
+    torch.ops.aten.detach_,
+    torch.ops.aten.swapdims_,
+    torch.ops.aten.swapaxes_,
+}
+"""In-place ops that change only a tensor's shape and strides: they run when issued."""
+
+
 def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if func in _METADATA:
+        return _METADATA[func](*args)
     if func is torch.ops.aten.copy_.default:
         return _copy(args[0], args[1])
     if func is torch.ops.aten._to_copy.default:
@@ -295,6 +324,12 @@ def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[s
     index = _check_same_device(func, (args, kwargs))
     if func.is_view or func is torch.ops.aten.detach.default:
         return _view(func, args, kwargs, index)
+    if func.overloadpacket in _INPLACE_VIEWS:
+        target: NPUTensor = args[0]
+        alias = target.data_.view(target.data_.shape)  # queued work keeps the old shape
+        func(alias, *tree_map(_unwrap, args[1:]), **tree_map(_unwrap, kwargs))
+        target.data_ = alias
+        return target
     stream = current_stream(index)
     schema = func._schema
     if schema.is_mutable:
@@ -311,10 +346,12 @@ def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[s
     outs = tree_map(lambda m: allocate(tuple(m.shape), tuple(m.stride()), m.dtype, index), meta)
     cpu_args, cpu_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
 
+    targets = [t.data_ for t in tree_flatten(outs)[0]]
+
     def run() -> None:
         result = func(*cpu_args, **cpu_kwargs)
-        for target, value in zip(tree_flatten(outs)[0], tree_flatten(result)[0]):
-            target.data_.copy_(value)
+        for target, value in zip(targets, tree_flatten(result)[0]):
+            target.copy_(value)
 
     stream.push(run)
     return outs
@@ -350,6 +387,15 @@ def _mutate(
             written.append(kwargs.get(argument.name))
         else:
             written.append(args[position])
+    try:
+        meta = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+    except (NotImplementedError, RuntimeError):
+        meta = None
+    outs = [a for a in schema.arguments if a.kwarg_only and a.alias_info and a.alias_info.is_write]
+    for argument, shaped in zip(outs, tree_flatten(meta)[0]):
+        target = kwargs.get(argument.name)
+        if isinstance(target, NPUTensor) and target.data_.shape != shaped.shape:
+            target.data_.resize_(shaped.shape)  # an out= op sizes its output when issued
     cpu_args, cpu_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
     stream.push(lambda: func(*cpu_args, **cpu_kwargs))
     if len(schema.returns) == 1:

@@ -53,11 +53,13 @@ def _host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce_op(op: Any) -> Any:
-    if op not in _REDUCE_OPS:
+    kind = op.op
+    if kind not in _REDUCE_OPS:
         raise RuntimeError(
-            f"Cannot use ReduceOp.{op} with HCCL" + _device.pta_error("ERR02001", "invalid param")
+            f"Cannot use ReduceOp.{kind.name} with HCCL"
+            + _device.pta_error("ERR02001", "invalid param")
         )
-    return op
+    return kind
 
 
 class ProcessGroupHCCL(dist.ProcessGroup):
