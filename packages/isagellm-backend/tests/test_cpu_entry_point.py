@@ -51,7 +51,7 @@ def test_without_torch_the_backend_is_unavailable_with_the_fix() -> None:
     assert create_cpu_backend.unavailable_reason() == f"torch is not installed; {INSTALL_HINT}"
     with pytest.raises(BackendUnavailableError) as info:
         create_cpu_backend()
-    assert info.value.hint == INSTALL_HINT
+    assert str(info.value).count(INSTALL_HINT) == 1
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="checks the probe where torch is installed")
