@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install the wheels built into .whl/, run the cuda wheel's tests,
-# the conformance kit through the CLI, the generic bench and the KV-movement benchmark.
+# the conformance kit through the CLI, the generic bench and the KV-movement device suite.
 # Logs and JSON go to $OUT (default: ./cuda-run). Usage: benchmarks/cuda_device_run.sh [tests|bench|all]
 set -uo pipefail
 what="${1:-all}"
@@ -13,12 +13,14 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torc
 if [[ "$what" == tests || "$what" == all ]]; then
   # Warnings are reported, not raised: torch's NCCL layer warns about device guessing.
   timeout 240 python3 -m pytest packages/isagellm-backend-cuda/tests -p no:cacheprovider -q \
-    -W default -rs --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -40
-  timeout 120 python3 -m sagellm_backend check cuda --json > "$out/check.json" 2> "$out/check.err"
+    -W default -rs 2>&1 | tee "$out/pytest.log" | tail -40
+  timeout 120 python3 -m sagellm_backend check cuda --json > "$out/check.json" 2> /dev/null
   timeout 120 python3 -m sagellm_backend check cuda 2>&1 | tail -60 | tee "$out/check.txt"
-  timeout 60 python3 -m sagellm_backend bench cuda --quick 2>&1 | tee "$out/bench_generic.txt" | tail -12
+  timeout 90 python3 -m sagellm_backend bench cuda 2>&1 | tee "$out/bench_generic.txt" | tail -12
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
-  timeout 240 python3 -m sagellm_backend_cuda.bench --json "$out/kv_movement.json" 2>&1 \
-    | tee "$out/bench.log" | tail -40
+  timeout 240 python3 -m sagellm_backend bench cuda --device-suite --json \
+    > "$out/kv_movement.json" 2> "$out/bench.log"
+  python3 -c 'import json, sys; from sagellm_backend_cuda.bench import format_table
+print(format_table(json.load(open(sys.argv[1]))))' "$out/kv_movement.json" | tee "$out/kv_movement.md"
 fi

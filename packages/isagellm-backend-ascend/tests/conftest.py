@@ -26,9 +26,7 @@ os.environ.setdefault("FAKE_TORCH_NPU_SOC", "Ascend910B3")
 os.environ.setdefault("FAKE_TORCH_NPU_MEMORY_MB", "1024")
 if FAKE not in sys.path:
     sys.path.insert(0, FAKE)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (FAKE, os.environ.get("PYTHONPATH", "")) if p
-)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (FAKE, os.environ.get("PYTHONPATH", "")) if p)
 
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="needs torch: pip install isagellm-backend-ascend")
-pytest.importorskip("torch_npu", reason="the stand-in is on sys.path (conftest)")
+pytest.importorskip("torch", reason="needs torch: pip install isagellm-backend-ascend")
+
+import torch
 
 from sagellm_backend.dtypes import DType, ReduceOp
 from sagellm_backend.errors import (
@@ -21,9 +22,14 @@ from sagellm_backend.errors import (
     ResourceExhaustedError,
 )
 from sagellm_backend.torch_backend.kernels import paged_attention_decode
-
+from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend_ascend import create_ascend_backend
 from sagellm_backend_ascend.kernels import reshape_and_cache
+from sagellm_backend_ascend.runtime import NpuEvent, NpuStream
+
+torch_npu = pytest.importorskip("torch_npu", reason="the stand-in is on sys.path (conftest)")
+
+Provider = TorchBackendProvider[NpuStream, NpuEvent]
 
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 """The ``run_python`` fixture (conftest.py): a snippet in a fresh interpreter."""
@@ -41,7 +47,7 @@ class Config:
 
 
 @pytest.fixture
-def backend() -> Iterator[object]:
+def backend() -> Iterator[Provider]:
     provider = create_ascend_backend(**SMALL)
     yield provider
     provider.close()
@@ -52,7 +58,7 @@ def test_explicit_index_and_aliases_select_the_npu() -> None:
     try:
         assert provider.device == "ascend:1"
         assert provider.torch_device == torch.device("npu", 1)
-        assert torch.npu.current_device() == 1
+        assert torch_npu.npu.current_device() == 1
     finally:
         provider.close()
 
@@ -62,13 +68,13 @@ def test_launcher_local_rank_binds_the_npu(monkeypatch: pytest.MonkeyPatch) -> N
     provider = create_ascend_backend(**SMALL)
     try:
         assert provider.device == "ascend:1"
-        assert torch.npu.current_device() == 1
+        assert torch_npu.npu.current_device() == 1
     finally:
         provider.close()
     explicit = create_ascend_backend(Config(device="0"), **SMALL)
     try:
         assert explicit.device == "ascend:0"
-        assert torch.npu.current_device() == 0
+        assert torch_npu.npu.current_device() == 0
     finally:
         explicit.close()
 
@@ -111,7 +117,7 @@ def test_capability_follows_the_soc_family(
             create_ascend_backend(kv_dtype="bf16", **SMALL)
 
 
-def test_hccl_claims_only_its_reduce_ops(backend: object) -> None:
+def test_hccl_claims_only_its_reduce_ops(backend: Provider) -> None:
     assert set(backend.capability().supported_reduce_ops) == {
         ReduceOp.SUM,
         ReduceOp.PROD,
@@ -121,7 +127,7 @@ def test_hccl_claims_only_its_reduce_ops(backend: object) -> None:
 
 
 @pytest.mark.parametrize("op", ["band", "bor", "bxor", "avg"])
-def test_hccl_refuses_reduce_ops_up_front(backend: object, op: str) -> None:
+def test_hccl_refuses_reduce_ops_up_front(backend: Provider, op: str) -> None:
     tensor = torch.ones(4, dtype=torch.int32, device=backend.torch_device)
     with pytest.raises(CommBackendNotSupportedError, match=f"hccl cannot reduce with {op}"):
         backend.all_reduce(tensor, op)
@@ -129,7 +135,7 @@ def test_hccl_refuses_reduce_ops_up_front(backend: object, op: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "uint16", "float8_e4m3fn"])
-def test_hccl_refuses_dtypes_it_lacks_up_front(backend: object, dtype: str) -> None:
+def test_hccl_refuses_dtypes_it_lacks_up_front(backend: Provider, dtype: str) -> None:
     tensor = torch.zeros(4, dtype=getattr(torch, dtype), device=backend.torch_device)
     with pytest.raises(CommBackendNotSupportedError, match="hccl cannot all_reduce"):
         backend.all_reduce(tensor)
@@ -137,14 +143,18 @@ def test_hccl_refuses_dtypes_it_lacks_up_front(backend: object, dtype: str) -> N
         backend.broadcast(tensor)
 
 
-def test_a_cpu_tensor_is_refused_by_collectives(backend: object) -> None:
+def test_a_cpu_tensor_is_refused_by_collectives(backend: Provider) -> None:
     with pytest.raises(InvalidArgumentError, match="this provider's device is npu:0"):
         backend.all_reduce(torch.ones(4))
 
 
-def test_elapsed_ms_applies_cudas_event_rules(backend: object) -> None:
+def test_elapsed_ms_applies_cudas_event_rules(backend: Provider) -> None:
     stream = backend.create_stream()
-    untimed, start, end = backend.create_event(False), backend.create_event(), backend.create_event()
+    untimed, start, end = (
+        backend.create_event(False),
+        backend.create_event(),
+        backend.create_event(),
+    )
     start.record(stream)
     with pytest.raises(EventStateError, match="the end event was never recorded"):
         end.elapsed_ms(start)
@@ -155,7 +165,7 @@ def test_elapsed_ms_applies_cudas_event_rules(backend: object) -> None:
     assert end.elapsed_ms(start) >= 0.0
 
 
-def test_reading_without_waiting_for_the_writing_stream_is_stale(backend: object) -> None:
+def test_reading_without_waiting_for_the_writing_stream_is_stale(backend: Provider) -> None:
     tokens = backend.kv_layout.tokens_per_block
     block = backend.kv_block_alloc(tokens, DType.FP16)
     size = backend.kv_layout.page_bytes(DType.FP16)
@@ -171,11 +181,13 @@ def test_reading_without_waiting_for_the_writing_stream_is_stale(backend: object
 
 def test_the_kv_pool_larger_than_the_npu_is_resource_exhausted() -> None:
     with pytest.raises(ResourceExhaustedError, match="too little free memory") as err:
-        create_ascend_backend(num_blocks=0, kv_memory_mb=2048, host_num_blocks=8, pin_host_memory=False)
+        create_ascend_backend(
+            num_blocks=0, kv_memory_mb=2048, host_num_blocks=8, pin_host_memory=False
+        )
     assert "NPU out of memory" in err.value.message
 
 
-def test_fused_kernels_serve_where_torch_npu_has_them(backend: object) -> None:
+def test_fused_kernels_serve_where_torch_npu_has_them(backend: Provider) -> None:
     attention = backend.kernel_spec("paged_attention_decode")
     cache = backend.kernel_spec("reshape_and_cache")
     assert attention.impl is not paged_attention_decode

@@ -12,7 +12,6 @@ import pytest
 pytest.importorskip("torch", reason="needs torch: pip install isagellm-backend-ascend")
 
 from sagellm_backend.testing.suite import BackendConformanceSuite
-
 from sagellm_backend_ascend.testing import AscendTarget
 
 

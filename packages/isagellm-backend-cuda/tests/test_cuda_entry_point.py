@@ -38,6 +38,9 @@ def test_pyproject_declares_the_entry_point() -> None:
     assert project["entry-points"]["sagellm.conformance"] == {
         "cuda": "sagellm_backend_cuda.testing:CudaTarget"
     }
+    assert project["entry-points"]["sagellm.bench"] == {
+        "cuda": "sagellm_backend_cuda.bench:device_suite"
+    }
 
 
 @pytest.mark.skipif(not _installed(), reason="isagellm-backend-cuda is not installed here")
@@ -85,3 +88,23 @@ def test_config_objects_select_devices() -> None:
         create_cuda_backend.select_device(SimpleNamespace(device="npu:0"))
     with pytest.raises(InvalidArgumentError, match="one device per provider"):
         create_cuda_backend.select_device(SimpleNamespace(device=None, device_ids=[0, 1]))
+
+
+def test_device_suite_of_a_kind_without_one_is_a_user_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sagellm_backend.cli import main
+
+    assert main(["bench", "mock", "--device-suite"]) == 2
+    assert "declares no device benchmark suite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _installed(), reason="isagellm-backend-cuda is not installed here")
+def test_device_suite_without_a_gpu_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch", reason="needs torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the suite runs (see test_cuda_device.py)")
+    from sagellm_backend.cli import main
+
+    assert main(["bench", "cuda", "--device-suite", "--quick"]) == 1
+    assert "unavailable" in capsys.readouterr().err

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING
 
 from sagellm_backend.factory import BackendFactory, Option
 from sagellm_backend.torch_backend.options import torch_options
-
 from sagellm_backend_ascend.availability import INSTALL_HINT
 
 if TYPE_CHECKING:
     from sagellm_backend.torch_backend.provider import TorchBackendProvider
-
     from sagellm_backend_ascend.runtime import NpuEvent, NpuStream
 
 __all__ = ["INSTALL_HINT", "create_ascend_backend"]
@@ -36,7 +34,9 @@ create_ascend_backend: BackendFactory[TorchBackendProvider[NpuStream, NpuEvent]]
     "ascend",
     "sagellm_backend_ascend.provider:create_ascend_provider",
     options=(
-        *torch_options(kv_memory_mb=ASCEND_KV_MEMORY_MB, host_kv_memory_mb=ASCEND_HOST_KV_MEMORY_MB),
+        *torch_options(
+            kv_memory_mb=ASCEND_KV_MEMORY_MB, host_kv_memory_mb=ASCEND_HOST_KV_MEMORY_MB
+        ),
         Option(
             "pin_host_memory",
             bool,

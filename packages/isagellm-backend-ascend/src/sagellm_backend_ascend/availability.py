@@ -77,9 +77,9 @@ def versions_unpaired(torch_version: str, torch_npu_version: str | None, detail:
     )
 
 
-def cuda_build(cuda_version: str) -> str:
+def cuda_build(detail: str) -> str:
     return (
-        f"torch is a CUDA build (CUDA {cuda_version}); torch_npu refuses a second accelerator "
+        f"torch is a CUDA build ({_first_line(detail)}); torch_npu refuses a second accelerator "
         "in one environment; install the CPU build of torch "
         "(pip install torch --index-url https://download.pytorch.org/whl/cpu) next to torch-npu"
     )
@@ -87,8 +87,10 @@ def cuda_build(cuda_version: str) -> str:
 
 def no_device() -> str:
     visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-    shown = f"ASCEND_RT_VISIBLE_DEVICES={visible!r}" if visible is not None else (
-        "ASCEND_RT_VISIBLE_DEVICES is unset"
+    shown = (
+        f"ASCEND_RT_VISIBLE_DEVICES={visible!r}"
+        if visible is not None
+        else ("ASCEND_RT_VISIBLE_DEVICES is unset")
     )
     return (
         f"no NPU is visible ({shown}); check 'npu-smi info', the container's /dev/davinci* "
@@ -113,7 +115,7 @@ def probe() -> str | None:
     if torch_version and npu_version and release(torch_version) != release(npu_version):
         return versions_unpaired(torch_version, npu_version)
     if torch_version and "+cu" in torch_version:
-        return cuda_build(torch_version.split("+cu", 1)[1])
+        return cuda_build(f"torch {torch_version}")
     return None
 
 
@@ -123,7 +125,7 @@ def diagnose(exc: BaseException, torch_version: str = "") -> str | None:
         text = str(error)
         if isinstance(error, ModuleNotFoundError) and error.name == "torch_npu":
             return torch_npu_missing(torch_version)
-        if "Cannot have both" in text and "npu" in text.lower():
+        if "Cannot have both" in text:
             return cuda_build(text)
         if "undefined symbol" in text and "torch_npu" in text:
             return versions_unpaired(torch_version, _dist_version("torch-npu"), text)
@@ -144,7 +146,7 @@ def load_torch_npu() -> ModuleType:
     torch_version: str = torch.__version__
     cuda: str | None = torch.version.cuda
     if cuda:
-        raise _unavailable(cuda_build(cuda))
+        raise _unavailable(cuda_build(f"CUDA {cuda}"))
     try:
         torch_npu = importlib.import_module("torch_npu")
     except Exception as exc:

@@ -20,7 +20,6 @@ from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import ReduceOp
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.torch_backend.collectives import CommSpec
-
 from sagellm_backend_ascend.runtime import NpuEvent, NpuModule, NpuStream
 from sagellm_backend_ascend.soc import SocFamily
 
@@ -129,7 +128,7 @@ class NpuAdapter:
                 "vector_cores": str(properties.vector_core_num),
                 "torch": torch.__version__,
                 "torch_npu": self.torch_npu_version,
-                "cann": os.environ.get("ASCEND_HOME_PATH", "unknown"),
+                "ascend_home_path": os.environ.get("ASCEND_HOME_PATH", "unset"),
             },
         )
 
@@ -184,8 +183,10 @@ class NpuAdapter:
         count = self._npu.device_count()
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
             visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-            shown = f"ASCEND_RT_VISIBLE_DEVICES={visible!r}" if visible is not None else (
-                "all devices visible"
+            shown = (
+                f"ASCEND_RT_VISIBLE_DEVICES={visible!r}"
+                if visible is not None
+                else ("all devices visible")
             )
             raise InvalidArgumentError(
                 f"ascend:{index} does not exist; {count} NPU(s) are visible ({shown})",

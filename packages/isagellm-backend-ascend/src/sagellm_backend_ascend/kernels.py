@@ -2,13 +2,14 @@
 has them; otherwise the reference kernels serve.
 
 - ``paged_attention_decode`` (the torch layer's reference kernel, same signature) is served by
-  ``torch_npu.npu_fused_infer_attention_score`` with a block table, for fp16 and bf16.
+  ``torch_npu.npu_fused_infer_attention_score`` with a block table.
 - ``reshape_and_cache(key[n, kv_heads, d], value[n, kv_heads, d], kv_layer[pages, 2, tokens,
   kv_heads, d], slots[n]) -> kv_layer`` writes each new token's K and V into its slot
   (``page * tokens + offset``) of a pool layer; ``torch_npu._npu_reshape_and_cache`` serves it
   where it exists, a reference index_put otherwise.
 
-Both are checked against independent references by ``KernelSpec.check``.
+The fused operators serve fp16 and bf16; other dtypes run the reference implementations. Both
+kernels are checked against independent references by ``KernelSpec.check``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def _fused_reshape_and_cache(
     kv_layer: torch.Tensor,
     slots: torch.Tensor,
 ) -> torch.Tensor:
+    if key.dtype not in _FUSED_DTYPES:
+        return reshape_and_cache(key, value, kv_layer, slots)
     op(key, value, kv_layer[:, 0], kv_layer[:, 1], slots.to(torch.int32))
     return kv_layer
 

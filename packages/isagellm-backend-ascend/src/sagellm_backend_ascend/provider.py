@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from sagellm_backend.dtypes import DType, coerce
 from sagellm_backend.errors import CapabilityError, ResourceExhaustedError
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.torch_backend.provider import TorchBackendProvider, create_torch_provider
-
 from sagellm_backend_ascend.availability import load_torch_npu
 from sagellm_backend_ascend.device import NpuAdapter
 from sagellm_backend_ascend.kernels import register_npu_kernels
@@ -42,16 +39,18 @@ def create_ascend_provider(
     family = adapter.soc_family(index)
     kv_dtype = coerce(DType, options["kv_dtype"], "kv_dtype")
     if kv_dtype not in family.dtypes:
+        pools = [d.value for d in family.dtypes if d in (DType.FP32, DType.FP16, DType.BF16)]
         raise CapabilityError(
             f"{kv_dtype.value} is not supported by the {family.value} SoC family of ascend:{index}",
-            hint=f"create the backend with kv_dtype one of "
-            f"{', '.join(d.value for d in family.dtypes if d in (DType.FP32, DType.FP16, DType.BF16))}",
+            hint=f"create the backend with kv_dtype one of {', '.join(pools)}",
         )
     try:
         provider = create_torch_provider(
             adapter, DeviceSelection(index, device.device_ids), options, os.environ
         )
-    except torch.OutOfMemoryError as exc:
+    except RuntimeError as exc:  # torch.OutOfMemoryError on recent torch_npu, else RuntimeError
+        if "NPU out of memory" not in str(exc):
+            raise
         raise ResourceExhaustedError(
             f"ascend:{index} has too little free memory for the KV pool: {exc}",
             hint="lower num_blocks or kv_memory_mb, or free NPU memory first",

@@ -56,9 +56,9 @@ class NpuDeviceProperties(Protocol):
 class NpuModule(Protocol):
     """``torch.npu``: device selection, streams, events, memory."""
 
-    def Stream(self, device: int) -> NpuStream: ...  # noqa: N802 - torch_npu's name
+    def Stream(self, device: int) -> NpuStream: ...
 
-    def Event(self, enable_timing: bool = False) -> NpuEvent: ...  # noqa: N802
+    def Event(self, enable_timing: bool = False) -> NpuEvent: ...
 
     def device_count(self) -> int: ...
 

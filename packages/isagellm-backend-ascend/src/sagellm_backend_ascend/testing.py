@@ -15,7 +15,6 @@ from sagellm_backend.factory import OptionValue
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.registry.spec import parse_spec
 from sagellm_backend.torch_backend.conformance import CpuTarget
-
 from sagellm_backend_ascend import create_ascend_backend
 from sagellm_backend_ascend.availability import load_torch_npu
 
@@ -57,7 +56,7 @@ class AscendTarget(CpuTarget):
 
 def target_for_spec(spec: str | None) -> AscendTarget:
     """The ``sagellm.conformance`` entry point: a target with the spec's options."""
-    options: dict[str, OptionValue] = {}
+    target = AscendTarget(name=spec or "ascend")
     if spec:
-        options = dict(parse_spec(spec).candidates[0].option_dict)
-    return AscendTarget(name=spec or "ascend", **options)
+        target.options.update(parse_spec(spec).candidates[0].option_dict)
+    return target

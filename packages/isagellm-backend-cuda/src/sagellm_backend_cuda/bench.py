@@ -1,6 +1,6 @@
 """KV-cache movement on a GPU against the hardware, as ratios measured in one run.
 
-``python -m sagellm_backend_cuda.bench`` (or ``sagellm-backend bench cuda --kv-movement``) builds
+``sagellm-backend bench cuda --device-suite`` (this module's :func:`device_suite`) builds
 a cuda backend with a Llama-3-8B-like cache (32 layers, 8 KV heads, head size 128, 16 tokens per
 block, bf16: 2 MiB per block over all layers) in the torch layer's pool layout, draws block
 indices as a random permutation of the pool, and for each batch size times:
@@ -22,11 +22,8 @@ them anyway, as it does in an engine.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -35,12 +32,13 @@ from typing import Any
 import torch
 
 from sagellm_backend.device import HOST
+from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.kv import KVBlock
+from sagellm_backend.registry import get_backend
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
-from sagellm_backend_cuda import create_cuda_backend
 from sagellm_backend_cuda.adapter import PooledEvent, new_cuda_event
 
-__all__ = ["LLAMA_3_8B", "main", "run"]
+__all__ = ["LLAMA_3_8B", "KVMovementReport", "device_suite", "format_table", "run"]
 
 LLAMA_3_8B: dict[str, Any] = {
     "num_layers": 32,
@@ -109,21 +107,31 @@ def _gbps(nbytes: int, ms: float) -> float:
 
 
 def run(
+    spec: str | None = "cuda",
     sizes: Sequence[int] = SIZES,
     *,
     repeats: int = 7,
     seed: int = 0,
     say: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Every figure of the benchmark, as a JSON-ready dict."""
+    """Every figure of the benchmark on the device ``spec`` selects, as a JSON-ready dict."""
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise InvalidArgumentError(f"sizes must be positive ints, got {sizes!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InvalidArgumentError(f"repeats must be a positive int, got {repeats!r}")
     most = max(sizes)
-    provider: Provider = create_cuda_backend(
-        None,
+    provider = get_backend(
+        spec or "cuda",
         **LLAMA_3_8B,
         num_blocks=2 * most,
         host_num_blocks=most,
         validate_collectives=False,
     )
+    if not isinstance(provider, TorchBackendProvider) or provider.kind != "cuda":
+        provider.close()
+        raise InvalidArgumentError(
+            f"{spec!r} selects a {provider.kind} backend", hint="name a cuda device: cuda:N"
+        )
     try:
         return _run(provider, sizes, repeats, seed, say)
     finally:
@@ -410,28 +418,27 @@ def format_table(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sagellm_backend_cuda.bench",
-        description="KV-cache movement on a GPU against the hardware, as ratios",
-    )
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    figures = run(
-        args.sizes,
-        repeats=args.repeats,
-        seed=args.seed,
-        say=lambda step: print(f"bench: {step}", file=sys.stderr, flush=True),
-    )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(figures, fh, indent=1)
-    print(format_table(figures))
-    return 0
+class KVMovementReport:
+    """The figures of one run, as the ``sagellm-backend bench`` command prints them."""
+
+    def __init__(self, figures: dict[str, Any]) -> None:
+        self.figures = figures
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.figures
+
+    def format_table(self) -> str:
+        return format_table(self.figures)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def device_suite(
+    spec: str | None,
+    *,
+    repeats: int = 7,
+    seed: int = 0,
+    quick: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> KVMovementReport:
+    """The ``sagellm.bench`` entry point: every size from 1 to 4096 blocks (quick: 1, 64, 1024)."""
+    sizes = (1, 64, 1024) if quick else SIZES
+    return KVMovementReport(run(spec, sizes, repeats=repeats, seed=seed, say=progress))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.distributed as dist
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 

@@ -2,18 +2,28 @@
 
 Every row compares the backend with a baseline timed in the same run (see
 :mod:`sagellm_backend.bench.cases`). Progress goes to stderr, the table to stdout.
+
+``--device-suite`` runs instead the suite a backend's own wheel declares in the entry-point group
+``sagellm.bench`` (name = kind, value = ``suite(spec, *, repeats, seed, quick, progress)``
+returning a report with ``to_dict()`` and ``format_table()``), such as the cuda wheel's KV-cache
+movement against the GPU's roofline.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib import metadata
 
 from sagellm_backend.bench import run_benchmarks
 from sagellm_backend.cli.output import print_json
-from sagellm_backend.registry import get_backend
+from sagellm_backend.errors import BackendNotFoundError
+from sagellm_backend.registry import get_backend, parse_spec
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["SUITE_GROUP", "add_arguments", "run"]
+
+SUITE_GROUP = "sagellm.bench"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="16 blocks and 3 repeats: a smoke run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random block choice")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--device-suite",
+        action="store_true",
+        help=f"run the backend wheel's own suite (entry-point group {SUITE_GROUP}) instead",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device_suite:
+        return _device_suite(args)
     blocks, repeats = (16, 3) if args.quick else (args.blocks, args.repeats)
     provider = get_backend(args.spec)
     try:
@@ -44,6 +61,29 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         provider.close()
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(report.format_table())
+    return 0
+
+
+def _device_suite(args: argparse.Namespace) -> int:
+    text = args.spec or os.environ.get("SAGELLM_BACKEND") or "mock"
+    kind = parse_spec(text).candidates[0].kind
+    suites = [e for e in metadata.entry_points(group=SUITE_GROUP) if e.name == kind]
+    if not suites:
+        raise BackendNotFoundError(
+            f"backend {kind!r} declares no device benchmark suite",
+            hint="run the generic cases (without --device-suite)",
+        )
+    report = suites[0].load()(
+        text,
+        repeats=3 if args.quick else args.repeats,
+        seed=args.seed,
+        quick=args.quick,
+        progress=lambda step: print(f"bench: {step}", file=sys.stderr, flush=True),
+    )
     if args.json:
         print_json(report.to_dict())
     else:

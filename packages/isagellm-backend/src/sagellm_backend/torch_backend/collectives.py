@@ -59,6 +59,16 @@ _TORCH_OPS = {
 }
 
 
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor to *_single (deprecating
+# the old names); earlier releases have only the old ones.
+_all_gather_single: Callable[..., dist.Work | None] = getattr(
+    dist, "all_gather_single", dist.all_gather_into_tensor
+)
+_reduce_scatter_single: Callable[..., dist.Work | None] = getattr(
+    dist, "reduce_scatter_single", dist.reduce_scatter_tensor
+)
+
+
 @dataclass(frozen=True)
 class CommSpec:
     """A torch.distributed backend and what it can do; refusals are decided from it up front."""
@@ -252,7 +262,7 @@ class ProcessGroup:
         out = tensor.new_empty((self._world_size * tensor.shape[0], *tensor.shape[1:]))
         self._run(
             CollectiveOp.ALL_GATHER,
-            lambda: dist.all_gather_single(out, tensor, async_op=True),
+            lambda: _all_gather_single(out, tensor, async_op=True),
             timeout,
         )
         return out
@@ -273,7 +283,7 @@ class ProcessGroup:
         torch_op = _TORCH_OPS[reduce]
         self._run(
             CollectiveOp.REDUCE_SCATTER,
-            lambda: dist.reduce_scatter_single(out, tensor, op=torch_op, async_op=True),
+            lambda: _reduce_scatter_single(out, tensor, op=torch_op, async_op=True),
             timeout,
         )
         return out
@@ -363,7 +373,7 @@ class ProcessGroup:
             return
         mine = _signature(op, tensor, reduce, peer, self._device)
         every = mine.new_empty(self._world_size * mine.numel())
-        self._run(op, lambda: dist.all_gather_single(every, mine, async_op=True), timeout)
+        self._run(op, lambda: _all_gather_single(every, mine, async_op=True), timeout)
         for rank, theirs in enumerate(every.view(self._world_size, -1)):
             if not torch.equal(theirs, mine):
                 raise CommRankMismatchError(

@@ -167,7 +167,7 @@ def _paged_attention_reference(
 ) -> torch.Tensor:
     tokens = kv_layer.shape[2]
     heads, kv_heads = query.shape[1], kv_layer.shape[3]
-    out = torch.empty(query.shape, dtype=torch.float64)
+    out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
     for b in range(query.shape[0]):
         length = int(seq_lens[b])
         used = block_tables[b, : math.ceil(length / tokens)].tolist()
@@ -178,7 +178,7 @@ def _paged_attention_reference(
             logits = keys[:, kv_head] @ query[b, h].double() * scale
             weights = torch.exp(logits - logits.max())
             out[b, h] = (weights / weights.sum()) @ values[:, kv_head]
-    return out.to(device=query.device, dtype=query.dtype)
+    return out.to(query.dtype)
 
 
 # Input generators: fresh random values from the seed (never zeros), placed on ``device``.

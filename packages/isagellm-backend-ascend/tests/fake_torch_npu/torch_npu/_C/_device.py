@@ -57,12 +57,12 @@ class FakeStream:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.pending: deque[tuple[int, Callable[[], None]]] = deque()
+        self.pending: deque[tuple[int, Callable[[], object]]] = deque()
         self.issued = 0
         self.done = 0
         DEVICES[index].streams.add(self)
 
-    def push(self, item: Callable[[], None]) -> int:
+    def push(self, item: Callable[[], object]) -> int:
         with LOCK:
             self.issued += 1
             self.pending.append((self.issued, item))
@@ -117,8 +117,8 @@ def configure(count: int, memory_mb: int) -> None:
 def check_index(index: int) -> int:
     if not 0 <= index < len(DEVICES):
         raise RuntimeError(
-            f"Initialize:torch_npu/csrc/core/npu/sys_ctrl/npu_sys_ctrl.cpp:146 NPU function "
-            f"error: c10_npu::SetDevice(device_id_), error code is 507033"
+            "Initialize:torch_npu/csrc/core/npu/sys_ctrl/npu_sys_ctrl.cpp:146 NPU function "
+            "error: c10_npu::SetDevice(device_id_), error code is 507033"
             + pta_error("ERR00100", "call acl api failed")
         )
     return index
@@ -203,7 +203,7 @@ class NPUTensor(torch.Tensor):
     """A tensor on ``npu:index`` whose bytes live in the CPU tensor ``data``."""
 
     data_: torch.Tensor
-    index: int
+    npu_index: int
     allocation: Allocation
 
     @staticmethod
@@ -219,27 +219,27 @@ class NPUTensor(torch.Tensor):
             dispatch_sizes_strides_policy="sizes",
         )
         wrapper.data_ = data
-        wrapper.index = index
+        wrapper.npu_index = index
         wrapper.allocation = allocation
         return wrapper
 
     def __init__(self, data: torch.Tensor, index: int, allocation: Allocation) -> None:
         super().__init__()
 
-    def __repr__(self) -> str:  # type: ignore[override]
-        return f"tensor({self.tolist()!r}, device='npu:{self.index}', dtype={self.dtype})"
+    def __repr__(self) -> str:  # type: ignore[override]  # a keyword-only stub signature
+        return f"tensor({self.tolist()!r}, device='npu:{self.npu_index}', dtype={self.dtype})"
 
-    def tolist(self) -> Any:  # type: ignore[override]
+    def tolist(self) -> Any:
         return self.cpu().tolist()
 
-    def numpy(self, *, force: bool = False) -> Any:  # type: ignore[override]
+    def numpy(self, *, force: bool = False) -> Any:
         raise TypeError(
-            f"can't convert npu:{self.index} device type tensor to numpy. Use Tensor.cpu() to "
+            f"can't convert npu:{self.npu_index} device type tensor to numpy. Use Tensor.cpu() to "
             "copy the tensor to host memory first."
         )
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]  # torch's stub leaves out ``func``
         cls,
         func: torch._ops.OpOverload,
         types: tuple[type, ...],
@@ -260,14 +260,14 @@ def _check_same_device(func: torch._ops.OpOverload, args: Any) -> int:
     devices: list[str] = []
     for x in leaves:
         if isinstance(x, NPUTensor):
-            devices.append(f"npu:{x.index}")
+            devices.append(f"npu:{x.npu_index}")
         elif isinstance(x, torch.Tensor) and x.dim() > 0:
             devices.append(str(x.device))
     distinct = list(dict.fromkeys(devices))
     if len(distinct) > 1:
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found at least two devices, "
-            f"{distinct[0]} and {distinct[1]}! (when checking argument for {func.name()})"
+            f"{distinct[0]} and {distinct[1]}! (when checking argument for {func})"
         )
     return int(distinct[0].split(":")[1])
 
@@ -288,16 +288,14 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-_METADATA = {
+_METADATA: dict[Any, Callable[..., Any]] = {
     torch.ops.aten.sym_size.default: lambda t: t.data_.size(),
     torch.ops.aten.sym_stride.default: lambda t: t.data_.stride(),
     torch.ops.aten.sym_numel.default: lambda t: t.data_.numel(),
     torch.ops.aten.sym_storage_offset.default: lambda t: t.data_.storage_offset(),
     torch.ops.aten.dim.default: lambda t: t.data_.dim(),
     torch.ops.aten.is_contiguous.default: lambda t: t.data_.is_contiguous(),
-    torch.ops.aten.is_contiguous.memory_format: lambda t, f: t.data_.is_contiguous(
-        memory_format=f
-    ),
+    torch.ops.aten.is_contiguous.memory_format: lambda t, f: t.data_.is_contiguous(memory_format=f),
 }
 """Shape queries read the host tensor, whose shape an out= op may have resized."""
 
@@ -350,7 +348,7 @@ def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[s
 
     def run() -> None:
         result = func(*cpu_args, **cpu_kwargs)
-        for target, value in zip(targets, tree_flatten(result)[0]):
+        for target, value in zip(targets, tree_flatten(result)[0], strict=True):
             target.copy_(value)
 
     stream.push(run)
@@ -392,7 +390,7 @@ def _mutate(
     except (NotImplementedError, RuntimeError):
         meta = None
     outs = [a for a in schema.arguments if a.kwarg_only and a.alias_info and a.alias_info.is_write]
-    for argument, shaped in zip(outs, tree_flatten(meta)[0]):
+    for argument, shaped in zip(outs, tree_flatten(meta)[0], strict=False):
         target = kwargs.get(argument.name)
         if isinstance(target, NPUTensor) and target.data_.shape != shaped.shape:
             target.data_.resize_(shaped.shape)  # an out= op sizes its output when issued
@@ -405,10 +403,10 @@ def _mutate(
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if isinstance(dst, NPUTensor):
-        stream = current_stream(dst.index)
+        stream = current_stream(dst.npu_index)
         if isinstance(src, NPUTensor):
-            if src.index != dst.index:
-                current_stream(src.index).drain()
+            if src.npu_index != dst.npu_index:
+                current_stream(src.npu_index).drain()
             source = src.data_
             stream.push(lambda: dst.data_.copy_(source))
         else:
@@ -418,7 +416,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             stream.push(lambda: dst.data_.copy_(snapshot))
         return dst
     assert isinstance(src, NPUTensor)
-    current_stream(src.index).drain()  # a copy to the host waits for the stream
+    current_stream(src.npu_index).drain()  # a copy to the host waits for the stream
     dst.copy_(src.data_)
     return dst
 
@@ -427,12 +425,12 @@ def _to_copy(src: NPUTensor, kwargs: dict[str, Any]) -> torch.Tensor:
     device = kwargs.get("device")
     dtype = kwargs.get("dtype") or src.dtype
     if device is not None and torch.device(device).type == "cpu":
-        current_stream(src.index).drain()
+        current_stream(src.npu_index).drain()
         return src.data_.to(dtype=dtype, copy=True)
-    index = src.index if device is None else torch.device(device).index or 0
+    index = src.npu_index if device is None else torch.device(device).index or 0
     out = allocate(tuple(src.shape), tuple(src.contiguous().stride()), dtype, index)
-    if index != src.index:
-        current_stream(src.index).drain()
+    if index != src.npu_index:
+        current_stream(src.npu_index).drain()
     source = src.data_
     current_stream(index).push(lambda: out.data_.copy_(source))
     return out
@@ -482,8 +480,12 @@ _LIBRARIES: list[torch.library.Library] = []
 
 def register_kernels() -> None:
     """Register the PrivateUse1 kernels (kept alive for the life of the process)."""
-    library = torch.library.Library("aten", "IMPL")
+    # torch.library is unannotated.
+    library = torch.library.Library("aten", "IMPL")  # type: ignore[no-untyped-call]
     _LIBRARIES.append(library)
-    library.impl("empty.memory_format", _empty, "PrivateUse1")
-    library.impl("empty_strided", _empty_strided, "PrivateUse1")
-    library.impl("_copy_from", _copy_from, "PrivateUse1")
+    for name, kernel in (
+        ("empty.memory_format", _empty),
+        ("empty_strided", _empty_strided),
+        ("_copy_from", _copy_from),
+    ):
+        library.impl(name, kernel, "PrivateUse1")  # type: ignore[no-untyped-call]

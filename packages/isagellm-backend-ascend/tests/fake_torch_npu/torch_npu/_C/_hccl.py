@@ -9,10 +9,11 @@ stream is drained, so the collective reads what earlier queued work wrote.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Store, Work
 
 from torch_npu._C import _device
 
@@ -48,7 +49,7 @@ def _host(tensor: torch.Tensor) -> torch.Tensor:
             f"HCCL backend does not support {tensor.dtype}"
             + _device.pta_error("ERR02002", "invalid type")
         )
-    _device.current_stream(tensor.index).drain()
+    _device.current_stream(tensor.npu_index).drain()
     return tensor.data_
 
 
@@ -62,30 +63,46 @@ def _reduce_op(op: Any) -> Any:
     return kind
 
 
+class _Gloo(Protocol):
+    """The ProcessGroupGloo calls used here (torch's stub for the class lists none of them)."""
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> Work: ...
+
+    def _allgather_base(self, output: torch.Tensor, input: torch.Tensor) -> Work: ...
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> Work: ...
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> Work: ...
+
+    def barrier(self, opts: Any) -> Work: ...
+
+
 class ProcessGroupHCCL(dist.ProcessGroup):
     """One rank of an HCCL world; every op runs on a gloo group over the same store."""
 
-    def __init__(
-        self, store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
-    ) -> None:
+    def __init__(self, store: Store, rank: int, size: int, timeout: datetime.timedelta) -> None:
         if not _device.DEVICE_SET.is_set():
             raise RuntimeError(
                 "HCCL function error: the current device is not set; call "
                 "torch.npu.set_device(local_rank) before init_process_group('hccl')"
                 + _device.pta_error("ERR02200", "dist call hccl api failed")
             )
-        super().__init__(rank, size)
-        self._gloo = dist.ProcessGroupGloo(store, rank, size, timeout)
+        super().__init__(rank, size)  # type: ignore[call-arg]  # the stub lists the store form only
+        self._gloo = cast(_Gloo, dist.ProcessGroupGloo(store, rank, size, timeout))
 
-    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+    def getBackendName(self) -> str:
         return "hccl"
 
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
+    def allreduce(  # type: ignore[override]  # the form torch calls; the stub differs
+        self, tensors: list[torch.Tensor], opts: Any
+    ) -> dist.Work:
         options = dist.AllreduceOptions()
         options.reduceOp = _reduce_op(opts.reduceOp)
         return self._gloo.allreduce([_host(t) for t in tensors], options)
 
-    def all_gather_single(
+    def all_gather_single(  # type: ignore[override]  # the form torch calls; the stub differs
         self, output: torch.Tensor, input: torch.Tensor, opts: Any
     ) -> dist.Work:
         return self._gloo._allgather_base(_host(output), _host(input))
@@ -102,7 +119,9 @@ class ProcessGroupHCCL(dist.ProcessGroup):
         result.copy_(whole.chunk(self.size())[self.rank()])
         return work
 
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
+    def broadcast(  # type: ignore[override]  # the form torch calls; the stub differs
+        self, tensors: list[torch.Tensor], opts: Any
+    ) -> dist.Work:
         options = dist.BroadcastOptions()
         options.rootRank = opts.rootRank
         return self._gloo.broadcast([_host(t) for t in tensors], options)
@@ -117,5 +136,5 @@ class ProcessGroupHCCL(dist.ProcessGroup):
         return self._gloo.barrier(dist.BarrierOptions())
 
 
-def create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
+def create(store: Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
     return ProcessGroupHCCL(store, rank, size, timeout)

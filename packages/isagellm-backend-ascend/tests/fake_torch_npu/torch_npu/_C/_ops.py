@@ -41,7 +41,7 @@ def npu_fused_infer_attention_score(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if input_layout != "BNSD":
         raise RuntimeError(f"input_layout {input_layout} is not supported with a block_table")
-    batch, heads, steps, head_size = query.shape
+    batch, _, _, head_size = query.shape
     pages = key[block_table.long()]  # [batch, max_pages, block_size, kv_heads * head_size]
     span = pages.shape[1] * block_size
     keys = pages.reshape(batch, span, num_key_value_heads, head_size)

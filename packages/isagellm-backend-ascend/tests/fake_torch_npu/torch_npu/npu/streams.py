@@ -69,11 +69,12 @@ class Stream:
         return hash(id(self._stream))
 
     def __repr__(self) -> str:
-        return f"<torch_npu.npu.Stream device=npu:{self._stream.index} npu_stream={id(self._stream):#x}>"
+        stream = self._stream
+        return f"<torch_npu.npu.Stream device=npu:{stream.index} npu_stream={id(stream):#x}>"
 
 
 class Event:
-    """An NPU event (``torch.npu.Event(enable_timing=False, blocking=False, interprocess=False)``)."""
+    """An NPU event: ``torch.npu.Event(enable_timing, blocking, interprocess)``."""
 
     def __init__(
         self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False
@@ -102,7 +103,9 @@ class Event:
     def wait(self, stream: Stream | None = None) -> None:
         if self._stream is None:
             return
-        target = _device.current_stream(_device.current_index()) if stream is None else stream._stream
+        target = (
+            _device.current_stream(_device.current_index()) if stream is None else stream._stream
+        )
         source, seq = self._stream, self._seq
         target.push(lambda: source.run_until(seq))
 
