@@ -22,9 +22,17 @@ TORCH_PYTHON = "3.11"
 TORCH_CONSTRAINTS = str(ROOT / "constraints" / "torch.txt")
 PACKAGES = {
     "isagellm-backend": ROOT / "packages" / "isagellm-backend",
+    "isagellm-backend-cuda": ROOT / "packages" / "isagellm-backend-cuda",
+    "isagellm-backend-ascend": ROOT / "packages" / "isagellm-backend-ascend",
 }
+PLUGINS = ["isagellm-backend-cuda", "isagellm-backend-ascend"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
-CORE_TESTS = ["packages/isagellm-backend/tests", "tests"]
+ALL_TESTS = [
+    "packages/isagellm-backend/tests",
+    "packages/isagellm-backend-cuda/tests",
+    "packages/isagellm-backend-ascend/tests",
+    "tests",
+]
 PROTOCOL_PYTHON = "3.11"
 """isagellm-protocol is published for Python 3.11 only."""
 PROTOCOL_TESTS = [
@@ -89,20 +97,30 @@ def run_pytest(session: nox.Session, *paths: str) -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Core tests on the installed core wheel, without torch."""
+    """Every test on the installed wheels, without torch (plugins installed without their deps).
+
+    Tests that need torch skip with the reason; the torch session runs them.
+    """
     wheels = build_wheels(session)
     session.install(wheels["isagellm-backend"], *TEST_DEPS)
-    run_pytest(session, *CORE_TESTS)
+    session.install("--no-deps", *(wheels[name] for name in PLUGINS))
+    run_pytest(session, *ALL_TESTS)
 
 
 @nox.session(python=TORCH_PYTHON, venv_backend="venv")
 def torch(session: nox.Session) -> None:
-    """The torch layer and the cpu backend, on the pinned CPU build of torch."""
+    """Every test with the pinned CPU build of torch: the torch layer, cpu, and the plugins'
+    CPU-side tests (the Ascend plugin against its strict fake of torch_npu; GPU tests skip)."""
     wheels = build_wheels(session)
     session.install(
-        "-c", TORCH_CONSTRAINTS, f"{wheels['isagellm-backend']}[torch]", "numpy", *TEST_DEPS
+        "-c",
+        TORCH_CONSTRAINTS,
+        f"{wheels['isagellm-backend']}[torch]",
+        *(wheels[name] for name in PLUGINS),
+        "numpy",
+        *TEST_DEPS,
     )
-    run_pytest(session, *CORE_TESTS)
+    run_pytest(session, *ALL_TESTS)
 
 
 @nox.session(python=PROTOCOL_PYTHON, venv_backend="venv")
@@ -118,7 +136,14 @@ def protocol(session: nox.Session) -> None:
 def mypy(session: nox.Session) -> None:
     """mypy --strict over every package, the tests and this file."""
     session.install(
-        "-c", TORCH_CONSTRAINTS, "mypy>=1.10", "torch", "nox", *TEST_DEPS, "typing-extensions>=4.6"
+        "-c",
+        TORCH_CONSTRAINTS,
+        "mypy>=1.10",
+        "torch",
+        "nox",
+        "hatchling>=1.21",
+        *TEST_DEPS,
+        "typing-extensions>=4.6",
     )
     session.run("mypy", "--config-file", str(ROOT / "pyproject.toml"))
 
