@@ -145,7 +145,10 @@ def mypy(session: nox.Session) -> None:
         *TEST_DEPS,
         "typing-extensions>=4.6",
     )
-    session.run("mypy", "--config-file", str(ROOT / "pyproject.toml"))
+    config = str(ROOT / "pyproject.toml")
+    session.run("mypy", "--config-file", config)
+    ascend = ROOT / "packages" / "isagellm-backend-ascend"
+    session.run("mypy", "--config-file", config, str(ascend / "src"), str(ascend / "tests"))
 
 
 @nox.session(python=TORCH_PYTHON)

@@ -41,15 +41,15 @@ class PageListStorage:
 
     def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[Slot]]:
         needed: dict[str, int] = {}
-        for r in requests:
-            needed[r.device] = needed.get(r.device, 0) + r.num_pages
+        for device, _, num_pages in requests:
+            needed[device] = needed.get(device, 0) + num_pages
         for device, count in needed.items():
             if count > len(self.free[device]):
                 raise ResourceExhaustedError(f"{device}: {count} pages needed")
-        out = []
-        for r in requests:
-            pages = tuple(self.free[r.device].pop(0) for _ in range(r.num_pages))
-            out.append(Allocation(pages, (r.device, pages)))
+        out: list[Allocation[Slot]] = []
+        for device, _, num_pages in requests:
+            pages = tuple(self.free[device].pop(0) for _ in range(num_pages))
+            out.append((pages, (device, pages)))
         return out
 
     def release(self, slots: Sequence[Slot]) -> None:

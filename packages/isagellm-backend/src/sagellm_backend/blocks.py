@@ -24,6 +24,7 @@ stream-ordered semantics of the caching allocators: reuse is ordered after work 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,22 +53,15 @@ __all__ = [
 
 S = TypeVar("S")
 
-
-@dataclass(frozen=True)
-class PageRequest:
-    """Storage for one block: ``num_pages`` pages of ``dtype`` on ``device``."""
-
-    device: str
-    dtype: DType
-    num_pages: int
+_new_block = functools.partial(tuple.__new__, KVBlock)
+"""``KVBlock`` built without its Python-level ``__new__``: a third of the cost of a batch."""
 
 
-@dataclass(frozen=True)
-class Allocation(Generic[S]):
-    """What a storage hands back for one request: page indices (may be empty) and its slot."""
+PageRequest = tuple[str, DType, int]
+"""Storage for one block: ``(device, dtype, num_pages)``. Plain tuples keep batches cheap."""
 
-    pages: tuple[int, ...]
-    slot: S
+Allocation = tuple[tuple[int, ...], S]
+"""What a storage hands back for one request: ``(page indices, slot)``; pages may be empty."""
 
 
 class BlockStorage(Protocol[S]):
@@ -93,12 +87,6 @@ class Move(Generic[S]):
     src_slot: S
     dst: KVBlock
     dst_slot: S
-
-
-@dataclass
-class _Entry(Generic[S]):
-    block: KVBlock
-    slot: S
 
 
 class BlockTable(Generic[S]):
@@ -129,7 +117,7 @@ class BlockTable(Generic[S]):
         self._default_device = default_device
         self._owner = owner
         self._lock = threading.Lock()
-        self._live: dict[int, _Entry[S]] = {}
+        self._live: dict[int, tuple[KVBlock, S]] = {}
         self._next_handle = 1
 
     @property
@@ -169,15 +157,24 @@ class BlockTable(Generic[S]):
         member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts = _int_sequence(num_tokens, "num_tokens")
+        tokens_per_block = self._layout.tokens_per_block
+        pages = [-(-n // tokens_per_block) for n in counts]
         with self._lock:
-            limit = self._storage.max_pages(where, member)
-            pages = [self._pages_for(n, limit, where, member) for n in counts]
-            allocations = self._storage.allocate([PageRequest(where, member, p) for p in pages])
+            if pages:
+                limit = self._storage.max_pages(where, member)
+                if min(counts) <= 0 or max(pages) > limit:
+                    for n in counts:
+                        self._pages_for(n, limit, where, member)
+            allocations = self._storage.allocate([(where, member, p) for p in pages])
+            first = self._next_handle
+            self._next_handle += len(counts)
+            owner, live = self._owner, self._live
             blocks = []
-            for n, allocation in zip(counts, allocations, strict=True):
-                block = KVBlock(self._next_handle, n, member, where, allocation.pages, self._owner)
-                self._next_handle += 1
-                self._live[block.handle] = _Entry(block, allocation.slot)
+            for handle, n, (block_pages, slot) in zip(
+                range(first, self._next_handle), counts, allocations, strict=True
+            ):
+                block = _new_block((handle, n, member, where, block_pages, owner))
+                live[handle] = (block, slot)
                 blocks.append(block)
         return blocks
 
@@ -186,9 +183,9 @@ class BlockTable(Generic[S]):
         items = _block_list(blocks, "blocks")
         with self._lock:
             entries = self._lookup_distinct(items, "kv_blocks_free")
-            self._storage.release([e.slot for e in entries])
-            for entry in entries:
-                del self._live[entry.block.handle]
+            self._storage.release([slot for _, slot in entries])
+            for block, _ in entries:
+                del self._live[block.handle]
 
     def migrate(self, blocks: Iterable[KVBlock], target: object) -> list[Move[S]]:
         """Give every block a replacement on ``target`` and retire the sources, all or none.
@@ -199,34 +196,31 @@ class BlockTable(Generic[S]):
         items = _block_list(blocks, "blocks")
         with self._lock:
             entries = self._lookup_distinct(items, "kv_blocks_migrate")
-            for entry in entries:
-                if entry.block.device == where:
+            for block, _ in entries:
+                if block.device == where:
                     raise InvalidArgumentError(
-                        f"KV block {entry.block.handle} is already on {where}",
+                        f"KV block {block.handle} is already on {where}",
                         hint="migrate it to another device, or keep using it where it is",
                     )
             requests = [
-                PageRequest(where, e.block.dtype, self._layout.pages_for(e.block.num_tokens))
-                for e in entries
+                (where, block.dtype, self._layout.pages_for(block.num_tokens))
+                for block, _ in entries
             ]
             allocations = self._storage.allocate(requests)
-            self._storage.release([e.slot for e in entries])
+            self._storage.release([slot for _, slot in entries])
             moves = []
-            for entry, allocation in zip(entries, allocations, strict=True):
-                old = entry.block
-                new = KVBlock(
-                    self._next_handle, old.num_tokens, old.dtype, where, allocation.pages, old.owner
-                )
+            for (old, old_slot), (pages, slot) in zip(entries, allocations, strict=True):
+                new = KVBlock(self._next_handle, old.num_tokens, old.dtype, where, pages, old.owner)
                 self._next_handle += 1
                 del self._live[old.handle]
-                self._live[new.handle] = _Entry(new, allocation.slot)
-                moves.append(Move(old, entry.slot, new, allocation.slot))
+                self._live[new.handle] = (new, slot)
+                moves.append(Move(old, old_slot, new, slot))
         return moves
 
     def release_all(self) -> None:
         """Free every live block (when the provider closes)."""
         with self._lock:
-            self._storage.release([e.slot for e in self._live.values()])
+            self._storage.release([slot for _, slot in self._live.values()])
             self._live.clear()
 
     # Lookup.
@@ -234,7 +228,7 @@ class BlockTable(Generic[S]):
     def slot(self, block: KVBlock) -> S:
         """The storage slot of a live block of this table."""
         with self._lock:
-            return self._lookup(block).slot
+            return self._lookup(block)[1]
 
     def copy_pairs(self, pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[S, S]]:
         """Validate (src, dst) pairs for a copy and return their slots.
@@ -249,7 +243,7 @@ class BlockTable(Generic[S]):
             sources = {src.handle for src, _ in items}
             destinations: set[int] = set()
             for src, dst in items:
-                src_entry, dst_entry = self._lookup(src), self._lookup(dst)
+                (_, src_slot), (_, dst_slot) = self._lookup(src), self._lookup(dst)
                 if dst.handle in destinations or dst.handle in sources:
                     raise InvalidArgumentError(
                         f"KV block {dst.handle} is written more than once, or both read and "
@@ -267,15 +261,13 @@ class BlockTable(Generic[S]):
                         hint="copy between blocks of the same page count and dtype",
                         code=ErrorCode.KV_BLOCK_MISMATCH,
                     )
-                slots.append((src_entry.slot, dst_entry.slot))
+                slots.append((src_slot, dst_slot))
         return slots
 
     def live_blocks(self, device: str | None = None) -> list[KVBlock]:
         """Live blocks (on ``device`` if given), oldest first."""
         with self._lock:
-            return [
-                e.block for e in self._live.values() if device is None or e.block.device == device
-            ]
+            return [b for b, _ in self._live.values() if device is None or b.device == device]
 
     def _pages_for(self, num_tokens: int, limit: int, device: str, dtype: DType) -> int:
         if num_tokens <= 0:
@@ -293,7 +285,7 @@ class BlockTable(Generic[S]):
             )
         return pages
 
-    def _lookup(self, block: KVBlock) -> _Entry[S]:
+    def _lookup(self, block: KVBlock) -> tuple[KVBlock, S]:
         if block.owner != self._owner:
             raise InvalidBlockError(
                 f"KV block {block.handle} belongs to another provider ({block.owner or 'none'})",
@@ -312,25 +304,26 @@ class BlockTable(Generic[S]):
                 f"KV block {block.handle} was never allocated by this provider",
                 hint="use handles returned by kv_block_alloc",
             )
-        if entry.block != block:
+        if entry[0] is not block and entry[0] != block:
             raise InvalidBlockError(
                 f"KV block {block.handle} does not match the live block of that handle",
                 hint="use handles exactly as the provider returned them",
             )
         return entry
 
-    def _lookup_distinct(self, blocks: Sequence[KVBlock], operation: str) -> list[_Entry[S]]:
-        entries = []
-        seen: set[int] = set()
-        for block in blocks:
-            entry = self._lookup(block)
-            if block.handle in seen:
-                raise InvalidArgumentError(
-                    f"{operation} names KV block {block.handle} more than once",
-                    hint="pass each block once per batch",
-                )
-            seen.add(block.handle)
-            entries.append(entry)
+    def _lookup_distinct(
+        self, blocks: Sequence[KVBlock], operation: str
+    ) -> list[tuple[KVBlock, S]]:
+        entries = [self._lookup(block) for block in blocks]
+        if len({block.handle for block in blocks}) != len(blocks):
+            seen: set[int] = set()
+            for block in blocks:
+                if block.handle in seen:
+                    raise InvalidArgumentError(
+                        f"{operation} names KV block {block.handle} more than once",
+                        hint="pass each block once per batch",
+                    )
+                seen.add(block.handle)
         return entries
 
 
@@ -371,13 +364,12 @@ def _int_sequence(values: Sequence[int], what: str) -> list[int]:
             f"{what} must be a sequence of ints, got {type(values).__name__}",
             hint="pass a list such as [128, 64]",
         )
-    out = []
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
+    out = list(values)
+    for value in out:
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidArgumentError(
                 f"{what} must be an int, got {value!r}", hint="pass a token count such as 128"
             )
-        out.append(value)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sagellm_backend.dtypes import DType, coerce
 from sagellm_backend.errors import InvalidArgumentError
@@ -51,12 +52,12 @@ class KVLayout:
         return math.ceil(num_tokens / self.tokens_per_block)
 
 
-@dataclass(frozen=True)
-class KVBlock:
+class KVBlock(NamedTuple):
     """Handle to a live KV block of one provider. Immutable, hashable and picklable.
 
     ``handle`` is unique within its provider and never reused, so a stale handle is detected.
-    ``pages`` are indices into the provider's page pool (empty where the backend has none).
+    ``pages`` are indices into the provider's page pool. A named tuple, so that allocating
+    and freeing a million blocks a second stays possible in Python.
     """
 
     handle: int

@@ -60,8 +60,8 @@ class MockMemory:
 
     def _allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[BlockBytes]]:
         needed: dict[str, int] = {}
-        for r in requests:
-            needed[r.device] = needed.get(r.device, 0) + self._nbytes(r)
+        for device, dtype, num_pages in requests:
+            needed[device] = needed.get(device, 0) + self._nbytes(dtype, num_pages)
         for device, nbytes in needed.items():
             capacity = self._capacity.get(device)
             if capacity is not None and self._used[device] + nbytes > capacity:
@@ -71,17 +71,17 @@ class MockMemory:
                     f"{capacity} free",
                     hint="free or migrate blocks first, or raise max_memory_mb",
                 )
-        out = []
-        for r in requests:
-            nbytes = self._nbytes(r)
-            first = self._next_page[r.device]
-            self._next_page[r.device] += r.num_pages
-            pages = tuple(range(first, first + r.num_pages))
-            out.append(Allocation(pages, BlockBytes(r.device, r.num_pages, bytearray(nbytes))))
-            self._used[r.device] += nbytes
-            self._peak[r.device] = max(self._peak[r.device], self._used[r.device])
-            self._blocks[r.device] += 1
-            self._pages[r.device] += r.num_pages
+        out: list[Allocation[BlockBytes]] = []
+        for device, dtype, num_pages in requests:
+            nbytes = self._nbytes(dtype, num_pages)
+            first = self._next_page[device]
+            self._next_page[device] += num_pages
+            pages = tuple(range(first, first + num_pages))
+            out.append((pages, BlockBytes(device, num_pages, bytearray(nbytes))))
+            self._used[device] += nbytes
+            self._peak[device] = max(self._peak[device], self._used[device])
+            self._blocks[device] += 1
+            self._pages[device] += num_pages
         return out
 
     def release(self, slots: Sequence[BlockBytes]) -> None:
@@ -101,5 +101,5 @@ class MockMemory:
                 kv_pages_in_use=self._pages[device],
             )
 
-    def _nbytes(self, request: PageRequest) -> int:
-        return request.num_pages * self._layout.page_bytes(request.dtype)
+    def _nbytes(self, dtype: DType, num_pages: int) -> int:
+        return num_pages * self._layout.page_bytes(dtype)

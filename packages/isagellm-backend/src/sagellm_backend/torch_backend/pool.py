@@ -11,9 +11,9 @@ pair and batch, over every layer at once, never one copy per block.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -25,12 +25,15 @@ from sagellm_backend.kv import KVLayout
 __all__ = ["DevicePages", "KVPagePool", "PageMover", "PageRun"]
 
 
-@dataclass(frozen=True)
-class PageRun:
+class PageRun(NamedTuple):
     """Where one block's data lives: its device and its page indices there."""
 
     device: str
     pages: tuple[int, ...]
+
+
+_new_run = functools.partial(tuple.__new__, PageRun)
+"""``PageRun`` built without its Python-level ``__new__``, for batches of many blocks."""
 
 
 class DevicePages:
@@ -113,8 +116,8 @@ class KVPagePool:
 
     def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[PageRun]]:
         needed = dict.fromkeys(self.pools, 0)
-        for request in requests:
-            needed[request.device] += request.num_pages
+        for device, _, num_pages in requests:
+            needed[device] += num_pages
         for device, count in needed.items():
             free = self.pools[device].free_pages
             if count > free:
@@ -124,17 +127,22 @@ class KVPagePool:
                     hint="free or migrate blocks first, or configure a larger pool "
                     "(num_blocks, kv_memory_mb)",
                 )
-        out = []
-        for request in requests:
-            pages = self.pools[request.device].take(request.num_pages)
-            self._blocks[request.device] += 1
-            out.append(Allocation(pages, PageRun(request.device, pages)))
+        stock = {device: self.pools[device].take(count) for device, count in needed.items()}
+        cursor = dict.fromkeys(stock, 0)
+        out: list[Allocation[PageRun]] = []
+        for device, _, num_pages in requests:
+            start = cursor[device]
+            cursor[device] = start + num_pages
+            pages = stock[device][start : cursor[device]]
+            out.append((pages, _new_run((device, pages))))
+        for device, _, _ in requests:
+            self._blocks[device] += 1
         return out
 
     def release(self, slots: Sequence[PageRun]) -> None:
-        for slot in slots:
-            self.pools[slot.device].give_back(slot.pages)
-            self._blocks[slot.device] -= 1
+        for device, pages in slots:
+            self.pools[device].give_back(pages)
+            self._blocks[device] -= 1
 
     # Accounting.
 
