@@ -11,9 +11,8 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 if [[ "$what" == tests || "$what" == all ]]; then
-  # Warnings are reported, not raised: torch's NCCL layer warns about device guessing.
   timeout 240 python3 -m pytest packages/isagellm-backend-cuda/tests -p no:cacheprovider -q \
-    -W default -rs 2>&1 | tee "$out/pytest.log" | tail -40
+    -rs 2>&1 | tee "$out/pytest.log" | tail -40
   timeout 120 python3 -m sagellm_backend check cuda --json > "$out/check.json" 2> /dev/null
   timeout 120 python3 -m sagellm_backend check cuda 2>&1 | tail -60 | tee "$out/check.txt"
   timeout 90 python3 -m sagellm_backend bench cuda 2>&1 | tee "$out/bench_generic.txt" | tail -12

@@ -38,6 +38,7 @@ NCCL = CommSpec(
     unsupported_dtypes=frozenset(
         {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
     ),
+    binds_device=True,
 )
 """NCCL through torch.distributed: no bitwise reductions; avg on floating point only."""
 

@@ -79,6 +79,8 @@ class CommSpec:
     int_only_ops: frozenset[ReduceOp]
     unsupported_dtypes: frozenset[torch.dtype]
     collectives: tuple[CollectiveOp, ...] = PROTOCOL_COLLECTIVES
+    binds_device: bool = False
+    """Whether the group is bound to this process's device at init (NCCL: ``device_id``)."""
 
     def check(self, op: CollectiveOp, tensor: torch.Tensor, reduce: ReduceOp | None) -> None:
         """Raise CommBackendNotSupportedError if this backend cannot run ``op`` on ``tensor``."""
@@ -213,7 +215,7 @@ class ProcessGroup:
             if dist.is_initialized():
                 _check_existing(spec, world)
             else:
-                _init_group(spec, world, timeout)
+                _init_group(spec, world, timeout, device)
                 _Lease.owned = True
             _Lease.users += 1
         self._rank = dist.get_rank()
@@ -451,7 +453,9 @@ def _check_existing(spec: CommSpec, world: WorldConfig) -> None:
         )
 
 
-def _init_group(spec: CommSpec, world: WorldConfig, timeout: float) -> None:
+def _init_group(
+    spec: CommSpec, world: WorldConfig, timeout: float, device: torch.device
+) -> None:
     delta = datetime.timedelta(seconds=timeout)
     store: Store
     if world.world_size == 1:
@@ -473,7 +477,12 @@ def _init_group(spec: CommSpec, world: WorldConfig, timeout: float) -> None:
                 hint="check MASTER_ADDR and MASTER_PORT, and that rank 0 is running",
             ) from exc
     dist.init_process_group(
-        spec.backend, store=store, rank=world.rank, world_size=world.world_size, timeout=delta
+        spec.backend,
+        store=store,
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=delta,
+        device_id=device if spec.binds_device else None,
     )
 
 
