@@ -28,7 +28,7 @@ import functools
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.device import DeviceRef
@@ -314,7 +314,15 @@ class BlockTable(Generic[S]):
     def _lookup_distinct(
         self, blocks: Sequence[KVBlock], operation: str
     ) -> list[tuple[KVBlock, S]]:
-        entries = [self._lookup(block) for block in blocks]
+        live = self._live
+        entries = []
+        for block in blocks:
+            entry = live.get(block.handle)
+            # The handle object this table gave out is live and ours; anything else (a copy
+            # that came through pickle, a stale or forged handle) takes the full check.
+            entries.append(
+                entry if entry is not None and entry[0] is block else self._lookup(block)
+            )
         if len({block.handle for block in blocks}) != len(blocks):
             seen: set[int] = set()
             for block in blocks:
@@ -343,7 +351,11 @@ def _block_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
             f"{what} must be an iterable of KVBlock, got one KVBlock",
             hint="wrap a single block in a list, or use the single-block call",
         )
-    return [check_block(b, f"each of {what}") for b in _iterable(blocks, what)]
+    items = _iterable(blocks, what)
+    for item in items:
+        if type(item) is not KVBlock:
+            check_block(item, f"each of {what}")
+    return cast("list[KVBlock]", items)
 
 
 def check_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, KVBlock]]:

@@ -116,8 +116,10 @@ class KVPagePool:
 
     def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[PageRun]]:
         needed = dict.fromkeys(self.pools, 0)
+        blocks = dict.fromkeys(self.pools, 0)
         for device, _, num_pages in requests:
             needed[device] += num_pages
+            blocks[device] += 1
         for device, count in needed.items():
             free = self.pools[device].free_pages
             if count > free:
@@ -132,11 +134,11 @@ class KVPagePool:
         out: list[Allocation[PageRun]] = []
         for device, _, num_pages in requests:
             start = cursor[device]
-            cursor[device] = start + num_pages
-            pages = stock[device][start : cursor[device]]
+            end = cursor[device] = start + num_pages
+            pages = stock[device][start:end]
             out.append((pages, _new_run((device, pages))))
-        for device, _, _ in requests:
-            self._blocks[device] += 1
+        for device, count in blocks.items():
+            self._blocks[device] += count
         return out
 
     def release(self, slots: Sequence[PageRun]) -> None:
