@@ -143,6 +143,7 @@ def mypy(session: nox.Session) -> None:
         "torch",
         "nox",
         "hatchling>=1.21",
+        "matplotlib",
         *TEST_DEPS,
         "typing-extensions>=4.6",
     )
