@@ -166,16 +166,16 @@ class BlockTable(Generic[S]):
                     for n in counts:
                         self._pages_for(n, limit, where, member)
             allocations = self._storage.allocate([(where, member, p) for p in pages])
-            first = self._next_handle
-            self._next_handle += len(counts)
-            owner, live = self._owner, self._live
-            blocks = []
-            for handle, n, (block_pages, slot) in zip(
-                range(first, self._next_handle), counts, allocations, strict=True
-            ):
-                block = _new_block((handle, n, member, where, block_pages, owner))
-                live[handle] = (block, slot)
-                blocks.append(block)
+            handles = range(self._next_handle, self._next_handle + len(counts))
+            self._next_handle = handles.stop
+            owner = self._owner
+            blocks = [
+                _new_block((handle, n, member, where, allocation[0], owner))
+                for handle, n, allocation in zip(handles, counts, allocations, strict=True)
+            ]
+            self._live.update(
+                zip(handles, zip(blocks, [a[1] for a in allocations], strict=True), strict=True)
+            )
         return blocks
 
     def free(self, blocks: Iterable[KVBlock]) -> None:

@@ -453,9 +453,7 @@ def _check_existing(spec: CommSpec, world: WorldConfig) -> None:
         )
 
 
-def _init_group(
-    spec: CommSpec, world: WorldConfig, timeout: float, device: torch.device
-) -> None:
+def _init_group(spec: CommSpec, world: WorldConfig, timeout: float, device: torch.device) -> None:
     delta = datetime.timedelta(seconds=timeout)
     store: Store
     if world.world_size == 1:

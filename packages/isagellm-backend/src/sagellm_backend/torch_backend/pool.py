@@ -12,7 +12,8 @@ pair and batch, over every layer at once, never one copy per block.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -71,8 +72,8 @@ class DevicePages:
         del self._free[len(self._free) - count :]
         return tuple(reversed(taken))
 
-    def give_back(self, pages: Sequence[int]) -> None:
-        self._free.extend(reversed(pages))
+    def give_back(self, pages: Iterable[int]) -> None:
+        self._free.extend(pages)
 
     def index(self, pages: Sequence[int]) -> torch.Tensor:
         """Page indices as an int64 tensor on this device."""
@@ -115,13 +116,11 @@ class KVPagePool:
         return self.pools[device].num_pages
 
     def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[PageRun]]:
-        needed = dict.fromkeys(self.pools, 0)
-        blocks = dict.fromkeys(self.pools, 0)
-        for device, _, num_pages in requests:
-            needed[device] += num_pages
-            blocks[device] += 1
-        for device, count in needed.items():
-            free = self.pools[device].free_pages
+        sizes = {
+            d: [n for device, _, n in requests if device == d] for d in {r[0] for r in requests}
+        }
+        for device, wanted in sizes.items():
+            count, free = sum(wanted), self.pools[device].free_pages
             if count > free:
                 raise ResourceExhaustedError(
                     f"{device} is out of KV pages: {count} requested, {free} of "
@@ -129,22 +128,24 @@ class KVPagePool:
                     hint="free or migrate blocks first, or configure a larger pool "
                     "(num_blocks, kv_memory_mb)",
                 )
-        stock = {device: self.pools[device].take(count) for device, count in needed.items()}
-        cursor = dict.fromkeys(stock, 0)
         out: list[Allocation[PageRun]] = []
-        for device, _, num_pages in requests:
-            start = cursor[device]
-            end = cursor[device] = start + num_pages
-            pages = stock[device][start:end]
-            out.append((pages, _new_run((device, pages))))
-        for device, count in blocks.items():
-            self._blocks[device] += count
+        for device, wanted in sizes.items():
+            taken = self.pools[device].take(sum(wanted))
+            ends = itertools.accumulate(wanted)
+            runs = [taken[end - size : end] for size, end in zip(wanted, ends, strict=True)]
+            out += [(pages, _new_run((device, pages))) for pages in runs]
+            self._blocks[device] += len(wanted)
+        if len(sizes) > 1:
+            # Put the allocations of a batch over several devices back in request order.
+            grouped = {d: iter([a for a in out if a[1].device == d]) for d in sizes}
+            out = [next(grouped[d]) for d, _, _ in requests]
         return out
 
     def release(self, slots: Sequence[PageRun]) -> None:
-        for device, pages in slots:
-            self.pools[device].give_back(pages)
-            self._blocks[device] -= 1
+        for device in {slot.device for slot in slots}:
+            mine = [pages for d, pages in slots if d == device]
+            self.pools[device].give_back(itertools.chain.from_iterable(mine))
+            self._blocks[device] -= len(mine)
 
     # Accounting.
 
