@@ -39,3 +39,17 @@ def test_loading_every_entry_point_target_loads_nothing_heavy() -> None:
     )
     heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
     assert heavy == []
+
+
+def test_the_mock_and_the_registry_load_on_first_use() -> None:
+    modules = imported_after("import sagellm_backend")
+    assert not {"sagellm_backend.mock", "sagellm_backend.registry"} & modules
+    modules = imported_after("from sagellm_backend import get_backend, MockBackendProvider")
+    assert {"sagellm_backend.mock", "sagellm_backend.registry"} <= modules
+
+
+def test_every_exported_name_resolves() -> None:
+    import sagellm_backend
+
+    for name in sagellm_backend.__all__:
+        assert getattr(sagellm_backend, name) is not None, name

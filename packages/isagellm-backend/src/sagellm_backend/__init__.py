@@ -1,8 +1,12 @@
 """sagellm_backend: the hardware abstraction layer of the sageLLM inference engine.
 
 Engine code talks to :class:`BackendProvider`; backends are chosen by config string with
-:func:`get_backend`. Importing this package imports no torch and no device library.
+:func:`get_backend`. Importing this package imports no torch and no device library; the mock
+and the registry are imported on first use of one of their names.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from sagellm_backend._version import __version__
 from sagellm_backend.capability import CapabilityDescriptor
@@ -36,12 +40,6 @@ from sagellm_backend.errors import (
 )
 from sagellm_backend.kernels import KernelSpec
 from sagellm_backend.kv import KVBlock, KVLayout
-from sagellm_backend.mock import (
-    MockBackendProvider,
-    MockTensor,
-    create_mock_backend,
-    create_mock_world,
-)
 from sagellm_backend.protocols import (
     BackendProvider,
     CollectiveOps,
@@ -53,14 +51,51 @@ from sagellm_backend.protocols import (
     Stream,
     StreamOps,
 )
-from sagellm_backend.registry import (
-    BackendRecord,
-    get_backend,
-    list_backends,
-    parse_spec,
-    register_backend,
-)
-from sagellm_backend.torch_backend.cpu import create_cpu_backend
+
+if TYPE_CHECKING:
+    from sagellm_backend.mock import (
+        MockBackendProvider,
+        MockTensor,
+        create_mock_backend,
+        create_mock_world,
+    )
+    from sagellm_backend.registry import (
+        BackendRecord,
+        get_backend,
+        list_backends,
+        parse_spec,
+        register_backend,
+    )
+    from sagellm_backend.torch_backend.cpu import create_cpu_backend
+
+_LAZY = {
+    "MockBackendProvider": "sagellm_backend.mock",
+    "MockTensor": "sagellm_backend.mock",
+    "create_mock_backend": "sagellm_backend.mock",
+    "create_mock_world": "sagellm_backend.mock",
+    "BackendRecord": "sagellm_backend.registry",
+    "get_backend": "sagellm_backend.registry",
+    "list_backends": "sagellm_backend.registry",
+    "parse_spec": "sagellm_backend.registry",
+    "register_backend": "sagellm_backend.registry",
+    "create_cpu_backend": "sagellm_backend.torch_backend.cpu",
+}
+"""Names whose modules load on first use, so that ``import sagellm_backend`` stays cheap."""
+
+
+if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all attribute
+
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'sagellm_backend' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "HOST",
