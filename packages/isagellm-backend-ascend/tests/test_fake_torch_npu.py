@@ -115,3 +115,50 @@ def test_hccl_needs_set_device_first(run_python: RunPython) -> None:
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["refused: True", "hccl [1.0, 1.0, 1.0]"]
+
+
+def test_a_graph_records_work_and_replays_it() -> None:
+    data = torch.zeros(8, device="npu:0")
+    side = torch.npu.Stream(0)
+    graph = torch.npu.NPUGraph()
+    with torch.npu.graph(graph, stream=side):
+        assert torch.npu.is_current_stream_capturing()
+        data.add_(1.0)
+    torch.npu.synchronize(0)
+    assert torch.equal(data.cpu(), torch.zeros(8))  # captured, not run
+    graph.replay()
+    graph.replay()
+    assert torch.equal(data.cpu(), torch.full((8,), 2.0))
+
+
+def test_graph_misuse_raises_torch_npus_messages() -> None:
+    with pytest.raises(RuntimeError, match="must be captured on a non-default stream"):
+        torch.npu.NPUGraph().capture_begin()
+    with pytest.raises(RuntimeError, match="replay without a preceding successful capture"):
+        torch.npu.NPUGraph().replay()
+
+
+@pytest.mark.parametrize(
+    ("wait", "call"),
+    [
+        ("stream", r"AclrtSynchronizeStreamWithTimeout\(stream\(\)\)"),
+        ("device", r"aclrtSynchronizeDevice\(\)"),
+        ("host read", r"AclrtSynchronizeStreamWithTimeout\(copy_stream\)"),
+    ],
+)
+def test_a_wait_during_capture_fails_and_invalidates_it(wait: str, call: str) -> None:
+    data = torch.zeros(8, device="npu:0")
+    side = torch.npu.Stream(0)
+    waits = {"stream": side.synchronize, "device": torch.npu.synchronize, "host read": data.cpu}
+    graph = torch.npu.NPUGraph()
+    capture = torch.npu.graph(graph, stream=side)
+    capture.__enter__()
+    data.add_(1.0)
+    with pytest.raises(RuntimeError, match=f"{call}, error code is 107027") as err:
+        waits[wait]()
+    assert "reason=stream is captured" in str(err.value)
+    with pytest.raises(RuntimeError, match=r"AclmdlRICaptureEnd.*error code is 507903"):
+        capture.__exit__(None, None, None)
+    assert not torch.npu.is_current_stream_capturing()
+    with pytest.raises(RuntimeError, match="without a preceding successful capture"):
+        graph.replay()

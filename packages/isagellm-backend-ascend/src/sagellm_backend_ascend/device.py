@@ -5,11 +5,16 @@ checks less than CUDA does when timing events (it does not refuse an event creat
 timing); the torch layer's TorchEvent applies CUDA's rules to every device, so elapsed_ms here
 refuses an unrecorded event or one without timing with EventStateError before torch_npu is
 asked.
+
+While an NPU graph is being captured (see :mod:`sagellm_backend_ascend.graphs`), every call that
+would wait for the device is refused with GraphCaptureError before it reaches torch_npu, where
+it would fail with ACL error 107027 ("stream is captured") and invalidate the capture.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import ModuleType
@@ -18,7 +23,7 @@ import torch
 
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import ReduceOp
-from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.errors import GraphCaptureError, InvalidArgumentError
 from sagellm_backend.torch_backend.collectives import CommSpec
 from sagellm_backend_ascend.runtime import NpuEvent, NpuModule, NpuStream
 from sagellm_backend_ascend.soc import SocFamily
@@ -62,6 +67,8 @@ class NpuAdapter:
         self._npu: NpuModule = torch_npu.npu
         self._pin = pin_host_memory
         self._selected: int | None = None
+        self._capturing = 0
+        self._capture_lock = threading.Lock()
 
     @property
     def kind(self) -> str:
@@ -137,7 +144,9 @@ class NpuAdapter:
         return int(free), int(total)
 
     def synchronize(self, index: int) -> None:
-        self._npu.synchronize(self._check(index))
+        self._check(index)
+        self._not_capturing("synchronize")
+        self._npu.synchronize(index)
 
     # Streams.
 
@@ -151,9 +160,11 @@ class NpuAdapter:
         return self._npu.stream(stream)
 
     def stream_query(self, stream: NpuStream) -> bool:
+        self._not_capturing("stream query")
         return stream.query()
 
     def stream_synchronize(self, stream: NpuStream) -> None:
+        self._not_capturing("stream synchronize")
         stream.synchronize()
 
     def stream_wait_event(self, stream: NpuStream, event: NpuEvent) -> None:
@@ -171,13 +182,38 @@ class NpuAdapter:
         event.record(stream)
 
     def event_query(self, event: NpuEvent) -> bool:
+        self._not_capturing("event query")
         return event.query()
 
     def event_synchronize(self, event: NpuEvent) -> None:
+        self._not_capturing("event synchronize")
         event.synchronize()
 
     def event_elapsed_ms(self, start: NpuEvent, end: NpuEvent) -> float:
+        self._not_capturing("elapsed_ms")
         return start.elapsed_time(end)
+
+    # Graph capture state (set by sagellm_backend_ascend.graphs).
+
+    @property
+    def capturing(self) -> bool:
+        return self._capturing > 0
+
+    def begin_capture(self) -> None:
+        with self._capture_lock:
+            self._capturing += 1
+
+    def end_capture(self) -> None:
+        with self._capture_lock:
+            self._capturing -= 1
+
+    def _not_capturing(self, operation: str) -> None:
+        if self._capturing:
+            raise GraphCaptureError(
+                f"{operation} waits for the device, which is not allowed while an NPU graph is "
+                "being captured",
+                hint="finish the capture (leave the capture_graph block) first",
+            )
 
     def _check(self, index: int) -> int:
         count = self._npu.device_count()

@@ -2,7 +2,7 @@
 
 What the ascend backend adds to the torch layer, and nothing else: the :class:`NpuAdapter`
 (torch.npu streams, events, memory, HCCL), the SoC family's dtypes, and torch_npu's fused
-kernels where the installed torch_npu has them.
+kernels and NPU graph capture (:class:`NpuGraphs`) where the installed torch_npu has them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.torch_backend.provider import TorchBackendProvider, create_torch_provider
 from sagellm_backend_ascend.availability import load_torch_npu
 from sagellm_backend_ascend.device import NpuAdapter
+from sagellm_backend_ascend.graphs import NpuGraphs, graph_module
 from sagellm_backend_ascend.kernels import register_npu_kernels
 from sagellm_backend_ascend.runtime import NpuEvent, NpuStream
 
@@ -44,9 +45,14 @@ def create_ascend_provider(
             f"{kv_dtype.value} is not supported by the {family.value} SoC family of ascend:{index}",
             hint=f"create the backend with kv_dtype one of {', '.join(pools)}",
         )
+    graphs = graph_module(torch_npu)
     try:
         provider = create_torch_provider(
-            adapter, DeviceSelection(index, device.device_ids), options, os.environ
+            adapter,
+            DeviceSelection(index, device.device_ids),
+            options,
+            os.environ,
+            graphs=None if graphs is None else NpuGraphs(adapter, graphs, index),
         )
     except RuntimeError as exc:  # torch.OutOfMemoryError on recent torch_npu, else RuntimeError
         if "NPU out of memory" not in str(exc):

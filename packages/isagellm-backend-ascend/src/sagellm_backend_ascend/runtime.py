@@ -10,7 +10,14 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-__all__ = ["NpuDeviceProperties", "NpuEvent", "NpuModule", "NpuStream"]
+__all__ = [
+    "NpuDeviceProperties",
+    "NpuEvent",
+    "NpuGraph",
+    "NpuGraphModule",
+    "NpuModule",
+    "NpuStream",
+]
 
 
 class NpuEvent(Protocol):
@@ -73,3 +80,24 @@ class NpuModule(Protocol):
     def mem_get_info(self, device: int) -> tuple[int, int]: ...
 
     def get_device_properties(self, device: int) -> NpuDeviceProperties: ...
+
+
+class NpuGraph(Protocol):
+    """``torch.npu.NPUGraph``: a captured sequence of NPU work."""
+
+    def replay(self) -> None: ...
+
+
+class NpuGraphModule(Protocol):
+    """The graph capture of ``torch.npu``, where the installed torch_npu has it."""
+
+    def NPUGraph(self) -> NpuGraph: ...
+
+    def default_stream(self, device: int) -> NpuStream: ...
+
+    def graph(
+        self,
+        npu_graph: NpuGraph,
+        pool: tuple[int, int] | None = None,
+        stream: NpuStream | None = None,
+    ) -> AbstractContextManager[object]: ...

@@ -14,6 +14,8 @@ Set in the environment before the import:
 - ``FAKE_TORCH_NPU_MEMORY_MB``: memory of each NPU (default 1024).
 - ``FAKE_TORCH_NPU_FUSED_OPS``: ``0`` leaves out the fused cache and attention operators, as
   in an older torch_npu.
+- ``FAKE_TORCH_NPU_GRAPHS``: ``0`` leaves out ``torch.npu.NPUGraph`` and ``torch.npu.graph``,
+  as in a torch_npu older than graph capture.
 """
 
 from __future__ import annotations

@@ -13,7 +13,12 @@ the index of the logical device it lives on. Every aten op on them passes throug
   an event or stream wait, a copy to the host, or reading a value (``item``). So a read that
   does not wait for the stream that wrote the data sees the old bytes, as it would on the
   device;
-- allocates outputs against the device's memory, raising NPU out-of-memory beyond it.
+- allocates outputs against the device's memory, raising NPU out-of-memory beyond it;
+- while a graph captures a stream (``torch_npu.npu.graphs``), records the work pushed to it
+  instead of queueing it, and refuses every wait for it with torch_npu's "stream is captured"
+  error (ACL 107027), which also invalidates the capture. A blocking copy from pageable host
+  memory is a synchronous ``aclrtMemcpy`` in torch_npu, not a stream task: it writes the device
+  memory at once and is not recorded.
 
 Views are made at once (they move no data), so they alias their base as on the device.
 """
@@ -52,31 +57,65 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+CAPTURED_STREAM = 107027
+"""ACL_ERROR_RT_STREAM_CAPTURED: a wait for a stream that is being captured."""
+
+
+def captured_error(call: str, stream: FakeStream) -> RuntimeError:
+    """torch_npu's error for ``call`` waiting on a stream under capture; it invalidates the
+    capture, as the runtime does."""
+    stream.invalidated = True
+    return RuntimeError(
+        f"NPU function error: {call}, error code is {CAPTURED_STREAM}"
+        + pta_error("ERR00100", "call acl api failed")
+        + "\nEE9999: Inner Error!\nEE9999: Not allow to synchronize captured-stream, "
+        f"stream_id={id(stream) % 4096}.[FUNC:StreamSynchronize][FILE:api_error.cc]\n"
+        "        TraceBack (most recent call last):\n"
+        "        rtStreamSynchronizeWithTimeout execution failed, reason=stream is captured"
+        "[FUNC:FuncErrorReason][FILE:error_message_manage.cc]"
+    )
+
+
 class FakeStream:
-    """An ordered queue of work on one device; items run when something waits for them."""
+    """An ordered queue of work on one device; items run when something waits for them.
+
+    While a graph captures the stream, work pushed to it is appended to ``recording`` instead
+    of queued, and waiting for the stream raises torch_npu's "stream is captured" error.
+    """
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.pending: deque[tuple[int, Callable[[], object]]] = deque()
         self.issued = 0
         self.done = 0
+        self.recording: list[Callable[[], object]] | None = None
+        self.invalidated = False
         DEVICES[index].streams.add(self)
 
     def push(self, item: Callable[[], object]) -> int:
         with LOCK:
+            if self.recording is not None:
+                self.recording.append(item)
+                return self.issued
             self.issued += 1
             self.pending.append((self.issued, item))
             return self.issued
 
-    def run_until(self, seq: int) -> None:
+    def run_until(
+        self, seq: int, call: str = "c10_npu::acl::AclrtSynchronizeStreamWithTimeout(stream())"
+    ) -> None:
         with LOCK:
+            if self.recording is not None:
+                raise captured_error(call, self)
             while self.pending and self.pending[0][0] <= seq:
                 number, item = self.pending.popleft()
                 item()
                 self.done = number
 
-    def drain(self) -> None:
-        self.run_until(self.issued)
+    def drain(
+        self, call: str = "c10_npu::acl::AclrtSynchronizeStreamWithTimeout(stream())"
+    ) -> None:
+        self.run_until(self.issued, call)
 
 
 class Device:
@@ -98,7 +137,7 @@ class Device:
     def synchronize(self) -> None:
         with LOCK:
             for stream in list(self.streams):
-                stream.drain()
+                stream.drain("aclrtSynchronizeDevice()")
 
 
 DEVICES: list[Device] = []
@@ -338,7 +377,7 @@ def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[s
         meta = None  # data-dependent output: the host must wait for the stream
     leaves, _ = tree_flatten(meta)
     if meta is None or not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
-        stream.drain()
+        stream.drain(_HOST_READ)
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         return tree_map(lambda x: _adopt(x, index) if isinstance(x, torch.Tensor) else x, out)
     outs = tree_map(lambda m: allocate(tuple(m.shape), tuple(m.stride()), m.dtype, index), meta)
@@ -353,6 +392,10 @@ def _dispatch(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[s
 
     stream.push(run)
     return outs
+
+
+_HOST_READ = "c10_npu::acl::AclrtSynchronizeStreamWithTimeout(copy_stream)"
+"""The wait of a read by the host (a copy to the host, ``item``, a data-dependent shape)."""
 
 
 def _adopt(data: torch.Tensor, index: int) -> NPUTensor:
@@ -412,11 +455,16 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         else:
             if src.dim() > 0 and src.device.type != "cpu":
                 raise RuntimeError(f"copy from {src.device} to npu is not supported")
+            if stream.recording is not None:
+                # A blocking copy is a synchronous aclrtMemcpy, not a task of the stream: it
+                # writes the device memory now and is not part of the graph.
+                dst.data_.copy_(src)
+                return dst
             snapshot = src.clone()  # pageable host memory is read when the call is made
             stream.push(lambda: dst.data_.copy_(snapshot))
         return dst
     assert isinstance(src, NPUTensor)
-    current_stream(src.npu_index).drain()  # a copy to the host waits for the stream
+    current_stream(src.npu_index).drain(_HOST_READ)  # a copy to the host waits for the stream
     dst.copy_(src.data_)
     return dst
 
@@ -425,7 +473,7 @@ def _to_copy(src: NPUTensor, kwargs: dict[str, Any]) -> torch.Tensor:
     device = kwargs.get("device")
     dtype = kwargs.get("dtype") or src.dtype
     if device is not None and torch.device(device).type == "cpu":
-        current_stream(src.npu_index).drain()
+        current_stream(src.npu_index).drain(_HOST_READ)
         return src.data_.to(dtype=dtype, copy=True)
     index = src.npu_index if device is None else torch.device(device).index or 0
     out = allocate(tuple(src.shape), tuple(src.contiguous().stride()), dtype, index)

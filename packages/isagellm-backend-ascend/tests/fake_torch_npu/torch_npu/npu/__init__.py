@@ -1,6 +1,8 @@
-"""torch_npu.npu, registered as torch.npu: devices, streams, events, memory.
+"""torch_npu.npu, registered as torch.npu: devices, streams, events, memory, graphs.
 
-Only names the real module has are defined here; anything else raises AttributeError.
+Only names the real module has are defined here; anything else raises AttributeError. The
+graph names (``NPUGraph``, ``graph``, ``is_current_stream_capturing``) are left out with
+``FAKE_TORCH_NPU_GRAPHS=0``, as in a torch_npu older than graph capture.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ __all__ = [
     "stream",
     "synchronize",
 ]
+
+if os.environ.get("FAKE_TORCH_NPU_GRAPHS", "1") != "0":
+    from torch_npu.npu.graphs import NPUGraph, graph, is_current_stream_capturing
+
+    __all__ += ["NPUGraph", "graph", "is_current_stream_capturing"]
 
 _SOC_VERSIONS = {"Ascend310P3": 202, "Ascend910B3": 222, "Ascend910_9391": 250}
 """SoC name -> the number torch_npu's get_soc_version() reports (values of CANN's SocVersion)."""

@@ -3,6 +3,9 @@
 torch_npu's ``NPUEvent::elapsed_time`` checks only that both events were recorded ("Both events
 must be recorded before calculating elapsed time."), synchronizes them, then calls
 ``aclrtEventElapsedTime``, which fails with an ACL error for an event created without timing.
+
+Waiting for a stream that a graph is capturing (synchronize, query, an event of it) raises
+torch_npu's ACL error 107027, "stream is captured" (see ``torch_npu.npu.graphs``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class Stream:
         """True if all queued work has run; otherwise the device progresses and False."""
         with _device.LOCK:
             idle = not self._stream.pending
-            self._stream.drain()
+            self._stream.drain("aclrtQueryStreamStatus(stream(), &status)")
         return idle
 
     def synchronize(self) -> None:
@@ -115,12 +118,12 @@ class Event:
             return True
         with _device.LOCK:
             reached = self._stream.done >= self._seq
-            self._stream.run_until(self._seq)
+            self._stream.run_until(self._seq, "aclrtQueryEventStatus(event_, &status)")
         return reached
 
     def synchronize(self) -> None:
         if self._stream is not None:
-            self._stream.run_until(self._seq)
+            self._stream.run_until(self._seq, "aclrtSynchronizeEvent(event_)")
 
     def elapsed_time(self, end_event: Event) -> float:
         if self._stream is None or end_event._stream is None:
