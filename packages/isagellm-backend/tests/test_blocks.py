@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from sagellm_backend.blocks import Allocation, BlockTable, PageRequest
+from sagellm_backend.blocks import BlockTable
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
@@ -39,22 +39,25 @@ class PageListStorage:
     def max_pages(self, device: str, dtype: DType) -> int:
         return self.size[device]
 
-    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[Slot]]:
-        needed: dict[str, int] = {}
-        for device, _, num_pages in requests:
-            needed[device] = needed.get(device, 0) + num_pages
-        for device, count in needed.items():
-            if count > len(self.free[device]):
-                raise ResourceExhaustedError(f"{device}: {count} pages needed")
-        out: list[Allocation[Slot]] = []
-        for device, _, num_pages in requests:
-            pages = tuple(self.free[device].pop(0) for _ in range(num_pages))
-            out.append((pages, (device, pages)))
-        return out
+    def allocate(
+        self,
+        device: str,
+        dtypes: Sequence[DType],
+        page_counts: Sequence[int],
+        handles: Sequence[int],
+    ) -> list[tuple[int, ...]]:
+        assert len(dtypes) == len(page_counts) == len(handles) and min(page_counts) >= 1
+        if sum(page_counts) > len(self.free[device]):
+            raise ResourceExhaustedError(f"{device}: {sum(page_counts)} pages needed")
+        free = self.free[device]
+        return [tuple(free.pop(0) for _ in range(n)) for n in page_counts]
 
-    def release(self, slots: Sequence[Slot]) -> None:
-        for device, pages in slots:
-            self.free[device].extend(pages)
+    def release(self, blocks: Sequence[KVBlock]) -> None:
+        for block in blocks:
+            self.free[block.device].extend(block.pages)
+
+    def slot(self, block: KVBlock) -> Slot:
+        return (block.device, block.pages)
 
 
 def make_table(pages: int = 16, owner: str = "p1") -> tuple[BlockTable[Slot], PageListStorage]:
@@ -252,6 +255,21 @@ def test_blocks_pickle_and_stay_valid() -> None:
     assert clone == a
     table.free([clone])
     assert table.live_blocks() == []
+
+
+def test_a_batch_mixing_given_handles_and_copies_takes_the_full_check() -> None:
+    table, storage = make_table()
+    a, b, c = table.alloc([16, 16, 16], DType.FP16)
+    before = state(table, storage)
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        table.free([a, pickle.loads(pickle.dumps(a))])
+    forged = KVBlock(c.handle, c.num_tokens, c.dtype, c.device, (15,), c.owner)
+    with pytest.raises(InvalidBlockError, match="does not match"):
+        table.free([a, b, forged])
+    assert state(table, storage) == before
+    table.free([a, pickle.loads(pickle.dumps(b))])
+    assert table.live_blocks() == [c]
+    assert sorted(storage.free["dev:0"]) == [p for p in range(16) if p not in c.pages]
 
 
 def test_threads_end_with_exact_accounting() -> None:

@@ -17,6 +17,12 @@ same checks and the same errors:
 Every batch is validated in full before the storage is touched, and the storage allocates a
 whole batch or nothing, so a failed call leaves the table and the storage as they were.
 
+The table keeps one entry per live block: the handle it gave out. A storage keeps per-block
+state only where the handle does not already say where the data is (the mock's bytes; a page
+pool keeps none). Allocating and freeing a million blocks a second is a target, so a batch is
+handled as whole lists, with C-level builtins where they beat a loop, and creates as few
+objects as it can: the cyclic garbage collector's passes grow with the objects created.
+
 Storage is released at once when a block is freed or migrated away, while device work that
 reads it may still be queued. A storage that reuses memory (a page free-list) therefore has the
 stream-ordered semantics of the caching allocators: reuse is ordered after work already queued.
@@ -25,9 +31,11 @@ stream-ordered semantics of the caching allocators: reuse is ordered after work 
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Generic, Protocol, TypeVar, cast
 
 from sagellm_backend.capability import CapabilityDescriptor
@@ -42,41 +50,56 @@ from sagellm_backend.errors import (
 from sagellm_backend.kv import KVBlock, KVLayout
 
 __all__ = [
-    "Allocation",
     "BlockStorage",
     "BlockTable",
     "Move",
-    "PageRequest",
     "check_block",
     "check_pairs",
 ]
 
 S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
 
 _new_block = functools.partial(tuple.__new__, KVBlock)
-"""``KVBlock`` built without its Python-level ``__new__``: a third of the cost of a batch."""
+"""``KVBlock`` from a tuple of its fields, without the Python-level ``__new__`` of a NamedTuple."""
+
+_handle = operator.attrgetter("handle")
 
 
-PageRequest = tuple[str, DType, int]
-"""Storage for one block: ``(device, dtype, num_pages)``. Plain tuples keep batches cheap."""
+class BlockStorage(Protocol[S_co]):
+    """Where block data lives. A BlockTable calls it under its own lock, one call at a time.
 
-Allocation = tuple[tuple[int, ...], S]
-"""What a storage hands back for one request: ``(page indices, slot)``; pages may be empty."""
-
-
-class BlockStorage(Protocol[S]):
-    """Where block data lives. A BlockTable calls it under its own lock, one call at a time."""
+    ``S_co`` is the storage's *slot*: what the provider's data operations use to reach a live
+    block's data. A storage whose blocks are fully described by their handles (device and
+    pages) uses the KVBlock itself as the slot and keeps nothing per block.
+    """
 
     def max_pages(self, device: str, dtype: DType) -> int:
         """The most pages one block of ``dtype`` on ``device`` could ever occupy."""
         ...
 
-    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[S]]:
-        """Allocate every request or none; raise ResourceExhaustedError leaving nothing changed."""
+    def allocate(
+        self,
+        device: str,
+        dtypes: Sequence[DType],
+        page_counts: Sequence[int],
+        handles: Sequence[int],
+    ) -> list[tuple[int, ...]]:
+        """The pages on ``device`` of new blocks, all or none.
+
+        Block ``i`` gets ``page_counts[i]`` pages (at least one) of ``dtypes[i]`` and will have
+        the handle ``handles[i]``. If the batch does not fit, raise ResourceExhaustedError
+        leaving nothing changed.
+        """
         ...
 
-    def release(self, slots: Sequence[S]) -> None:
-        """Give the storage of these slots back. Never fails for slots it handed out."""
+    def release(self, blocks: Sequence[KVBlock]) -> None:
+        """Give back the storage of these live blocks. Never fails for blocks it allocated."""
+        ...
+
+    def slot(self, block: KVBlock) -> S_co:
+        """The slot of a live block."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -117,7 +140,7 @@ class BlockTable(Generic[S]):
         self._default_device = default_device
         self._owner = owner
         self._lock = threading.Lock()
-        self._live: dict[int, tuple[KVBlock, S]] = {}
+        self._live: dict[int, KVBlock] = {}
         self._next_handle = 1
 
     @property
@@ -157,35 +180,36 @@ class BlockTable(Generic[S]):
         member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts = _int_sequence(num_tokens, "num_tokens")
+        if not counts:
+            return []
         tokens_per_block = self._layout.tokens_per_block
-        pages = [-(-n // tokens_per_block) for n in counts]
+        most = max(counts)
+        if most <= tokens_per_block:
+            pages = [1] * len(counts)  # the usual batch: every block one page
+        else:
+            pages = [-(-n // tokens_per_block) for n in counts]
         with self._lock:
-            if pages:
-                limit = self._storage.max_pages(where, member)
-                if min(counts) <= 0 or max(pages) > limit:
-                    for n in counts:
-                        self._pages_for(n, limit, where, member)
-            allocations = self._storage.allocate([(where, member, p) for p in pages])
+            limit = self._storage.max_pages(where, member)
+            if min(counts) <= 0 or -(-most // tokens_per_block) > limit:
+                for n in counts:
+                    self._pages_for(n, limit, where, member)
             handles = range(self._next_handle, self._next_handle + len(counts))
+            taken = self._storage.allocate(where, [member] * len(counts), pages, handles)
             self._next_handle = handles.stop
-            owner = self._owner
-            blocks = [
-                _new_block((handle, n, member, where, allocation[0], owner))
-                for handle, n, allocation in zip(handles, counts, allocations, strict=True)
-            ]
-            self._live.update(
-                zip(handles, zip(blocks, [a[1] for a in allocations], strict=True), strict=True)
-            )
+            fields = zip(handles, counts, repeat(member), repeat(where), taken, repeat(self._owner))
+            blocks = list(map(_new_block, fields))
+            self._live.update(zip(handles, blocks, strict=True))
         return blocks
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Free every block, all or none; a stale, foreign or repeated block is refused."""
         items = _block_list(blocks, "blocks")
         with self._lock:
-            entries = self._lookup_distinct(items, "kv_blocks_free")
-            self._storage.release([slot for _, slot in entries])
-            for block, _ in entries:
-                del self._live[block.handle]
+            handles, entries = self._lookup_distinct(items, "kv_blocks_free")
+            self._storage.release(entries)
+            live = self._live
+            for handle in handles:
+                del live[handle]
 
     def migrate(self, blocks: Iterable[KVBlock], target: object) -> list[Move[S]]:
         """Give every block a replacement on ``target`` and retire the sources, all or none.
@@ -195,32 +219,40 @@ class BlockTable(Generic[S]):
         where = self.check_device(target)
         items = _block_list(blocks, "blocks")
         with self._lock:
-            entries = self._lookup_distinct(items, "kv_blocks_migrate")
-            for block, _ in entries:
+            handles, sources = self._lookup_distinct(items, "kv_blocks_migrate")
+            for block in sources:
                 if block.device == where:
                     raise InvalidArgumentError(
                         f"KV block {block.handle} is already on {where}",
                         hint="migrate it to another device, or keep using it where it is",
                     )
-            requests = [
-                (where, block.dtype, self._layout.pages_for(block.num_tokens))
-                for block, _ in entries
+            storage = self._storage
+            new_handles = range(self._next_handle, self._next_handle + len(sources))
+            taken = storage.allocate(
+                where,
+                [block.dtype for block in sources],
+                [block.num_pages for block in sources],
+                new_handles,
+            )
+            self._next_handle = new_handles.stop
+            replacements = [
+                KVBlock(handle, old.num_tokens, old.dtype, where, pages, old.owner)
+                for handle, old, pages in zip(new_handles, sources, taken, strict=True)
             ]
-            allocations = self._storage.allocate(requests)
-            self._storage.release([slot for _, slot in entries])
-            moves = []
-            for (old, old_slot), (pages, slot) in zip(entries, allocations, strict=True):
-                new = KVBlock(self._next_handle, old.num_tokens, old.dtype, where, pages, old.owner)
-                self._next_handle += 1
-                del self._live[old.handle]
-                self._live[new.handle] = (new, slot)
-                moves.append(Move(old, old_slot, new, slot))
+            moves = [
+                Move(old, storage.slot(old), new, storage.slot(new))
+                for old, new in zip(sources, replacements, strict=True)
+            ]
+            storage.release(sources)
+            for handle in handles:
+                del self._live[handle]
+            self._live.update(zip(new_handles, replacements, strict=True))
         return moves
 
     def release_all(self) -> None:
         """Free every live block (when the provider closes)."""
         with self._lock:
-            self._storage.release([slot for _, slot in self._live.values()])
+            self._storage.release(list(self._live.values()))
             self._live.clear()
 
     # Lookup.
@@ -228,7 +260,7 @@ class BlockTable(Generic[S]):
     def slot(self, block: KVBlock) -> S:
         """The storage slot of a live block of this table."""
         with self._lock:
-            return self._lookup(block)[1]
+            return self._storage.slot(self._lookup(block))
 
     def copy_pairs(self, pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[S, S]]:
         """Validate (src, dst) pairs for a copy and return their slots.
@@ -243,7 +275,7 @@ class BlockTable(Generic[S]):
             sources = {src.handle for src, _ in items}
             destinations: set[int] = set()
             for src, dst in items:
-                (_, src_slot), (_, dst_slot) = self._lookup(src), self._lookup(dst)
+                src_block, dst_block = self._lookup(src), self._lookup(dst)
                 if dst.handle in destinations or dst.handle in sources:
                     raise InvalidArgumentError(
                         f"KV block {dst.handle} is written more than once, or both read and "
@@ -261,13 +293,13 @@ class BlockTable(Generic[S]):
                         hint="copy between blocks of the same page count and dtype",
                         code=ErrorCode.KV_BLOCK_MISMATCH,
                     )
-                slots.append((src_slot, dst_slot))
+                slots.append((self._storage.slot(src_block), self._storage.slot(dst_block)))
         return slots
 
     def live_blocks(self, device: str | None = None) -> list[KVBlock]:
         """Live blocks (on ``device`` if given), oldest first."""
         with self._lock:
-            return [b for b, _ in self._live.values() if device is None or b.device == device]
+            return [b for b in self._live.values() if device is None or b.device == device]
 
     def _pages_for(self, num_tokens: int, limit: int, device: str, dtype: DType) -> int:
         if num_tokens <= 0:
@@ -285,15 +317,16 @@ class BlockTable(Generic[S]):
             )
         return pages
 
-    def _lookup(self, block: KVBlock) -> tuple[KVBlock, S]:
+    def _lookup(self, block: KVBlock) -> KVBlock:
+        """The live block of ``block``'s handle, after every check."""
         if block.owner != self._owner:
             raise InvalidBlockError(
                 f"KV block {block.handle} belongs to another provider ({block.owner or 'none'})",
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        entry = self._live.get(block.handle)
-        if entry is None:
+        live = self._live.get(block.handle)
+        if live is None:
             if 0 < block.handle < self._next_handle:
                 raise BlockNotFoundError(
                     f"KV block {block.handle} was already freed or migrated away",
@@ -304,35 +337,35 @@ class BlockTable(Generic[S]):
                 f"KV block {block.handle} was never allocated by this provider",
                 hint="use handles returned by kv_block_alloc",
             )
-        if entry[0] is not block and entry[0] != block:
+        if live is not block and live != block:
             raise InvalidBlockError(
                 f"KV block {block.handle} does not match the live block of that handle",
                 hint="use handles exactly as the provider returned them",
             )
-        return entry
+        return live
 
     def _lookup_distinct(
-        self, blocks: Sequence[KVBlock], operation: str
-    ) -> list[tuple[KVBlock, S]]:
-        live = self._live
-        entries = []
-        for block in blocks:
-            entry = live.get(block.handle)
-            # The handle object this table gave out is live and ours; anything else (a copy
-            # that came through pickle, a stale or forged handle) takes the full check.
-            entries.append(
-                entry if entry is not None and entry[0] is block else self._lookup(block)
-            )
-        if len({block.handle for block in blocks}) != len(blocks):
+        self, blocks: list[KVBlock], operation: str
+    ) -> tuple[list[int], list[KVBlock]]:
+        """The handles and the live blocks of ``blocks``, each of which must be named once."""
+        handles = list(map(_handle, blocks))
+        # The handle objects this table gave out are live and ours: one identity test each.
+        # Anything else (a copy that came through pickle, a stale or forged handle) takes the
+        # full check.
+        if all(map(operator.is_, map(self._live.get, handles), blocks)):
+            entries = blocks
+        else:
+            entries = [self._lookup(block) for block in blocks]
+        if len(set(handles)) != len(handles):
             seen: set[int] = set()
-            for block in blocks:
-                if block.handle in seen:
+            for handle in handles:
+                if handle in seen:
                     raise InvalidArgumentError(
-                        f"{operation} names KV block {block.handle} more than once",
+                        f"{operation} names KV block {handle} more than once",
                         hint="pass each block once per batch",
                     )
-                seen.add(block.handle)
-        return entries
+                seen.add(handle)
+        return handles, entries
 
 
 def check_block(value: object, what: str = "block") -> KVBlock:

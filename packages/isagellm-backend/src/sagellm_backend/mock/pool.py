@@ -8,15 +8,15 @@ the live blocks of a device, so ``KVBlock.num_pages`` is right); the mock never 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sagellm_backend.blocks import Allocation, PageRequest
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import ResourceExhaustedError
-from sagellm_backend.kv import KVLayout
+from sagellm_backend.kv import KVBlock, KVLayout
 
 __all__ = ["BlockBytes", "MockMemory"]
 
@@ -35,7 +35,8 @@ class BlockBytes:
 class MockMemory:
     """A :class:`~sagellm_backend.blocks.BlockStorage` of per-block bytearrays, with accounting.
 
-    The BlockTable serialises allocation and release; the lock here keeps ``stats`` consistent.
+    A block's slot is its :class:`BlockBytes`, kept by handle. The BlockTable serialises
+    allocation and release; the lock here keeps ``stats`` consistent.
     """
 
     def __init__(self, layout: KVLayout, devices: Sequence[str], capacity_bytes: int) -> None:
@@ -47,6 +48,7 @@ class MockMemory:
         self._blocks = dict.fromkeys(devices, 0)
         self._pages = dict.fromkeys(devices, 0)
         self._next_page = dict.fromkeys(devices, 0)
+        self._slots: dict[int, BlockBytes] = {}
 
     def max_pages(self, device: str, dtype: DType) -> int:
         capacity = self._capacity.get(device)
@@ -54,15 +56,16 @@ class MockMemory:
             return _UNBOUNDED_PAGES
         return capacity // self._layout.page_bytes(dtype)
 
-    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[BlockBytes]]:
+    def allocate(
+        self,
+        device: str,
+        dtypes: Sequence[DType],
+        page_counts: Sequence[int],
+        handles: Sequence[int],
+    ) -> list[tuple[int, ...]]:
+        sizes = [self._nbytes(d, n) for d, n in zip(dtypes, page_counts, strict=True)]
+        nbytes = sum(sizes)
         with self._lock:
-            return self._allocate(requests)
-
-    def _allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[BlockBytes]]:
-        needed: dict[str, int] = {}
-        for device, dtype, num_pages in requests:
-            needed[device] = needed.get(device, 0) + self._nbytes(dtype, num_pages)
-        for device, nbytes in needed.items():
             capacity = self._capacity.get(device)
             if capacity is not None and self._used[device] + nbytes > capacity:
                 free = capacity - self._used[device]
@@ -71,25 +74,30 @@ class MockMemory:
                     f"{capacity} free",
                     hint="free or migrate blocks first, or raise max_memory_mb",
                 )
-        out: list[Allocation[BlockBytes]] = []
-        for device, dtype, num_pages in requests:
-            nbytes = self._nbytes(dtype, num_pages)
-            first = self._next_page[device]
-            self._next_page[device] += num_pages
-            pages = tuple(range(first, first + num_pages))
-            out.append((pages, BlockBytes(device, num_pages, bytearray(nbytes))))
+            bounds = list(itertools.accumulate(page_counts, initial=self._next_page[device]))
+            pages = [tuple(range(start, end)) for start, end in itertools.pairwise(bounds)]
+            self._next_page[device] = bounds[-1]
+            self._slots.update(
+                (handle, BlockBytes(device, n, bytearray(size)))
+                for handle, n, size in zip(handles, page_counts, sizes, strict=True)
+            )
             self._used[device] += nbytes
             self._peak[device] = max(self._peak[device], self._used[device])
-            self._blocks[device] += 1
-            self._pages[device] += num_pages
-        return out
+            self._blocks[device] += len(page_counts)
+            self._pages[device] += bounds[-1] - bounds[0]
+        return pages
 
-    def release(self, slots: Sequence[BlockBytes]) -> None:
+    def release(self, blocks: Sequence[KVBlock]) -> None:
         with self._lock:
-            for slot in slots:
+            for block in blocks:
+                slot = self._slots.pop(block.handle)
                 self._used[slot.device] -= len(slot.data)
                 self._blocks[slot.device] -= 1
                 self._pages[slot.device] -= slot.num_pages
+
+    def slot(self, block: KVBlock) -> BlockBytes:
+        with self._lock:
+            return self._slots[block.handle]
 
     def stats(self, device: str) -> MemoryStats:
         with self._lock:

@@ -4,6 +4,8 @@ Each device of a provider (its accelerator devices and ``"host"``) has one tenso
 ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``: one page of one
 layer is contiguous, K at index 0 and V at index 1, as paged-attention kernels read it. A block
 is a tuple of page indices; allocating and freeing only moves indices, never device memory.
+A block's handle says where its data is (``device`` and ``pages``), so the handle is the slot
+and the pool keeps nothing per block.
 
 Data moves as one indexed gather and one indexed scatter per (source device, target device)
 pair and batch, over every layer at once, never one copy per block.
@@ -11,34 +13,26 @@ pair and batch, over every layer at once, never one copy per block.
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
-from sagellm_backend.blocks import Allocation, PageRequest
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
-from sagellm_backend.kv import KVLayout
+from sagellm_backend.kv import KVBlock, KVLayout
 
-__all__ = ["DevicePages", "KVPagePool", "PageMover", "PageRun"]
-
-
-class PageRun(NamedTuple):
-    """Where one block's data lives: its device and its page indices there."""
-
-    device: str
-    pages: tuple[int, ...]
-
-
-_new_run = functools.partial(tuple.__new__, PageRun)
-"""``PageRun`` built without its Python-level ``__new__``, for batches of many blocks."""
+__all__ = ["DevicePages", "KVPagePool", "PageMover"]
 
 
 class DevicePages:
-    """One device's page tensor and its free list (a LIFO stack, so hot pages are reused)."""
+    """One device's page tensor and its free list of pages.
+
+    The free list is a LIFO stack, so hot pages are reused first. It holds one-page tuples,
+    ``(index,)``: the ``pages`` of a one-page block are handed out and taken back as they are,
+    so the usual batch, one page per block, creates no tuple per block.
+    """
 
     def __init__(
         self,
@@ -61,19 +55,34 @@ class DevicePages:
         self.pinned = pin
         self.tensor = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free: list[tuple[int, ...]] = [(page,) for page in range(num_pages - 1, -1, -1)]
 
     @property
     def free_pages(self) -> int:
         return len(self._free)
 
-    def take(self, count: int) -> tuple[int, ...]:
-        taken = self._free[len(self._free) - count :]
-        del self._free[len(self._free) - count :]
-        return tuple(reversed(taken))
+    def take(self, counts: Sequence[int], total: int) -> list[tuple[int, ...]]:
+        """The pages of one block per entry of ``counts`` (each at least 1, ``total`` in all).
 
-    def give_back(self, pages: Iterable[int]) -> None:
-        self._free.extend(pages)
+        The caller has checked that ``total`` pages are free.
+        """
+        free = self._free
+        taken = free[len(free) - total :]
+        del free[len(free) - total :]
+        taken.reverse()
+        if total == len(counts):
+            return taken  # one page per block: the tuples from the free list
+        flat = tuple(itertools.chain.from_iterable(taken))
+        ends = itertools.accumulate(counts)
+        return [flat[end - count : end] for count, end in zip(counts, ends, strict=True)]
+
+    def give_back(self, pages: Sequence[tuple[int, ...]]) -> None:
+        """Put the pages of released blocks (each at least one page) back on the free list."""
+        if sum(map(len, pages)) == len(pages):
+            self._free.extend(pages)
+        else:
+            # zip over one iterable yields one-tuples: (index,) per page.
+            self._free.extend(zip(itertools.chain.from_iterable(pages)))
 
     def index(self, pages: Sequence[int]) -> torch.Tensor:
         """Page indices as an int64 tensor on this device."""
@@ -115,37 +124,36 @@ class KVPagePool:
     def max_pages(self, device: str, dtype: DType) -> int:
         return self.pools[device].num_pages
 
-    def allocate(self, requests: Sequence[PageRequest]) -> list[Allocation[PageRun]]:
-        sizes = {
-            d: [n for device, _, n in requests if device == d] for d in {r[0] for r in requests}
-        }
-        for device, wanted in sizes.items():
-            count, free = sum(wanted), self.pools[device].free_pages
-            if count > free:
-                raise ResourceExhaustedError(
-                    f"{device} is out of KV pages: {count} requested, {free} of "
-                    f"{self.pools[device].num_pages} free",
-                    hint="free or migrate blocks first, or configure a larger pool "
-                    "(num_blocks, kv_memory_mb)",
-                )
-        out: list[Allocation[PageRun]] = []
-        for device, wanted in sizes.items():
-            taken = self.pools[device].take(sum(wanted))
-            ends = itertools.accumulate(wanted)
-            runs = [taken[end - size : end] for size, end in zip(wanted, ends, strict=True)]
-            out += [(pages, _new_run((device, pages))) for pages in runs]
-            self._blocks[device] += len(wanted)
-        if len(sizes) > 1:
-            # Put the allocations of a batch over several devices back in request order.
-            grouped = {d: iter([a for a in out if a[1].device == d]) for d in sizes}
-            out = [next(grouped[d]) for d, _, _ in requests]
-        return out
+    def allocate(
+        self,
+        device: str,
+        dtypes: Sequence[DType],
+        page_counts: Sequence[int],
+        handles: Sequence[int],
+    ) -> list[tuple[int, ...]]:
+        """Pages for new blocks on ``device``; every dtype is the pool's (the table checks)."""
+        pool = self.pools[device]
+        total = sum(page_counts)
+        if total > pool.free_pages:
+            raise ResourceExhaustedError(
+                f"{device} is out of KV pages: {total} requested, {pool.free_pages} of "
+                f"{pool.num_pages} free",
+                hint="free or migrate blocks first, or configure a larger pool "
+                "(num_blocks, kv_memory_mb)",
+            )
+        taken = pool.take(page_counts, total)
+        self._blocks[device] += len(page_counts)
+        return taken
 
-    def release(self, slots: Sequence[PageRun]) -> None:
-        for device in {slot.device for slot in slots}:
-            mine = [pages for d, pages in slots if d == device]
-            self.pools[device].give_back(itertools.chain.from_iterable(mine))
+    def release(self, blocks: Sequence[KVBlock]) -> None:
+        devices = {block.device for block in blocks}
+        for device in devices:
+            mine = blocks if len(devices) == 1 else [b for b in blocks if b.device == device]
+            self.pools[device].give_back([block.pages for block in mine])
             self._blocks[device] -= len(mine)
+
+    def slot(self, block: KVBlock) -> KVBlock:
+        return block
 
     # Accounting.
 
@@ -160,7 +168,7 @@ class KVPagePool:
 
     def move(
         self,
-        pairs: Sequence[tuple[PageRun, PageRun]],
+        pairs: Sequence[tuple[KVBlock, KVBlock]],
         *,
         non_blocking: bool,
         wait_for_host: Callable[[], None],
@@ -196,17 +204,17 @@ class KVPagePool:
                     wait_for_host()
             target.tensor.index_copy_(1, target.index(dst_pages), gathered)
 
-    def write(self, run: PageRun, data: bytes) -> None:
-        """Fill the pages of ``run`` from ``data`` (layer-major, as :meth:`read` returns them)."""
-        pool = self.pools[run.device]
+    def write(self, block: KVBlock, data: bytes) -> None:
+        """Fill the pages of ``block`` from ``data`` (layer-major, as :meth:`read` returns them)."""
+        pool = self.pools[block.device]
         host = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        pages = host.view(pool.tensor.dtype).view(self._block_shape(len(run.pages)))
-        pool.tensor.index_copy_(1, pool.index(run.pages), pages.to(pool.device))
+        pages = host.view(pool.tensor.dtype).view(self._block_shape(len(block.pages)))
+        pool.tensor.index_copy_(1, pool.index(block.pages), pages.to(pool.device))
 
-    def read(self, run: PageRun) -> bytes:
-        """The pages of ``run`` as bytes: ``[num_layers, pages, 2, tokens, heads, head_size]``."""
-        pool = self.pools[run.device]
-        pages = pool.tensor.index_select(1, pool.index(run.pages)).cpu()
+    def read(self, block: KVBlock) -> bytes:
+        """The pages of ``block`` as bytes: ``[num_layers, pages, 2, tokens, heads, head_size]``."""
+        pool = self.pools[block.device]
+        pages = pool.tensor.index_select(1, pool.index(block.pages)).cpu()
         out = bytearray(pages.numel() * pages.element_size())
         torch.frombuffer(out, dtype=torch.uint8).copy_(pages.reshape(-1).view(torch.uint8))
         return bytes(out)

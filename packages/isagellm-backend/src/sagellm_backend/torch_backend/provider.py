@@ -35,7 +35,7 @@ from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
 from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
 from sagellm_backend.torch_backend.kernels import register_reference_kernels
-from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageMover, PageRun
+from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageMover
 from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_stream
 
 __all__ = ["TorchBackendProvider", "create_torch_provider"]
@@ -110,7 +110,7 @@ class TorchBackendProvider(Generic[S, E]):
             validate=validate_collectives,
         )
         self._capability = self._describe(num_pages * layout.page_bytes(layout.dtype))
-        self._blocks: BlockTable[PageRun] = BlockTable(
+        self._blocks: BlockTable[KVBlock] = BlockTable(
             self._pool,
             layout=layout,
             capability=self._capability,
@@ -346,7 +346,7 @@ class TorchBackendProvider(Generic[S, E]):
     def kv_block_write(self, block: KVBlock, data: bytes) -> None:
         """Fill ``block`` with ``data`` in the layout :meth:`kv_block_read` returns."""
         self._live("kv_block_write")
-        run = self._blocks.slot(check_block(block))
+        live = self._blocks.slot(check_block(block))
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
                 f"data must be bytes, got {type(data).__name__}", hint="pass bytes or bytearray"
@@ -357,7 +357,7 @@ class TorchBackendProvider(Generic[S, E]):
                 f"KV block {block.handle} holds {size} bytes, got {len(data)}",
                 hint="write exactly the block's size: page_bytes(dtype) * num_pages",
             )
-        self._pool.write(run, bytes(data))
+        self._pool.write(live, bytes(data))
 
     def kv_block_read(self, block: KVBlock) -> bytes:
         """The block's bytes, layer-major: ``[num_layers, pages, 2, tokens, kv_heads, head_size]``.
@@ -365,9 +365,9 @@ class TorchBackendProvider(Generic[S, E]):
         Waits for the current stream first, as the protocol says.
         """
         self._live("kv_block_read")
-        run = self._blocks.slot(check_block(block))
+        live = self._blocks.slot(check_block(block))
         self._adapter.stream_synchronize(self._adapter.current_stream(self._index))
-        return self._pool.read(run)
+        return self._pool.read(live)
 
     # What engines and kernels read: the pools and block tables.
 
@@ -397,20 +397,20 @@ class TorchBackendProvider(Generic[S, E]):
         """
         self._live()
         items = [check_block(b, "each of blocks") for b in blocks]
-        runs = [self._blocks.slot(b) for b in items]
-        devices = {r.device for r in runs}
+        live = [self._blocks.slot(b) for b in items]
+        devices = {b.device for b in live}
         if len(devices) > 1:
             raise InvalidArgumentError(
                 f"a block table needs blocks of one device, got {sorted(devices)}",
                 hint="migrate the blocks to one device first",
             )
-        longest = max((len(r.pages) for r in runs), default=0)
+        longest = max((b.num_pages for b in live), default=0)
         columns = longest if width is None else width
         if isinstance(columns, bool) or not isinstance(columns, int) or columns < longest:
             raise InvalidArgumentError(
                 f"width must be an int of at least {longest} (the longest block), got {width!r}"
             )
-        rows = [list(r.pages) + [0] * (columns - len(r.pages)) for r in runs]
+        rows = [list(b.pages) + [0] * (columns - b.num_pages) for b in live]
         where = self._pool.pools[devices.pop()].device if devices else self._torch_device
         return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), columns).to(where)
 
@@ -424,7 +424,7 @@ class TorchBackendProvider(Generic[S, E]):
             work()
         return stream.record_event()
 
-    def _move(self, pairs: Sequence[tuple[PageRun, PageRun]]) -> None:
+    def _move(self, pairs: Sequence[tuple[KVBlock, KVBlock]]) -> None:
         current = self._adapter.current_stream(self._index)
         self._pool.move(
             pairs,
