@@ -14,7 +14,6 @@ it would fail with ACL error 107027 ("stream is captured") and invalidate the ca
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import ModuleType
@@ -23,7 +22,8 @@ import torch
 
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import ReduceOp
-from sagellm_backend.errors import GraphCaptureError, InvalidArgumentError
+from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.torch_backend.capture import CaptureGuard
 from sagellm_backend.torch_backend.collectives import CommSpec
 from sagellm_backend_ascend.runtime import NpuEvent, NpuModule, NpuStream
 from sagellm_backend_ascend.soc import SocFamily
@@ -67,8 +67,7 @@ class NpuAdapter:
         self._npu: NpuModule = torch_npu.npu
         self._pin = pin_host_memory
         self._selected: int | None = None
-        self._capturing = 0
-        self._capture_lock = threading.Lock()
+        self.captures = CaptureGuard("an NPU graph")
 
     @property
     def kind(self) -> str:
@@ -145,7 +144,7 @@ class NpuAdapter:
 
     def synchronize(self, index: int) -> None:
         self._check(index)
-        self._not_capturing("synchronize")
+        self.captures.check("synchronize")
         self._npu.synchronize(index)
 
     # Streams.
@@ -160,11 +159,11 @@ class NpuAdapter:
         return self._npu.stream(stream)
 
     def stream_query(self, stream: NpuStream) -> bool:
-        self._not_capturing("stream query")
+        self.captures.check("stream query")
         return stream.query()
 
     def stream_synchronize(self, stream: NpuStream) -> None:
-        self._not_capturing("stream synchronize")
+        self.captures.check("stream synchronize")
         stream.synchronize()
 
     def stream_wait_event(self, stream: NpuStream, event: NpuEvent) -> None:
@@ -182,38 +181,16 @@ class NpuAdapter:
         event.record(stream)
 
     def event_query(self, event: NpuEvent) -> bool:
-        self._not_capturing("event query")
+        self.captures.check("event query")
         return event.query()
 
     def event_synchronize(self, event: NpuEvent) -> None:
-        self._not_capturing("event synchronize")
+        self.captures.check("event synchronize")
         event.synchronize()
 
     def event_elapsed_ms(self, start: NpuEvent, end: NpuEvent) -> float:
-        self._not_capturing("elapsed_ms")
+        self.captures.check("elapsed_ms")
         return start.elapsed_time(end)
-
-    # Graph capture state (set by sagellm_backend_ascend.graphs).
-
-    @property
-    def capturing(self) -> bool:
-        return self._capturing > 0
-
-    def begin_capture(self) -> None:
-        with self._capture_lock:
-            self._capturing += 1
-
-    def end_capture(self) -> None:
-        with self._capture_lock:
-            self._capturing -= 1
-
-    def _not_capturing(self, operation: str) -> None:
-        if self._capturing:
-            raise GraphCaptureError(
-                f"{operation} waits for the device, which is not allowed while an NPU graph is "
-                "being captured",
-                hint="finish the capture (leave the capture_graph block) first",
-            )
 
     def _check(self, index: int) -> int:
         count = self._npu.device_count()

@@ -62,7 +62,7 @@ class NpuGraphs:
 
     @property
     def capturing(self) -> bool:
-        return self._adapter.capturing
+        return self._adapter.captures.capturing
 
     def capture(self, stream: NpuStream | None) -> AbstractContextManager[Graph]:
         """Capture on ``stream``; None takes a side stream (the default stream cannot capture)."""
@@ -79,10 +79,6 @@ class NpuGraphs:
     @contextmanager
     def _capture(self, stream: NpuStream) -> Iterator[Graph]:
         handle = CapturedNpuGraph(self._graphs.NPUGraph(), stream, self._adapter)
-        with self._graphs.graph(handle.graph, stream=stream):
-            self._adapter.begin_capture()
-            try:
-                yield handle
-            finally:
-                self._adapter.end_capture()
+        with self._graphs.graph(handle.graph, stream=stream), self._adapter.captures.scope():
+            yield handle
         handle.captured = True

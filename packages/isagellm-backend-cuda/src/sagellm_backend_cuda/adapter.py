@@ -13,7 +13,6 @@ the global capture mode such a call would invalidate the capture.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 
@@ -23,9 +22,9 @@ from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp
 from sagellm_backend.errors import (
     EventStateError,
-    GraphCaptureError,
     InvalidArgumentError,
 )
+from sagellm_backend.torch_backend.capture import CaptureGuard
 from sagellm_backend.torch_backend.collectives import CommSpec
 
 __all__ = ["NCCL", "CudaAdapter", "PooledEvent", "new_cuda_event", "visible_devices_text"]
@@ -93,8 +92,7 @@ class CudaAdapter:
 
     def __init__(self) -> None:
         self._events = _EventPools()
-        self._capturing = 0
-        self._capture_lock = threading.Lock()
+        self.captures = CaptureGuard("a CUDA graph")
 
     @property
     def kind(self) -> str:
@@ -167,13 +165,13 @@ class CudaAdapter:
 
     def mem_get_info(self, index: int) -> tuple[int, int]:
         self._check(index)
-        self._not_capturing("reading device memory")
+        self.captures.check("reading device memory")
         free, total = torch.cuda.mem_get_info(index)
         return free, total
 
     def synchronize(self, index: int) -> None:
         self._check(index)
-        self._not_capturing("synchronize")
+        self.captures.check("synchronize")
         torch.cuda.synchronize(index)
 
     # Streams.
@@ -190,11 +188,11 @@ class CudaAdapter:
         return torch.cuda.stream(stream)
 
     def stream_query(self, stream: torch.cuda.Stream) -> bool:
-        self._not_capturing("stream query")
+        self.captures.check("stream query")
         return bool(stream.query())
 
     def stream_synchronize(self, stream: torch.cuda.Stream) -> None:
-        self._not_capturing("stream synchronize")
+        self.captures.check("stream synchronize")
         stream.synchronize()
 
     def stream_wait_event(self, stream: torch.cuda.Stream, event: PooledEvent) -> None:
@@ -220,17 +218,17 @@ class CudaAdapter:
         event.event.record(stream)
 
     def event_query(self, event: PooledEvent) -> bool:
-        self._not_capturing("event query")
+        self.captures.check("event query")
         done: bool = event.event.query()  # type: ignore[no-untyped-call]  # unannotated in torch
         return done
 
     def event_synchronize(self, event: PooledEvent) -> None:
-        self._not_capturing("event synchronize")
+        self.captures.check("event synchronize")
         event.event.synchronize()
 
     def event_elapsed_ms(self, start: PooledEvent, end: PooledEvent) -> float:
         """CUDA's rules: both events recorded with timing and completed (synchronize first)."""
-        self._not_capturing("elapsed_ms")
+        self.captures.check("elapsed_ms")
         try:
             return float(start.event.elapsed_time(end.event))
         except RuntimeError as exc:
@@ -239,28 +237,6 @@ class CudaAdapter:
                 hint="call synchronize() on the end event before elapsed_ms, and record both "
                 "events on streams of the same device",
             ) from None
-
-    # Graph capture state (set by the graph capture of sagellm_backend_cuda.graphs).
-
-    @property
-    def capturing(self) -> bool:
-        return self._capturing > 0
-
-    def begin_capture(self) -> None:
-        with self._capture_lock:
-            self._capturing += 1
-
-    def end_capture(self) -> None:
-        with self._capture_lock:
-            self._capturing -= 1
-
-    def _not_capturing(self, operation: str) -> None:
-        if self._capturing:
-            raise GraphCaptureError(
-                f"{operation} waits for the device, which is not allowed while a CUDA graph is "
-                "being captured",
-                hint="finish the capture (leave the capture_graph block) first",
-            )
 
     def _check(self, index: int) -> None:
         count = self.device_count()

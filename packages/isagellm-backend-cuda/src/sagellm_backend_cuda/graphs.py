@@ -51,7 +51,7 @@ class CudaGraphs:
 
     @property
     def capturing(self) -> bool:
-        return self._adapter.capturing
+        return self._adapter.captures.capturing
 
     def capture(self, stream: torch.cuda.Stream | None) -> AbstractContextManager[Graph]:
         """Capture on ``stream``; None takes a side stream (CUDA cannot capture the default)."""
@@ -71,9 +71,6 @@ class CudaGraphs:
             torch.cuda.graph(handle.graph, stream=stream, capture_error_mode="relaxed"),
         ):
             warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
-            self._adapter.begin_capture()
-            try:
+            with self._adapter.captures.scope():
                 yield handle
-            finally:
-                self._adapter.end_capture()
         handle.captured = True
