@@ -27,6 +27,8 @@ PACKAGES = {
 }
 PLUGINS = ["isagellm-backend-cuda", "isagellm-backend-ascend"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+TRITON = "triton==3.6.0"
+"""For the CUDA kernels' tests in Triton's interpreter mode on the CPU."""
 TEST_RUNS = [
     ["packages/isagellm-backend/tests", "packages/isagellm-backend-cuda/tests", "tests"],
     ["packages/isagellm-backend-ascend/tests"],
@@ -118,6 +120,7 @@ def torch(session: nox.Session) -> None:
         f"{wheels['isagellm-backend']}[torch]",
         *(wheels[name] for name in PLUGINS),
         "numpy",
+        TRITON,
         *TEST_DEPS,
     )
     for paths in TEST_RUNS:
