@@ -223,43 +223,23 @@ def register_reference_kernels(
 ) -> None:
     """Register the reference kernels, with inputs generated on ``device``."""
     inputs = _Inputs(device)
-    table.register(
-        "rms_norm",
-        rms_norm,
-        kind=KernelKind.LAYERNORM,
-        reference=_rms_norm_reference,
-        make_inputs=inputs.rms_norm,
-        dtypes=KERNEL_DTYPES,
-        compare=compare,
-        override=override,
-    )
-    table.register(
-        "silu_and_mul",
-        silu_and_mul,
-        kind=KernelKind.FUSION,
-        reference=_silu_and_mul_reference,
-        make_inputs=inputs.silu_and_mul,
-        dtypes=KERNEL_DTYPES,
-        compare=compare,
-        override=override,
-    )
-    table.register(
-        "rotary_embedding",
-        rotary_embedding,
-        kind=KernelKind.FUSION,
-        reference=_rotary_reference,
-        make_inputs=inputs.rotary_embedding,
-        dtypes=KERNEL_DTYPES,
-        compare=compare,
-        override=override,
-    )
-    table.register(
-        "paged_attention_decode",
-        paged_attention_decode,
-        kind=KernelKind.ATTENTION,
-        reference=_paged_attention_reference,
-        make_inputs=inputs.paged_attention_decode,
-        dtypes=KERNEL_DTYPES,
-        compare=compare,
-        override=override,
-    )
+    kernels = (
+        ("rms_norm", rms_norm, KernelKind.LAYERNORM, _rms_norm_reference, inputs.rms_norm),
+        ("silu_and_mul", silu_and_mul, KernelKind.FUSION, _silu_and_mul_reference,
+         inputs.silu_and_mul),
+        ("rotary_embedding", rotary_embedding, KernelKind.FUSION, _rotary_reference,
+         inputs.rotary_embedding),
+        ("paged_attention_decode", paged_attention_decode, KernelKind.ATTENTION,
+         _paged_attention_reference, inputs.paged_attention_decode),
+    )  # fmt: skip
+    for name, impl, kind, reference, make_inputs in kernels:
+        table.register(
+            name,
+            impl,
+            kind=kind,
+            reference=reference,
+            make_inputs=make_inputs,
+            dtypes=KERNEL_DTYPES,
+            compare=compare,
+            override=override,
+        )
