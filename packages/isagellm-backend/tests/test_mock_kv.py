@@ -25,6 +25,7 @@ from sagellm_backend import (
     MockBackendProvider,
     ResourceExhaustedError,
 )
+from sagellm_backend.mock.pool import POISON
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SEED_EXAMPLE = """\
@@ -76,13 +77,17 @@ def test_blocks_are_allocated_on_demand_and_accounted_exactly() -> None:
     assert p.memory_stats().used_bytes == 0 and p.live_blocks() == []
 
 
-def test_new_blocks_read_as_zeros_and_writes_read_back() -> None:
+def test_new_blocks_read_as_poison_and_writes_read_back() -> None:
     p = MockBackendProvider()
     block = p.kv_block_alloc(20, DType.FP16)
-    assert p.kv_block_read(block) == bytes(2 * p.kv_layout.page_bytes(DType.FP16))
+    assert p.kv_block_read(block) == bytes([POISON]) * (2 * p.kv_layout.page_bytes(DType.FP16))
     data = pattern(p, block, 1)
     p.kv_block_write(block, data)
     assert p.kv_block_read(block) == data
+    p.kv_block_free(block)
+    (again,) = p.kv_blocks_alloc([20], DType.FP16)
+    assert set(again.pages) == set(block.pages), "the freed pages are handed out again"
+    assert p.kv_block_read(again) == bytes([POISON]) * len(data), "poisoned, not the old bytes"
 
 
 def test_copy_and_batched_copy_move_the_bytes() -> None:
@@ -236,7 +241,14 @@ def test_mismatched_copies_are_refused_and_change_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("target", "match"),
-    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed")],
+    [
+        ("mock:2", "unknown device 'mock:2'"),
+        ("cuda:0", "unknown device"),
+        ("mock:", "malformed"),
+        ("host\n", "malformed"),
+        (" mock:1", "malformed"),
+        ("mock:01", "malformed"),
+    ],
 )
 def test_migrate_to_a_bad_device_is_refused_and_changes_nothing(target: str, match: str) -> None:
     p = MockBackendProvider()

@@ -112,11 +112,13 @@ class BlockStorage(Protocol):
         """The most pages one block of ``dtype`` on ``device`` could ever occupy."""
         ...
 
-    def allocate(self, device: str, dtype: DType, page_counts: Sequence[int]) -> list[Pages]:
-        """The pages on ``device`` of new blocks of ``dtype``, all or none.
+    def allocate(
+        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
+    ) -> list[Pages]:
+        """The pages on ``device`` of new blocks, all or none.
 
-        Block ``i`` gets ``page_counts[i]`` pages (at least one). If the batch does not fit,
-        raise ResourceExhaustedError leaving nothing changed.
+        Block ``i`` gets ``page_counts[i]`` pages (at least one) of ``dtypes[i]``. If the batch
+        does not fit, raise ResourceExhaustedError leaving nothing changed.
         """
         ...
 
@@ -142,8 +144,9 @@ class BlockTable:
 
     ``devices`` holds the device names blocks may live on (the provider's devices and usually
     ``"host"``; any container, so a large set need not be listed) and ``devices_hint`` names
-    them for an error's hint; ``dtypes`` are the dtypes KV blocks may have. ``owner`` is stamped
-    into every handle and must be unique across providers and processes.
+    them for an error's hint; ``dtypes`` are the dtypes KV blocks may have, and ``dtype_hint``
+    (where ``{dtype}`` stands for the dtype asked for) says how to get another. ``owner`` is
+    stamped into every handle and must be unique across providers and processes.
     """
 
     def __init__(
@@ -202,7 +205,7 @@ class BlockTable:
         if member not in self._dtypes:
             raise CapabilityError(
                 f"{operation} needs KV blocks of {member.value}, which this backend does not hold",
-                hint=self._dtype_hint,
+                hint=self._dtype_hint.format(dtype=member.value),
             )
         return member
 
@@ -272,7 +275,7 @@ class BlockTable:
                 pages = [1] * len(counts)  # the usual batch: every block one page
             else:
                 pages = [-(-n // tokens_per_page) for n in counts]
-            taken = self._take(where, member, pages)
+            taken = self._take(where, [member] * len(counts), pages)
             handles = range(self._next_handle, self._next_handle + len(counts))
             self._next_handle = handles.stop
             fields = zip(handles, counts, repeat(member), repeat(where), taken, repeat(self._owner))
@@ -331,7 +334,7 @@ class BlockTable:
             self._check_open()
             self._distinct(items, "kv_blocks_grow")
             live = list(map(self._live.__getitem__, map(_handle, items)))
-            extra: dict[tuple[str, DType], list[int]] = {}
+            extra: dict[str, tuple[list[DType], list[int]]] = {}
             for block, n in zip(live, counts, strict=True):
                 if n < block.num_tokens:
                     raise InvalidArgumentError(
@@ -343,13 +346,15 @@ class BlockTable:
                 limit = self._storage.max_pages(block.device, block.dtype)
                 more = self._pages_for(n, limit, block.device, block.dtype) - block.num_pages
                 if more > 0:
-                    extra.setdefault((block.device, block.dtype), []).append(more)
-            taken: dict[tuple[str, DType], list[Pages]] = {}
+                    dtypes, page_counts = extra.setdefault(block.device, ([], []))
+                    dtypes.append(block.dtype)
+                    page_counts.append(more)
+            taken: dict[str, list[Pages]] = {}
             try:
-                for (device, dtype), page_counts in extra.items():
-                    taken[device, dtype] = self._take(device, dtype, page_counts)
+                for device, (dtypes, page_counts) in extra.items():
+                    taken[device] = self._take(device, dtypes, page_counts)
             except BaseException:
-                for (device, _), given in taken.items():
+                for device, given in taken.items():
                     self._storage.release(device, given)
                 raise
             appended = {key: iter(given) for key, given in taken.items()}
@@ -360,7 +365,7 @@ class BlockTable:
                     continue
                 pages = block.pages
                 if self._layout.pages_for(n) > len(pages):
-                    pages = pages + next(appended[block.device, block.dtype])
+                    pages = pages + next(appended[block.device])
                 new = KVBlock(block.handle, n, block.dtype, block.device, pages, block.owner)
                 self._live[block.handle] = new
                 grown.append(new)
@@ -419,7 +424,7 @@ class BlockTable:
                     f"KV block {block.handle} is already on {where}",
                     hint="migrate it to another device, or keep using it where it is",
                 )
-            taken = self._take_mixed(where, items)
+            taken = self._take(where, list(map(_dtype, items)), list(map(len, map(_pages, items))))
             start = self._next_handle
             new_handles = range(start, start + len(items))
             fields = zip(
@@ -483,9 +488,11 @@ class BlockTable:
         with self._lock:
             return operator.countOf(map(_device, self._live.values()), device)
 
-    def pending_pages(self) -> int:
-        """Freed pages still waiting for device work (see the module docstring)."""
+    def reclaim(self) -> int:
+        """Return to the storage the pending pages whose events were reached; how many freed
+        pages still wait for device work (see the module docstring)."""
         with self._lock:
+            self._poll()
             return sum(len(p) for _, groups in self._pending for _, pages in groups for p in pages)
 
     # Internals; the lock is held.
@@ -494,14 +501,16 @@ class BlockTable:
         if self._closed is not None:
             raise BackendUnavailableError(self._closed, hint="create a new backend")
 
-    def _take(self, device: str, dtype: DType, page_counts: Sequence[int]) -> list[Pages]:
+    def _take(
+        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
+    ) -> list[Pages]:
         """Pages from the storage, after the pending pages whose events were reached; waits for
         the oldest pending events while the storage is short of pages."""
         if self._pending:
             self._poll()
         while True:
             try:
-                return self._storage.allocate(device, dtype, page_counts)
+                return self._storage.allocate(device, dtypes, page_counts)
             except ResourceExhaustedError:
                 if not self._pending:
                     raise
@@ -509,22 +518,6 @@ class BlockTable:
                 for event in events:
                     event.synchronize()
                 self._give_back(groups)
-
-    def _take_mixed(self, device: str, blocks: list[KVBlock]) -> list[Pages]:
-        """Pages on ``device`` for blocks shaped as ``blocks`` (any dtypes), all or none."""
-        dtypes = set(map(_dtype, blocks))
-        if len(dtypes) == 1:
-            return self._take(device, dtypes.pop(), list(map(len, map(_pages, blocks))))
-        taken: dict[DType, list[Pages]] = {}
-        try:
-            for dtype in dtypes:
-                counts = [b.num_pages for b in blocks if b.dtype is dtype]
-                taken[dtype] = self._take(device, dtype, counts)
-        except BaseException:
-            for pages in taken.values():
-                self._storage.release(device, pages)
-            raise
-        return [taken[b.dtype].pop(0) for b in blocks]
 
     def _poll(self) -> None:
         """Release pending pages whose events were reached, oldest first."""

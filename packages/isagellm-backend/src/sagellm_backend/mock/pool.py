@@ -1,21 +1,24 @@
 """Memory of the mock devices: budgeted pages whose bytes exist only once written.
 
 Each mock device has a budget of ``max_memory_mb``; host memory is not budgeted. A block gets
-page ids as from a device's pool: freed ids are handed out again, last freed first, so device
-work that still wrote a freed page would show in its next owner's bytes. Nothing is reserved up
-front and a page keeps no bytes until something writes it. Accounting is exact all the same: a
-page counts ``page_bytes(dtype)`` against its device's budget from allocation to release, and a
-batch that does not fit raises ResourceExhaustedError before anything changes.
+page ids as from a device's pool: freed ids are handed out again, last freed first. Nothing is
+reserved up front and a page keeps no bytes until something writes it. Accounting is exact all
+the same: a page counts ``page_bytes(dtype)`` against its device's budget from allocation to
+release, and a batch that does not fit raises ResourceExhaustedError before anything changes.
 
-Fresh blocks are poisoned: a page not written since it was handed out reads as :data:`POISON`
-bytes (``0xFF``: NaN in every float dtype, -1 in int8), as a device hands out memory holding
-whatever was there, so engine code that reads KV before writing it fails on the mock too.
+A written page keeps its bytes tagged with the handle of the block that wrote them, until the
+page is written again; stream work reads and writes pages when it runs, as a device does. Fresh
+blocks are poisoned: a page its block has not written reads as :data:`POISON` bytes (``0xFF``:
+NaN in every float dtype, -1 in int8), as a device hands out memory holding whatever was there,
+so engine code that reads KV before writing it fails on the mock too. Device work that wrote a
+page after its block was freed would leave the next owner's page reading as poison.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from collections.abc import Sequence
 
 from sagellm_backend.blocks import Give, Take
@@ -42,8 +45,8 @@ class DeviceMemory:
         self.peak = 0
         self.sizes: dict[int, int] = {}
         """Bytes of each live page."""
-        self.data: dict[int, bytes] = {}
-        """Contents of each written live page."""
+        self.data: dict[int, tuple[int, bytes]] = {}
+        """Each written page: the handle of the block that wrote it, and its bytes."""
         self._free: list[int] = []
         self._fresh = itertools.count()
 
@@ -59,10 +62,13 @@ class DeviceMemory:
             self.peak = used
         return (page,)
 
-    def take(self, device: str, size: int, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
-        """The pages of new blocks of ``size``-byte pages, all or none."""
+    def take(
+        self, device: str, sizes: Sequence[int], page_counts: Sequence[int]
+    ) -> list[tuple[int, ...]]:
+        """The pages of new blocks whose pages are ``sizes[i]`` bytes, all or none."""
         total = sum(page_counts)
-        nbytes = total * size
+        uniform = len(set(sizes)) == 1
+        nbytes = total * sizes[0] if uniform else sum(map(operator.mul, sizes, page_counts))
         if self.capacity is not None and self.used + nbytes > self.capacity:
             raise ResourceExhaustedError(
                 f"{device} is out of KV memory: {nbytes} bytes requested, "
@@ -80,7 +86,11 @@ class DeviceMemory:
         del self._free[len(self._free) - reused :]
         ids.reverse()
         ids.extend(itertools.islice(self._fresh, total - reused))
-        self.sizes.update(zip(ids, itertools.repeat(size)))
+        if uniform:
+            self.sizes.update(zip(ids, itertools.repeat(sizes[0])))
+        else:
+            per_page = itertools.chain.from_iterable(map(itertools.repeat, sizes, page_counts))
+            self.sizes.update(zip(ids, per_page, strict=True))
         self.used += nbytes
         self.peak = max(self.peak, self.used)
         if total == len(page_counts):
@@ -89,11 +99,10 @@ class DeviceMemory:
         return [tuple(ids[end - n : end]) for n, end in zip(page_counts, ends, strict=True)]
 
     def give(self, pages: tuple[int, ...]) -> None:
-        """Take back the pages of one block; their bytes are dropped."""
-        sizes, data = self.sizes, self.data
+        """Take back the pages of one block."""
+        sizes = self.sizes
         for page in pages:
             self.used -= sizes.pop(page)
-            data.pop(page, None)
         self._free.extend(pages)
 
 
@@ -126,9 +135,14 @@ class MockMemory:
         return min(MAX_PAGES, self._capacity // self._layout.page_bytes(dtype))
 
     def allocate(
-        self, device: str, dtype: DType, page_counts: Sequence[int]
+        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
     ) -> list[tuple[int, ...]]:
-        return self.device(device).take(device, self._layout.page_bytes(dtype), page_counts)
+        distinct = set(dtypes)
+        if len(distinct) == 1:
+            sizes = [self._layout.page_bytes(distinct.pop())] * len(page_counts)
+        else:
+            sizes = list(map(self._layout.page_bytes, dtypes))
+        return self.device(device).take(device, sizes, page_counts)
 
     def release(self, device: str, pages: Sequence[tuple[int, ...]]) -> None:
         give = self.device(device).give
@@ -146,23 +160,23 @@ class MockMemory:
     def write(self, block: KVBlock, payload: bytes) -> None:
         data, size = self.device(block.device).data, self._layout.page_bytes(block.dtype)
         for i, page in enumerate(block.pages):
-            data[page] = payload[i * size : (i + 1) * size]
+            data[page] = (block.handle, payload[i * size : (i + 1) * size])
 
     def read(self, block: KVBlock) -> bytes:
         data, size = self.device(block.device).data, self._layout.page_bytes(block.dtype)
         poison = self._poisoned(size)
-        return b"".join(data.get(page, poison) for page in block.pages)
+        return b"".join(_content(data.get(page), block.handle, poison) for page in block.pages)
 
     def move(self, pairs: Sequence[tuple[KVBlock, KVBlock]]) -> None:
-        """Copy the pages of each (src, dst) pair; an unwritten page stays unwritten."""
+        """Copy the pages of each (src, dst) pair; a page its block did not write stays so."""
         for src, dst in pairs:
             source, target = self.device(src.device).data, self.device(dst.device).data
             for page, to in zip(src.pages, dst.pages, strict=True):
-                content = source.get(page)
-                if content is None:
-                    target.pop(to, None)
+                entry = source.get(page)
+                if entry is not None and entry[0] == src.handle:
+                    target[to] = (dst.handle, entry[1])
                 else:
-                    target[to] = content
+                    target.pop(to, None)
 
     def stats(self, device: str, blocks: int) -> MemoryStats:
         memory = self.device(device)
@@ -179,3 +193,7 @@ class MockMemory:
         if page is None:
             page = self._poison.setdefault(size, bytes([POISON]) * size)
         return page
+
+
+def _content(entry: tuple[int, bytes] | None, handle: int, poison: bytes) -> bytes:
+    return entry[1] if entry is not None and entry[0] == handle else poison

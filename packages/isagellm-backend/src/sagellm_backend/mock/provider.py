@@ -167,7 +167,11 @@ class MockBackendProvider(Unique):
             devices={f"mock:{i}" for i in range(num_devices)} | {HOST},
             default_device=self._device,
             owner=f"{self._device}#{uuid.uuid4().hex}",
-            devices_hint=f"use mock:0 to mock:{num_devices - 1}, or {HOST}",
+            devices_hint=(
+                f"use one of {', '.join(f'mock:{i}' for i in range(num_devices))}, {HOST}"
+                if num_devices <= 8
+                else f"use mock:0 to mock:{num_devices - 1}, or {HOST}"
+            ),
         )
         name = self._device if world.world_size == 1 else f"{self._device} (rank {rank})"
         world.join(rank, name)
@@ -234,6 +238,7 @@ class MockBackendProvider(Unique):
     def memory_stats(self) -> MemoryStats:
         """Memory of this provider's own device (blocks migrated elsewhere are not counted)."""
         self._streams.check_open()
+        self._table.reclaim()
         return self._memory.stats(self._device, self._table.blocks_on(self._device))
 
     # KV blocks.

@@ -132,9 +132,9 @@ class KVPagePool:
         return self.pools[device].num_pages
 
     def allocate(
-        self, device: str, dtype: DType, page_counts: Sequence[int]
+        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
     ) -> list[tuple[int, ...]]:
-        """Pages for new blocks on ``device``; the dtype is the pool's (the table checks)."""
+        """Pages for new blocks on ``device``; every dtype is the pool's (the table checks)."""
         pool = self.pools[device]
         total = sum(page_counts)
         if total > pool.free_pages:

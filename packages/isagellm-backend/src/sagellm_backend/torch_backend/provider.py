@@ -234,6 +234,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
     def memory_stats(self) -> MemoryStats:
         """Device-wide memory (from the adapter) and this provider's KV page accounting."""
         self._live()
+        self._blocks.reclaim()
         free, total = self._adapter.mem_get_info(self._index)
         used = total - free
         self._peak_used = max(self._peak_used, used)
