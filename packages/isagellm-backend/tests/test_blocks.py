@@ -8,8 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from sagellm_backend.blocks import BlockTable
-from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.blocks import BlockTable, Give, Take
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
     BlockNotFoundError,
@@ -22,15 +21,13 @@ from sagellm_backend.errors import (
 from sagellm_backend.kv import KVBlock, KVLayout
 
 LAYOUT = KVLayout(tokens_per_block=16)
-CAPABILITY = CapabilityDescriptor(supported_dtypes=[DType.FP16, DType.BF16])
-
-
-Slot = tuple[str, tuple[int, ...]]
-"""A block's device and its pages."""
+DTYPES = (DType.FP16, DType.BF16)
 
 
 class PageListStorage:
-    """A fixed pool of pages per device with a free-list: what a preallocated torch pool does."""
+    """A fixed pool of pages per device with a free-list: what a preallocated torch pool does.
+
+    It has no single-block path, so every call takes the table's batch path."""
 
     def __init__(self, pages_per_device: dict[str, int]) -> None:
         self.free = {d: list(range(n)) for d, n in pages_per_device.items()}
@@ -40,40 +37,46 @@ class PageListStorage:
         return self.size[device]
 
     def allocate(
-        self,
-        device: str,
-        dtypes: Sequence[DType],
-        page_counts: Sequence[int],
-        handles: Sequence[int],
+        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
     ) -> list[tuple[int, ...]]:
-        assert len(dtypes) == len(page_counts) == len(handles) and min(page_counts) >= 1
+        assert len(dtypes) == len(page_counts) and min(page_counts) >= 1
         if sum(page_counts) > len(self.free[device]):
-            raise ResourceExhaustedError(f"{device}: {sum(page_counts)} pages needed")
+            raise ResourceExhaustedError(
+                f"{device}: {sum(page_counts)} pages needed", hint="free some"
+            )
         free = self.free[device]
         return [tuple(free.pop(0) for _ in range(n)) for n in page_counts]
 
-    def release(self, blocks: Sequence[KVBlock]) -> None:
-        for block in blocks:
-            self.free[block.device].extend(block.pages)
+    def release(self, device: str, pages: Sequence[tuple[int, ...]]) -> None:
+        for block_pages in pages:
+            self.free[device].extend(block_pages)
 
-    def slot(self, block: KVBlock) -> Slot:
-        return (block.device, block.pages)
+    def taker(self, device: str, dtype: DType) -> Take | None:
+        return None
+
+    def giver(self, device: str) -> Give | None:
+        return None
 
 
-def make_table(pages: int = 16, owner: str = "p1") -> tuple[BlockTable[Slot], PageListStorage]:
+def make_table(pages: int = 16, owner: str = "p1") -> tuple[BlockTable, PageListStorage]:
     storage = PageListStorage({"dev:0": pages, "dev:1": pages, "host": 4 * pages})
-    table: BlockTable[Slot] = BlockTable(
+    table = BlockTable(
         storage,
         layout=LAYOUT,
-        capability=CAPABILITY,
-        devices=["dev:0", "dev:1", "host"],
+        dtypes=DTYPES,
+        devices={"dev:0", "dev:1", "host"},
         default_device="dev:0",
         owner=owner,
+        devices_hint="use one of dev:0, dev:1, host",
     )
     return table, storage
 
 
-def state(table: BlockTable[Slot], storage: PageListStorage) -> object:
+def no_work(pairs: list[tuple[KVBlock, KVBlock]]) -> None:
+    """The data movement of a table without data: nothing, on the current stream."""
+
+
+def state(table: BlockTable, storage: PageListStorage) -> object:
     return table.live_blocks(), {d: sorted(f) for d, f in storage.free.items()}
 
 
@@ -129,7 +132,7 @@ def test_double_free_and_use_after_free_are_block_not_found() -> None:
         table.free([a])
     assert info.value.code is ErrorCode.BLOCK_NOT_FOUND and isinstance(info.value, LookupError)
     with pytest.raises(BlockNotFoundError):
-        table.slot(a)
+        table.lookup(a)
     assert state(table, storage) == before
 
 
@@ -144,7 +147,7 @@ def test_foreign_forged_and_altered_blocks_are_refused() -> None:
     assert info.value.code is ErrorCode.FOREIGN_BLOCK
     forged = KVBlock(99, 16, DType.FP16, "dev:0", (0,), "p1")
     with pytest.raises(InvalidBlockError, match="never allocated"):
-        table.slot(forged)
+        table.lookup(forged)
     altered = KVBlock(mine.handle, 32, mine.dtype, mine.device, mine.pages, mine.owner)
     with pytest.raises(InvalidBlockError, match="does not match"):
         table.free([altered])
@@ -176,41 +179,41 @@ def test_exhaustion_allocates_nothing() -> None:
     assert len(table.alloc([16, 16, 16], DType.FP16)) == 3
 
 
-def test_copy_pairs_checks_shape_dtype_and_distinct_destinations() -> None:
+def test_copy_checks_shape_dtype_and_distinct_destinations_before_issuing() -> None:
     table, _ = make_table()
     a, b, c, d = table.alloc([16, 16, 32, 16], DType.FP16)
     (h,) = table.alloc([16], DType.BF16)
-    fanned_out = table.copy_pairs([(a, b), (a, d)])
-    assert fanned_out == [
-        (("dev:0", a.pages), ("dev:0", b.pages)),
-        (("dev:0", a.pages), ("dev:0", d.pages)),
-    ]
+    issued: list[list[tuple[KVBlock, KVBlock]]] = []
+    table.copy([(a, b), (a, d)], lambda pairs: issued.append(pairs))
+    assert issued == [[(a, b), (a, d)]]
     with pytest.raises(InvalidBlockError) as info:
-        table.copy_pairs([(a, c)])
+        table.copy([(a, c)], no_work)
     assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
     with pytest.raises(InvalidBlockError) as info:
-        table.copy_pairs([(a, h)])
+        table.copy([(a, h)], no_work)
     assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
     with pytest.raises(InvalidArgumentError, match="more than once"):
-        table.copy_pairs([(a, b), (h, b)])
+        table.copy([(a, b), (h, b)], no_work)
     with pytest.raises(InvalidArgumentError, match="more than once"):
-        table.copy_pairs([(a, a)])
+        table.copy([(a, a)], no_work)
     with pytest.raises(InvalidArgumentError, match="tuple"):
-        table.copy_pairs([a])  # type: ignore[list-item]  # deliberately not a pair
+        table.copy([a], no_work)  # type: ignore[list-item]  # deliberately not a pair
+    assert len(issued) == 1, "nothing refused was issued"
 
 
 def test_migrate_moves_to_a_device_retires_the_source_and_keeps_pages_count() -> None:
     table, storage = make_table()
     a, b = table.alloc([16, 40], DType.FP16)
-    moves = table.migrate([a, b], "host")
-    assert [m.src for m in moves] == [a, b]
-    assert [m.dst.device for m in moves] == ["host", "host"]
-    assert [m.dst.num_pages for m in moves] == [1, 3]
-    assert moves[1].dst.num_tokens == 40
+    issued: list[list[tuple[KVBlock, KVBlock]]] = []
+    moved = table.migrate([a, b], "host", lambda pairs: issued.append(pairs))
+    assert issued == [list(zip([a, b], moved, strict=True))]
+    assert [m.device for m in moved] == ["host", "host"]
+    assert [m.num_pages for m in moved] == [1, 3]
+    assert moved[1].num_tokens == 40
     assert sorted(storage.free["dev:0"]) == list(range(16)), "source pages given back"
     with pytest.raises(BlockNotFoundError):
-        table.slot(a)
-    assert table.live_blocks() == [m.dst for m in moves]
+        table.lookup(a)
+    assert table.live_blocks() == moved
 
 
 @pytest.mark.parametrize(
@@ -227,7 +230,7 @@ def test_migrate_to_bad_target_changes_nothing(target: object, match: str) -> No
     (a,) = table.alloc([16], DType.FP16)
     before = state(table, storage)
     with pytest.raises(InvalidArgumentError, match=match) as info:
-        table.migrate([a], target)
+        table.migrate([a], target, no_work)
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
     if match == "unknown device":
         assert "dev:0, dev:1, host" in str(info.value)
@@ -236,15 +239,21 @@ def test_migrate_to_bad_target_changes_nothing(target: object, match: str) -> No
 
 def test_migrate_is_all_or_nothing() -> None:
     table, storage = make_table(pages=4)
-    table.migrate(table.alloc([32], DType.FP16), "dev:1")
+    table.migrate(table.alloc([32], DType.FP16), "dev:1", no_work)
     blocks = table.alloc([32, 16], DType.FP16)
     before = state(table, storage)
     with pytest.raises(ResourceExhaustedError):
-        table.migrate(blocks, "dev:1")
+        table.migrate(blocks, "dev:1", no_work)
     with pytest.raises(InvalidArgumentError, match="already on dev:0"):
-        table.migrate(blocks, "dev:0")
+        table.migrate(blocks, "dev:0", no_work)
     with pytest.raises(InvalidArgumentError, match="more than once"):
-        table.migrate([blocks[0], blocks[0]], "host")
+        table.migrate([blocks[0], blocks[0]], "host", no_work)
+
+    def failing(pairs: list[tuple[KVBlock, KVBlock]]) -> None:
+        raise RuntimeError("the device refused the copy")
+
+    with pytest.raises(RuntimeError, match="refused the copy"):
+        table.migrate(blocks, "host", failing)
     assert state(table, storage) == before
 
 
