@@ -69,11 +69,11 @@ from sagellm_backend.errors import (
     ResourceExhaustedError,
 )
 from sagellm_backend.kv import KVBlock, KVLayout
-from sagellm_backend.protocols.streams import Event
 
 __all__ = [
     "BlockStorage",
     "BlockTable",
+    "Fence",
     "Give",
     "Issue",
     "Take",
@@ -82,12 +82,21 @@ __all__ = [
 
 R = TypeVar("R")
 
+
+class Fence(Protocol):
+    """The part of an event the table uses: whether device work is done, and waiting for it."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
 Pages = tuple[int, ...]
 Take = Callable[[], Pages]
 """Takes the page of a new one-page block: ``(index,)``; IndexError when none is free."""
 Give = Callable[[Pages], None]
 """Gives back the pages of one released block."""
-Issue = Callable[[list[tuple[KVBlock, KVBlock]]], Event | None]
+Issue = Callable[[list[tuple[KVBlock, KVBlock]]], Fence | None]
 """Queues the data movement of (source, destination) pairs. Returns None when the work went to
 the calling thread's current stream, else the event recorded after it on the other stream."""
 
@@ -135,7 +144,7 @@ class BlockStorage(Protocol):
         ...
 
 
-_Pending = tuple[list[Event], list[tuple[str, list[Pages]]]]
+_Pending = tuple[list[Fence], list[tuple[str, list[Pages]]]]
 """Pages waiting for events: (events, [(device, pages of each block)])."""
 
 
@@ -185,7 +194,7 @@ class BlockTable:
                 self._one_page[dtype] = (dtype, take)
         self._give: dict[str, Give] = {}
         self._add_giver(default_device)
-        self._in_flight: list[Event] = []
+        self._in_flight: list[Fence] = []
         self._pending: deque[_Pending] = deque()
         self._closed: str | None = None
 
@@ -283,7 +292,7 @@ class BlockTable:
             self._live.update(zip(handles, blocks, strict=True))
         return blocks
 
-    def free_one(self, block: KVBlock, after: Event | None = None) -> None:
+    def free_one(self, block: KVBlock, after: Fence | None = None) -> None:
         """Free one block; a live one-page block of this table takes the single-block path."""
         if after is None and not self._in_flight:
             lock = self._lock
@@ -306,7 +315,7 @@ class BlockTable:
                 lock.release()
         self.free([check_block(block)], after)
 
-    def free(self, blocks: Iterable[KVBlock], after: Event | None = None) -> None:
+    def free(self, blocks: Iterable[KVBlock], after: Fence | None = None) -> None:
         """Free every block, all or none; a stale, foreign or repeated block is refused.
 
         With ``after``, the pages are reused only once that event is reached.
@@ -525,13 +534,13 @@ class BlockTable:
         while pending and all(event.query() for event in pending[0][0]):
             self._give_back(pending.popleft()[1])
 
-    def _track(self, event: Event | None) -> None:
+    def _track(self, event: Fence | None) -> None:
         """Keep the event of work on another stream until it is reached."""
         if event is not None:
             self._in_flight = [e for e in self._in_flight if not e.query()]
             self._in_flight.append(event)
 
-    def _release(self, blocks: list[KVBlock], events: list[Event]) -> None:
+    def _release(self, blocks: list[KVBlock], events: list[Fence]) -> None:
         """Give back the pages of retired blocks, or keep them pending on the events that
         reusing them must follow: ``events`` and the work still in flight on other streams."""
         if not blocks:
