@@ -11,6 +11,7 @@ import pytest
 from sagellm_backend.blocks import BlockTable, Give, Take
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
+    BackendUnavailableError,
     BlockNotFoundError,
     CapabilityError,
     ErrorCode,
@@ -305,3 +306,122 @@ def test_threads_end_with_exact_accounting() -> None:
     assert len({b.handle for b in live}) == 8
     assert len(storage.free["dev:0"]) == 10_000 - 8
     assert len({p for b in live for p in b.pages}) == 8, "no page handed out twice"
+
+
+class DeviceWork:
+    """A fence on work a device runs by itself: done once :meth:`finish` (or a wait) ran it."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = 0
+
+    def finish(self) -> None:
+        self.done = True
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited += 1
+        self.done = True
+
+
+def free_pages(storage: PageListStorage, device: str = "dev:0") -> set[int]:
+    return set(storage.free[device])
+
+
+def test_sources_of_a_migration_on_another_stream_wait_for_its_event() -> None:
+    table, storage = make_table(pages=4)
+    blocks = table.alloc([16, 16], DType.FP16)
+    work = DeviceWork()
+    table.migrate(blocks, "host", lambda pairs: work)
+    sources = {b.pages[0] for b in blocks}
+    assert not sources & free_pages(storage), "pending while the copy out of them runs"
+    assert table.reclaim() == 2
+    fresh = table.alloc([16, 16], DType.FP16)
+    assert not {b.pages[0] for b in fresh} & sources and not work.waited, "other pages first"
+    work.finish()
+    assert table.reclaim() == 0 and sources <= free_pages(storage)
+
+
+def test_a_free_with_after_waits_only_when_the_storage_is_short() -> None:
+    table, storage = make_table(pages=3)
+    a, b, c = table.alloc([16, 16, 16], DType.FP16)
+    work = DeviceWork()
+    table.free([a, b], after=work)
+    assert free_pages(storage) == set() and table.reclaim() == 2
+    (d,) = table.alloc([16], DType.FP16)
+    assert work.waited == 1, "nothing else free: the allocation waited for the event"
+    assert d.pages[0] in {a.pages[0], b.pages[0]} and table.reclaim() == 0
+    table.free([c, d], after=DeviceWork())
+    with pytest.raises(BlockNotFoundError):
+        table.free([c], after=DeviceWork())  # c is already freed: refused, not pending again
+    assert table.reclaim() == 2
+
+
+def test_frees_while_work_on_another_stream_is_in_flight_wait_for_it() -> None:
+    table, storage = make_table(pages=4)
+    a, b, c = table.alloc([16, 16, 16], DType.FP16)
+    copy = DeviceWork()
+    table.copy([(a, b)], lambda pairs: copy)
+    table.free_one(c)
+    table.free([a])
+    assert not {a.pages[0], c.pages[0]} & free_pages(storage)
+    copy.finish()
+    table.free_one(b)
+    assert b.pages[0] in free_pages(storage), "nothing in flight any more: released at once"
+    assert table.reclaim() == 0 and {a.pages[0], c.pages[0]} <= free_pages(storage)
+
+
+def test_work_on_the_current_stream_releases_at_once() -> None:
+    table, storage = make_table(pages=2)
+    a, b = table.alloc([16, 16], DType.FP16)
+    table.copy([(a, b)], no_work)
+    table.migrate([a], "host", no_work)
+    assert a.pages[0] in free_pages(storage) and table.reclaim() == 0
+
+
+def test_close_waits_for_every_event_and_refuses_later_calls() -> None:
+    table, storage = make_table(pages=4)
+    a, b, c = table.alloc([16, 16, 16], DType.FP16)
+    in_flight, after = DeviceWork(), DeviceWork()
+    table.copy([(a, b)], lambda pairs: in_flight)
+    table.free([c], after=after)
+    table.close("closed for the test")
+    assert in_flight.waited == 1 and after.waited == 1
+    assert free_pages(storage) == set(range(4)) and free_pages(storage, "host") == set(range(16))
+    for call in (
+        lambda: table.alloc([16], DType.FP16),
+        lambda: table.alloc_one(16, DType.FP16),
+        lambda: table.free([a]),
+        lambda: table.free_one(a),
+        lambda: table.live_blocks(),
+    ):
+        with pytest.raises(BackendUnavailableError, match="closed for the test"):
+            call()
+
+
+def test_grow_appends_pages_keeps_the_handle_and_refuses_the_old_value() -> None:
+    table, storage = make_table(pages=8)
+    a, b = table.alloc([10, 16], DType.FP16)
+    same, grown = table.grow([a, b], [10, 40])
+    assert same is a, "an unchanged count keeps the block as it is"
+    assert grown.handle == b.handle and grown.pages[:1] == b.pages and grown.num_pages == 3
+    assert grown.num_tokens == 40 and table.lookup(grown) is grown
+    with pytest.raises(BlockNotFoundError, match="was grown") as info:
+        table.free([b])
+    assert "kv_block_grow" in (info.value.hint or "")
+    (within,) = table.grow([a], [16])
+    assert within.pages == a.pages and within.num_tokens == 16
+    before = state(table, storage)
+    with pytest.raises(InvalidArgumentError, match="cannot grow to 8"):
+        table.grow([within], [8])
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        table.grow([within, within], [32, 32])
+    with pytest.raises(InvalidArgumentError, match="one token count per block"):
+        table.grow([within], [32, 48])
+    with pytest.raises(ResourceExhaustedError):
+        table.grow([within, grown], [16 * 4, 16 * 6])  # 3 + 3 more pages, 4 free
+    with pytest.raises(InvalidArgumentError, match="could ever hold"):
+        table.grow([within], [16 * 9])
+    assert state(table, storage) == before, "refused growth changes nothing"

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch", reason="needs torch: pip install 'isagellm-
 from sagellm_backend.torch_backend.cpu import create_cpu_backend  # noqa: E402
 
 THREADS = 4
-ROUNDS = 400
+ROUNDS = 1500
 
 
 def page_bytes(data: bytes, layers: int, num_pages: int, page: int) -> bytes:

@@ -389,7 +389,7 @@ class BlockTable:
             self._closed = message
             self._one_page.clear()
             events = self._in_flight + [e for entry in self._pending for e in entry[0]]
-            for event in events:
+            for event in {id(e): e for e in events}.values():
                 event.synchronize()
             self._in_flight.clear()
             for _, groups in self._pending:
