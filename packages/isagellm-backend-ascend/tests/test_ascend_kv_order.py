@@ -106,11 +106,11 @@ def test_a_copy_on_a_side_stream_reads_its_source_before_the_page_is_reused(p: P
 
 
 def test_a_swap_in_on_a_side_stream_lands_after_the_old_owners_write(p: Provider) -> None:
+    on_host = p.kv_block_migrate(p.kv_block_alloc(4, DType.FP16), HOST)
+    data = fill(p, on_host)
     old = p.kv_block_alloc(4, DType.FP16)
     fill(p, old)  # queued on the current stream, not run yet
     p.kv_block_free(old)
-    on_host = p.kv_block_migrate(p.kv_block_alloc(4, DType.FP16), HOST)
-    data = fill(p, on_host)
     side = p.create_stream()
     (swapped,), done = p.kv_blocks_migrate([on_host], p.device, stream=side)
     assert swapped.pages == old.pages, "the freed page is reused at once"
@@ -129,5 +129,6 @@ def test_a_free_after_an_engine_event_keeps_the_pages_until_it_is_reached(p: Pro
     p.kv_blocks_free(blocks[:2], after=ready)
     for block in p.kv_blocks_alloc([4, 4], DType.FP16):  # short: waits for the event
         fill(p, block)
-    p.synchronize()
+    p.current_stream().synchronize()
+    side.synchronize()
     assert p.kv_block_read(blocks[2]) == data
