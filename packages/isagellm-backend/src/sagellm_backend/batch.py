@@ -30,15 +30,15 @@ import itertools
 import operator
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from sagellm_backend.blocks import BlockTable
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.kv import KVBlock, KVLayout
 
-__all__ = ["BatchPlanner", "BatchSections", "Plan", "Section"]
+__all__ = ["BatchPlanner", "BatchSections", "BlockCheck", "Plan", "Section", "Typecode"]
 
 _ALIGN = 64
 _INT32 = 4
@@ -46,16 +46,26 @@ _INT64 = 8
 _device = operator.attrgetter("device")
 
 
+Typecode = Literal["i", "q"]
+"""``array`` typecodes of the sections: int32 and int64."""
+
+BlockCheck = Callable[[Sequence[KVBlock]], None]
+
+
 class Section(NamedTuple):
     """One array of the flat buffer: its byte offset, element count and ``array`` typecode."""
 
     offset: int
-    count: int
-    typecode: str
+    length: int
+    typecode: Typecode
+
+    @property
+    def itemsize(self) -> int:
+        return _INT32 if self.typecode == "i" else _INT64
 
     @property
     def nbytes(self) -> int:
-        return self.count * (_INT32 if self.typecode == "i" else _INT64)
+        return self.length * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -93,19 +103,25 @@ class BatchSections:
                 hint="create smaller metadata buffers",
             )
         offset = 0
-        sections = []
-        for count, typecode in (
-            (max_seqs, "i"),
-            (max_seqs + 1, "i"),
-            (max_tokens, "q"),
-            (max_tokens, "q"),
-            (max_seqs, "q"),
-            (max_seqs * max_pages_per_seq, "i"),
-        ):
-            section = Section(offset, count, typecode)
-            sections.append(section)
+
+        def place(length: int, typecode: Typecode) -> Section:
+            nonlocal offset
+            section = Section(offset, length, typecode)
             offset += -(-section.nbytes // _ALIGN) * _ALIGN
-        return cls(max_seqs, max_tokens, max_pages_per_seq, *sections, nbytes=offset)
+            return section
+
+        return cls(
+            max_seqs,
+            max_tokens,
+            max_pages_per_seq,
+            seq_lens=place(max_seqs, "i"),
+            query_start_loc=place(max_seqs + 1, "i"),
+            positions=place(max_tokens, "q"),
+            slot_mapping=place(max_tokens, "q"),
+            last_token_indices=place(max_seqs, "q"),
+            block_tables=place(max_seqs * max_pages_per_seq, "i"),
+            nbytes=offset,
+        )
 
     def used(self, num_seqs: int) -> int:
         """Bytes from the start of the buffer that a plan of ``num_seqs`` sequences writes."""
@@ -124,7 +140,8 @@ class BatchPlanner:
     """Validates steps and writes their arrays into ``buffer`` (``sections.nbytes`` bytes).
 
     ``table`` is the provider's block table: every block of a plan must be live in it and on
-    ``device``. Not thread-safe: its owner serialises plans, together with their upload.
+    ``device``; ``check`` is the backend's own check of the blocks, if it has one, run after
+    these. Not thread-safe: its owner serialises plans, together with their upload.
     """
 
     def __init__(
@@ -135,6 +152,7 @@ class BatchPlanner:
         table: BlockTable[Any],
         layout: KVLayout,
         device: str,
+        check: BlockCheck | None = None,
     ) -> None:
         if buffer.nbytes < sections.nbytes or buffer.readonly:
             raise InvalidArgumentError(
@@ -145,6 +163,7 @@ class BatchPlanner:
         self._table = table
         self._tokens_per_block = layout.tokens_per_block
         self._device = device
+        self._check = check
         s = sections
         self._seq_lens = _view(raw, s.seq_lens)
         self._query_start_loc = _view(raw, s.query_start_loc)
@@ -199,9 +218,9 @@ class BatchPlanner:
                 raise _query_len_error(qlens, lens)
             if n > s.max_tokens:
                 raise _tokens_error(n, s.max_tokens)
-            positions = [length - 1 for length in lens]
+            positions: Sequence[int] = [length - 1 for length in lens]
             try:
-                slots = [p[q // t] * t + q % t for p, q in zip(pages, positions)]
+                slots: Sequence[int] = [p[q // t] * t + q % t for p, q in zip(pages, positions)]
             except IndexError:
                 raise self._capacity_error(blocks, lens) from None
             planned = Plan(n, n, 1)
@@ -250,6 +269,8 @@ class BatchPlanner:
                 f"KV block {stray.handle} is on {stray.device}, not on {self._device}",
                 hint=f"migrate it to {self._device} (kv_blocks_migrate) before planning",
             )
+        if self._check is not None:
+            self._check(blocks)
 
     def _capacity_error(self, blocks: Sequence[KVBlock], lens: array[int]) -> Exception:
         t = self._tokens_per_block
@@ -262,7 +283,7 @@ class BatchPlanner:
         )
 
 
-def _view(raw: memoryview, section: Section) -> memoryview:
+def _view(raw: memoryview, section: Section) -> memoryview[int]:
     return raw[section.offset : section.offset + section.nbytes].cast(section.typecode)
 
 

@@ -61,7 +61,12 @@ class MockBatchMetadata:
         self._sections = sections
         self._staging = bytearray(sections.nbytes)
         self._planner = BatchPlanner(
-            sections, memoryview(self._staging), table=table, layout=layout, device=device
+            sections,
+            memoryview(self._staging),
+            table=table,
+            layout=layout,
+            device=device,
+            check=self._check_exact,
         )
         self._lock = threading.Lock()
         self._buffers = {name: MockTensor((), DType.FP32) for name in _NAMES}
@@ -130,16 +135,13 @@ class MockBatchMetadata:
         """Validate and write a step; its upload is queued on the current stream."""
         self._streams.check_host("BatchMetadata.plan")
         with self._lock:
-            self._check_exact(blocks)
             planned = self._planner.plan(blocks, seq_lens, query_lens)
             snapshot = bytes(self._staging[: self._sections.used(planned.num_seqs)])
             self._streams.current().launch(lambda: self._upload(snapshot, planned))
 
     def _check_exact(self, blocks: Sequence[KVBlock]) -> None:
-        if not isinstance(blocks, Sequence):
-            return  # the planner refuses it
-        pages = [page for block in blocks if isinstance(block, KVBlock) for page in block.pages]
-        if pages and (max(pages) + 1) * self._tokens_per_block > EXACT_LIMIT:
+        pages = [page for block in blocks for page in block.pages]
+        if (max(pages) + 1) * self._tokens_per_block > EXACT_LIMIT:
             raise InvalidArgumentError(
                 f"a slot of page {max(pages)} is beyond 2**24, the mock's exact fp32 range",
                 hint="free and reallocate blocks (the mock never reuses page ids), or use a "
@@ -161,6 +163,6 @@ class MockBatchMetadata:
             buffers[name].assign_(_read(data, section, counts[name]))
 
 
-def _read(data: memoryview, section: Section, count: int) -> list[int]:
-    size = 4 if section.typecode == "i" else 8
-    return data[section.offset : section.offset + count * size].cast(section.typecode).tolist()
+def _read(data: memoryview, section: Section, length: int) -> list[int]:
+    end = section.offset + length * section.itemsize
+    return data[section.offset : end].cast(section.typecode).tolist()
