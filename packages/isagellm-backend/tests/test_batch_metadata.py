@@ -30,7 +30,12 @@ from sagellm_backend.mock import MockBackendProvider, MockOptions, MockTensor
 from sagellm_backend.mock.batch import EXACT_LIMIT
 
 TOKENS = 4
-LAYOUT: MockOptions = {"num_layers": 1, "num_kv_heads": 1, "head_size": 4, "tokens_per_block": TOKENS}
+LAYOUT: MockOptions = {
+    "num_layers": 1,
+    "num_kv_heads": 1,
+    "head_size": 4,
+    "tokens_per_block": TOKENS,
+}
 FIELDS = (
     "block_tables",
     "seq_lens",
@@ -75,8 +80,8 @@ def expected(
     p: Any, blocks: Sequence[KVBlock], seq_lens: Sequence[int], query_lens: Sequence[int]
 ) -> dict[str, list[int]]:
     layout = p.kv_layout
-    positions = [t for s, q in zip(seq_lens, query_lens) for t in range(s - q, s)]
-    owners = [b for b, q in zip(blocks, query_lens) for _ in range(q)]
+    positions = [t for s, q in zip(seq_lens, query_lens, strict=True) for t in range(s - q, s)]
+    owners = [b for b, q in zip(blocks, query_lens, strict=True) for _ in range(q)]
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
@@ -84,7 +89,7 @@ def expected(
         "seq_lens": list(seq_lens),
         "query_start_loc": starts,
         "positions": positions,
-        "slot_mapping": [layout.slot(b.pages, t) for b, t in zip(owners, positions)],
+        "slot_mapping": [layout.slot(b.pages, t) for b, t in zip(owners, positions, strict=True)],
         "last_token_indices": [end - 1 for end in starts[1:]],
     }
 
@@ -163,8 +168,8 @@ def test_the_buffers_stay_the_same_memory() -> None:
         views = {name: getattr(md, name) for name in FIELDS}
         pointers = {name: view.data_ptr() for name, view in views.items()}
         md.plan(blocks[::-1], [9, 10, 11, 12])
-        for name, view in views.items():
-            assert getattr(md, name).data_ptr() == pointers[name]
+        for name, pointer in pointers.items():
+            assert getattr(md, name).data_ptr() == pointer
         # A view taken before the plan sees its values, as a captured graph would.
         assert views["seq_lens"].tolist() == [9, 10, 11, 12]
         assert torch.equal(views["block_tables"][0, :4], torch.tensor(blocks[3].pages).int())
@@ -247,7 +252,8 @@ def test_the_mock_uploads_on_the_stream() -> None:
     first = md.seq_lens
     md.plan(blocks[:1], [4])
     assert md.seq_lens.tolist() == [5.0, 8.0]  # the previous step's values until it runs
-    assert md.slot_mapping.tolist() == [blocks[0].pages[1] * TOKENS, blocks[1].pages[1] * TOKENS + 3]
+    last_slots = [blocks[0].pages[1] * TOKENS, blocks[1].pages[1] * TOKENS + 3]
+    assert md.slot_mapping.tolist() == last_slots
     p.current_stream().synchronize()
     assert md.seq_lens is first and first.tolist() == [4.0]
     p.close()
@@ -259,9 +265,8 @@ def test_the_mock_refuses_plans_during_a_capture_and_when_not_claimed() -> None:
     md = p.create_batch_metadata(2, 4, 2)
     block = p.kv_block_alloc(5, "fp16")
     stream = p.create_stream()
-    with p.capture_graph(stream):
-        with pytest.raises(GraphCaptureError):
-            md.plan([block], [5])
+    with p.capture_graph(stream), pytest.raises(GraphCaptureError):
+        md.plan([block], [5])
     p.close()
     plain = MockBackendProvider(supported_ops=["sample"])
     with pytest.raises(CapabilityError) as info:

@@ -220,7 +220,9 @@ class BatchPlanner:
                 raise _tokens_error(n, s.max_tokens)
             positions: Sequence[int] = [length - 1 for length in lens]
             try:
-                slots: Sequence[int] = [p[q // t] * t + q % t for p, q in zip(pages, positions)]
+                slots: Sequence[int] = [
+                    p[q // t] * t + q % t for p, q in zip(pages, positions, strict=True)
+                ]
             except IndexError:
                 raise self._capacity_error(blocks, lens) from None
             planned = Plan(n, n, 1)
@@ -239,7 +241,7 @@ class BatchPlanner:
         rows = self._rows
         if not all(map(operator.is_, rows[:n], pages)):
             table, width = self._block_tables, s.max_pages_per_seq
-            for i, (old, new) in enumerate(zip(rows, pages)):
+            for i, (old, new) in enumerate(zip(rows, pages, strict=False)):
                 if old is not new and old != new:
                     table[i * width : i * width + len(new)] = array("i", new)
                     rows[i] = new
@@ -311,7 +313,7 @@ def _int32s(values: Sequence[int], what: str, n: int) -> array[int]:
 
 
 def _query_len_error(qlens: array[int], lens: array[int]) -> Exception:
-    i = next(i for i, (q, s) in enumerate(zip(qlens, lens)) if not 1 <= q <= s)
+    i = next(i for i, (q, s) in enumerate(zip(qlens, lens, strict=True)) if not 1 <= q <= s)
     return InvalidArgumentError(
         f"query_lens[{i}] is {qlens[i]}, outside 1..seq_lens[{i}] ({lens[i]})",
         hint="pass the number of new tokens of each sequence, at least 1 and at most its length",
@@ -331,7 +333,7 @@ def _prefill_positions_and_slots(
     """Positions and slots of every new token: one range per sequence and per page it spans."""
     positions: array[int] = array("q")
     slots: array[int] = array("q")
-    for p, end, q in zip(pages, lens, qlens):
+    for p, end, q in zip(pages, lens, qlens, strict=True):
         first = end - q
         positions.extend(range(first, end))
         for k in range(first // t, (end - 1) // t + 1):

@@ -59,7 +59,7 @@ def draw(row: Sequence[float], temperature: float, top_k: int, top_p: float, see
             keep += 1
         order, probs = order[:keep], probs[:keep]
     best, best_token = -1.0, -1
-    for p, j in zip(probs, order):
+    for p, j in zip(probs, order, strict=True):
         score = p / -math.log(uniform(seed, j))
         if score > best or (score == best and j < best_token):
             best, best_token = score, j
@@ -118,10 +118,8 @@ def sample(
     return out
 
 
-def _check_params(
-    temps: list[float], ks: list[float], ps: list[float], keys: list[float]
-) -> None:
-    for i, (t, k, p, s) in enumerate(zip(temps, ks, ps, keys)):
+def _check_params(temps: list[float], ks: list[float], ps: list[float], keys: list[float]) -> None:
+    for i, (t, k, p, s) in enumerate(zip(temps, ks, ps, keys, strict=True)):
         if not (math.isfinite(t) and t >= 0):
             raise InvalidArgumentError(
                 f"temperature[{i}] is {t}; it must be finite and at least 0",
