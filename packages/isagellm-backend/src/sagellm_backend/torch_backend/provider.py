@@ -133,6 +133,7 @@ class TorchBackendProvider(Generic[S, E]):
             supported_kernels=tuple(
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
             ),
+            supported_ops=(*device.supported_ops, "batch_metadata"),
             has_collective=True,
             has_graph_exec=self._graphs is not None,
             supported_collectives=spec.collectives,
