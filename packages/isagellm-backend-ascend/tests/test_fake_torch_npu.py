@@ -171,7 +171,7 @@ def test_the_fused_operators_refuse_what_torch_npu_refuses() -> None:
         torch_npu.npu_rms_norm(x, weight, eps=1e-6)  # the argument is named epsilon
     with pytest.raises(RuntimeError, match="gamma must have the dtype of x"):
         torch_npu.npu_rms_norm(x, weight.float())
-    with pytest.raises(RuntimeError, match="dtype torch.float64 is not supported"):
+    with pytest.raises(RuntimeError, match=r"dtype torch\.float64 is not supported"):
         torch_npu.npu_swiglu(x.double())
     with pytest.raises(RuntimeError, match="must be contiguous"):
         torch_npu.npu_swiglu(x.t())

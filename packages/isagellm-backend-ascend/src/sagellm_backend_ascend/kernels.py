@@ -187,6 +187,12 @@ def _paged_attention_decode(
     return out
 
 
+def _capturing(torch_npu: ModuleType) -> Callable[[], bool]:
+    """Whether the current stream is being captured; never, in a torch_npu without graphs."""
+    query: Callable[[], bool] | None = getattr(torch_npu.npu, "is_current_stream_capturing", None)
+    return (lambda: False) if query is None else query
+
+
 @dataclass(frozen=True)
 class FusedOp:
     """A standard op a torch_npu operator serves, and the SoC families that run it."""
@@ -228,9 +234,7 @@ FUSED_OPS: tuple[FusedOp, ...] = (
         "paged_attention_decode",
         "npu_fused_infer_attention_score",
         _A2_A3,
-        lambda op, ref, npu: partial(
-            _paged_attention_decode, op, ref, npu.npu.is_current_stream_capturing
-        ),
+        lambda op, ref, npu: partial(_paged_attention_decode, op, ref, _capturing(npu)),
     ),
 )
 """Every fused operator this wheel uses, by standard op name."""
