@@ -4,13 +4,14 @@ and the draws' frequencies against the filtered softmax they sample from."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter
 
 import pytest
 
-from sagellm_backend import CapabilityError, InvalidArgumentError
+from sagellm_backend import CapabilityError, DType, InvalidArgumentError
 from sagellm_backend.mock import MockBackendProvider, MockTensor
 from sagellm_backend.mock.sampling import draw, uniform
 
@@ -139,4 +140,26 @@ def test_only_claimed_ops_are_offered() -> None:
         p.kv_cache(0)
     with pytest.raises(InvalidArgumentError, match="does not implement"):
         MockBackendProvider(supported_ops=["rms_norm"])
+    p.close()
+
+
+def test_the_registered_spec_checks_sample_and_catches_a_broken_draw() -> None:
+    p = MockBackendProvider(supported_dtypes=["fp32", "fp16", "bf16", "fp8"])
+    spec = p.kernel_spec("sample")
+    for seed in range(4):
+        for dtype in ("fp32", "fp16", "bf16", "fp8"):
+            spec.check(seed, DType(dtype))
+
+    def no_top_p(*args: MockTensor) -> MockTensor:
+        logits, temperature, top_k, top_p, seeds = args
+        return spec.impl(logits, temperature, top_k, MockTensor([1.0] * len(top_p)), seeds)
+
+    broken = dataclasses.replace(spec, impl=no_top_p)
+    failures = 0
+    for seed in range(8):
+        try:
+            broken.check(seed, DType.FP32)
+        except AssertionError:
+            failures += 1
+    assert failures > 0
     p.close()

@@ -42,7 +42,13 @@ from sagellm_backend.mock.batch import MockBatchMetadata
 from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
 from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
 from sagellm_backend.mock.pool import BlockBytes, MockMemory
-from sagellm_backend.mock.sampling import sample
+from sagellm_backend.mock.sampling import (
+    SAMPLE_DTYPES,
+    SampleComparison,
+    SampleInputs,
+    reference_sample,
+    sample,
+)
 from sagellm_backend.mock.streams import MockEvent, MockStream, StreamScheduler
 from sagellm_backend.mock.tensor import MockTensor
 from sagellm_backend.protocols import Stream
@@ -185,7 +191,14 @@ class MockBackendProvider:
         self._kernels = KernelTable()
         self._streams = StreamScheduler(name)
         if self._capability.supports_op("sample"):
-            self._kernels.register("sample", functools.partial(sample, self._streams))
+            self._kernels.register(
+                "sample",
+                functools.partial(sample, self._streams),
+                dtypes=SAMPLE_DTYPES,
+                reference=reference_sample,
+                make_inputs=SampleInputs(),
+                compare=SampleComparison(self._streams),
+            )
 
     def __repr__(self) -> str:
         return f"MockBackendProvider({self._streams.name})"

@@ -11,19 +11,36 @@ every backend's ``sample`` uses, so all of them draw the same tokens from the sa
 
 The draw is device work: it is queued on the current stream, and the returned tensor (fp32, as
 MockTensor has no int64; token ids below 2**24 are exact) holds the tokens once it has run.
+
+:func:`reference_sample` computes the same draw another way (a Gumbel-max in log space, the
+filters written anew), and :class:`SampleInputs` makes fresh inputs: the kernel spec the mock
+registers, so the conformance kit checks ``sample`` against it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.kernels import KernelInputs
 from sagellm_backend.mock.streams import StreamScheduler
 from sagellm_backend.mock.tensor import MockTensor
 
-__all__ = ["draw", "sample", "uniform"]
+__all__ = [
+    "SAMPLE_DTYPES",
+    "SampleComparison",
+    "SampleInputs",
+    "draw",
+    "reference_sample",
+    "sample",
+    "uniform",
+]
+
+SAMPLE_DTYPES = (DType.FP32, DType.FP16, DType.BF16, DType.FP8)
+"""The logits dtypes ``sample`` is checked in."""
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -138,3 +155,64 @@ def _check_params(temps: list[float], ks: list[float], ps: list[float], keys: li
             raise InvalidArgumentError(
                 f"seeds[{i}] is {s}; it must be a whole number", hint="pass integer seeds"
             )
+
+
+def reference_sample(
+    logits: MockTensor,
+    temperature: MockTensor,
+    top_k: MockTensor,
+    top_p: MockTensor,
+    seeds: MockTensor,
+) -> MockTensor:
+    """The draw of :func:`sample` computed another way, at once: a Gumbel-max in log space."""
+    rows = len(temperature)
+    vocab = len(logits) // rows
+    values = logits.tolist()
+    tokens = []
+    for i in range(rows):
+        row, t = values[i * vocab : (i + 1) * vocab], temperature.tolist()[i]
+        if t == 0:
+            tokens.append(row.index(max(row)))
+            continue
+        z = [x / t for x in row]
+        ranked = sorted(range(vocab), key=lambda j: (-z[j], j))
+        k = int(top_k.tolist()[i])
+        kept = ranked[:k] if 0 < k < vocab else ranked
+        log_total = z[ranked[0]] + math.log(math.fsum(math.exp(z[j] - z[ranked[0]]) for j in kept))
+        allowed, reached = [], 0.0
+        for j in kept:
+            allowed.append(j)
+            reached += math.exp(z[j] - log_total)
+            if reached >= top_p.tolist()[i]:
+                break
+        seed = int(seeds.tolist()[i])
+        gumbel = {j: z[j] - math.log(-math.log(uniform(seed, j))) for j in allowed}
+        tokens.append(max(sorted(allowed), key=gumbel.__getitem__))
+    return MockTensor(tokens, DType.FP32)
+
+
+class SampleInputs:
+    """Fresh sampling inputs from a seed: rows of every kind (greedy, top-k, top-p, both)."""
+
+    def __call__(self, seed: int, dtype: DType) -> KernelInputs:
+        rng = random.Random(seed)
+        rows, vocab = 8, rng.randint(2, 48)
+        logits = MockTensor([rng.gauss(0, 3) for _ in range(rows * vocab)], dtype)
+        temps = [0.0] + [rng.choice([0.3, 1.0, 2.0]) for _ in range(rows - 1)]
+        ks = [rng.choice([0, 1, 5, vocab]) for _ in range(rows)]
+        ps = [rng.choice([1.0, 0.95, 0.6]) for _ in range(rows)]
+        seeds = [rng.randrange(-(2**23), 2**23) for _ in range(rows)]
+        tensors = (temps, ks, ps, seeds)
+        return (logits, *(MockTensor(values, DType.FP32) for values in tensors)), {}
+
+
+class SampleComparison:
+    """Compares sampled tokens with the reference's once the provider's streams have run."""
+
+    def __init__(self, streams: StreamScheduler) -> None:
+        self._streams = streams
+
+    def __call__(self, result: object, expected: object, dtype: DType) -> None:
+        self._streams.synchronize()
+        if result != expected:
+            raise AssertionError(f"{dtype.value}: sampled {result!r}, reference {expected!r}")
