@@ -152,7 +152,9 @@ def test_the_registered_spec_checks_sample_and_catches_a_broken_draw() -> None:
 
     def no_top_p(*args: MockTensor) -> MockTensor:
         logits, temperature, top_k, top_p, seeds = args
-        return spec.impl(logits, temperature, top_k, MockTensor([1.0] * len(top_p)), seeds)
+        everything = MockTensor([1.0] * len(top_p))
+        tokens: MockTensor = spec.impl(logits, temperature, top_k, everything, seeds)
+        return tokens
 
     broken = dataclasses.replace(spec, impl=no_top_p)
     failures = 0
