@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,7 +20,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is a test dependency of the torch session only"
 )
 
-from sagellm_backend import BackendProvider, STANDARD_OPS  # noqa: E402
+from sagellm_backend import STANDARD_OPS, BackendProvider  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -71,7 +71,7 @@ def hf_logits(model: Any, prompt: list[int], generated: list[int]) -> Any:
 
 
 @pytest.fixture
-def counting() -> Iterator[Callable[[BackendProvider[Any]], Counter[str]]]:
+def counting() -> Callable[[BackendProvider[Any]], Counter[str]]:
     """Wrap every standard kernel of a backend in a call counter (the example is not trusted)."""
 
     def wrap(backend: BackendProvider[Any]) -> Counter[str]:
@@ -97,7 +97,7 @@ def counting() -> Iterator[Callable[[BackendProvider[Any]], Counter[str]]]:
             )
         return calls
 
-    yield wrap
+    return wrap
 
 
 def setup(example: ModuleType, dtype: str) -> tuple[Any, Any, Any]:
