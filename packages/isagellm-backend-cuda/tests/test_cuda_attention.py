@@ -132,7 +132,9 @@ def _reference(batch: Batch, query: torch.Tensor, starts: list[int], scale: floa
         positions = length - (last - first) + torch.arange(last - first)
         hidden = torch.arange(length)[None, :] > positions[:, None]
         weights = scores.masked_fill(hidden, -math.inf).softmax(dim=-1)
-        out[first:last] = torch.einsum("kgql,lkd->qkgd", weights, values).reshape(q.shape[0], -1, head_size)
+        out[first:last] = torch.einsum("kgql,lkd->qkgd", weights, values).reshape(
+            q.shape[0], -1, head_size
+        )
     return out
 
 
@@ -171,7 +173,14 @@ def test_decode_matches_the_float64_reference(dtype: torch.dtype, case: tuple[An
     out = torch.full_like(query, math.nan)
     scale = head_size**-0.5
     result = paged_attention_decode(
-        query, batch.cache, batch.tables, batch.seq_lens, scale, out=out, num_splits=splits, tiles=tiles
+        query,
+        batch.cache,
+        batch.tables,
+        batch.seq_lens,
+        scale,
+        out=out,
+        num_splits=splits,
+        tiles=tiles,
     )
     assert result is out
     _assert_matches(result, _reference(batch, query, list(range(len(lengths) + 1)), scale))
@@ -238,9 +247,13 @@ def test_decode_of_an_empty_batch_and_of_only_empty_sequences() -> None:
     g = torch.Generator().manual_seed(3)
     batch = _batch(g, [0, 0], heads=4, kv_heads=1, head_size=64, tokens=16, dtype=torch.bfloat16)
     query = _randn(g, 2, 4, 64, dtype=torch.bfloat16)
-    out = paged_attention_decode(query, batch.cache, batch.tables, batch.seq_lens, 0.1, out=torch.full_like(query, math.nan))
+    out = paged_attention_decode(
+        query, batch.cache, batch.tables, batch.seq_lens, 0.1, out=torch.full_like(query, math.nan)
+    )
     assert torch.equal(out, torch.zeros_like(out))
-    empty = paged_attention_decode(query[:0], batch.cache, batch.tables[:0], batch.seq_lens[:0], 0.1)
+    empty = paged_attention_decode(
+        query[:0], batch.cache, batch.tables[:0], batch.seq_lens[:0], 0.1
+    )
     assert empty.shape == (0, 4, 64)
 
 
@@ -328,20 +341,30 @@ def test_prefill_refuses_bad_arguments(change: dict[str, Any], message: str) -> 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="model-sized shapes need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize(("heads", "kv_heads", "head_size"), [(32, 8, 128), (32, 8, 64), (16, 1, 128)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_size"), [(32, 8, 128), (32, 8, 64), (16, 1, 128)]
+)
 def test_decode_of_long_sequences_on_the_gpu(
     dtype: torch.dtype, heads: int, kv_heads: int, head_size: int
 ) -> None:
     g = torch.Generator().manual_seed(heads + head_size)
     lengths = [int(n) for n in torch.randint(1, 5000, (6,), generator=g)]
     lengths[2] = 0
-    batch = _batch(g, lengths, heads=heads, kv_heads=kv_heads, head_size=head_size, tokens=16, dtype=dtype)
+    batch = _batch(
+        g, lengths, heads=heads, kv_heads=kv_heads, head_size=head_size, tokens=16, dtype=dtype
+    )
     query = _randn(g, len(lengths), heads, head_size, dtype=dtype)
     expected = _reference(batch, query, list(range(len(lengths) + 1)), head_size**-0.5)
     for splits in (None, 1, 7):
         out = torch.full_like(query, math.nan)
         paged_attention_decode(
-            query, batch.cache, batch.tables, batch.seq_lens, head_size**-0.5, out=out, num_splits=splits
+            query,
+            batch.cache,
+            batch.tables,
+            batch.seq_lens,
+            head_size**-0.5,
+            out=out,
+            num_splits=splits,
         )
         _assert_matches(out, expected)
 
@@ -359,7 +382,9 @@ def test_chunked_prefill_of_long_sequences_on_the_gpu(
     starts = [0]
     for _, new in shapes:
         starts.append(starts[-1] + new)
-    batch = _batch(g, lengths, heads=32, kv_heads=8, head_size=head_size, tokens=tokens, dtype=dtype)
+    batch = _batch(
+        g, lengths, heads=32, kv_heads=8, head_size=head_size, tokens=tokens, dtype=dtype
+    )
     query = _randn(g, starts[-1], 32, head_size, dtype=dtype)
     out = torch.full_like(query, math.nan)
     paged_attention_prefill(
@@ -381,7 +406,14 @@ def test_the_cuda_backend_registers_the_kernels_over_the_reference() -> None:
     from sagellm_backend_cuda import create_cuda_backend
 
     provider = create_cuda_backend(
-        None, num_layers=1, num_kv_heads=2, head_size=64, tokens_per_block=16, kv_dtype="bf16", num_blocks=8, host_num_blocks=8
+        None,
+        num_layers=1,
+        num_kv_heads=2,
+        head_size=64,
+        tokens_per_block=16,
+        kv_dtype="bf16",
+        num_blocks=8,
+        host_num_blocks=8,
     )
     try:
         assert provider.get_kernel("paged_attention_decode") is paged_attention_decode

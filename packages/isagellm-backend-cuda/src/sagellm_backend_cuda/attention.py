@@ -110,8 +110,8 @@ def decode_splits(programs: int, max_tokens: int, block_n: int, multiprocessors:
     wanted = _WAVES * multiprocessors
     if programs >= wanted:
         return 1
-    tiles = triton.cdiv(max_tokens, block_n)
-    return max(1, min(triton.cdiv(wanted, programs), tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
+    tiles = _cdiv(max_tokens, block_n)
+    return max(1, min(_cdiv(wanted, programs), tiles // _MIN_TILES_PER_SPLIT, _MAX_SPLITS))
 
 
 # Kernels.
@@ -375,9 +375,9 @@ def paged_attention_decode(
     # Whole key tiles per split, and no split wholly past the block table.
     split_tokens = max(
         shape.block_n,
-        triton.cdiv(triton.cdiv(width * tokens, num_splits), shape.block_n) * shape.block_n,
+        _cdiv(_cdiv(width * tokens, num_splits), shape.block_n) * shape.block_n,
     )
-    splits = max(1, triton.cdiv(width * tokens, split_tokens))
+    splits = max(1, _cdiv(width * tokens, split_tokens))
     tables, lengths = block_tables.contiguous(), seq_lens.contiguous()
     if splits == 1:
         target, lse = result, result
@@ -387,7 +387,7 @@ def paged_attention_decode(
             (batch, heads, splits, head_size), dtype=torch.float32, device=query.device
         )
         lse = torch.empty((batch, heads, splits), dtype=torch.float32, device=query.device)
-        strides = target.stride()[:3]
+        strides = (target.stride(0), target.stride(1), target.stride(2))
     group_pad = triton.next_power_of_2(group)
     _decode_kernel[(batch, kv_heads, splits)](
         query,
@@ -487,7 +487,7 @@ def paged_attention_prefill(
     tokens, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     shape = tiles or prefill_tiles(head_size, query.dtype)
     tables = block_tables.contiguous()
-    _prefill_kernel[(heads, triton.cdiv(longest, shape.block_m), batch)](
+    _prefill_kernel[(heads, _cdiv(longest, shape.block_m), batch)](
         query,
         kv_cache,
         tables,
@@ -625,6 +625,10 @@ def _output(op: str, query: torch.Tensor, out: object) -> torch.Tensor:
             hint="allocate out like the query, or pass out=None",
         )
     return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _precision(dtype: torch.dtype) -> str:
