@@ -34,7 +34,16 @@ from sagellm_backend.kernels import KernelTable
 from sagellm_backend.torch_backend.kernels import register_reference_kernels
 from sagellm_backend_cuda.attention import paged_attention_decode, paged_attention_prefill
 
-__all__ = ["DECODE_ROWS", "PREFILL_ROWS", "TimeOp", "attention_suite", "format_attention"]
+__all__ = [
+    "DECODE_ROWS",
+    "PREFILL_ROWS",
+    "TimeOp",
+    "attention_suite",
+    "contiguous_kv",
+    "flash_prefill",
+    "format_attention",
+    "paged_case",
+]
 
 TimeOp = Callable[[Callable[[], object], int | None], tuple[float, float]]
 """``time(op, repeats)``: (median device ms, median host ms to issue) of ``op``."""
@@ -131,7 +140,7 @@ def _release() -> None:
     torch.cuda.empty_cache()
 
 
-def _paged(
+def paged_case(
     batch: int, context: int, head_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A random cache whose pages are dealt to the sequences in a random order."""
@@ -143,7 +152,7 @@ def _paged(
     return cache, tables, lengths
 
 
-def _contiguous(cache: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def contiguous_kv(cache: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V as ``[batch, kv_heads, context, head_size]``, the layout SDPA reads."""
     batch, head_size = tables.shape[0], cache.shape[-1]
     pages = cache[tables.long()]  # [batch, pages, 2, tokens, kv_heads, d]
@@ -158,14 +167,14 @@ def _decode(
     device: torch.device,
     references: dict[str, Callable[..., Any]],
 ) -> dict[str, Any]:
-    cache, tables, lengths = _paged(row.batch, row.context, row.head_size, device)
+    cache, tables, lengths = paged_case(row.batch, row.context, row.head_size, device)
     query = torch.randn((row.batch, HEADS, row.head_size), dtype=DTYPE, device=device)
     scale = row.head_size**-0.5
     out = torch.empty_like(query)
     ours_ms, host_ms = time_op(
         lambda: paged_attention_decode(query, cache, tables, lengths, scale, out=out), None
     )
-    k, v = _contiguous(cache, tables)
+    k, v = contiguous_kv(cache, tables)
     q = query[:, :, None]
 
     def sdpa() -> torch.Tensor:
@@ -207,7 +216,7 @@ def _prefill(
     references: dict[str, Callable[..., Any]],
 ) -> dict[str, Any]:
     context = row.cached + row.new
-    cache, tables, lengths = _paged(row.batch, context, row.head_size, device)
+    cache, tables, lengths = paged_case(row.batch, context, row.head_size, device)
     query = torch.randn((row.batch * row.new, HEADS, row.head_size), dtype=DTYPE, device=device)
     starts = torch.arange(row.batch + 1, dtype=torch.int32, device=device) * row.new
     scale = row.head_size**-0.5
@@ -218,21 +227,9 @@ def _prefill(
         ),
         None,
     )
-    k, v = _contiguous(cache, tables)
+    k, v = contiguous_kv(cache, tables)
     q = query.view(row.batch, row.new, HEADS, row.head_size).transpose(1, 2).contiguous()
-    if row.cached:
-        mask: Any = causal_lower_right(row.new, context)
-        baseline = "flash, causal_lower_right bias (the flash kernel's bottom-right causal), GQA"
-    else:
-        mask = None
-        baseline = "flash, is_causal, GQA"
-
-    def sdpa() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-            )
-
+    sdpa, baseline = flash_prefill(q, k, v, row.cached, scale)
     sdpa_ms, _ = time_op(sdpa, None)
     expected = sdpa().transpose(1, 2).reshape(out.shape)
     diff = (out.float() - expected.float()).abs().max().item()
@@ -262,6 +259,32 @@ def _prefill(
         "max_abs_diff_vs_sdpa": diff,
         "goal": row.goal,
     }
+
+
+def flash_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int, scale: float
+) -> tuple[Callable[[], torch.Tensor], str]:
+    """SDPA's flash kernel on ``q[b, heads, new, d]`` over ``k``, ``v`` ``[b, kv_heads, cached +
+    new, d]``, causal aligned to the bottom right, and what it runs.
+
+    ``enable_gqa`` where the flash kernel takes it; else K and V repeated to every query head.
+    """
+    mask: Any = causal_lower_right(q.shape[2], k.shape[2]) if cached else None
+    how = "causal_lower_right bias (flash's bottom-right causal)" if cached else "is_causal"
+
+    def run(key: torch.Tensor, value: torch.Tensor, gqa: bool) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(
+                q, key, value, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+            )
+
+    try:
+        run(k, v, True)
+    except RuntimeError:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return lambda: run(k, v, False), f"SDPA flash, {how}, K/V repeated per query head"
+    return lambda: run(k, v, True), f"SDPA flash, {how}, enable_gqa"
 
 
 def format_attention(figures: dict[str, Any]) -> list[str]:
