@@ -1,6 +1,6 @@
 """Sweep the launch shapes of the Triton paged attention on a GPU, in one process.
 
-    python benchmarks/tune_cuda_attention.py [results.json]
+    python benchmarks/tune_cuda_attention.py [results.json [prefill | decode | decode:D ...]]
 
 For each goal shape of the device suite (32 query / 8 KV heads, bf16, 16 tokens per block,
 pages in a random order) it times every candidate ``DecodeTiles`` / ``PrefillTiles`` and, for
@@ -35,13 +35,11 @@ DTYPE = torch.bfloat16
 DEVICE = torch.device("cuda")
 
 DECODE_SHAPES = [(64, 2048, 128), (256, 512, 128), (4, 32768, 128), (64, 2048, 64)]
-DOT_TILES = [
-    DecodeTiles(block_n, True, warps, stages)
-    for block_n, (warps, stages) in product((32, 64, 128), ((4, 2), (4, 3), (4, 4), (8, 3)))
-]
-BROADCAST_TILES = [
-    DecodeTiles(block_n, False, warps, stages)
-    for block_n, (warps, stages) in product((16, 32, 64), ((4, 2), (4, 3)))
+DECODE_TILES = [
+    DecodeTiles(block_n, warps, stages)
+    for block_n, (warps, stages) in product(
+        (32, 64, 128, 256), ((2, 3), (2, 4), (4, 2), (4, 3), (4, 4), (8, 3))
+    )
 ]
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
 PREFILL_SHAPES = [(4, 4096, 0), (8, 512, 8192)]
@@ -82,9 +80,11 @@ def _roofline() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def decode(roofline: float) -> list[dict[str, Any]]:
+def decode(roofline: float, head_size: int | None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for batch, context, d in DECODE_SHAPES:
+        if head_size not in (None, d):
+            continue
         results += _decode_shape(batch, context, d, roofline)
         torch.cuda.empty_cache()
     return results
@@ -105,10 +105,9 @@ def _decode_shape(batch: int, context: int, d: int, roofline: float) -> list[dic
     sdpa_ms = _ms(sdpa)
     _say(f"decode B{batch} ctx{context} d{d}: SDPA {moved / sdpa_ms / 1e6:.0f} GB/s")
     out = torch.empty_like(query)
-    candidates = DOT_TILES + BROADCAST_TILES if d == 128 else DOT_TILES
-    best: tuple[float, DecodeTiles] = (float("inf"), DOT_TILES[0])
+    best: tuple[float, DecodeTiles] = (float("inf"), DECODE_TILES[0])
     results = []
-    for tiles, splits in [(t, None) for t in candidates] + [(None, s) for s in SPLITS]:
+    for tiles, splits in [(t, None) for t in DECODE_TILES] + [(None, s) for s in SPLITS]:
         shape = tiles or best[1]
 
         def run(t: DecodeTiles = shape, s: int | None = splits) -> None:
@@ -205,11 +204,17 @@ def _prefill_shape(batch: int, new: int, cached: int, d: int = 128) -> list[dict
 
 
 def main(argv: list[str]) -> None:
+    """``argv``: [results.json] then what to sweep: ``prefill``, ``decode`` or ``decode:D``
+    (head size D only); all by default."""
     roofline = _roofline()
     _say(f"{torch.cuda.get_device_name()}: copy roofline {roofline:.0f} GB/s")
     figures: dict[str, Any] = {"roofline_gbps": roofline}
-    for name, sweep in (("prefill", prefill), ("decode", lambda: decode(roofline))):
-        figures[name] = sweep()
+    for what in argv[2:] or ["prefill", "decode"]:
+        name, _, size = what.partition(":")
+        if name == "prefill":
+            figures[what] = prefill()
+        else:
+            figures[what] = decode(roofline, int(size) if size else None)
         if len(argv) > 1:
             with open(argv[1], "w") as f:
                 json.dump(figures, f, indent=1)

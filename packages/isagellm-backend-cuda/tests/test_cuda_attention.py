@@ -152,9 +152,9 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (heads, kv_heads, head_size, tokens_per_block, splits, tiles): GQA 4:1, MQA, a group of 16.
 DECODE_CASES = [
     (8, 2, 64, 16, 1, DecodeTiles(block_n=16)),
-    (8, 2, 128, 32, 3, DecodeTiles(block_n=32, group_dot=False)),
-    (4, 1, 64, 32, None, DecodeTiles(block_n=16, group_dot=False)),
-    (16, 1, 128, 16, 2, DecodeTiles(block_n=32)),
+    (8, 2, 128, 32, 3, DecodeTiles(block_n=32)),
+    (4, 1, 64, 32, 5, DecodeTiles(block_n=16)),
+    (16, 1, 128, 16, 2, None),
     (8, 2, 64, 16, None, None),
 ]
 
@@ -259,12 +259,12 @@ def test_decode_of_an_empty_batch_and_of_only_empty_sequences() -> None:
 
 @pytest.mark.parametrize(
     ("programs", "max_tokens", "expected"),
-    [(512, 2048, 1), (2048, 512, 1), (32, 32768, 9), (4, 64, 1), (8, 4096, 16)],
+    [(512, 2048, 1), (2048, 512, 1), (32, 32768, 9), (4, 64, 1), (8, 4096, 8), (1, 1 << 20, 64)],
 )
 def test_decode_splits_only_what_does_not_fill_the_gpu(
     programs: int, max_tokens: int, expected: int
 ) -> None:
-    assert decode_splits(programs, max_tokens, 64, 132) == expected
+    assert decode_splits(programs, max_tokens, 132) == expected
 
 
 def _valid_decode_args() -> dict[str, Any]:
