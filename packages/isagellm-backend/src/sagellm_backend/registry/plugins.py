@@ -225,7 +225,7 @@ class Plugin:
         if unknown and not open_ended:
             raise UnknownOptionError(
                 f"backend {self.kind!r} has no option {', '.join(unknown)}",
-                hint=f"its options are: {', '.join(sorted(declared)) or '(none)'}",
+                hint=f"use one of its options: {', '.join(sorted(declared)) or '(none)'}",
             )
         values: dict[str, object] = {}
         for name, value in options.items():
@@ -238,6 +238,9 @@ class Plugin:
         factory = self.load()
         try:
             provider = factory(config, **options)
+        except BackendLoadError as exc:
+            self._create_error = exc
+            raise
         except BackendError:
             raise
         except BaseException as exc:

@@ -503,13 +503,10 @@ def _config_for(
 
 
 def _install_hint(plugin: Plugin, reason: str) -> str:
-    hint = None
     factory = plugin.load()
     if isinstance(factory, BackendFactory):
-        hint = factory.hint_for(reason)
-    return hint or (
-        "fix what the reason names on this host, or add a fallback such as ',cpu' or ',mock'"
-    )
+        return factory.hint_for(reason)
+    return "pick a backend that can run here (`sagellm-backend list`), or add a fallback"
 
 
 def _seconds(name: str, value: object) -> float:
