@@ -788,6 +788,9 @@ def test_entry_points_with_invalid_names_are_listed_as_such_and_never_loaded(
     with pytest.raises(BackendNotFoundError) as info:
         registry.get_backend("zz_upper")
     assert "'Zz_Upper' of zz-named has an invalid name" in (info.value.hint or "")
+    doctor = run_cli(site, "doctor")
+    assert doctor.returncode == 1 and "2 problem(s)" in doctor.stdout, doctor.stdout
+    assert "Zz_Upper (zz-named): entry point name 'Zz_Upper' is not a backend kind" in doctor.stdout
 
 
 MISBEHAVING = {
