@@ -897,3 +897,40 @@ def test_a_ctrl_c_of_the_user_still_interrupts_a_plugin_import(site: Site) -> No
     assert process.returncode == 130, err
     assert time.monotonic() - interrupted < 10
     assert out == "" and "Traceback" not in err
+
+
+CHATTER = """
+import sys
+import threading
+from sagellm_backend.registry.isolation import isolated_call
+
+stop = threading.Event()
+lines = 0
+
+def chatter():
+    global lines
+    while not stop.is_set():
+        print("line from another thread")
+        lines += 1
+
+thread = threading.Thread(target=chatter)
+thread.start()
+calls = [isolated_call(lambda: print("captured"), deadline=5, name="t") for _ in range(300)]
+outputs = {call.output for call in calls}
+stop.set()
+thread.join()
+print(sorted(outputs), lines > 0, sys.stdout is sys.__stdout__, file=sys.stderr)
+"""
+
+
+def test_threads_printing_while_plugin_output_is_captured_keep_output_and_process() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHATTER],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip() == "['captured\\n'] True True"
+    assert "captured" not in result.stdout and "line from another thread" in result.stdout

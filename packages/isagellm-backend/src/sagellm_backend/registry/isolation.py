@@ -139,7 +139,11 @@ _CAPTURES: dict[int, _Captured] = {}
 
 _STATE_LOCK = threading.Lock()
 _active = 0
-_routers: list[tuple[str, _Router]] = []
+_installed: list[tuple[str, _Router]] = []
+_ROUTERS: dict[tuple[str, int], _Router] = {}
+"""Every router made, by stream and original, kept for the life of the process: print() holds a
+borrowed reference to sys.stdout, so a router swapped out while another thread prints through
+it must never be freed."""
 
 
 class _Router:
@@ -174,10 +178,11 @@ def _enter() -> None:
         if _active == 0:
             for stream in ("stdout", "stderr"):
                 original = getattr(sys, stream)
-                if original is not None:
-                    router = _Router(original)
-                    _routers.append((stream, router))
-                    setattr(sys, stream, cast(TextIO, router))
+                if original is None or isinstance(original, _Router):
+                    continue
+                router = _ROUTERS.setdefault((stream, id(original)), _Router(original))
+                _installed.append((stream, router))
+                setattr(sys, stream, cast(TextIO, router))
         _active += 1
 
 
@@ -186,7 +191,7 @@ def _leave() -> None:
     with _STATE_LOCK:
         _active -= 1
         if _active == 0:
-            for stream, router in _routers:
+            for stream, router in _installed:
                 if getattr(sys, stream) is router:
                     setattr(sys, stream, router.original)
-            _routers.clear()
+            _installed.clear()
