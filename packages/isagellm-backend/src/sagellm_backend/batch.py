@@ -156,7 +156,8 @@ class BatchPlanner:
     ) -> None:
         if buffer.nbytes < sections.nbytes or buffer.readonly:
             raise InvalidArgumentError(
-                f"a writable buffer of {sections.nbytes} bytes is needed, got {buffer.nbytes}"
+                f"a writable buffer of {sections.nbytes} bytes is needed, got {buffer.nbytes}",
+                hint="allocate the host buffer with sections.nbytes bytes",
             )
         raw = buffer.cast("B")
         self.sections = sections

@@ -117,7 +117,10 @@ def run_benchmarks(
     sizes = {"blocks": blocks, "repeats": repeats, "batch seqs": seqs, "batch pages": pages}
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+            raise InvalidArgumentError(
+                f"{name} must be a positive int, got {value!r}",
+                hint="pass sizes and repeats of at least 1",
+            )
     say = progress or (lambda _: None)
     layout = provider.kv_layout
     dtype = provider.capability().supported_dtypes[0]
