@@ -4,10 +4,12 @@ One device tensor of bytes, allocated once at the maximum sizes, holds every arr
 is :class:`~sagellm_backend.batch.BatchSections`); the properties are typed views of it, so a
 graph captured over them replays with each step's values. A plan is written into one host
 staging tensor, pinned where the adapter pins host memory, and moved with one ``non_blocking``
-copy of the bytes the plan uses, queued on the current stream. Before it writes the staging
-tensor again, a plan waits for the previous copy to have read it (an event recorded after the
-copy), so the host runs at most one upload ahead of the device. On the CPU the device tensor is
-host memory: the plan is written into it directly, with no copy.
+copy of the bytes the plan uses, queued on the current stream. A copy from pinned memory reads
+the staging tensor when the stream reaches it, so before it writes the staging tensor again, a
+plan waits for the previous copy to have run (an event recorded after the copy): the host runs
+at most one upload ahead of the device. (From pageable memory the copy reads the host bytes when
+it is issued, and stays in stream order.) On the CPU the device tensor is host memory: the plan
+is written into it directly, with no copy.
 """
 
 from __future__ import annotations
@@ -61,12 +63,11 @@ class TorchBatchMetadata(Generic[S, E]):
         self._lock = threading.Lock()
         self._buffer = torch.zeros(sections.nbytes, dtype=torch.uint8, device=where)
         self._upload: E | None = None
-        self._pinned = False
         if where.type == "cpu":
             self._staging = self._buffer
         else:
-            self._pinned = adapter.pins_host_memory
-            self._staging = torch.zeros(sections.nbytes, dtype=torch.uint8, pin_memory=self._pinned)
+            pinned = adapter.pins_host_memory
+            self._staging = torch.zeros(sections.nbytes, dtype=torch.uint8, pin_memory=pinned)
             self._upload = adapter.new_event(False)
         self._uploaded = False
         self._planner = BatchPlanner(
@@ -164,7 +165,7 @@ class TorchBatchMetadata(Generic[S, E]):
             planned = self._planner.plan(blocks, seq_lens, query_lens)
             if self._upload is not None:
                 used = self._sections.used(planned.num_seqs)
-                self._buffer[:used].copy_(self._staging[:used], non_blocking=self._pinned)
+                self._buffer[:used].copy_(self._staging[:used], non_blocking=True)
                 adapter.event_record(self._upload, adapter.current_stream(self._index))
                 self._uploaded = True
 
