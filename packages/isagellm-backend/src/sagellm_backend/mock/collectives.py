@@ -194,7 +194,9 @@ class MockWorld:
         except Exception as exc:  # a fault in computing the result must not strand the ranks
             name = next(iter(current.calls.values())).name
             reason = f"computing the result of {name} raised {exc!r}"
-            current.error = CommError(reason, hint="create a new world; this is a fault of the mock")
+            current.error = CommError(
+                reason, hint="create a new world; this is a fault of the mock"
+            )
             self._break(reason)
         self._cond.notify_all()
 

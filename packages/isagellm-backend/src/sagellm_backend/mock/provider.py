@@ -363,9 +363,7 @@ class MockBackendProvider:
         self._streams.check_open()
         if kind is not None:
             self._capability.require_kernel(kind)
-        listed = [dtypes] if isinstance(dtypes, str) else list(dtypes)
-        for dtype in listed:
-            self._capability.require_dtype(dtype, f"kernel {name!r}")
+        listed = self._capability.require_dtypes(dtypes, f"kernel {name!r}")
         return self._kernels.register(
             name,
             impl,

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 
 from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.torch_backend.collectives import GLOO, CommSpec
@@ -75,6 +76,7 @@ class CpuAdapter:
     def capability(self, index: int) -> CapabilityDescriptor:
         free, total = self.mem_get_info(index)
         return CapabilityDescriptor(
+            supported_dtypes=(DType.FP32, DType.FP16, DType.BF16),
             device_name=platform.processor() or platform.machine() or "cpu",
             device_type="cpu",
             total_memory_bytes=total,

@@ -113,7 +113,8 @@ class TorchBackendProvider(Generic[S, E]):
         self._blocks: BlockTable[KVBlock] = BlockTable(
             self._pool,
             layout=layout,
-            capability=self._capability,
+            # The table checks block dtypes against supported_dtypes: give it the KV dtypes.
+            capability=self._capability.replace(supported_dtypes=self._capability.kv_dtypes),
             devices=(self._device, HOST),
             default_device=self._device,
             owner=f"{self._device}/{os.getpid()}/{uuid.uuid4().hex[:12]}",
@@ -124,11 +125,14 @@ class TorchBackendProvider(Generic[S, E]):
 
     def _describe(self, pool_bytes: int) -> CapabilityDescriptor:
         spec = self._adapter.comm
-        kinds = {s.kind for s in self._kernels.list() if s.kind is not None}
+        kernels = self._kernels.list()
+        kinds = {s.kind for s in kernels if s.kind is not None}
+        computed = {d for s in kernels for d in s.dtypes}
         device = self._adapter.capability(self._index)
         layout = self._pool.layout
         return device.replace(
-            supported_dtypes=(self._pool.dtype,),
+            supported_dtypes=tuple(d for d in device.supported_dtypes if d in computed),
+            kv_dtypes=(self._pool.dtype,),
             supported_kernels=tuple(
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
             ),
@@ -446,14 +450,16 @@ class TorchBackendProvider(Generic[S, E]):
         compare: Comparator | None = None,
         override: bool = False,
     ) -> KernelSpec:
+        """Register a kernel; its kind and dtypes must be within the capability."""
         self._live()
         if kind is not None:
             self._capability.require_kernel(kind)
+        listed = self._capability.require_dtypes(dtypes, f"kernel {name!r}")
         return self._kernels.register(
             name,
             impl,
             kind=kind,
-            dtypes=dtypes,
+            dtypes=listed,
             reference=reference,
             make_inputs=make_inputs,
             compare=compare,
