@@ -23,7 +23,7 @@ from sagellm_backend.testing.check import (
     expect_refusal,
     lacks,
 )
-from sagellm_backend.testing.checks.common import first_dtype
+from sagellm_backend.testing.checks.common import first_kv_dtype
 
 __all__ = ["CHECKS"]
 
@@ -35,7 +35,7 @@ _WAIT_ATTEMPTS = 3
 
 def _busy_work(ctx: CheckContext[T], provider: BackendProvider[T], rounds: int) -> list[KVBlock]:
     """Queue ``rounds`` large device operations on the current stream; returns blocks to free."""
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     tokens = _BUSY_PAGES * provider.kv_layout.tokens_per_block
     src = provider.kv_block_alloc(tokens, dtype)
     dst = provider.kv_block_alloc(tokens, dtype)
@@ -53,8 +53,8 @@ def _busy_work(ctx: CheckContext[T], provider: BackendProvider[T], rounds: int) 
 def _in_order(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     tokens = p.kv_layout.tokens_per_block
-    a = p.kv_block_alloc(tokens, first_dtype(ctx))
-    b = p.kv_block_alloc(tokens, first_dtype(ctx))
+    a = p.kv_block_alloc(tokens, first_kv_dtype(ctx))
+    b = p.kv_block_alloc(tokens, first_kv_dtype(ctx))
     stream = p.create_stream()
     with stream:
         first = ctx.fill(p, a)
@@ -77,7 +77,7 @@ def _in_order(ctx: CheckContext[T]) -> None:
 
 def _cross_stream(ctx: CheckContext[T], how: str) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     tokens = p.kv_layout.tokens_per_block
     a = p.kv_block_alloc(tokens, dtype)
     b = p.kv_block_alloc(tokens, dtype)
@@ -157,7 +157,7 @@ def _elapsed(ctx: CheckContext[T]) -> None:
 
 def _query_synchronize(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    a = p.kv_block_alloc(p.kv_layout.tokens_per_block, first_dtype(ctx))
+    a = p.kv_block_alloc(p.kv_layout.tokens_per_block, first_kv_dtype(ctx))
     ctx.fill(p, a)
     p.synchronize()
     if not p.create_event().query():
