@@ -95,9 +95,14 @@ class CpuAdapter:
         """(available, total) host memory, from /proc/meminfo where there is one."""
         self._check(index)
         try:
+            kib: dict[str, int] = {}
             with open("/proc/meminfo", encoding="ascii") as fh:
-                fields = dict(line.split(":", 1) for line in fh)
-            kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+                for line in fh:  # the two fields come first; stop once both are read
+                    name, _, value = line.partition(":")
+                    if name in ("MemTotal", "MemAvailable"):
+                        kib[name] = int(value.split()[0]) * 1024
+                        if len(kib) == 2:
+                            break
             return kib["MemAvailable"], kib["MemTotal"]
         except (OSError, KeyError, ValueError):
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -61,6 +61,8 @@ class _Run:
         self.retired: list[KVBlock] = []
         self.seen: set[int] = set()
         self.held: Counter[str] = Counter()
+        self.blocks: Counter[str] = Counter()
+        self.pages: dict[str, set[int]] = {}
         self.base = kv_counts(p)
         pattern = ctx.random_bytes(_PATTERN_BYTES)
         self.pattern = pattern + pattern
@@ -103,6 +105,7 @@ class _Run:
         self.guarded(lambda: self.p.kv_blocks_free([e.block for e in self.live.values()]))
         self.live.clear()
         self.held.clear()
+        self.blocks.clear()
         self.check_counts()
         return self.counts
 
@@ -121,8 +124,8 @@ class _Run:
         )
 
     def check_counts(self) -> None:
-        on_device = [e for e in self.live.values() if e.block.device == self.p.device]
-        want = (self.base[0] + len(on_device), self.base[1] + self.held[self.p.device])
+        device = self.p.device
+        want = (self.base[0] + self.blocks[device], self.base[1] + self.held[device])
         got = kv_counts(self.p)
         if got != want:
             raise self.failure(
@@ -267,21 +270,23 @@ class _Run:
     def add(self, block: KVBlock, pages: int, data: bytes | None) -> None:
         if block.handle in self.seen:
             raise ConformanceFailure(f"the handle {block.handle} was handed out before")
-        if block.pages:
-            mine = set(block.pages)
-            for other in self.live.values():
-                if other.block.device == block.device and mine & set(other.block.pages):
-                    raise ConformanceFailure(
-                        f"block {block.handle} got pages that live block {other.block.handle} "
-                        f"holds: {sorted(mine & set(other.block.pages))[:8]}"
-                    )
+        taken = self.pages.setdefault(block.device, set())
+        shared = taken.intersection(block.pages)
+        if shared:
+            raise ConformanceFailure(
+                f"block {block.handle} got pages that other live blocks hold: {sorted(shared)[:8]}"
+            )
+        taken.update(block.pages)
         self.seen.add(block.handle)
         self.live[block.handle] = _Live(block, pages, data)
         self.held[block.device] += pages
+        self.blocks[block.device] += 1
 
     def remove(self, entry: _Live) -> None:
         del self.live[entry.block.handle]
         self.held[entry.block.device] -= entry.pages
+        self.blocks[entry.block.device] -= 1
+        self.pages[entry.block.device].difference_update(entry.block.pages)
         self.retired.append(entry.block)
         if len(self.retired) > 2 * _MAX_LIVE:
             self.retired.pop(0)
