@@ -91,10 +91,9 @@ def _cross_stream(ctx: CheckContext[T], how: str) -> None:
     p.synchronize()
     producer, consumer = p.create_stream(), p.create_stream()
     event = p.create_event(enable_timing=False) if how == "wait_event" else None
-    scratch: list[KVBlock] = []
     for round_ in ("first", "second", "third"):
         with producer:
-            scratch += _busy_work(ctx, p, 8)
+            scratch = _busy_work(ctx, p, 8)
             new = ctx.fill(p, a)
             if event is not None and round_ == "third":
                 event.record(producer)
@@ -121,8 +120,9 @@ def _cross_stream(ctx: CheckContext[T], how: str) -> None:
                 f"{how}: the waiting stream saw bytes nobody wrote in the {round_} round{recorded}"
             )
         old = new
-    p.synchronize()
-    p.kv_blocks_free([a, b, *scratch])
+        p.synchronize()
+        p.kv_blocks_free(scratch)
+    p.kv_blocks_free([a, b])
 
 
 def _wait_event(ctx: CheckContext[T]) -> None:
