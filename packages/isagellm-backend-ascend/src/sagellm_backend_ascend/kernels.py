@@ -24,7 +24,7 @@ import torch
 from sagellm_backend.dtypes import DType, KernelKind
 from sagellm_backend.kernels import KernelInputs
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
-from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, compare
+from sagellm_backend.torch_backend.kernels import compare
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 
 __all__ = ["FUSED_ATTENTION", "FUSED_CACHE", "register_npu_kernels", "reshape_and_cache"]
@@ -154,7 +154,7 @@ def register_npu_kernels(
         "reshape_and_cache",
         cache_impl,
         kind=KernelKind.ATTENTION,
-        dtypes=KERNEL_DTYPES,
+        dtypes=provider.capability().supported_dtypes,
         reference=_reshape_and_cache_reference,
         make_inputs=_CacheInputs(provider.torch_device),
         compare=compare,

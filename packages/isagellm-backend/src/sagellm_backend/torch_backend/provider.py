@@ -34,7 +34,7 @@ from sagellm_backend.protocols import Graph, Stream
 from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
 from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
-from sagellm_backend.torch_backend.kernels import register_reference_kernels
+from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, register_reference_kernels
 from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageMover
 from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_stream
 
@@ -101,7 +101,12 @@ class TorchBackendProvider(Generic[S, E]):
             mover,
         )
         self._kernels = KernelTable()
-        register_reference_kernels(self._kernels, self._torch_device)
+        device = adapter.capability(index)
+        register_reference_kernels(
+            self._kernels,
+            self._torch_device,
+            dtypes=[d for d in KERNEL_DTYPES if device.supports_dtype(d)],
+        )
         self._group = ProcessGroup(
             adapter.comm,
             world,
@@ -109,7 +114,7 @@ class TorchBackendProvider(Generic[S, E]):
             timeout=collective_timeout,
             validate=validate_collectives,
         )
-        self._capability = self._describe(num_pages * layout.page_bytes(layout.dtype))
+        self._capability = self._describe(device, num_pages * layout.page_bytes(layout.dtype))
         self._blocks: BlockTable[KVBlock] = BlockTable(
             self._pool,
             layout=layout,
@@ -123,15 +128,14 @@ class TorchBackendProvider(Generic[S, E]):
         self._closed = False
         self._close_lock = threading.Lock()
 
-    def _describe(self, pool_bytes: int) -> CapabilityDescriptor:
+    def _describe(self, device: CapabilityDescriptor, pool_bytes: int) -> CapabilityDescriptor:
         spec = self._adapter.comm
         kernels = self._kernels.list()
         kinds = {s.kind for s in kernels if s.kind is not None}
         computed = {d for s in kernels for d in s.dtypes}
-        device = self._adapter.capability(self._index)
         layout = self._pool.layout
         return device.replace(
-            supported_dtypes=tuple(d for d in device.supported_dtypes if d in computed),
+            supported_dtypes=tuple(d for d in DType if d in computed),
             kv_dtypes=(self._pool.dtype,),
             supported_kernels=tuple(
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
