@@ -21,6 +21,7 @@ from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
+from sagellm_backend.ops import STANDARD_OPS
 
 __all__ = ["CapabilityDescriptor"]
 
@@ -77,6 +78,7 @@ class CapabilityDescriptor:
     has_kv_block_migrate: bool
     max_batch_size: int | None
     max_sequence_length: int | None
+    supported_ops: tuple[str, ...]
     extra: Mapping[str, str]
 
     def __init__(
@@ -100,6 +102,7 @@ class CapabilityDescriptor:
         has_kv_block_migrate: bool = True,
         max_batch_size: int | None = None,
         max_sequence_length: int | None = None,
+        supported_ops: Iterable[str] = (),
         extra: Mapping[str, str] | None = None,
         kv_dtypes: Iterable[DType | str] | None = None,
     ) -> None:
@@ -142,6 +145,7 @@ class CapabilityDescriptor:
                 f"device_type must be a string, got {device_type!r}",
                 hint="pass the device family as text, such as 'cuda'",
             )
+        values["supported_ops"] = _op_names(supported_ops)
         values["extra"] = _frozen_extra(extra)
         if has_collective and not values["supported_collectives"]:
             values["supported_collectives"] = tuple(CollectiveOp)
@@ -210,6 +214,20 @@ class CapabilityDescriptor:
             )
         return member
 
+    def supports_op(self, name: str) -> bool:
+        """True if the standard op ``name`` (see :mod:`sagellm_backend.ops`) is claimed."""
+        return name in self.supported_ops
+
+    def require_op(self, name: str) -> str:
+        """Return ``name`` if the backend claims the standard op, else CapabilityError."""
+        if name not in self.supported_ops:
+            raise CapabilityError(
+                f"{self._who} does not offer the op {name!r}",
+                hint="check capability().supported_ops, or use find_op() and fall back to "
+                "your own implementation",
+            )
+        return name
+
     def supports_collective(self, op: CollectiveOp | str) -> bool:
         return self.has_collective and coerce(CollectiveOp, op, "collective op") in (
             self.supported_collectives
@@ -266,6 +284,8 @@ class CapabilityDescriptor:
             value = getattr(self, f.name)
             if f.name in _ENUM_FIELDS:
                 value = [m.value for m in value]
+            elif f.name == "supported_ops":
+                value = list(value)
             elif f.name == "extra":
                 value = dict(value)
             out[f.name] = value
@@ -323,6 +343,23 @@ def _frozen_extra(extra: object) -> Mapping[str, str]:
             hint="encode other values as strings, such as {'cores': '8'}",
         )
     return MappingProxyType(dict(extra))
+
+
+def _op_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Standard op names, in catalogue order; an unknown name is refused."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise InvalidArgumentError(
+            f"supported_ops must be a sequence of op names, got {type(names).__name__}",
+            hint="pass a list such as ['rms_norm', 'sample']",
+        )
+    wanted = list(names)
+    unknown = [n for n in wanted if not isinstance(n, str) or n not in STANDARD_OPS]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown standard ops {unknown!r}",
+            hint=f"standard ops: {', '.join(STANDARD_OPS)}",
+        )
+    return tuple(name for name in STANDARD_OPS if name in wanted)
 
 
 def _values(members: Iterable[DType | KernelKind | CollectiveOp | ReduceOp]) -> str:
