@@ -133,7 +133,7 @@ class AcmeProvider:
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
         return KVBlock(1, num_tokens, DType(dtype), self.device)
 
-    def kv_block_free(self, block: KVBlock) -> None: ...
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None: ...
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None: ...
 
@@ -143,7 +143,7 @@ class AcmeProvider:
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
         return [self.kv_block_alloc(n, dtype) for n in num_tokens]
 
-    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None: ...
+    def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None: ...
 
     def kv_blocks_copy(
         self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
@@ -154,6 +154,12 @@ class AcmeProvider:
         self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
     ) -> tuple[list[KVBlock], Event]:
         return list(blocks), AcmeEvent()
+
+    def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
+        return block
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        return list(blocks)
 
     def kv_block_write(self, block: KVBlock, data: bytes) -> None: ...
 

@@ -20,11 +20,9 @@
 from __future__ import annotations
 
 import functools
-import uuid
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
-
-from typing_extensions import TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from sagellm_backend.blocks import BlockTable, check_block
 from sagellm_backend.capability import CapabilityDescriptor
@@ -54,6 +52,9 @@ from sagellm_backend.mock.streams import MockEvent, MockStream, StreamScheduler
 from sagellm_backend.mock.tensor import MockTensor
 from sagellm_backend.protocols import Event, Stream
 from sagellm_backend.unique import Unique
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -191,7 +192,7 @@ class MockBackendProvider(Unique):
             dtypes=self._capability.supported_dtypes,
             devices={f"mock:{i}" for i in range(num_devices)} | {HOST},
             default_device=self._device,
-            owner=f"{self._device}#{uuid.uuid4().hex}",
+            owner=f"{self._device}#{os.urandom(16).hex()}",
             devices_hint=(
                 f"use one of {', '.join(f'mock:{i}' for i in range(num_devices))}, {HOST}"
                 if num_devices <= 8
