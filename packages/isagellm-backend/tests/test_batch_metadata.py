@@ -61,7 +61,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 def dtype_of(p: Any) -> DType:
-    return p.capability().supported_dtypes[0]  # type: ignore[no-any-return]
+    return p.capability().kv_dtypes[0]  # type: ignore[no-any-return]
 
 
 def read(p: Any, tensor: Any) -> list[int]:
