@@ -73,7 +73,7 @@ def make_table(pages: int = 16, owner: str = "p1") -> tuple[BlockTable, PageList
     return table, storage
 
 
-def no_work(pairs: list[tuple[KVBlock, KVBlock]]) -> None:
+def no_work(sources: list[KVBlock], destinations: list[KVBlock]) -> None:
     """The data movement of a table without data: nothing, on the current stream."""
 
 
@@ -184,9 +184,9 @@ def test_copy_checks_shape_dtype_and_distinct_destinations_before_issuing() -> N
     table, _ = make_table()
     a, b, c, d = table.alloc([16, 16, 32, 16], DType.FP16)
     (h,) = table.alloc([16], DType.BF16)
-    issued: list[list[tuple[KVBlock, KVBlock]]] = []
-    table.copy([(a, b), (a, d)], lambda pairs: issued.append(pairs))
-    assert issued == [[(a, b), (a, d)]]
+    issued: list[tuple[list[KVBlock], list[KVBlock]]] = []
+    table.copy([(a, b), (a, d)], lambda srcs, dsts: issued.append((srcs, dsts)))
+    assert issued == [([a, a], [b, d])]
     with pytest.raises(InvalidBlockError) as info:
         table.copy([(a, c)], no_work)
     assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
@@ -205,9 +205,9 @@ def test_copy_checks_shape_dtype_and_distinct_destinations_before_issuing() -> N
 def test_migrate_moves_to_a_device_retires_the_source_and_keeps_pages_count() -> None:
     table, storage = make_table()
     a, b = table.alloc([16, 40], DType.FP16)
-    issued: list[list[tuple[KVBlock, KVBlock]]] = []
-    moved = table.migrate([a, b], "host", lambda pairs: issued.append(pairs))
-    assert issued == [list(zip([a, b], moved, strict=True))]
+    issued: list[tuple[list[KVBlock], list[KVBlock]]] = []
+    moved = table.migrate([a, b], "host", lambda srcs, dsts: issued.append((srcs, dsts)))
+    assert issued == [([a, b], moved)]
     assert [m.device for m in moved] == ["host", "host"]
     assert [m.num_pages for m in moved] == [1, 3]
     assert moved[1].num_tokens == 40
@@ -250,7 +250,7 @@ def test_migrate_is_all_or_nothing() -> None:
     with pytest.raises(InvalidArgumentError, match="more than once"):
         table.migrate([blocks[0], blocks[0]], "host", no_work)
 
-    def failing(pairs: list[tuple[KVBlock, KVBlock]]) -> None:
+    def failing(sources: list[KVBlock], destinations: list[KVBlock]) -> None:
         raise RuntimeError("the device refused the copy")
 
     with pytest.raises(RuntimeError, match="refused the copy"):
@@ -334,7 +334,7 @@ def test_sources_of_a_migration_on_another_stream_wait_for_its_event() -> None:
     table, storage = make_table(pages=4)
     blocks = table.alloc([16, 16], DType.FP16)
     work = DeviceWork()
-    table.migrate(blocks, "host", lambda pairs: work)
+    table.migrate(blocks, "host", lambda srcs, dsts: work)
     sources = {b.pages[0] for b in blocks}
     assert not sources & free_pages(storage), "pending while the copy out of them runs"
     assert table.reclaim() == 2
@@ -363,7 +363,7 @@ def test_frees_while_work_on_another_stream_is_in_flight_wait_for_it() -> None:
     table, storage = make_table(pages=4)
     a, b, c = table.alloc([16, 16, 16], DType.FP16)
     copy = DeviceWork()
-    table.copy([(a, b)], lambda pairs: copy)
+    table.copy([(a, b)], lambda srcs, dsts: copy)
     table.free_one(c)
     table.free([a])
     assert not {a.pages[0], c.pages[0]} & free_pages(storage)
@@ -385,7 +385,7 @@ def test_close_waits_for_every_event_and_refuses_later_calls() -> None:
     table, storage = make_table(pages=4)
     a, b, c = table.alloc([16, 16, 16], DType.FP16)
     in_flight, after = DeviceWork(), DeviceWork()
-    table.copy([(a, b)], lambda pairs: in_flight)
+    table.copy([(a, b)], lambda srcs, dsts: in_flight)
     table.free([c], after=after)
     table.close("closed for the test")
     assert in_flight.waited == 1 and after.waited == 1

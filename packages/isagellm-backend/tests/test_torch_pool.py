@@ -110,7 +110,9 @@ def test_random_alloc_free_and_migrate_hand_out_every_page_exactly_once(
                         chosen, [b.num_tokens + data.draw(st.integers(0, 4)) for b in chosen]
                     )
                 else:
-                    table.migrate(chosen, devices[1 - devices.index(device)], lambda _: None)
+                    table.migrate(
+                        chosen, devices[1 - devices.index(device)], lambda srcs, dsts: None
+                    )
         except ResourceExhaustedError:
             assert table.live_blocks() == live, "a refused batch changes nothing"
         for name in devices:

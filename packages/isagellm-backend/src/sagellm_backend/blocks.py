@@ -54,7 +54,7 @@ import operator
 import threading
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Sequence
-from itertools import chain, repeat
+from itertools import repeat
 from typing import Protocol, TypeVar, cast
 
 from sagellm_backend.device import DeviceRef
@@ -96,9 +96,10 @@ Take = Callable[[], Pages]
 """Takes the page of a new one-page block: ``(index,)``; IndexError when none is free."""
 Give = Callable[[Pages], None]
 """Gives back the pages of one released block."""
-Issue = Callable[[list[tuple[KVBlock, KVBlock]]], Fence | None]
-"""Queues the data movement of (source, destination) pairs. Returns None when the work went to
-the calling thread's current stream, else the event recorded after it on the other stream."""
+Issue = Callable[[list[KVBlock], list[KVBlock]], Fence | None]
+"""Queues the data movement of ``sources[i]`` to ``destinations[i]``. Returns None when the work
+went to the calling thread's current stream, else the event recorded after it on the other
+stream."""
 
 _new_block: Callable[[tuple[object, ...]], KVBlock] = functools.partial(tuple.__new__, KVBlock)
 """``KVBlock`` from a tuple of its fields, without the Python-level ``__new__`` of a NamedTuple."""
@@ -412,9 +413,8 @@ class BlockTable:
         items = _pair_list(pairs)
         with self._lock:
             self._check_open()
-            if items:
-                self._check_copy(items)
-            self._track(issue(items))
+            srcs, dsts = self._check_copy(items)
+            self._track(issue(srcs, dsts))
 
     def migrate(self, blocks: Iterable[KVBlock], target: object, issue: Issue) -> list[KVBlock]:
         """Give every block a replacement on ``target``, queue the data movement with ``issue``
@@ -424,7 +424,7 @@ class BlockTable:
         with self._lock:
             self._check_open()
             if not items:
-                self._track(issue([]))
+                self._track(issue([], []))
                 return []
             handles = self._distinct(items, "kv_blocks_migrate")
             if where in set(map(_device, items)):
@@ -446,7 +446,7 @@ class BlockTable:
             )
             replacements = list(map(_new_block, fields))
             try:
-                event = issue(list(zip(items, replacements, strict=True)))
+                event = issue(items, replacements)
             except BaseException:
                 self._storage.release(where, taken)
                 raise
@@ -623,25 +623,34 @@ class BlockTable:
             )
         return live
 
-    def _check_copy(self, pairs: list[tuple[KVBlock, KVBlock]]) -> None:
+    def _check_copy(
+        self, pairs: list[tuple[KVBlock, KVBlock]]
+    ) -> tuple[list[KVBlock], list[KVBlock]]:
+        """The sources and destinations of valid copy pairs."""
         srcs, dsts = list(map(_first, pairs)), list(map(_second, pairs))
-        get = self._live.get
+        get, same = self._live.get, operator.is_
         try:
-            src_handles, dst_handles = list(map(_handle, srcs)), list(map(_handle, dsts))
-            mine = all(map(operator.is_, map(get, src_handles), srcs)) and all(
-                map(operator.is_, map(get, dst_handles), dsts)
+            mine = all(map(same, map(get, map(_handle, srcs)), srcs)) and all(
+                map(same, map(get, map(_handle, dsts)), dsts)
             )
         except Exception:  # not all KVBlocks: the full check says what is wrong
             mine = False
         if mine:
-            written = set(dst_handles)
+            n = len(dsts)
+            written = set(map(_handle, dsts))
             if (
-                len(written) == len(dst_handles)
-                and written.isdisjoint(src_handles)
-                and list(map(len, map(_pages, srcs))) == list(map(len, map(_pages, dsts)))
-                and list(map(_dtype, srcs)) == list(map(_dtype, dsts))
+                len(written) == n
+                and written.isdisjoint(map(_handle, srcs))
+                and (
+                    sum(map(len, map(_pages, srcs))) == n == sum(map(len, map(_pages, dsts)))
+                    or list(map(len, map(_pages, srcs))) == list(map(len, map(_pages, dsts)))
+                )
+                and (len(self._dtypes) == 1 or list(map(_dtype, srcs)) == list(map(_dtype, dsts)))
             ):
-                return
+                return srcs, dsts
+        for src, dst in pairs:
+            check_block(src, "src")
+            check_block(dst, "dst")
         sources = {src.handle for src, _ in pairs}
         destinations: set[int] = set()
         for src, dst in pairs:
@@ -661,6 +670,7 @@ class BlockTable:
                     hint="copy between blocks of the same page count and dtype",
                     code=ErrorCode.KV_BLOCK_MISMATCH,
                 )
+        return srcs, dsts
 
     def _pages_for(self, num_tokens: int, limit: int, device: str, dtype: DType) -> int:
         if num_tokens <= 0:
@@ -714,22 +724,19 @@ def _block_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
 
 
 def _pair_list(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, KVBlock]]:
-    """``pairs`` as a list of (src, dst) KVBlock tuples, else InvalidArgumentError."""
+    """``pairs`` as a list of 2-tuples, else InvalidArgumentError (their items are checked
+    with the blocks)."""
     items = _iterable(pairs, "pairs")
-    if set(map(type, items)) <= {tuple}:
-        pairs_ = cast("list[tuple[object, ...]]", items)
-        if set(map(len, pairs_)) <= {2} and set(map(type, chain.from_iterable(pairs_))) <= {
-            KVBlock
-        }:
-            return cast("list[tuple[KVBlock, KVBlock]]", items)
+    if set(map(type, items)) <= {tuple} and set(
+        map(len, cast("list[tuple[object, ...]]", items))
+    ) <= {2}:
+        return cast("list[tuple[KVBlock, KVBlock]]", items)
     for pair in items:
         if not isinstance(pair, tuple) or len(pair) != 2:
             raise InvalidArgumentError(
                 f"each copy must be a (src, dst) tuple of KVBlock, got {pair!r}",
                 hint="pass pairs such as [(src, dst)]",
             )
-        check_block(pair[0], "src")
-        check_block(pair[1], "dst")
     return cast("list[tuple[KVBlock, KVBlock]]", items)
 
 

@@ -44,20 +44,20 @@ Measured = tuple[str, str, str, float, float, str]
 """(case, ours, baseline, ours seconds per block, baseline seconds per block, what it shows)."""
 
 
+Contender = tuple[str | Callable[[], object], dict[str, Any], int]
+"""A statement (or a callable), the names it uses, and the items one run of it covers."""
+
+
 def interleaved(
-    contenders: dict[str, tuple[Callable[[], object], int]],
-    rounds: int,
-    sync: Callable[[], None],
+    contenders: dict[str, Contender], rounds: int, sync: Callable[[], None]
 ) -> dict[str, float]:
-    """Median seconds per item of each contender ``(run once, items per run)`` over ``rounds``
-    rounds that time every contender in turn."""
+    """Median seconds per item of each contender over ``rounds`` rounds that time every
+    contender in turn, each ``timeit`` run about :data:`TARGET_SECONDS` long."""
     timers = {}
-    for name, (fn, _) in contenders.items():
-        fn()
-        sync()
-        timer = timeit.Timer(fn)
+    for name, (statement, names, _) in contenders.items():
+        timer = timeit.Timer(statement, globals=names)
         started = timeit.default_timer()
-        fn()
+        timer.timeit(1)
         sync()
         once = max(timeit.default_timer() - started, 1e-7)
         timers[name] = (timer, max(1, int(TARGET_SECONDS / once)))
@@ -68,7 +68,7 @@ def interleaved(
             timer.timeit(number)
             sync()
             elapsed = timeit.default_timer() - started
-            samples[name].append(elapsed / (number * contenders[name][1]))
+            samples[name].append(elapsed / (number * contenders[name][2]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -105,8 +105,8 @@ def host_cost_cases(
         plain_copy = baselines.paged_copy([b.pages[0] for b in srcs], [b.pages[0] for b in dsts])
         times = interleaved(
             {
-                "ours": (lambda: provider.kv_blocks_copy(pairs), batch),
-                "plain": (plain_copy, batch),
+                "ours": ("copy(pairs)", {"copy": provider.kv_blocks_copy, "pairs": pairs}, batch),
+                "plain": (plain_copy, {}, batch),
             },
             rounds,
             provider.synchronize,
@@ -140,36 +140,30 @@ def _alloc_free(
     tokens = provider.kv_layout.tokens_per_block
     counts = [tokens] * batch
     free_list = list(range(max(batch, 1024)))
-
-    def one(p: BackendProvider[Any]) -> Callable[[], None]:
-        alloc, free = p.kv_block_alloc, p.kv_block_free
-        return lambda: free(alloc(tokens, dtype))
-
-    def many(p: BackendProvider[Any]) -> Callable[[], None]:
-        alloc, free = p.kv_blocks_alloc, p.kv_blocks_free
-        return lambda: free(alloc(counts, dtype))
-
-    def list_one() -> None:
-        free_list.append(free_list.pop())
-
-    def list_many() -> None:
-        taken = free_list[-batch:]
-        del free_list[-batch:]
-        free_list.extend(taken)
-
-    single: dict[str, tuple[Callable[[], object], int]] = {
-        "ours": (one(provider), 1),
-        "list": (list_one, 1),
+    plain = {"free": free_list, "n": batch}
+    single: dict[str, Contender] = {
+        "ours": ("free(alloc(t, d))", _calls(provider, tokens, dtype, single=True), 1),
+        "list": ("free.append(free.pop())", plain, 1),
     }
-    batched: dict[str, tuple[Callable[[], object], int]] = {
-        "ours": (many(provider), batch),
-        "list": (list_many, batch),
+    batched: dict[str, Contender] = {
+        "ours": ("free(alloc(t, d))", _calls(provider, counts, dtype, single=False), batch),
+        "list": ("t = free[-n:]; del free[-n:]; free.extend(t)", plain, batch),
     }
     if against is not None:
-        single["other"] = (one(against), 1)
-        batched["other"] = (many(against), batch)
+        theirs = against.capability().kv_dtypes[0]
+        their_tokens = against.kv_layout.tokens_per_block
+        single["other"] = (
+            "free(alloc(t, d))",
+            _calls(against, their_tokens, theirs, single=True),
+            1,
+        )
+        batched["other"] = (
+            "free(alloc(t, d))",
+            _calls(against, [their_tokens] * batch, theirs, single=False),
+            batch,
+        )
     rows = []
-    for label, contenders, call, plain in (
+    for label, contenders, call, statement in (
         ("batch 1", single, "kv_block_alloc + kv_block_free", "free.append(free.pop())"),
         (
             f"batch {batch}",
@@ -183,7 +177,7 @@ def _alloc_free(
             (
                 f"alloc+free per block, {label}",
                 call,
-                f"list as a free list: {plain}",
+                f"list as a free list: {statement}",
                 times["ours"],
                 times["list"],
                 "the price of the checks, the lock and the handle over the plainest free list",
@@ -203,6 +197,21 @@ def _alloc_free(
     return rows
 
 
+def _calls(
+    provider: BackendProvider[Any], tokens: object, dtype: object, *, single: bool
+) -> dict[str, Any]:
+    """The names of an alloc + free statement: the bound calls and their arguments."""
+    if single:
+        return {"alloc": provider.kv_block_alloc, "free": provider.kv_block_free} | {
+            "t": tokens,
+            "d": dtype,
+        }
+    return {"alloc": provider.kv_blocks_alloc, "free": provider.kv_blocks_free} | {
+        "t": tokens,
+        "d": dtype,
+    }
+
+
 def _migrate(
     provider: BackendProvider[Any],
     baselines: Baselines,
@@ -218,7 +227,9 @@ def _migrate(
 
     plain = baselines.paged_swap([b.pages[0] for b in blocks])
     times = interleaved(
-        {"ours": (ours, len(blocks)), "plain": (plain, len(blocks))}, rounds, provider.synchronize
+        {"ours": (ours, {}, len(blocks)), "plain": (plain, {}, len(blocks))},
+        rounds,
+        provider.synchronize,
     )
     return (
         f"kv_blocks_migrate out and in, {len(blocks)} blocks",

@@ -171,9 +171,10 @@ class MockMemory:
         poison = self._poisoned(size)
         return b"".join(_content(data.get(page), block.handle, poison) for page in block.pages)
 
-    def move(self, pairs: Sequence[tuple[KVBlock, KVBlock]]) -> None:
-        """Copy the pages of each (src, dst) pair; a page its block did not write stays so."""
-        for src, dst in pairs:
+    def move(self, sources: Sequence[KVBlock], destinations: Sequence[KVBlock]) -> None:
+        """Copy the pages of ``sources[i]`` to ``destinations[i]``; a page its block did not
+        write stays so."""
+        for src, dst in zip(sources, destinations, strict=True):
             source, target = self.device(src.device).data, self.device(dst.device).data
             for page, to in zip(src.pages, dst.pages, strict=True):
                 entry = source.get(page)

@@ -604,11 +604,11 @@ class _Work:
         )
         self.event = MockEvent(streams)
 
-    def __call__(self, pairs: list[tuple[KVBlock, KVBlock]]) -> MockEvent | None:
+    def __call__(self, sources: list[KVBlock], destinations: list[KVBlock]) -> MockEvent | None:
         memory, stream = self._memory, self._stream
         if self._after is not None:
             stream.wait_stream(self._after)
-        if pairs:
-            stream.launch(lambda: memory.move(pairs), [b for pair in pairs for b in pair])
+        if sources:
+            stream.launch(lambda: memory.move(sources, destinations), sources + destinations)
         stream.record_event(self.event)
         return None if self._after is None else self.event

@@ -166,28 +166,30 @@ class KVPagePool:
 
     def move(
         self,
-        pairs: Sequence[tuple[KVBlock, KVBlock]],
+        sources: Sequence[KVBlock],
+        destinations: Sequence[KVBlock],
         *,
         non_blocking: bool,
         wait_for_host: Callable[[], None],
     ) -> None:
-        """Copy the pages of every (src, dst) pair: one gather and one scatter per device pair.
+        """Copy the pages of ``sources[i]`` to ``destinations[i]``: one gather and one scatter
+        per (source device, target device) pair, over every layer.
 
         Runs on the current stream. A device's :class:`PageMover`, where one is plugged in, gets
         each pair of pools first. Between devices the gathered pages cross in one copy, staged
         in pinned memory when ``non_blocking``; a device-to-host move then calls
         ``wait_for_host`` before scattering on the host, which cannot wait on a stream itself.
         """
-        if not pairs:
+        if not sources:
             return
-        srcs, dsts = list(map(_first, pairs)), list(map(_second, pairs))
-        routes = set(zip(map(_device, srcs), map(_device, dsts), strict=True))
+        from_devices, to_devices = set(map(_device, sources)), set(map(_device, destinations))
         groups: dict[tuple[str, str], tuple[list[int], list[int]]]
-        if len(routes) == 1:
-            groups = {routes.pop(): (_flat_pages(srcs), _flat_pages(dsts))}
+        if len(from_devices) == len(to_devices) == 1:
+            route = (from_devices.pop(), to_devices.pop())
+            groups = {route: (_flat_pages(sources), _flat_pages(destinations))}
         else:
             groups = {}
-            for src, dst in pairs:
+            for src, dst in zip(sources, destinations, strict=True):
                 src_pages, dst_pages = groups.setdefault((src.device, dst.device), ([], []))
                 src_pages.extend(src.pages)
                 dst_pages.extend(dst.pages)
@@ -237,12 +239,10 @@ class KVPagePool:
         )
 
 
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
 _device = operator.attrgetter("device")
 _pages = operator.attrgetter("pages")
 _NO_PAGES = torch.empty(0, dtype=torch.int64)
 
 
-def _flat_pages(blocks: list[KVBlock]) -> list[int]:
+def _flat_pages(blocks: Sequence[KVBlock]) -> list[int]:
     return list(itertools.chain.from_iterable(map(_pages, blocks)))

@@ -471,10 +471,11 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             return self.current_stream()
         return own_stream(self._adapter, stream)
 
-    def _move(self, pairs: Sequence[tuple[KVBlock, KVBlock]]) -> None:
+    def _move(self, sources: Sequence[KVBlock], destinations: Sequence[KVBlock]) -> None:
         current = self._adapter.current_stream(self._index)
         self._pool.move(
-            pairs,
+            sources,
+            destinations,
             non_blocking=self._adapter.pins_host_memory,
             wait_for_host=lambda: self._adapter.stream_synchronize(current),
         )
@@ -551,12 +552,14 @@ class _Work(Generic[S, E]):
         self._current: S | None = None if raw is current or raw == current else current
         self.event: TorchEvent[S, E] | None = None
 
-    def __call__(self, pairs: list[tuple[KVBlock, KVBlock]]) -> TorchEvent[S, E] | None:
+    def __call__(
+        self, sources: list[KVBlock], destinations: list[KVBlock]
+    ) -> TorchEvent[S, E] | None:
         adapter = self._provider.adapter
         if self._current is not None:
             adapter.stream_wait_stream(self._stream.raw, self._current)
         with self._stream:
-            self._provider._move(pairs)
+            self._provider._move(sources, destinations)
         self.event = self._stream.record_event()
         return None if self._current is None else self.event
 
