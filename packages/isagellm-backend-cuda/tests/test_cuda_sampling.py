@@ -171,7 +171,11 @@ def test_draws_follow_the_distribution_over_the_allowed_tokens(
         return torch.full((draws,), value, dtype=dtype, device=DEVICE)
 
     tokens = sample(
-        logits, full(heat, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32), seeds
+        logits,
+        full(heat, torch.float32),
+        full(top_k, torch.int64),
+        full(top_p, torch.float32),
+        seeds,
     ).cpu()
     allowed = allowed_tokens(row.float(), heat, top_k, top_p)
     assert set(tokens.tolist()) <= set(allowed), "a token outside top-k / top-p was drawn"

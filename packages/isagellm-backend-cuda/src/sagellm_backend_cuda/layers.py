@@ -34,7 +34,7 @@ _TILE = 4096
 
 
 def _warps(elements: int) -> int:
-    return min(16, max(1, elements // 512))
+    return min(16, triton.next_power_of_2(max(1, elements // 512)))
 
 
 # Norms.
@@ -177,6 +177,7 @@ def _rotate_heads(
     live,
     cos,
     sin,
+    TOKENS: tl.constexpr,
     HEADS: tl.constexpr,
     HEADS_P2: tl.constexpr,
     HALF: tl.constexpr,
@@ -184,23 +185,28 @@ def _rotate_heads(
     NEOX: tl.constexpr,
 ):
     # Rotates features [0, 2 * HALF) of every head of TOKENS tokens; cos and sin are
-    # [TOKENS, HALF_P2] in fp32.
-    head = tl.arange(0, HEADS_P2)
-    pair = tl.arange(0, HALF_P2)
-    base = x + token[:, None, None] * token_stride + head[None, :, None] * head_stride
-    mask = live[:, None, None] & (head < HEADS)[None, :, None] & (pair < HALF)[None, None, :]
+    # [TOKENS, HALF_P2] in fp32. Each side is read and written as whole vectors: NeoX halves
+    # directly, interleaved pairs as one contiguous run split into its even and odd features.
+    head = tl.arange(0, HEADS_P2)[None, :, None]
+    base = x + token[:, None, None] * token_stride + head * head_stride
+    rows = live[:, None, None] & (head < HEADS)
     c = cos[:, None, :]
     s = sin[:, None, :]
     if NEOX:
-        first = base + pair[None, None, :]
-        second = first + HALF
+        pair = tl.arange(0, HALF_P2)[None, None, :]
+        mask = rows & (pair < HALF)
+        x1 = tl.load(base + pair, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + pair, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + pair, (x1 * c - x2 * s).to(x.dtype.element_ty), mask=mask)
+        tl.store(base + HALF + pair, (x2 * c + x1 * s).to(x.dtype.element_ty), mask=mask)
     else:
-        first = base + 2 * pair[None, None, :]
-        second = first + 1
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(second, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * c - x2 * s).to(x.dtype.element_ty), mask=mask)
-    tl.store(second, (x2 * c + x1 * s).to(x.dtype.element_ty), mask=mask)
+        feature = tl.arange(0, 2 * HALF_P2)[None, None, :]
+        mask = rows & (feature < 2 * HALF)
+        run = tl.load(base + feature, mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(run, [TOKENS, HEADS_P2, HALF_P2, 2]))
+        turned = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
+        turned = tl.reshape(turned, [TOKENS, HEADS_P2, 2 * HALF_P2])
+        tl.store(base + feature, turned.to(x.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -241,6 +247,7 @@ def _rotary_kernel(
         live,
         cos,
         sin,
+        TOKENS,
         QUERY_HEADS,
         QUERY_HEADS_P2,
         HALF,
@@ -255,6 +262,7 @@ def _rotary_kernel(
         live,
         cos,
         sin,
+        TOKENS,
         KEY_HEADS,
         KEY_HEADS_P2,
         HALF,

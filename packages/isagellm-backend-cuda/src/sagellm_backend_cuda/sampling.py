@@ -57,17 +57,27 @@ _MAX_VOCAB = (1 << 31) - 1
 
 @triton.jit
 def _row_max_kernel(
-    logits, logits_stride, chunk_max, chunk_index, vocab, chunks, SPLIT: tl.constexpr
+    logits,
+    logits_stride,
+    chunk_max,
+    chunk_index,
+    batch,
+    vocab,
+    chunks,
+    ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     chunk = tl.program_id(1)
     column = chunk * SPLIT + tl.arange(0, SPLIT)
     values = tl.load(
-        logits + row * logits_stride + column, mask=column < vocab, other=-float("inf")
+        logits + row[:, None] * logits_stride + column[None, :],
+        mask=(row < batch)[:, None] & (column < vocab)[None, :],
+        other=-float("inf"),
     ).to(tl.float32)
-    best, at = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    tl.store(chunk_max + row * chunks + chunk, best)
-    tl.store(chunk_index + row * chunks + chunk, chunk * SPLIT + at)
+    best, at = tl.max(values, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(chunk_max + row * chunks + chunk, best, mask=row < batch)
+    tl.store(chunk_index + row * chunks + chunk, chunk * SPLIT + at, mask=row < batch)
 
 
 @triton.jit
@@ -78,10 +88,14 @@ def _order_key(value):
 
 
 @triton.jit
-def _scaled(row_logits, column, vocab, temperature):
-    # The fp32 logits / temperature of ``column`` (-inf past the row).
-    raw = tl.load(row_logits + column, mask=column < vocab, other=-float("inf"))
-    return raw.to(tl.float32) / temperature
+def _scaled(row_logits, column, live, temperature, VOCAB: tl.constexpr):
+    # The fp32 logits / temperature of ``[rows, columns]`` (-inf past the row or where not live).
+    raw = tl.load(
+        row_logits[:, None] + column[None, :],
+        mask=live[:, None] & (column < VOCAB)[None, :],
+        other=-float("inf"),
+    )
+    return raw.to(tl.float32) / temperature[:, None]
 
 
 @triton.jit
@@ -101,47 +115,62 @@ def _exponential(seed, column):
 
 
 @triton.jit
-def _top_k_boundary(row_logits, VOCAB: tl.constexpr, temperature, k, BLOCK: tl.constexpr):
-    # (key, cut): the top k are the tokens whose key is above ``key``, and those equal to it
-    # with an index below ``cut``. A radix select, most significant byte first.
-    bins = tl.arange(0, 256)
-    prefix = k * 0
-    above = k * 0
-    hist = tl.zeros([256], tl.int32)
-    chosen = k * 0
+def _top_k_boundary(
+    row_logits,
+    temperature,
+    k,
+    live,
+    VOCAB: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Per live row, (key, cut): its top k are the tokens whose key is above ``key``, and those
+    # equal to it with an index below ``cut``. A radix select, most significant byte first; the
+    # rows of a program share one histogram, row r's digits in bins [256 r, 256 r + 256).
+    bins = tl.arange(0, 256)[None, :]
+    lane = (tl.arange(0, ROWS) * 256)[:, None]
+    prefix = tl.zeros([ROWS], tl.int32)
+    above = tl.zeros([ROWS], tl.int32)
+    chosen = tl.zeros([ROWS], tl.int32)
+    counts = tl.zeros([ROWS, 256], tl.int32)
     for level in tl.static_range(4):
-        hist = tl.zeros([256], tl.int32)
+        flat = tl.zeros([ROWS * 256], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             column = start + tl.arange(0, BLOCK)
-            key = _order_key(_scaled(row_logits, column, VOCAB, temperature))
+            key = _order_key(_scaled(row_logits, column, live, temperature, VOCAB))
+            inside = live[:, None] & (column < VOCAB)[None, :]
             if level == 0:
-                live = column < VOCAB
                 digit = (key >> 24) + 128
             else:
-                live = (column < VOCAB) & ((key >> (32 - 8 * level)) == prefix)
+                inside = inside & ((key >> (32 - 8 * level)) == prefix[:, None])
                 digit = (key >> (24 - 8 * level)) & 255
-            hist += tl.histogram(digit, 256, mask=live)
+            flat += tl.histogram(
+                tl.reshape(digit + lane, [ROWS * BLOCK]),
+                ROWS * 256,
+                mask=tl.reshape(inside, [ROWS * BLOCK]),
+            )
+        counts = tl.reshape(flat, [ROWS, 256])
         # The digit of the k-th key: the largest with at least k keys at or above it.
-        chosen = k * 0
-        for bit in tl.static_range(7, -1, -1):
-            trial = chosen | (1 << bit)
-            if above + tl.sum(tl.where(bins >= trial, hist, 0), 0) >= k:
-                chosen = trial
-        above += tl.sum(tl.where(bins > chosen, hist, 0), 0)
+        at_or_above = tl.cumsum(counts, 1, reverse=True) + above[:, None]
+        chosen = tl.max(tl.where(at_or_above >= k[:, None], bins, -1), 1)
+        above += tl.sum(tl.where(bins > chosen[:, None], counts, 0), 1)
         prefix = chosen - 128 if level == 0 else (prefix << 8) | chosen
     needed = k - above
-    cut = k * 0 + VOCAB
-    if needed < tl.sum(tl.where(bins == chosen, hist, 0), 0):
-        seen = k * 0
+    tied = live & (needed < tl.sum(tl.where(bins == chosen[:, None], counts, 0), 1))
+    cut = tl.full([ROWS], VOCAB, tl.int32)
+    if tl.max(tied.to(tl.int32), 0) > 0:
+        # The k-th key is tied: an ordered pass finds the index of the needed-th tie.
+        seen = tl.zeros([ROWS], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             column = start + tl.arange(0, BLOCK)
-            key = _order_key(_scaled(row_logits, column, VOCAB, temperature))
-            tie = ((column < VOCAB) & (key == prefix)).to(tl.int32)
-            rank = tl.cumsum(tie, 0) + seen
-            cut = tl.minimum(
-                cut, tl.min(tl.where((tie > 0) & (rank == needed), column + 1, VOCAB), 0)
+            key = _order_key(_scaled(row_logits, column, tied, temperature, VOCAB))
+            tie = (tied[:, None] & (column < VOCAB)[None, :] & (key == prefix[:, None])).to(
+                tl.int32
             )
-            seen += tl.sum(tie, 0)
+            rank = tl.cumsum(tie, 1) + seen[:, None]
+            last = (tie > 0) & (rank == needed[:, None])
+            cut = tl.minimum(cut, tl.min(tl.where(last, column[None, :] + 1, VOCAB), 1))
+            seen += tl.sum(tie, 1)
     return prefix, cut
 
 
@@ -157,83 +186,103 @@ def _sample_kernel(
     chunk_index,
     scores,
     out,
+    batch,
     chunks,
     VOCAB: tl.constexpr,
     CHUNKS_P2: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.arange(0, CHUNKS_P2)
-    peaks = tl.load(chunk_max + row * chunks + chunk, mask=chunk < chunks, other=-float("inf"))
-    places = tl.load(chunk_index + row * chunks + chunk, mask=chunk < chunks, other=VOCAB)
-    peak = tl.max(peaks, 0)
-    token = tl.min(tl.where(peaks == peak, places, VOCAB), 0)
-    heat = tl.load(temperature + row).to(tl.float32)
-    if heat > 0:
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    live = row < batch
+    chunk = tl.arange(0, CHUNKS_P2)[None, :]
+    found = live[:, None] & (chunk < chunks)
+    peaks = tl.load(chunk_max + row[:, None] * chunks + chunk, mask=found, other=-float("inf"))
+    places = tl.load(chunk_index + row[:, None] * chunks + chunk, mask=found, other=VOCAB)
+    peak = tl.max(peaks, 1)
+    token = tl.min(tl.where(peaks == peak[:, None], places, VOCAB), 1)
+    heat = tl.load(temperature + row, mask=live, other=0.0).to(tl.float32)
+    sampling = live & (heat > 0)
+    if tl.max(sampling.to(tl.int32), 0) > 0:
+        heat = tl.where(sampling, heat, 1.0)
         row_logits = logits + row * logits_stride
-        row_scores = scores + row * VOCAB
-        k = tl.minimum(tl.maximum(tl.load(top_k + row), 0), VOCAB).to(tl.int32)
-        p = tl.load(top_p + row).to(tl.float32)
-        seed = tl.load(seeds + row).to(tl.int64).to(tl.uint64, bitcast=True)
-        top = peak / heat
+        k = tl.minimum(tl.maximum(tl.load(top_k + row, mask=sampling, other=0), 0), VOCAB)
+        k = k.to(tl.int32)
+        p = tl.load(top_p + row, mask=sampling, other=1.0).to(tl.float32)
+        seed = tl.load(seeds + row, mask=sampling, other=0).to(tl.int64).to(tl.uint64, bitcast=True)
+        top = tl.where(sampling, peak / heat, 0.0)
         keep = tl.where(p < 1.0, VOCAB, 0)  # scores are read again only with top-p
         # The top-k tokens: key above k_key, or equal to it below index k_cut.
-        k_key = token * 0 - 2147483647 - 1
-        k_cut = token * 0 + VOCAB
-        if (k > 0) & (k < VOCAB):
-            k_key, k_cut = _top_k_boundary(row_logits, VOCAB, heat, k, BLOCK)
+        lowest = tl.full([ROWS], -2147483648, tl.int32)
+        k_key = lowest
+        k_cut = tl.full([ROWS], VOCAB, tl.int32)
+        with_k = sampling & (k > 0) & (k < VOCAB)
+        if tl.max(with_k.to(tl.int32), 0) > 0:
+            k_key, k_cut = _top_k_boundary(row_logits, heat, k, with_k, VOCAB, ROWS, BLOCK)
+            k_key = tl.where(with_k, k_key, lowest)
+            k_cut = tl.where(with_k, k_cut, VOCAB)
         # The race; candidates are the top-k tokens ranked before the pivot (all, at first).
-        pivot_key = token * 0 - 2147483647 - 1
-        pivot = token * 0 + VOCAB
-        target = peak * 0.0
-        rounds = token * 0
-        done = token * 0
-        while done == 0:
-            best = peak * 0.0 - 1.0
-            winner = token * 0 + VOCAB
-            mass = peak * 0.0
-            count = token * 0
+        pivot_key = lowest
+        pivot = tl.full([ROWS], VOCAB, tl.int32)
+        target = tl.zeros([ROWS], tl.float32)
+        done = tl.where(sampling, 0, 1)
+        rounds = 0
+        while tl.min(done, 0) == 0:
+            pending = done == 0
+            best = tl.full([ROWS], -1.0, tl.float32)
+            winner = tl.full([ROWS], VOCAB, tl.int32)
+            mass = tl.zeros([ROWS], tl.float32)
+            count = tl.zeros([ROWS], tl.int32)
             for start in range(0, VOCAB, BLOCK):
                 column = start + tl.arange(0, BLOCK)
-                scaled = _scaled(row_logits, column, VOCAB, heat)
+                scaled = _scaled(row_logits, column, pending, heat, VOCAB)
                 key = _order_key(scaled)
+                at = column[None, :]
                 candidate = (
-                    (column < VOCAB)
-                    & ((key > k_key) | ((key == k_key) & (column < k_cut)))
-                    & ((key > pivot_key) | ((key == pivot_key) & (column < pivot)))
+                    pending[:, None]
+                    & (at < VOCAB)
+                    & ((key > k_key[:, None]) | ((key == k_key[:, None]) & (at < k_cut[:, None])))
+                    & (
+                        (key > pivot_key[:, None])
+                        | ((key == pivot_key[:, None]) & (at < pivot[:, None]))
+                    )
                 )
-                weight = tl.where(candidate, tl.exp(scaled - top), 0.0)
-                found = tl.sum(candidate.to(tl.int32), 0)
-                score = tl.full([BLOCK], -1.0, tl.float32)
-                if found > 0:
+                weight = tl.where(candidate, tl.exp(scaled - top[:, None]), 0.0)
+                hits = tl.sum(candidate.to(tl.int32), 1)
+                score = tl.full([ROWS, BLOCK], -1.0, tl.float32)
+                if tl.max(hits, 0) > 0:
                     if rounds == 0:
-                        score = tl.where(candidate, weight / _exponential(seed, column), -1.0)
-                        tl.store(row_scores + column, score, mask=candidate & (column < keep))
+                        noise = _exponential(seed[:, None], at)
+                        score = tl.where(candidate, weight / noise, -1.0)
+                        kept = scores + row[:, None] * VOCAB + at
+                        tl.store(kept, score, mask=candidate & (at < keep[:, None]))
                     else:
-                        score = tl.load(row_scores + column, mask=candidate, other=-1.0)
-                mass += tl.sum(weight, 0)
-                count += found
-                step_best, at = tl.max(
-                    score, 0, return_indices=True, return_indices_tie_break_left=True
+                        kept = scores + row[:, None] * VOCAB + at
+                        score = tl.load(kept, mask=candidate, other=-1.0)
+                mass += tl.sum(weight, 1)
+                count += hits
+                step_best, where = tl.max(
+                    score, 1, return_indices=True, return_indices_tie_break_left=True
                 )
-                if step_best > best:
-                    best = step_best
-                    winner = start + at
+                better = step_best > best
+                best = tl.where(better, step_best, best)
+                winner = tl.where(better, start + where, winner)
             if rounds == 0:
                 # Without top-p the winner is the draw (none only if every score is NaN).
                 target = p * mass
-                if (p >= 1.0) | (winner >= VOCAB):
-                    done = 1
-                    token = tl.where(winner < VOCAB, winner, token)
-            elif (mass < target) | (count == 0) | (winner >= VOCAB):
-                # The pivot is allowed: less than top_p of the mass comes before it.
-                done = 1
-                token = pivot
-            if done == 0:
-                pivot = winner
-                pivot_key = _order_key(_scaled(row_logits, winner, VOCAB, heat))
+                finish = pending & ((p >= 1.0) | (winner >= VOCAB))
+                token = tl.where(finish & (winner < VOCAB), winner, token)
+            else:
+                # The pivot is the draw if less than top_p of the mass comes before it.
+                finish = pending & ((mass < target) | (count == 0) | (winner >= VOCAB))
+                token = tl.where(finish, pivot, token)
+            done = tl.where(finish, 1, done)
+            moving = pending & (finish == 0)
+            pivot = tl.where(moving, winner, pivot)
+            chosen = tl.load(row_logits + pivot, mask=moving, other=0.0).to(tl.float32)
+            pivot_key = tl.where(moving, _order_key(chosen / heat), pivot_key)
             rounds += 1
-    tl.store(out + row, token.to(tl.int64))
+    tl.store(out + row, token.to(tl.int64), mask=live)
 
 
 def sample(
@@ -286,21 +335,29 @@ def sample(
         return out
     split = min(_SPLIT, triton.next_power_of_2(vocab))
     chunks = triton.cdiv(vocab, split)
+    block = min(_BLOCK, triton.next_power_of_2(vocab))
+    # Rows a program takes: one for a real vocabulary; several for small ones, fewer on the GPU,
+    # whose histogram then has as many bins (Triton's interpreter, on CPU tensors, runs each
+    # program's operations once for all its rows, so it takes many).
+    most = 256 if device.type == "cpu" else 4
+    rows = max(1, min(_BLOCK // block, most, triton.next_power_of_2(batch)))
     chunk_max = torch.empty((batch, chunks), dtype=torch.float32, device=device)
     chunk_index = torch.empty((batch, chunks), dtype=torch.int32, device=device)
     scores = torch.empty((batch, vocab), dtype=torch.float32, device=device)
-    _row_max_kernel[(batch, chunks)](
+    split_rows = max(1, min(_SPLIT // split, most, triton.next_power_of_2(batch)))
+    _row_max_kernel[(triton.cdiv(batch, split_rows), chunks)](
         logits,
         logits.stride(0),
         chunk_max,
         chunk_index,
+        batch,
         vocab,
         chunks,
+        ROWS=split_rows,
         SPLIT=split,
-        num_warps=min(8, max(1, split // 512)),
+        num_warps=min(8, max(1, split_rows * split // 512)),
     )
-    block = min(_BLOCK, triton.next_power_of_2(vocab))
-    _sample_kernel[(batch,)](
+    _sample_kernel[(triton.cdiv(batch, rows),)](
         logits,
         logits.stride(0),
         temperature,
@@ -311,10 +368,12 @@ def sample(
         chunk_index,
         scores,
         out,
+        batch,
         chunks,
         VOCAB=vocab,
         CHUNKS_P2=triton.next_power_of_2(chunks),
+        ROWS=rows,
         BLOCK=block,
-        num_warps=min(16, max(1, block // 256)),
+        num_warps=min(16, max(4, rows * block // 256)),
     )
     return out
