@@ -13,6 +13,7 @@ from sagellm_backend.errors import InvalidArgumentError
 __all__ = [
     "FLOAT_DTYPES",
     "INDEX_DTYPES",
+    "dtype_name",
     "require_dtype",
     "require_same_device",
     "require_shape",
@@ -23,14 +24,19 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def require_dtype(
     op: str, name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...]
 ) -> None:
     """``tensor``'s dtype is one of ``dtypes``."""
     if tensor.dtype not in dtypes:
-        accepted = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        accepted = ", ".join(dtype_name(d) for d in dtypes)
         raise InvalidArgumentError(
-            f"{op}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not one of {accepted}",
+            f"{op}: {name} is {dtype_name(tensor.dtype)}, not one of {accepted}",
             hint=f"convert {name} with .to() before calling {op}",
         )
 

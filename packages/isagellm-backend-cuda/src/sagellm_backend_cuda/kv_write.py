@@ -19,6 +19,7 @@ from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend_cuda.arguments import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    dtype_name,
     require_dtype,
     require_same_device,
     require_shape,
@@ -101,7 +102,8 @@ def kv_cache_write(
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dtype != kv_cache.dtype:
             raise InvalidArgumentError(
-                f"{op}: {name} is {tensor.dtype}, the cache holds {kv_cache.dtype}",
+                f"{op}: {name} is {dtype_name(tensor.dtype)}, the cache holds "
+                f"{dtype_name(kv_cache.dtype)}",
                 hint=f"convert {name} to the cache's dtype",
             )
         if head_size > 1 and tensor.stride(2) != 1:

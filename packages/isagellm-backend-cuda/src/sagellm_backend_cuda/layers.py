@@ -20,6 +20,7 @@ from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend_cuda.arguments import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    dtype_name,
     require_dtype,
     require_same_device,
     require_shape,
@@ -151,8 +152,8 @@ def fused_add_rms_norm(
     _check_norm(op, x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise InvalidArgumentError(
-            f"{op}: residual is {list(residual.shape)} {residual.dtype}, x is {list(x.shape)} "
-            f"{x.dtype}",
+            f"{op}: residual is {list(residual.shape)} {dtype_name(residual.dtype)}, x is "
+            f"{list(x.shape)} {dtype_name(x.dtype)}",
             hint="pass the residual stream of the same shape and dtype as x",
         )
     require_same_device(op, x=x, residual=residual, weight=weight)
@@ -303,7 +304,7 @@ def rotary_embedding(
     require_shape(op, "key", key, (n, -1, head_size))
     if key.dtype != query.dtype:
         raise InvalidArgumentError(
-            f"{op}: key is {key.dtype}, query is {query.dtype}",
+            f"{op}: key is {dtype_name(key.dtype)}, query is {dtype_name(query.dtype)}",
             hint="pass query and key of one dtype",
         )
     if cos_sin_cache.dim() != 2:
