@@ -10,6 +10,7 @@ match the reference.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ pytest.importorskip("triton", reason="the kernels need triton")
 from sagellm_backend.dtypes import DType  # noqa: E402
 from sagellm_backend.errors import InvalidArgumentError  # noqa: E402
 from sagellm_backend.torch_backend.kernels import compare, rotary_cos_sin_cache  # noqa: E402
+from sagellm_backend.torch_backend.provider import TorchBackendProvider  # noqa: E402
 from sagellm_backend_cuda.kv_write import kv_cache_write  # noqa: E402
 from sagellm_backend_cuda.layers import (  # noqa: E402
     fused_add_rms_norm,
@@ -132,7 +134,7 @@ def rotary_f64(
     rotary_dim = cache.shape[1]
     half = rotary_dim // 2
     out = x.double().cpu().clone()
-    cos, sin = cache.double().cpu()[positions.cpu()].split(half, dim=-1)
+    cos, sin = cache.double().cpu()[positions.cpu()].chunk(2, dim=-1)
     turn = torch.complex(cos, sin).unsqueeze(1)  # [n, 1, half]
     part = out[..., :rotary_dim]
     if neox:
@@ -286,11 +288,15 @@ def test_kv_cache_write_refuses_bad_arguments() -> None:
 def test_the_triton_kernels_register_over_the_references() -> None:
     """On a torch provider (the CPU one here, the GPU's in the GPU run), each Triton kernel takes
     its standard name, and those with a reference pass the reference's own check."""
+    provider: TorchBackendProvider[Any, Any]
     if ON_GPU:
-        from sagellm_backend_cuda import create_cuda_backend as factory
+        from sagellm_backend_cuda import create_cuda_backend
+
+        provider = create_cuda_backend(None, validate_collectives=False)
     else:
-        from sagellm_backend.torch_backend.cpu import create_cpu_backend as factory
-    provider = factory(None, validate_collectives=False)
+        from sagellm_backend.torch_backend.cpu import create_cpu_backend
+
+        provider = create_cpu_backend(None, validate_collectives=False)
     try:
         register_triton_kernels(provider)
         for name, impl in TRITON_KERNELS.items():
@@ -301,3 +307,41 @@ def test_the_triton_kernels_register_over_the_references() -> None:
                     spec.check(seed=1, dtype=dtype)
     finally:
         provider.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (ran in the interpreter)")
+@pytest.mark.parametrize("tokens_per_block", [16, 32])
+def test_model_shapes_on_the_gpu(tokens_per_block: int) -> None:
+    """The benchmark's shapes (hidden 4096, 32/8 heads of 128, bf16) on a slice of tokens."""
+    g = torch.Generator().manual_seed(tokens_per_block)
+    n, hidden, heads, kv_heads, head_size = 512, 4096, 32, 8, 128
+    x, residual = (
+        randn(g, n, hidden, dtype=torch.bfloat16),
+        randn(g, n, hidden, dtype=torch.bfloat16),
+    )
+    w = randn(g, hidden, dtype=torch.bfloat16)
+    expected_residual = (x.double() + residual.double()).to(torch.bfloat16)
+    expected = rms_norm_f64(expected_residual, w, 1e-6).to(torch.bfloat16)
+    fused_add_rms_norm(x, residual, w)
+    assert same_bits(residual, expected_residual)
+    compare(x.cpu(), expected, DType.BF16)
+    q = randn(g, n, heads, head_size, dtype=torch.bfloat16)
+    k = randn(g, n, kv_heads, head_size, dtype=torch.bfloat16)
+    positions = torch.randint(0, 8192, (n,), generator=g).to(DEVICE)
+    cache = rotary_cos_sin_cache(8192, head_size, device=DEVICE)
+    expected_q = rotary_f64(positions, q, cache, True).to(torch.bfloat16)
+    rotary_embedding(positions, q, k, cache)
+    compare(q.cpu(), expected_q, DType.BF16)
+    pages = 2 * n // tokens_per_block
+    kv = torch.full(
+        (pages, 2, tokens_per_block, kv_heads, head_size), float("nan"), dtype=torch.bfloat16
+    ).to(DEVICE)
+    slots = torch.randperm(pages * tokens_per_block, generator=g)[:n].to(DEVICE)
+    kv_cache_write(k, q[:, :kv_heads], kv, slots)
+    flat = (
+        kv.view(pages, 2, tokens_per_block, -1).transpose(1, 2).reshape(-1, 2, kv_heads * head_size)
+    )
+    assert same_bits(flat[slots, 0], k.reshape(n, -1))
+    assert same_bits(flat[slots, 1], q[:, :kv_heads].reshape(n, -1))
+    assert int(torch.isnan(flat[:, 0]).all(dim=-1).sum()) == pages * tokens_per_block - n

@@ -26,19 +26,24 @@ from sagellm_backend_cuda.sampling import sample  # noqa: E402
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (ran in the interpreter)")
 
-_MASK = (1 << 64) - 1
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values read as unsigned."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def exponential_noise(seed: int, vocab: int) -> torch.Tensor:
-    """``-log(u_j)`` of the shared noise for one row, in float64, from Python's exact integers."""
-    out = []
-    for j in range(vocab):
-        z = (seed * 0x9E3779B97F4A7C15 + j) & _MASK
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        z ^= z >> 31
-        out.append(-math.log(((z >> 11) + 0.5) * 2.0**-53))
-    return torch.tensor(out, dtype=torch.float64)
+    """``-log(u_j)`` of the shared noise for one row, in float64 (int64 arithmetic wraps)."""
+    z = torch.tensor(_signed(seed % (1 << 64)), dtype=torch.int64) * _signed(0x9E3779B97F4A7C15)
+    z = z + torch.arange(vocab, dtype=torch.int64)
+    z = (z ^ _shift(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift(z, 27)) * _signed(0x94D049BB133111EB)
+    z = z ^ _shift(z, 31)
+    return -torch.log((_shift(z, 11).double() + 0.5) * 2.0**-53)
 
 
 def allowed_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> list[int]:
@@ -205,3 +210,35 @@ def test_sample_refuses_bad_arguments_before_launching() -> None:
     with pytest.raises(InvalidArgumentError, match="logits is int64"):
         sample(logits.long(), **good)
     assert sample(logits[:0], **{k: v[:0] for k, v in good.items()}).shape == (0,)
+
+
+def test_sample_over_several_steps_of_a_row() -> None:
+    """A vocabulary longer than one step of the per-row passes, with ties across steps."""
+    g = torch.Generator().manual_seed(11)
+    batch, vocab = 6, 4096 + 300
+    logits = (torch.randn(batch, vocab, generator=g) * 2).to(torch.bfloat16).float()
+    logits[:, 4100:4110] = logits[:, 10:20] = float(logits.max()) + 1  # ties in two steps
+    temperature = torch.tensor([0.0, 1.0, 1.0, 0.7, 1.3, 1.0])
+    top_k = torch.tensor([0, 15, 5, 0, 40, 12], dtype=torch.int64)
+    top_p = torch.tensor([1.0, 1.0, 0.5, 0.9, 0.8, 0.95])
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=g, dtype=torch.int64)
+    args = (logits, temperature, top_k, top_p, seeds)
+    tokens = sample(*(a.to(DEVICE) for a in args))
+    assert tokens.tolist() == reference_sample(*args)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sample_at_a_llama_3_vocabulary(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    args = _rows(
+        g,
+        16,
+        128256,
+        dtype,
+        temperature=(0.0, 0.8, 1.0),
+        top_k=(0, 50, 1000),
+        top_p=(1.0, 0.9, 0.5),
+    )
+    assert sample(*args).tolist() == reference_sample(*(a.cpu() for a in args))

@@ -35,7 +35,7 @@ _TILE = 4096
 
 
 def _warps(elements: int) -> int:
-    return min(16, triton.next_power_of_2(max(1, elements // 512)))
+    return min(16, int(triton.next_power_of_2(max(1, elements // 512))))
 
 
 # Norms.
