@@ -155,7 +155,7 @@ def test_rotary_in_place_on_fused_qkv_views(
 ) -> None:
     g = torch.Generator().manual_seed(head_size + int(rotary_fraction * 10) + neox)
     torch_dtype = DTYPES[dtype]
-    n, heads, kv_heads, max_position = 5, 4, 2, 64
+    n, heads, kv_heads, max_position = 5, 6, 2, 64  # 6 heads: a masked tile of 8
     rotary_dim = int(head_size * rotary_fraction)
     # One fused QKV buffer with NaN padding between rows: q and k are strided views of it.
     width = (heads + 2 * kv_heads) * head_size + 8
@@ -234,7 +234,7 @@ def test_kv_cache_write_fills_exactly_the_given_slots(
 ) -> None:
     g = torch.Generator().manual_seed(tokens_per_block + head_size)
     torch_dtype = DTYPES[dtype]
-    num_pages, kv_heads, n = 5, 2, 23
+    num_pages, kv_heads, n = 5, 3, 23  # 3 heads: a masked tile of 4
     cache = torch.full(
         (num_pages, 2, tokens_per_block, kv_heads, head_size),
         float("nan"),

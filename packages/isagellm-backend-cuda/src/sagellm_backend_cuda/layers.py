@@ -34,6 +34,10 @@ _TILE = 4096
 """Elements one program of a row-wise kernel aims to hold: a few 16-byte vectors a thread."""
 
 
+def _power_of_2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def _warps(elements: int) -> int:
     return min(16, int(triton.next_power_of_2(max(1, elements // 512))))
 
@@ -332,7 +336,7 @@ def rotary_embedding(
     query_heads_p2 = triton.next_power_of_2(heads)
     key_heads_p2 = triton.next_power_of_2(key.shape[1])
     per_token = (query_heads_p2 + key_heads_p2) * triton.next_power_of_2(half)
-    tokens = max(1, min(_TILE // per_token, triton.next_power_of_2(n)))
+    tokens = min(_power_of_2_at_most(_TILE // per_token), triton.next_power_of_2(n))
     _rotary_kernel[(triton.cdiv(n, tokens),)](
         positions,
         query,
@@ -387,7 +391,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=x.device)
     if rows.shape[0] and width:
-        block = min(1024, triton.next_power_of_2(width))
+        block = min(2048, triton.next_power_of_2(width))
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](
             rows, rows.stride(0), out, width, BLOCK=block, num_warps=_warps(block)
         )
