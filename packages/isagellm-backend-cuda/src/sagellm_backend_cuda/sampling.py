@@ -8,8 +8,8 @@ with seed ``s`` and token ``j``, ``u_j`` is the splitmix64 finaliser of
 ``s * 0x9E3779B97F4A7C15 + j`` scaled into (0, 1), and the token drawn is the allowed one that
 maximises ``p_j / -log(u_j)`` (an exponential race), lowest index on ties. The allowed tokens
 are the ``top_k`` most likely, then the smallest prefix of those, most likely first, whose
-probability reaches ``top_p`` of theirs. Likelihood order is the order of the fp32 values
-``logits / temperature``, ties by lower index.
+probability reaches ``top_p`` of theirs. Likelihood order is the order of the logits (as fp32;
+dividing by a positive temperature keeps it), ties by lower index.
 
 1. A split pass over every row (many programs a row, so it fills the GPU): the maximum of each
    chunk of logits and where it is. Greedy rows need nothing more.
@@ -50,8 +50,12 @@ __all__ = ["sample"]
 
 _SPLIT = 4096
 """Logits one program of the split max pass reads."""
-_BLOCK = 4096
-"""Logits one step of a per-row pass holds."""
+_SCAN_BLOCK = 16384
+"""Logits one step of a per-row pass over keys alone holds (the top-k histograms)."""
+_RACE_BLOCK = 4096
+"""Logits one step of a race pass holds (noise, weights and scores: more registers each)."""
+_TILE = 4096
+"""Logits a program holds at once when it takes several rows of a small vocabulary."""
 _MAX_VOCAB = (1 << 31) - 1
 
 
@@ -88,36 +92,38 @@ def _order_key(value):
 
 
 @triton.jit
-def _scaled(row_logits, column, live, temperature, VOCAB: tl.constexpr):
-    # The fp32 logits / temperature of ``[rows, columns]`` (-inf past the row or where not live).
+def _logits(row_logits, column, live, VOCAB: tl.constexpr):
+    # The fp32 logits of ``[rows, columns]`` (-inf past the row or where not live).
     raw = tl.load(
         row_logits[:, None] + column[None, :],
         mask=live[:, None] & (column < VOCAB)[None, :],
         other=-float("inf"),
     )
-    return raw.to(tl.float32) / temperature[:, None]
+    return raw.to(tl.float32)
 
 
 @triton.jit
-def _exponential(seed, column):
-    # -log(u) of the shared noise: u = ((z >> 11) + 0.5) * 2**-53, z the splitmix64 finaliser of
-    # seed * 0x9E3779B97F4A7C15 + column. Below 1/2, log(u) directly; above, log1p(-(1 - u)) with
-    # 1 - u taken exactly from the integer (Goldberg's log1p), so no precision is lost near 1.
-    z = seed * 0x9E3779B97F4A7C15 + column.to(tl.uint64)
+def _exponential(base, column):
+    # -log(u) of the shared noise: z is the splitmix64 finaliser of base + column (base = seed *
+    # 0x9E3779B97F4A7C15) and u = ((z >> 11) + 0.5) * 2**-53. One log: of u below 1/2; above,
+    # of 1 - t with t = 1 - u exact from the integer, corrected as Goldberg's log1p, so no
+    # precision is lost near u = 1.
+    z = base + column.to(tl.uint64)
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     high = (z ^ (z >> 31)) >> 11
-    low = (high.to(tl.float32) + 0.5) * 1.1102230246251565e-16
-    rest = ((9007199254740992 - high).to(tl.float32) - 0.5) * 1.1102230246251565e-16
-    near_one = tl.maximum(1.0 - rest, 0.5)  # the other branch below 1/2
-    log1p = tl.where(near_one == 1.0, -rest, tl.log(near_one) * -rest / (near_one - 1.0))
-    return tl.where(high < 4503599627370496, -tl.log(low), -log1p)
+    low = high < 4503599627370496
+    distance = tl.where(low, high, 9007199254740992 - high).to(tl.float32)
+    t = (distance + tl.where(low, 0.5, -0.5)) * 1.1102230246251565e-16
+    near_one = 1.0 - t
+    log = tl.log(tl.where(low, t, near_one))
+    below = tl.where(near_one < 1.0, near_one - 1.0, -1.0)
+    return tl.where(low, -log, tl.where(near_one < 1.0, log * t / below, t))
 
 
 @triton.jit
 def _top_k_boundary(
     row_logits,
-    temperature,
     k,
     live,
     VOCAB: tl.constexpr,
@@ -137,7 +143,7 @@ def _top_k_boundary(
         flat = tl.zeros([ROWS * 256], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             column = start + tl.arange(0, BLOCK)
-            key = _order_key(_scaled(row_logits, column, live, temperature, VOCAB))
+            key = _order_key(_logits(row_logits, column, live, VOCAB))
             inside = live[:, None] & (column < VOCAB)[None, :]
             if level == 0:
                 digit = (key >> 24) + 128
@@ -163,7 +169,7 @@ def _top_k_boundary(
         seen = tl.zeros([ROWS], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             column = start + tl.arange(0, BLOCK)
-            key = _order_key(_scaled(row_logits, column, tied, temperature, VOCAB))
+            key = _order_key(_logits(row_logits, column, tied, VOCAB))
             tie = (tied[:, None] & (column < VOCAB)[None, :] & (key == prefix[:, None])).to(
                 tl.int32
             )
@@ -191,7 +197,8 @@ def _sample_kernel(
     VOCAB: tl.constexpr,
     CHUNKS_P2: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+    RACE_BLOCK: tl.constexpr,
 ):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     live = row < batch
@@ -204,13 +211,15 @@ def _sample_kernel(
     heat = tl.load(temperature + row, mask=live, other=0.0).to(tl.float32)
     sampling = live & (heat > 0)
     if tl.max(sampling.to(tl.int32), 0) > 0:
-        heat = tl.where(sampling, heat, 1.0)
+        # p_j is proportional to exp((l_j - peak) / heat) = 2 ** ((l_j - peak) * scale).
+        scale = 1.4426950408889634 / tl.where(sampling, heat, 1.0)
+        peak = tl.where(sampling, peak, 0.0)
         row_logits = logits + row * logits_stride
         k = tl.minimum(tl.maximum(tl.load(top_k + row, mask=sampling, other=0), 0), VOCAB)
         k = k.to(tl.int32)
         p = tl.load(top_p + row, mask=sampling, other=1.0).to(tl.float32)
         seed = tl.load(seeds + row, mask=sampling, other=0).to(tl.int64).to(tl.uint64, bitcast=True)
-        top = tl.where(sampling, peak / heat, 0.0)
+        base = seed * 0x9E3779B97F4A7C15
         keep = tl.where(p < 1.0, VOCAB, 0)  # scores are read again only with top-p
         # The top-k tokens: key above k_key, or equal to it below index k_cut.
         lowest = tl.full([ROWS], -2147483648, tl.int32)
@@ -218,7 +227,7 @@ def _sample_kernel(
         k_cut = tl.full([ROWS], VOCAB, tl.int32)
         with_k = sampling & (k > 0) & (k < VOCAB)
         if tl.max(with_k.to(tl.int32), 0) > 0:
-            k_key, k_cut = _top_k_boundary(row_logits, heat, k, with_k, VOCAB, ROWS, BLOCK)
+            k_key, k_cut = _top_k_boundary(row_logits, k, with_k, VOCAB, ROWS, SCAN_BLOCK)
             k_key = tl.where(with_k, k_key, lowest)
             k_cut = tl.where(with_k, k_cut, VOCAB)
         # The race; candidates are the top-k tokens ranked before the pivot (all, at first).
@@ -233,10 +242,10 @@ def _sample_kernel(
             winner = tl.full([ROWS], VOCAB, tl.int32)
             mass = tl.zeros([ROWS], tl.float32)
             count = tl.zeros([ROWS], tl.int32)
-            for start in range(0, VOCAB, BLOCK):
-                column = start + tl.arange(0, BLOCK)
-                scaled = _scaled(row_logits, column, pending, heat, VOCAB)
-                key = _order_key(scaled)
+            for start in range(0, VOCAB, RACE_BLOCK):
+                column = start + tl.arange(0, RACE_BLOCK)
+                value = _logits(row_logits, column, pending, VOCAB)
+                key = _order_key(value)
                 at = column[None, :]
                 candidate = (
                     pending[:, None]
@@ -247,17 +256,16 @@ def _sample_kernel(
                         | ((key == pivot_key[:, None]) & (at < pivot[:, None]))
                     )
                 )
-                weight = tl.where(candidate, tl.exp(scaled - top[:, None]), 0.0)
+                weight = tl.where(candidate, tl.exp2((value - peak[:, None]) * scale[:, None]), 0.0)
                 hits = tl.sum(candidate.to(tl.int32), 1)
-                score = tl.full([ROWS, BLOCK], -1.0, tl.float32)
+                score = tl.full([ROWS, RACE_BLOCK], -1.0, tl.float32)
                 if tl.max(hits, 0) > 0:
+                    kept = scores + row[:, None] * VOCAB + at
                     if rounds == 0:
-                        noise = _exponential(seed[:, None], at)
+                        noise = _exponential(base[:, None], at)
                         score = tl.where(candidate, weight / noise, -1.0)
-                        kept = scores + row[:, None] * VOCAB + at
                         tl.store(kept, score, mask=candidate & (at < keep[:, None]))
                     else:
-                        kept = scores + row[:, None] * VOCAB + at
                         score = tl.load(kept, mask=candidate, other=-1.0)
                 mass += tl.sum(weight, 1)
                 count += hits
@@ -280,7 +288,7 @@ def _sample_kernel(
             moving = pending & (finish == 0)
             pivot = tl.where(moving, winner, pivot)
             chosen = tl.load(row_logits + pivot, mask=moving, other=0.0).to(tl.float32)
-            pivot_key = tl.where(moving, _order_key(chosen / heat), pivot_key)
+            pivot_key = tl.where(moving, _order_key(chosen), pivot_key)
             rounds += 1
     tl.store(out + row, token.to(tl.int64), mask=live)
 
@@ -335,12 +343,13 @@ def sample(
         return out
     split = min(_SPLIT, triton.next_power_of_2(vocab))
     chunks = triton.cdiv(vocab, split)
-    block = min(_BLOCK, triton.next_power_of_2(vocab))
+    scan_block = min(_SCAN_BLOCK, triton.next_power_of_2(vocab))
+    race_block = min(_RACE_BLOCK, scan_block)
     # Rows a program takes: one for a real vocabulary; several for small ones, fewer on the GPU,
     # whose histogram then has as many bins (Triton's interpreter, on CPU tensors, runs each
     # program's operations once for all its rows, so it takes many).
     most = 256 if device.type == "cpu" else 4
-    rows = max(1, min(_BLOCK // block, most, triton.next_power_of_2(batch)))
+    rows = max(1, min(_TILE // scan_block, most, triton.next_power_of_2(batch)))
     chunk_max = torch.empty((batch, chunks), dtype=torch.float32, device=device)
     chunk_index = torch.empty((batch, chunks), dtype=torch.int32, device=device)
     scores = torch.empty((batch, vocab), dtype=torch.float32, device=device)
@@ -373,7 +382,8 @@ def sample(
         VOCAB=vocab,
         CHUNKS_P2=triton.next_power_of_2(chunks),
         ROWS=rows,
-        BLOCK=block,
-        num_warps=min(16, max(4, rows * block // 256)),
+        SCAN_BLOCK=scan_block,
+        RACE_BLOCK=race_block,
+        num_warps=min(16, max(4, rows * race_block // 256)),
     )
     return out
