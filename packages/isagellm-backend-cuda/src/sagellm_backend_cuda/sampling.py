@@ -139,17 +139,20 @@ def _top_k_boundary(
     above = tl.zeros([ROWS], tl.int32)
     chosen = tl.zeros([ROWS], tl.int32)
     counts = tl.zeros([ROWS, 256], tl.int32)
-    for level in tl.static_range(4):
+    for level in range(4):  # a loop, not unrolled: one copy of the histogram code
+        shift = 24 - 8 * level
+        flip = tl.where(level == 0, 128, 0)  # the top byte holds the sign: order it
         flat = tl.zeros([ROWS * 256], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             column = start + tl.arange(0, BLOCK)
             key = _order_key(_logits(row_logits, column, live, VOCAB))
-            inside = live[:, None] & (column < VOCAB)[None, :]
-            if level == 0:
-                digit = (key >> 24) + 128
-            else:
-                inside = inside & ((key >> (32 - 8 * level)) == prefix[:, None])
-                digit = (key >> (24 - 8 * level)) & 255
+            digit = ((key >> shift) & 255) ^ flip
+            # Keys whose higher bytes are the prefix chosen so far (all of them at level 0).
+            inside = (
+                live[:, None]
+                & (column < VOCAB)[None, :]
+                & ((level == 0) | (((key >> 8) >> shift) == prefix[:, None]))
+            )
             flat += tl.histogram(
                 tl.reshape(digit + lane, [ROWS * BLOCK]),
                 ROWS * 256,
@@ -160,7 +163,7 @@ def _top_k_boundary(
         at_or_above = tl.cumsum(counts, 1, reverse=True) + above[:, None]
         chosen = tl.max(tl.where(at_or_above >= k[:, None], bins, -1), 1)
         above += tl.sum(tl.where(bins > chosen[:, None], counts, 0), 1)
-        prefix = chosen - 128 if level == 0 else (prefix << 8) | chosen
+        prefix = tl.where(level == 0, chosen - 128, (prefix << 8) | chosen)
     needed = k - above
     tied = live & (needed < tl.sum(tl.where(bins == chosen[:, None], counts, 0), 1))
     cut = tl.full([ROWS], VOCAB, tl.int32)
