@@ -9,6 +9,7 @@ it as ``factory(config)`` (config None, or an object with ``kind``, ``device`` a
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -85,6 +86,10 @@ class Option:
         return value
 
 
+_INDEX_RE = re.compile(r"[0-9]+")
+_INT_RE = re.compile(r"-?[0-9]+")
+"""An integer option as text: ASCII digits only (int() would also read other scripts' digits)."""
+
 _BOOLS = {
     "1": True,
     "true": True,
@@ -102,7 +107,7 @@ def _to_int(value: object) -> int:
         raise TypeError(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
         return int(value)
     raise ValueError(value)
 
@@ -202,7 +207,7 @@ class BackendFactory(Generic[P]):
         index: int | None = None
         if device is not None and device != "":
             text = str(device)
-            if text.isdigit():
+            if _INDEX_RE.fullmatch(text):
                 index = int(text)
             else:
                 ref = DeviceRef.parse(text)
