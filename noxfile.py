@@ -119,7 +119,6 @@ def torch(session: nox.Session) -> None:
         TORCH_CONSTRAINTS,
         f"{wheels['isagellm-backend']}[torch]",
         *(wheels[name] for name in PLUGINS),
-        "numpy",
         TRITON,
         *TEST_DEPS,
     )
