@@ -67,7 +67,8 @@ def test_info_prints_the_capability_matrix_as_a_table_and_as_json() -> None:
     table = sagellm_backend("info", "mock?supported_dtypes=fp32+int8&max_memory_mb=64")
     assert table.returncode == EXIT_OK, table.stderr
     assert "backend 'mock' on mock:0" in table.stdout
-    rows = {line.split()[0]: line.split(None, 1)[-1] for line in table.stdout.splitlines() if line}
+    matrix = table.stdout.split("KV LAYOUT")[0]
+    rows = {line.split()[0]: line.split(None, 1)[-1] for line in matrix.splitlines() if line}
     assert rows["supported_dtypes"] == "fp32, int8"
     assert rows["max_memory_mb"] == "64"
     assert rows["has_graph_exec"] == "no"
@@ -76,6 +77,27 @@ def test_info_prints_the_capability_matrix_as_a_table_and_as_json() -> None:
     assert data["kv_layout"]["tokens_per_block"] > 0
     capability = CapabilityDescriptor.from_dict(data["capability"])
     assert capability.device_type == "mock"
+
+
+def test_info_lists_every_option_with_type_default_and_help() -> None:
+    from sagellm_backend.mock import create_mock_backend
+
+    declared = [*create_mock_backend.options.values()]
+    data = json.loads(sagellm_backend("info", "mock", "--json").stdout)
+    assert data["options"] == [
+        *(o.to_dict() for o in declared),
+        {"name": "device_ids", "type": "list of ints (joined with '+')", "default": None,
+         "help": "device indices, joined with '+'"},
+    ]  # fmt: skip
+    assert {"name": "max_memory_mb", "type": "int", "default": 16384,
+            "help": "KV memory of each mock device, in MiB"} in data["options"]  # fmt: skip
+    table = sagellm_backend("info", "mock").stdout
+    header = next(line for line in table.splitlines() if line.startswith("OPTION"))
+    assert header.split() == ["OPTION", "TYPE", "DEFAULT", "HELP"]
+    rows = {line.split()[0]: line for line in table.split(header, 1)[1].splitlines() if line}
+    assert set(rows) == {o.name for o in declared} | {"device_ids"}
+    for option in declared:
+        assert option.help in rows[option.name] and option.type_name in rows[option.name]
 
 
 def test_info_reads_the_env_var_when_no_spec_is_given() -> None:

@@ -435,3 +435,23 @@ def test_concurrent_lookups_and_registrations_are_consistent(registry: BackendRe
     assert sorted(devices) == sorted(f"mock:{i % 2}" for i in range(8))
     chosen = {r.kind for r in registry.list_backends() if r.chosen}
     assert chosen == {"mock", *(f"npu_{i}" for i in range(8))}
+
+
+def test_options_of_a_kind_are_the_declared_ones_then_device_ids(
+    isolated: BackendRegistry,
+) -> None:
+    isolated.register_backend("zz", mock_factory("zz", aliases=("zz_alias",)))
+    names = [(o.name, o.type, o.default) for o in isolated.options("zz")]
+    assert names == [("memory_mb", int, 64), ("device_ids", tuple, None)]
+    assert [o.name for o in isolated.options("zz_alias")] == ["memory_mb", "device_ids"]
+
+    def plain(
+        config: object = None, *, blocks: int = 8, label: str = "x", spare: object = None
+    ) -> object:
+        return MockBackendProvider()
+
+    isolated.register_backend("plain", plain)
+    typed = [(o.name, o.type, o.default) for o in isolated.options("plain")]
+    assert typed == [("blocks", int, 8), ("label", str, "x"), ("device_ids", tuple, None)]
+    with pytest.raises(BackendNotFoundError):
+        isolated.options("nothing_here")

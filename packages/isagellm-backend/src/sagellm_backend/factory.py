@@ -49,15 +49,21 @@ class Option:
         except (TypeError, ValueError):
             pass
         raise InvalidArgumentError(
-            f"option {self.name}={value!r} is not a valid {self._type_name}",
+            f"option {self.name}={value!r} is not a valid {self.type_name}",
             hint=self.help,
         )
 
     @property
-    def _type_name(self) -> str:
+    def type_name(self) -> str:
+        """The type in words: int, float, bool, str, or a list of ints."""
         if self.type is tuple:
             return f"list of ints (joined with {LIST_SEPARATOR!r})"
         return self.type.__name__
+
+    def to_dict(self) -> dict[str, object]:
+        """Name, type, default and help as JSON types (a list default as a list)."""
+        default = list(self.default) if isinstance(self.default, tuple) else self.default
+        return {"name": self.name, "type": self.type_name, "default": default, "help": self.help}
 
     def _convert(self, value: object) -> OptionValue:
         if self.type is bool:

@@ -1,4 +1,4 @@
-"""``sagellm-backend info [SPEC]``: the capability matrix of a backend."""
+"""``sagellm-backend info [SPEC]``: the capability matrix, KV layout and options of a backend."""
 
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ def run(args: argparse.Namespace) -> int:
         kind, device = provider.kind, provider.device
     finally:
         provider.close()
+    registry = default_registry()
     try:
-        record = default_registry().record(kind)
+        record = registry.record(kind)
         source = {"distribution": record.distribution, "version": record.version}
+        options = [option.to_dict() for option in registry.options(kind)]
     except BackendNotFoundError:
         source = {"distribution": None, "version": None}
+        options = []
     if args.json:
         print_json(
             {
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
                 **source,
                 "kv_layout": layout,
                 "capability": capability,
+                "options": options,
             }
         )
         return 0
@@ -49,4 +53,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(("CAPABILITY", "VALUE"), sorted(capability.items())))
     print()
     print(format_table(("KV LAYOUT", "VALUE"), list(layout.items())))
+    print()
+    rows = [(o["name"], o["type"], o["default"], o["help"]) for o in options]
+    print(format_table(("OPTION", "TYPE", "DEFAULT", "HELP"), rows))
     return 0

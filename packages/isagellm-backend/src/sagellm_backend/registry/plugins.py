@@ -199,6 +199,14 @@ class Plugin:
 
     # Options and creation.
 
+    def options(self) -> tuple[Option, ...]:
+        """The options the factory declares; a plain factory's are those its defaults type."""
+        factory = self.load()
+        if isinstance(factory, BackendFactory):
+            return tuple(factory.options.values())
+        declared, _ = _signature_options(factory)
+        return tuple(option for option in declared.values() if option is not None)
+
     def validate_options(self, options: Mapping[str, object]) -> dict[str, object]:
         """Options converted to their declared types; an undeclared name is refused."""
         factory = self.load()

@@ -66,7 +66,7 @@ DEFAULT_SPEC = "mock"
 SIMULATED_KINDS = frozenset({"mock"})
 """Kinds ``auto`` never chooses."""
 
-DEVICE_IDS = "device_ids"
+DEVICE_IDS = Option("device_ids", tuple, None, "device indices, joined with '+'")
 """Option every spec accepts: it travels in the config object, not as a keyword option."""
 
 logger = logging.getLogger("sagellm_backend.registry")
@@ -125,6 +125,14 @@ class BackendRegistry:
         return sorted(
             records, key=lambda r: (r.kind, r.status is RecordStatus.SHADOWED, r.distribution or "")
         )
+
+    def options(self, kind: str) -> tuple[Option, ...]:
+        """Every option a spec of ``kind`` accepts: the backend's own, then ``device_ids``."""
+        with self._lock:
+            declared = self._lookup(kind).options()
+        if any(option.name == DEVICE_IDS.name for option in declared):
+            return declared
+        return (*declared, DEVICE_IDS)
 
     def record(self, kind: str) -> BackendRecord:
         """The record of the candidate that ``kind`` resolves to."""
@@ -426,12 +434,10 @@ def _config_for(
     Keyword options override those written in the spec; ``device_ids`` moves into the config.
     """
     merged: dict[str, object] = {**candidate.option_dict, **options}
-    raw_ids = merged.pop(DEVICE_IDS, None)
+    raw_ids = merged.pop(DEVICE_IDS.name, None)
     ids = None
     if raw_ids is not None:
-        converted = Option(DEVICE_IDS, tuple, None, "device indices, joined with '+'").convert(
-            raw_ids
-        )
+        converted = DEVICE_IDS.convert(raw_ids)
         assert isinstance(converted, tuple)
         ids = converted
     device = None if candidate.index is None else str(candidate.index)
