@@ -100,6 +100,14 @@ def test_info_lists_every_option_with_type_default_and_help() -> None:
         assert option.help in rows[option.name] and option.type_name in rows[option.name]
 
 
+def test_info_shows_the_kv_dtypes_of_a_pool_without_one_dtype() -> None:
+    table = sagellm_backend("info", "mock?supported_dtypes=fp32+bf16").stdout
+    layout = table.split("KV LAYOUT")[1].split("OPTION")[0]
+    assert "dtype             per block: fp32, bf16" in layout.splitlines()
+    data = json.loads(sagellm_backend("info", "mock", "--json").stdout)
+    assert data["kv_layout"]["dtype"] is None and data["kv_dtypes"] == ["fp16", "bf16"]
+
+
 def test_info_reads_the_env_var_when_no_spec_is_given() -> None:
     result = sagellm_backend("info", "--json", env={"SAGELLM_BACKEND": "mock?max_memory_mb=32"})
     assert json.loads(result.stdout)["capability"]["max_memory_mb"] == 32
