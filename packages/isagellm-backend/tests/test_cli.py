@@ -51,7 +51,10 @@ def test_list_shows_every_kind_with_its_status() -> None:
     assert by_kind["mock"].split()[1:4] == ["available", "isagellm-backend", __version__]
     assert "alias of ascend" in by_kind["npu"]
     if "not_installed" in by_kind["cuda"]:
-        assert "pip install isagellm-backend-cuda" in by_kind["cuda"]
+        assert (
+            "pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"
+            in (by_kind["cuda"])
+        )
 
 
 def test_list_json_and_no_probe() -> None:
@@ -97,7 +100,8 @@ def test_info_lists_every_option_with_type_default_and_help() -> None:
     rows = {line.split()[0]: line for line in table.split(header, 1)[1].splitlines() if line}
     assert set(rows) == {o.name for o in declared} | {"device_ids"}
     for option in declared:
-        assert option.help in rows[option.name] and option.type_name in rows[option.name]
+        assert option.help in rows[option.name]
+        assert str(option.to_dict()["type"]) in rows[option.name]
 
 
 def test_info_shows_the_kv_dtypes_of_a_pool_without_one_dtype() -> None:

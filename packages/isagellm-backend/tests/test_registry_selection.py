@@ -273,6 +273,28 @@ def test_auto_never_chooses_the_mock(isolated: BackendRegistry) -> None:
     assert not isolated.record("mock").chosen
 
 
+def test_auto_names_installs_only_for_kinds_that_are_not_installed() -> None:
+    known = {
+        kind: KnownKind(kind, f"isagellm-backend-{kind}", f"pip install ./packages/{kind}")
+        for kind in ("zpu", "npu_off", "mock")
+    }
+    registry = BackendRegistry(group="sagellm.backends.isolated", known=known)
+    registry.register_backend("mock", create_mock_backend)
+    registry.register_backend("npu_off", mock_factory("npu_off", reason="no NPU; plug one in"))
+    with pytest.raises(BackendUnavailableError) as info:
+        registry.get_backend("auto")
+    assert "npu_off: no NPU; plug one in" in info.value.message
+    assert info.value.hint == (
+        "fix a reason above, or install a backend (pip install ./packages/zpu), "
+        "or ask for 'mock' explicitly"
+    )
+    nothing = BackendRegistry(group="sagellm.backends.isolated", known={})
+    nothing.register_backend("mock", create_mock_backend)
+    with pytest.raises(BackendUnavailableError) as bare:
+        nothing.get_backend("auto")
+    assert bare.value.hint == "ask for 'mock' explicitly"
+
+
 def test_auto_refuses_to_settle_below_a_broken_plugin_that_may_outrank_it(
     isolated: BackendRegistry,
 ) -> None:

@@ -9,7 +9,6 @@ it as ``factory(config)`` (config None, or an object with ``kind``, ``device`` a
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -49,13 +48,12 @@ class Option:
         except (TypeError, ValueError):
             pass
         raise InvalidArgumentError(
-            f"option {self.name}={value!r} is not a valid {self.type_name}",
+            f"option {self.name}={value!r} is not a valid {self._type_name}",
             hint=self.help,
         )
 
     @property
-    def type_name(self) -> str:
-        """The type in words: int, float, bool, str, or a list of ints."""
+    def _type_name(self) -> str:
         if self.type is tuple:
             return f"list of ints (joined with {LIST_SEPARATOR!r})"
         return self.type.__name__
@@ -63,7 +61,7 @@ class Option:
     def to_dict(self) -> dict[str, object]:
         """Name, type, default and help as JSON types (a list default as a list)."""
         default = list(self.default) if isinstance(self.default, tuple) else self.default
-        return {"name": self.name, "type": self.type_name, "default": default, "help": self.help}
+        return {"name": self.name, "type": self._type_name, "default": default, "help": self.help}
 
     def _convert(self, value: object) -> OptionValue:
         if self.type is bool:
@@ -92,10 +90,6 @@ class Option:
         return value
 
 
-_INDEX_RE = re.compile(r"[0-9]+")
-_INT_RE = re.compile(r"-?[0-9]+")
-"""An integer option as text: ASCII digits only (int() would also read other scripts' digits)."""
-
 _BOOLS = {
     "1": True,
     "true": True,
@@ -113,7 +107,7 @@ def _to_int(value: object) -> int:
         raise TypeError(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+    if isinstance(value, str) and value.isascii() and value.strip().lstrip("-").isdigit():
         return int(value)
     raise ValueError(value)
 
@@ -182,11 +176,15 @@ class BackendFactory(Generic[P]):
         probe = _resolve(self._probe)
         return probe()  # type: ignore[no-any-return]
 
-    def hint_for(self, reason: str) -> str | None:
-        """The install hint, unless the unavailability reason already says it."""
-        if not self.install_hint or self.install_hint in reason:
-            return None
-        return self.install_hint
+    def hint_for(self, reason: str) -> str:
+        """What to do about an unavailability ``reason``: the install hint unless the reason
+        already says it, else the general step."""
+        if self.install_hint and self.install_hint not in reason:
+            return self.install_hint
+        return (
+            "do what the reason says, or pick a backend that can run here "
+            "(`sagellm-backend list`), for example with a fallback list such as 'cuda,cpu'"
+        )
 
     def validate_options(self, options: Mapping[str, object]) -> dict[str, OptionValue]:
         """Typed option values with defaults filled in; unknown names are refused."""
@@ -213,7 +211,7 @@ class BackendFactory(Generic[P]):
         index: int | None = None
         if device is not None and device != "":
             text = str(device)
-            if _INDEX_RE.fullmatch(text):
+            if text.isascii() and text.isdigit():
                 index = int(text)
             else:
                 ref = DeviceRef.parse(text)

@@ -1,5 +1,8 @@
 """Kinds this project ships, and the distribution and ``pip install`` that provide each.
 
+The wheels are built from a checkout of this project, so each install names the package folders
+(a plugin next to the core, which it pins exactly), run in that checkout.
+
 The table lets "a kind of ours whose wheel is not installed" be told apart from "a kind nobody
 provides", and lets the registry rank a distribution of this project above a foreign one that
 claims the same kind.
@@ -44,15 +47,21 @@ class KnownKind:
     alias_of: str | None = None
 
 
+_IN_CHECKOUT = "in a sagellm-backend checkout: "
+_CUDA = f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"
+_ASCEND = (
+    f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend ./packages/isagellm-backend-ascend"
+)
+
 _ENTRIES = (
-    KnownKind("mock", CORE_DISTRIBUTION, "pip install isagellm-backend"),
-    KnownKind("cpu", CORE_DISTRIBUTION, "pip install 'isagellm-backend[torch]'"),
-    KnownKind("cuda", "isagellm-backend-cuda", "pip install isagellm-backend-cuda"),
-    KnownKind("ascend", "isagellm-backend-ascend", "pip install isagellm-backend-ascend"),
+    KnownKind("mock", CORE_DISTRIBUTION, f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend"),
     KnownKind(
-        "ascend_cann", "isagellm-backend-ascend", "pip install isagellm-backend-ascend", "ascend"
+        "cpu", CORE_DISTRIBUTION, f"{_IN_CHECKOUT}pip install './packages/isagellm-backend[torch]'"
     ),
-    KnownKind("npu", "isagellm-backend-ascend", "pip install isagellm-backend-ascend", "ascend"),
+    KnownKind("cuda", "isagellm-backend-cuda", _CUDA),
+    KnownKind("ascend", "isagellm-backend-ascend", _ASCEND),
+    KnownKind("ascend_cann", "isagellm-backend-ascend", _ASCEND, "ascend"),
+    KnownKind("npu", "isagellm-backend-ascend", _ASCEND, "ascend"),
 )
 
 KNOWN_KINDS: Mapping[str, KnownKind] = MappingProxyType({k.kind: k for k in _ENTRIES})

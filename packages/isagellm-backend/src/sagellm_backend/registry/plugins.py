@@ -23,7 +23,7 @@ from sagellm_backend.errors import (
 from sagellm_backend.factory import API_VERSION, BackendFactory, Option
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.registry.compat import api_mismatch, requirement_mismatch
-from sagellm_backend.registry.known import KnownKind, is_ours
+from sagellm_backend.registry.known import KnownKind, is_ours, normalize_dist_name
 from sagellm_backend.registry.records import BackendRecord, RecordSource, RecordStatus
 from sagellm_backend.registry.spec import BackendConfig
 
@@ -305,7 +305,8 @@ class Plugin:
     def _incompatible(self, reason: str) -> IncompatiblePluginError:
         dist = self.distribution or "the plugin"
         fix = (
-            f"pip install '{dist}=={__version__}'"
+            f"reinstall it from the sagellm-backend checkout of version {__version__}: "
+            f"pip install ./packages/{normalize_dist_name(dist)}"
             if self.is_ours
             else f"install a release of {dist} built for isagellm-backend {__version__} "
             f"(backend API {API_VERSION})"

@@ -289,11 +289,20 @@ class BackendRegistry:
                 passed.append((plugin.kind, exc.message))
         if broken:
             raise broken[0][1]
-        hints = sorted({k.install for k in self._known.values() if k.kind not in SIMULATED_KINDS})
+        with self._lock:
+            missing = sorted(
+                {p.known.install for p in self._not_installed() if p.known and not p.alias_of}
+                - {self._known[k].install for k in SIMULATED_KINDS if k in self._known}
+            )
+        steps = [
+            *(["fix a reason above"] if any(k not in SIMULATED_KINDS for k, _ in passed) else []),
+            *([f"install a backend ({'; '.join(missing)})"] if missing else []),
+            "ask for 'mock' explicitly",
+        ]
         raise BackendUnavailableError(
             "auto found no available backend other than the mock"
             + (": " + "; ".join(f"{k}: {r}" for k, r in passed) if passed else ""),
-            hint=f"install a backend ({'; '.join(hints)}) or ask for 'mock' explicitly",
+            hint=", or ".join(steps),
         )
 
     def _create(
