@@ -57,6 +57,25 @@ def test_list_shows_every_kind_with_its_status() -> None:
         )
 
 
+@pytest.mark.parametrize("probe", [False, True])
+def test_list_shows_aliases_alike_with_and_without_the_ascend_wheel(probe: bool) -> None:
+    """The kind's row lists its aliases; an alias's row lists none (its detail names the kind)."""
+    from sagellm_backend.cli.listing import record_rows
+    from sagellm_backend.registry import BackendRegistry
+
+    installed = BackendRegistry().list_backends(probe=probe)
+    if not any(r.kind == "ascend" and r.distribution == "isagellm-backend-ascend"
+               and r.status != "not_installed" for r in installed):  # fmt: skip
+        pytest.skip("the ascend wheel is not installed here")
+    absent = BackendRegistry(group="sagellm.backends.absent").list_backends(probe=probe)
+    for records in (installed, absent):
+        rows = {row[0]: row for row in record_rows(records)}
+        assert rows["ascend"][4] == ("ascend_cann", "npu")
+        for alias in ("ascend_cann", "npu"):
+            assert rows[alias][4] == ()
+            assert str(rows[alias][6]).startswith("alias of ascend")
+
+
 def test_list_json_and_no_probe() -> None:
     probed = json.loads(sagellm_backend("list", "--json").stdout)
     unprobed = json.loads(sagellm_backend("list", "--json", "--no-probe").stdout)

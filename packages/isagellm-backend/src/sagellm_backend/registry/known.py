@@ -22,6 +22,7 @@ __all__ = [
     "OUR_DISTRIBUTIONS",
     "KnownKind",
     "is_ours",
+    "known_aliases",
     "normalize_dist_name",
 ]
 
@@ -74,6 +75,11 @@ OUR_DISTRIBUTIONS = frozenset(k.distribution for k in _ENTRIES)
 def normalize_dist_name(name: str) -> str:
     """Distribution name in its normalised form (PEP 503): lower case, runs of -_. as '-'."""
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def known_aliases(kind: str) -> tuple[str, ...]:
+    """The aliases of one of our kinds, as its wheel declares them, known without loading it."""
+    return tuple(k.kind for k in _ENTRIES if k.alias_of == kind)
 
 
 def is_ours(distribution: str | None) -> bool:

@@ -23,7 +23,12 @@ from sagellm_backend.errors import (
 from sagellm_backend.factory import API_VERSION, BackendFactory, Option
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.registry.compat import api_mismatch, requirement_mismatch
-from sagellm_backend.registry.known import KnownKind, is_ours, normalize_dist_name
+from sagellm_backend.registry.known import (
+    KnownKind,
+    is_ours,
+    known_aliases,
+    normalize_dist_name,
+)
 from sagellm_backend.registry.records import BackendRecord, RecordSource, RecordStatus
 from sagellm_backend.registry.spec import BackendConfig
 
@@ -258,7 +263,7 @@ class Plugin:
             distribution=self.distribution or (self.known.distribution if self.known else None),
             version=self.version,
             target=self.entry.target if self.entry is not None else _qualname(factory),
-            aliases=factory.aliases if isinstance(factory, BackendFactory) else (),
+            aliases=self._aliases(),
             alias_of=self.alias_of,
             priority=self.priority,
             api_version=factory.api_version if isinstance(factory, BackendFactory) else None,
@@ -269,6 +274,16 @@ class Plugin:
             else None,
             chosen=self.chosen,
         )
+
+    def _aliases(self) -> tuple[str, ...]:
+        """The other names of this kind, on its own record only: an alias's names its kind."""
+        if self.alias_of is not None:
+            return ()
+        if isinstance(self._factory, BackendFactory):
+            return self._factory.aliases
+        if self.known is not None and (self.entry is None or self.is_ours):
+            return known_aliases(self.kind)
+        return ()
 
     def _status(self) -> RecordStatus:
         if self.source is RecordSource.KNOWN:
