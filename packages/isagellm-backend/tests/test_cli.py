@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from sagellm_backend import CapabilityDescriptor, __version__, cli
 from sagellm_backend.cli import EXIT_OK, EXIT_USER_ERROR, CommandInfo
+from sagellm_backend.registry import BackendRecord, RecordSource, RecordStatus
 
 SRC = Path(__file__).parent.parent / "src"
 
@@ -199,3 +201,92 @@ def test_a_command_whose_module_is_missing_exits_2_with_a_message(
 def test_the_command_table_reserves_check_and_bench() -> None:
     assert cli.COMMANDS["check"].module == "sagellm_backend.cli.check"
     assert cli.COMMANDS["bench"].module == "sagellm_backend.cli.bench"
+
+
+def _record(
+    kind: str,
+    status: str,
+    *,
+    priority: int | None = None,
+    reason: str | None = None,
+    distribution: str | None = None,
+    alias_of: str | None = None,
+) -> BackendRecord:
+    return BackendRecord(
+        kind,
+        RecordStatus(status),
+        RecordSource.ENTRY_POINT,
+        distribution=distribution,
+        alias_of=alias_of,
+        priority=priority,
+        reason=reason,
+    )
+
+
+NO_DEVICES: dict[str, dict[str, object]] = {
+    "devices": {"nvidia": [], "ascend": []},
+    "libraries": {"torch": "2.13.0+cpu"},
+}
+MOCK = _record("mock", "available", priority=-100)
+CPU = _record("cpu", "available", priority=10)
+
+
+@pytest.mark.parametrize(
+    ("env", "records", "step"),
+    [
+        (NO_DEVICES, [MOCK, CPU, _record("zz", "broken", distribution="zz-dist", reason="boom")],
+         "repair backend 'zz' (zz-dist): boom"),
+        (NO_DEVICES, [MOCK, CPU, _record("cuda", "available", priority=100),
+                      _record("npu", "available", priority=100, alias_of="ascend")],
+         "try it: sagellm-backend demo cuda"),
+        ({**NO_DEVICES, "devices": {"nvidia": ["/dev/nvidia0"]}},
+         [MOCK, CPU, _record("cuda", "unavailable", reason="torch is a CPU build; reinstall")],
+         "this machine has nvidia devices, but backend 'cuda' cannot use them: torch is a CPU "
+         "build; reinstall"),
+        ({**NO_DEVICES, "devices": {"nvidia": ["/dev/nvidia0"]}},
+         [MOCK, CPU, _record("cuda", "not_installed")],
+         "this machine has nvidia devices; install the cuda backend, in a sagellm-backend "
+         "checkout: pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"),
+        (NO_DEVICES, [MOCK, CPU, _record("cuda", "unavailable", reason="no driver")],
+         "no accelerator backend runs here; try the cpu backend: sagellm-backend demo cpu"),
+        ({**NO_DEVICES, "libraries": {"torch": None}},
+         [MOCK, _record("cpu", "unavailable", reason="torch is not installed")],
+         "only the mock runs here, as torch is not installed; for the cpu backend install the "
+         "core's [torch] extra, in a sagellm-backend checkout: "
+         "pip install './packages/isagellm-backend[torch]'"),
+    ],
+)  # fmt: skip
+def test_doctor_names_the_one_next_step_for_the_machine(
+    env: dict[str, dict[str, object]], records: list[BackendRecord], step: str
+) -> None:
+    from sagellm_backend.cli.doctor import next_step
+
+    assert next_step(env, records) == step
+
+
+def test_doctor_ends_with_the_next_step_also_without_torch(tmp_path: Path) -> None:
+    report = json.loads(sagellm_backend("doctor", "--json").stdout)
+    text = sagellm_backend("doctor").stdout.rstrip().splitlines()
+    assert text[-1] == f"next step: {report['next_step']}"
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("sagellm_backend", "typing_extensions"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None
+        origin = Path(spec.origin)
+        (site / (origin.parent if origin.name == "__init__.py" else origin).name).symlink_to(
+            origin.parent if origin.name == "__init__.py" else origin
+        )
+    bare = subprocess.run(
+        [sys.executable, "-S", "-m", "sagellm_backend", "doctor"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bare.returncode == EXIT_OK, bare.stderr
+    assert bare.stdout.rstrip().splitlines()[-1] == (
+        "next step: only the mock runs here, as torch is not installed; for the cpu backend "
+        "install the core's [torch] extra, in a sagellm-backend checkout: "
+        "pip install './packages/isagellm-backend[torch]'"
+    )
