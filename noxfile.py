@@ -4,6 +4,7 @@ nox                  # every default session
 nox -s tests-3.12    # core tests on one Python
 nox -s torch         # torch layer and cpu backend (Python 3.11, pinned CPU torch)
 nox -s protocol      # the bridge to isagellm-protocol, with the real package (Python 3.11)
+nox -s install       # the documented install commands, from this checkout (Python 3.11)
 
 Locally, a session whose Python is not installed is skipped, and the ``interpreters`` session
 (first of the defaults) says which; it fails when the torch session cannot run. In CI (``CI``
@@ -22,7 +23,7 @@ import nox.virtualenv
 CI = bool(os.environ.get("CI"))
 """In CI every session must run; locally those whose Python is missing are skipped."""
 nox.options.error_on_missing_interpreters = CI
-nox.options.sessions = ["interpreters", "lint", "mypy", "tests", "torch", "protocol"]
+nox.options.sessions = ["interpreters", "lint", "mypy", "tests", "torch", "protocol", "install"]
 
 ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
@@ -90,7 +91,7 @@ def interpreters(session: nox.Session) -> None:
     if TORCH_PYTHON in missing:
         skipped += ["lint", "mypy", "torch"]
     if PROTOCOL_PYTHON in missing:
-        skipped.append("protocol")
+        skipped += ["protocol", "install"]
     session.log(f"torch, mypy and lint run on Python {TORCH_PYTHON}")
     if skipped:
         session.log(f"skipped for want of their Python: {', '.join(skipped)}")
@@ -182,6 +183,16 @@ def protocol(session: nox.Session) -> None:
     session.install(f"{wheels['isagellm-backend']}[protocol]", "pydantic>=2", *TEST_DEPS)
     session.run("python", "-c", "import sagellm_protocol")  # the extra must have installed it
     run_pytest(session, *PROTOCOL_TESTS)
+
+
+@nox.session(python=PROTOCOL_PYTHON, venv_backend="venv")
+def install(session: nox.Session) -> None:
+    """Every install command of README.md and docs/, run from this checkout into fresh
+    environments with torch pinned (tests/test_docs.py); Python 3.11 for the [protocol] extra."""
+    wheels = build_wheels(session)
+    session.install(wheels["isagellm-backend"], *TEST_DEPS)
+    session.env["SAGELLM_TEST_INSTALLS"] = "1"
+    run_pytest(session, "tests/test_docs.py")
 
 
 @nox.session(python=TORCH_PYTHON, venv_backend="venv")

@@ -198,8 +198,8 @@ def test_every_documented_command_runs_or_is_skipped_with_its_reason(
 
 
 class InstallEnv:
-    """One environment the install commands run in, one after another, each from a clean
-    slate of our wheels; ``dist`` and other relative outputs land in ``work``."""
+    """A machine with torch installed (the pinned CPU build) where the install commands run one
+    after another, each from a clean slate of our wheels; ``dist`` lands in ``work``."""
 
     def __init__(self, root: Path) -> None:
         self.work = root / "work"
@@ -208,6 +208,7 @@ class InstallEnv:
         self.env = root / "env"
         venv.create(self.env, with_pip=True)
         self.python = str(self.env / "bin" / "python")
+        self._shell(f"{self.python} -m pip install -q torch numpy", root)
 
     def run(self, command: str, scratch: Path) -> None:
         self._shell(f"{self.python} -m pip uninstall -y -q {' '.join(_OURS)}", scratch)
