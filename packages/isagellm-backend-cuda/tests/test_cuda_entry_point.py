@@ -108,3 +108,18 @@ def test_device_suite_without_a_gpu_says_why(capsys: pytest.CaptureFixture[str])
 
     assert main(["bench", "cuda", "--device-suite", "--quick"]) == 1
     assert "unavailable" in capsys.readouterr().err
+
+
+def test_device_suite_table_prints_each_size_and_each_target_once() -> None:
+    """On the figures of the H200 run that docs/cuda.md shows."""
+    pytest.importorskip("torch", reason="the suite's module needs torch (any build)")
+    from sagellm_backend_cuda.bench import TARGETS, format_table
+
+    figures = json.loads(
+        (Path(__file__).resolve().parents[3] / "docs" / "cuda-kv-movement.json").read_text()
+    )
+    rows = format_table(figures).splitlines()
+    for size in (r["blocks"] for r in figures["rows"]):
+        assert sum(line.startswith(f"| {size} |") for line in rows) == 1, size
+    for target in TARGETS:
+        assert sum(line.startswith(f"| {target} |") for line in rows) == 1, target
