@@ -15,6 +15,7 @@ from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
+from sagellm_backend.ops import STANDARD_OPS
 
 __all__ = ["CapabilityDescriptor"]
 
@@ -58,6 +59,7 @@ class CapabilityDescriptor:
     has_kv_block_migrate: bool
     max_batch_size: int | None
     max_sequence_length: int | None
+    supported_ops: tuple[str, ...]
     extra: Mapping[str, str]
 
     def __init__(
@@ -81,6 +83,7 @@ class CapabilityDescriptor:
         has_kv_block_migrate: bool = True,
         max_batch_size: int | None = None,
         max_sequence_length: int | None = None,
+        supported_ops: Iterable[str] = (),
         extra: Mapping[str, str] | None = None,
     ) -> None:
         values = dict(locals())
@@ -101,6 +104,7 @@ class CapabilityDescriptor:
                 raise InvalidArgumentError(
                     f"{name} must be a non-negative int or None, got {value!r}"
                 )
+        values["supported_ops"] = _op_names(supported_ops)
         values["extra"] = dict(extra or {})
         if has_collective and not values["supported_collectives"]:
             values["supported_collectives"] = tuple(CollectiveOp)
@@ -138,6 +142,20 @@ class CapabilityDescriptor:
                 hint=f"supported kinds: {_values(self.supported_kernels)}",
             )
         return member
+
+    def supports_op(self, name: str) -> bool:
+        """True if the standard op ``name`` (see :mod:`sagellm_backend.ops`) is claimed."""
+        return name in self.supported_ops
+
+    def require_op(self, name: str) -> str:
+        """Return ``name`` if the backend claims the standard op, else CapabilityError."""
+        if name not in self.supported_ops:
+            raise CapabilityError(
+                f"{self._who} does not offer the op {name!r}",
+                hint="check capability().supported_ops, or use find_op() and fall back to "
+                "your own implementation",
+            )
+        return name
 
     def supports_collective(self, op: CollectiveOp | str) -> bool:
         return self.has_collective and coerce(CollectiveOp, op, "collective op") in (
@@ -195,6 +213,8 @@ class CapabilityDescriptor:
             value = getattr(self, f.name)
             if f.name in _ENUM_FIELDS:
                 value = [m.value for m in value]
+            elif f.name == "supported_ops":
+                value = list(value)
             elif f.name == "extra":
                 value = dict(value)
             out[f.name] = value
@@ -227,6 +247,23 @@ class CapabilityDescriptor:
     def replace(self, **changes: Any) -> CapabilityDescriptor:
         """A copy with some fields changed (the descriptor itself is immutable)."""
         return dataclasses.replace(self, **changes)
+
+
+def _op_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Standard op names, in catalogue order; an unknown name is refused."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise InvalidArgumentError(
+            f"supported_ops must be a sequence of op names, got {type(names).__name__}",
+            hint="pass a list such as ['rms_norm', 'sample']",
+        )
+    wanted = list(names)
+    unknown = [n for n in wanted if not isinstance(n, str) or n not in STANDARD_OPS]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown standard ops {unknown!r}",
+            hint=f"standard ops: {', '.join(STANDARD_OPS)}",
+        )
+    return tuple(name for name in STANDARD_OPS if name in wanted)
 
 
 def _values(members: Iterable[DType | KernelKind | CollectiveOp | ReduceOp]) -> str:

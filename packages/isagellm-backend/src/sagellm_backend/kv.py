@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from sagellm_backend.dtypes import DType, coerce
 from sagellm_backend.errors import InvalidArgumentError
@@ -16,11 +16,18 @@ __all__ = ["KVBlock", "KVLayout"]
 class KVLayout:
     """Shape of one KV page: K and V for ``tokens_per_block`` tokens in every layer.
 
-    A torch pool stores pages as ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads,
-    head_size]``, so one page of one layer is contiguous, as paged-attention kernels read it.
-    ``dtype`` is the pool's element type where the pool has one; None means each block may use
-    any dtype the backend supports (the mock).
+    One layer's cache (``kv_cache(layer)``) is a tensor of :meth:`cache_shape`, its dimensions
+    named by :attr:`CACHE_DIMS`: ``[page, kv, token, kv_head, head_dim]``, K at index
+    :attr:`KEY` and V at index :attr:`VALUE` of the ``kv`` dimension, so one page of one layer
+    is contiguous, as paged-attention kernels read it. A *slot* is one token's place:
+    ``page * tokens_per_block + offset`` (:meth:`slot`). ``dtype`` is the pool's element type
+    where the pool has one; None means each block may use any dtype the backend supports (the
+    mock).
     """
+
+    CACHE_DIMS: ClassVar[tuple[str, ...]] = ("page", "kv", "token", "kv_head", "head_dim")
+    KEY: ClassVar[int] = 0
+    VALUE: ClassVar[int] = 1
 
     num_layers: int = 2
     num_kv_heads: int = 2
@@ -46,6 +53,15 @@ class KVLayout:
     def page_bytes(self, dtype: DType | str) -> int:
         """Bytes of one page over all layers in ``dtype``."""
         return self.elements_per_page * coerce(DType, dtype, "dtype").bits // 8
+
+    def cache_shape(self, num_pages: int) -> tuple[int, int, int, int, int]:
+        """Shape of one layer's cache of ``num_pages`` pages, in :attr:`CACHE_DIMS` order."""
+        return (num_pages, 2, self.tokens_per_block, self.num_kv_heads, self.head_size)
+
+    def slot(self, pages: tuple[int, ...], token: int) -> int:
+        """The slot of token ``token`` of a block whose pages are ``pages``."""
+        page, offset = divmod(token, self.tokens_per_block)
+        return pages[page] * self.tokens_per_block + offset
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages a block of ``num_tokens`` tokens occupies: ceil(num_tokens / tokens_per_block)."""

@@ -9,9 +9,12 @@ Every row compares two ways of doing the same work, timed in the same run on the
   against two contiguous copies of the same bytes;
 - ``alloc+free``: ``kv_block_alloc`` + ``kv_block_free`` per block, against a plain Python list
   ``pop`` + ``append`` of a page index;
-- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events.
+- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events;
+- ``batch metadata``: a decode step's ``BatchMetadata.plan`` against building the same tensors
+  from Python lists (:mod:`.batch`), where the backend claims ``batch_metadata``.
 
-Each row says what its baseline shows, and the time per block next to the ratio.
+Each row says what its baseline shows, and our time per item (block, event pair, decode step)
+next to the ratio.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.bench.baselines import baselines_for
+from sagellm_backend.bench.batch import batch_metadata_case
 from sagellm_backend.device import HOST
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlock
@@ -48,6 +52,9 @@ class Comparison:
     nbytes: int = 0
     measures: str = ""
     """What comparing with this baseline shows (the baseline's purpose)."""
+    count: int = 1
+    """How many ``item``s the timed work covers."""
+    item: str = "block"
 
     @property
     def ratio(self) -> float:
@@ -64,6 +71,8 @@ class Comparison:
             "ratio": self.ratio,
             "bytes": self.nbytes,
             "measures": self.measures,
+            "count": self.count,
+            "item": self.item,
         }
 
 
@@ -94,16 +103,16 @@ class BenchReport:
         lines = [
             head,
             "",
-            "| case | ours | baseline | the baseline shows | ours per block | ours / baseline "
+            "| case | ours | baseline | the baseline shows | ours per item | ours / baseline "
             "time | ours is |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             verdict = f"{r.ratio:.2f}x faster" if r.ratio >= 1 else f"{1 / r.ratio:.2f}x slower"
             share = r.ours_s / r.baseline_s
-            per_block = f"{r.ours_s / self.blocks * 1e6:.2f} us"
+            per_item = f"{r.ours_s / r.count * 1e6:.2f} us per {r.item}"
             lines.append(
-                f"| {r.case} | {r.ours} | {r.baseline} | {r.measures} | {per_block} | "
+                f"| {r.case} | {r.ours} | {r.baseline} | {r.measures} | {per_item} | "
                 f"{share:.3f} | {verdict} |"
             )
         lines += [f"skipped: {reason}" for reason in self.skipped]
@@ -116,12 +125,20 @@ def run_benchmarks(
     blocks: int = 256,
     repeats: int = 7,
     seed: int = 0,
+    batch: tuple[int, int] = (64, 128),
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages."""
-    for name, value, least in (("blocks", blocks, 1), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages, and
+    ``batch`` (sequences, pages each: the batch metadata case) as many pages as their product.
+    """
+    seqs, pages = batch
+    sizes = {"blocks": blocks, "repeats": repeats, "batch seqs": seqs, "batch pages": pages}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(
+                f"{name} must be a positive int, got {value!r}",
+                hint="pass sizes and repeats of at least 1",
+            )
     say = progress or (lambda _: None)
     layout = provider.kv_layout
     dtype = provider.capability().supported_dtypes[0]
@@ -156,7 +173,14 @@ def run_benchmarks(
         loop = timed(copy_loop)
         report.rows.append(
             Comparison(
-                "kv copy", "batched", "per-block loop", batched, loop, nbytes, SAVED_BY_BATCHING
+                "kv copy",
+                "batched",
+                "per-block loop",
+                batched,
+                loop,
+                nbytes,
+                SAVED_BY_BATCHING,
+                blocks,
             )
         )
         if baselines is not None:
@@ -171,6 +195,7 @@ def run_benchmarks(
                     flat,
                     nbytes,
                     "the floor: the device copying the same bytes in one piece",
+                    blocks,
                 )
             )
         if provider.capability().has_kv_block_migrate:
@@ -189,6 +214,7 @@ def run_benchmarks(
                         flat,
                         2 * nbytes,
                         "the floor: the same bytes to host memory and back in one piece",
+                        blocks,
                     )
                 )
         else:
@@ -217,6 +243,7 @@ def run_benchmarks(
             timed(list_alloc),
             measures="the floor of any free list in Python: the price of the checks and the "
             "lock, per block",
+            count=blocks,
         )
     )
 
@@ -240,10 +267,33 @@ def run_benchmarks(
                 timed(ours_events),
                 timed(lambda: [raw() for _ in range(blocks)]),
                 measures="the protocol wrapper's cost over the device's own events",
+                count=blocks,
+                item="event pair",
             )
         )
     else:
         report.skipped.append(f"contiguous copy and raw events: no baselines for {provider.kind}")
+    if not provider.capability().supports_op("batch_metadata"):
+        report.skipped.append("batch metadata: the backend does not claim batch_metadata")
+    elif baselines is None:
+        report.skipped.append(f"batch metadata: no baselines for {provider.kind}")
+    else:
+        say("batch metadata")
+        name, ours_s, base_s = batch_metadata_case(
+            provider, baselines, timed, seqs=seqs, pages=pages, seed=seed
+        )
+        report.rows.append(
+            Comparison(
+                name,
+                "plan, persistent buffers",
+                "new tensors from lists",
+                ours_s,
+                base_s,
+                measures="what planning into persistent buffers saves over building the "
+                "step's tensors anew",
+                item="decode step",
+            )
+        )
     return report
 
 
@@ -271,7 +321,14 @@ def _swap(
     nbytes = 2 * len(blocks) * provider.kv_layout.page_bytes(blocks[0].dtype)
     report.rows.append(
         Comparison(
-            "kv swap", "batched", "per-block loop", ours, timed(loop), nbytes, SAVED_BY_BATCHING
+            "kv swap",
+            "batched",
+            "per-block loop",
+            ours,
+            timed(loop),
+            nbytes,
+            SAVED_BY_BATCHING,
+            len(blocks),
         )
     )
 

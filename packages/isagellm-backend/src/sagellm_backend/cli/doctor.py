@@ -3,7 +3,8 @@
 Nothing heavy is imported and no device is touched: library versions come from installed
 metadata, driver versions from the files the drivers publish, devices from their device nodes.
 The report ends with the one next step for this machine (:func:`next_step`). Exits with
-EXIT_BACKEND_FAILURE when a plugin is broken or incompatible.
+EXIT_BACKEND_FAILURE when a plugin is broken (its import or probe failed or hung),
+incompatible, or declares an entry point whose name no spec can select.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ _DEVICE_NODES = {"nvidia": "/dev/nvidia[0-9]*", "ascend": "/dev/davinci[0-9]*"}
 _DEVICE_KINDS = {"nvidia": "cuda", "ascend": "ascend"}
 """The backend kind that drives each vendor's devices."""
 _HOST_KIND = "cpu"
-_PROBLEMS = (RecordStatus.BROKEN, RecordStatus.INCOMPATIBLE)
+_PROBLEMS = (RecordStatus.BROKEN, RecordStatus.INCOMPATIBLE, RecordStatus.INVALID_NAME)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

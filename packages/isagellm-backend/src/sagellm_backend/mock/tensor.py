@@ -90,6 +90,12 @@ class MockTensor:
         out._values = list(self._values)
         return out
 
+    def assign_(self, values: Iterable[float]) -> MockTensor:
+        """Replace the contents with ``values`` (any count), each stored in this dtype; returns
+        self. Device work that fills a buffer of the mock uses it."""
+        self._values = [_store(self._dtype, v) for v in _numbers(values)]
+        return self
+
     def copy_(self, src: MockTensor) -> MockTensor:
         """Overwrite this tensor with ``src`` (same dtype and shape); returns self."""
         if not isinstance(src, MockTensor):

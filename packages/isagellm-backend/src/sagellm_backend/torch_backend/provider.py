@@ -32,6 +32,7 @@ from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTa
 from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.protocols import Graph, Stream
 from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
+from sagellm_backend.torch_backend.batch import TorchBatchMetadata
 from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
 from sagellm_backend.torch_backend.kernels import register_reference_kernels
@@ -132,6 +133,7 @@ class TorchBackendProvider(Generic[S, E]):
             supported_kernels=tuple(
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
             ),
+            supported_ops=(*device.supported_ops, "batch_metadata"),
             has_collective=True,
             has_graph_exec=self._graphs is not None,
             supported_collectives=spec.collectives,
@@ -413,6 +415,23 @@ class TorchBackendProvider(Generic[S, E]):
         rows = [list(b.pages) + [0] * (columns - b.num_pages) for b in live]
         where = self._pool.pools[devices.pop()].device if devices else self._torch_device
         return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), columns).to(where)
+
+    def create_batch_metadata(
+        self, max_seqs: int, max_tokens: int, max_pages_per_seq: int
+    ) -> TorchBatchMetadata[S, E]:
+        """Persistent batch metadata buffers on this provider's device (``batch_metadata``)."""
+        self._live("create_batch_metadata")
+        return TorchBatchMetadata(
+            self._adapter,
+            self._index,
+            table=self._blocks,
+            layout=self.kv_layout,
+            device=self._device,
+            max_seqs=max_seqs,
+            max_tokens=max_tokens,
+            max_pages_per_seq=max_pages_per_seq,
+            check=self._live,
+        )
 
     def _stream(self, stream: Stream | None) -> TorchStream[S, E]:
         if stream is None:
