@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 from sagellm_backend.cli.output import print_json
 from sagellm_backend.errors import InvalidSpecError
-from sagellm_backend.registry import DEFAULT_SPEC, ENV_VAR, BackendSpec, parse_spec
+from sagellm_backend.registry import BackendSpec, default_registry
 from sagellm_backend.testing.check import Area
 from sagellm_backend.testing.runner import run_conformance
 from sagellm_backend.testing.spec_target import target_for_spec
@@ -54,9 +53,8 @@ def sized_for_check(spec: str | None) -> str | None:
 
     A spec that does not parse is returned as given, for the registry to report.
     """
-    text = spec if spec is not None else os.environ.get(ENV_VAR) or DEFAULT_SPEC
     try:
-        parsed = parse_spec(text)
+        parsed = default_registry().resolve_spec(spec)
     except InvalidSpecError:
         return spec
     sized = tuple(
