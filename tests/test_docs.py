@@ -46,7 +46,8 @@ SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 INLINE = re.compile(r"`([^`\n]+)`")
 PLACEHOLDERS = {"SPEC": "mock", "KIND": "mock", "COMMAND": "list"}
 """Words a documented command stands for, and what the test runs in their place. A ``bench``
-command also gets ``--quick``: its arguments are what is checked here, not its figures."""
+command runs once (``--repeats 1``, the last ``--repeats`` wins): its sizes and pools are what
+is checked here, not its figures."""
 
 GPU = "needs an NVIDIA GPU: runs on the GPU machine (benchmarks/cuda_device_run.sh)"
 ASCEND = "needs Ascend NPUs with torch-npu and CANN (the fake of torch_npu runs in the tests)"
@@ -181,7 +182,7 @@ def test_every_documented_command_runs_or_is_skipped_with_its_reason(
     if any("cpu" in arg for arg in args) and importlib.util.find_spec("torch") is None:
         pytest.skip("needs torch: the torch session runs it")
     if program == "sagellm-backend":
-        args = ["-m", "sagellm_backend", *args, *(["--quick"] if args[0] == "bench" else [])]
+        args = ["-m", "sagellm_backend", *args, *(["--repeats", "1"] if args[0] == "bench" else [])]
     environ = {k: v for k, v in os.environ.items() if k != "SAGELLM_BACKEND"}
     if environ.get("PYTHONPATH"):  # it runs elsewhere: the same path, made absolute
         paths = environ["PYTHONPATH"].split(os.pathsep)
