@@ -103,6 +103,11 @@ def test_capability_follows_the_soc_family(
         assert capability.extra["soc_family"] == family
         soc_dtypes = capability.extra["soc_dtypes"].split(",")
         assert ("bf16" in soc_dtypes, "fp8" in soc_dtypes) == (bf16, fp8)
+        computed = (DType.FP32, DType.FP16, DType.BF16) if bf16 else (DType.FP32, DType.FP16)
+        assert capability.supported_dtypes == computed
+        assert capability.kv_dtypes == (DType.FP16,)
+        for spec in provider.list_kernels():
+            assert spec.dtypes <= set(computed), spec.name
         assert capability.total_memory_bytes == 1 << 30
         assert int(capability.extra["cube_cores"]) > 0
         assert capability.extra["dist_backend"] == "hccl"

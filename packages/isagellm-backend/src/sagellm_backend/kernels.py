@@ -126,6 +126,11 @@ class KernelTable:
         return spec
 
     def spec(self, name: str) -> KernelSpec:
+        if not isinstance(name, str):
+            raise InvalidArgumentError(
+                f"a kernel name is a string, got {type(name).__name__} {name!r}",
+                hint="look kernels up by name, such as 'rms_norm'; list_kernels() lists them",
+            )
         with self._lock:
             spec = self._specs.get(name)
             if spec is not None:

@@ -141,7 +141,7 @@ def run_benchmarks(
             )
     say = progress or (lambda _: None)
     layout = provider.kv_layout
-    dtype = provider.capability().supported_dtypes[0]
+    dtype = provider.capability().kv_dtypes[0]
     page_bytes = layout.page_bytes(dtype)
     report = BenchReport(f"{provider.kind} ({provider.device})", blocks, page_bytes, repeats)
     baselines = baselines_for(provider)

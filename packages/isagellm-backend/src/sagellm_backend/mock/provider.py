@@ -388,37 +388,34 @@ class MockBackendProvider:
     def all_reduce(
         self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
     ) -> MockTensor:
-        member = self._before_collective(CollectiveOp.ALL_REDUCE, tensor, op)
-        assert member is not None
-        return self._comm.all_reduce(tensor, member, timeout)
+        checked = self._before_collective(CollectiveOp.ALL_REDUCE, tensor)
+        return self._comm.all_reduce(checked, self._reduce_op(op), timeout)
 
     def all_gather(self, tensor: MockTensor, *, timeout: float | None = None) -> MockTensor:
-        self._before_collective(CollectiveOp.ALL_GATHER, tensor)
-        return self._comm.all_gather(tensor, timeout)
+        checked = self._before_collective(CollectiveOp.ALL_GATHER, tensor)
+        return self._comm.all_gather(checked, timeout)
 
     def reduce_scatter(
         self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
     ) -> MockTensor:
-        member = self._before_collective(CollectiveOp.REDUCE_SCATTER, tensor, op)
-        assert member is not None
-        return self._comm.reduce_scatter(tensor, member, timeout)
+        checked = self._before_collective(CollectiveOp.REDUCE_SCATTER, tensor)
+        return self._comm.reduce_scatter(checked, self._reduce_op(op), timeout)
 
     def broadcast(
         self, tensor: MockTensor, src: int = 0, *, timeout: float | None = None
     ) -> MockTensor:
-        self._before_collective(CollectiveOp.BROADCAST, tensor)
-        return self._comm.broadcast(tensor, src, timeout)
+        checked = self._before_collective(CollectiveOp.BROADCAST, tensor)
+        return self._comm.broadcast(checked, src, timeout)
 
     def send(self, tensor: MockTensor, dst: int, *, timeout: float | None = None) -> None:
-        self._before_collective(CollectiveOp.SEND, tensor)
-        self._comm.send(tensor, dst, timeout)
+        self._comm.send(self._before_collective(CollectiveOp.SEND, tensor), dst, timeout)
 
     def recv(self, tensor: MockTensor, src: int, *, timeout: float | None = None) -> MockTensor:
-        self._before_collective(CollectiveOp.RECV, tensor)
-        return self._comm.recv(tensor, src, timeout)
+        return self._comm.recv(self._before_collective(CollectiveOp.RECV, tensor), src, timeout)
 
     def barrier(self, *, timeout: float | None = None) -> None:
-        self._before_collective(CollectiveOp.BARRIER, None)
+        self._capability.require_collective(CollectiveOp.BARRIER)
+        self._streams.check_host(CollectiveOp.BARRIER.value)
         self._comm.barrier(timeout)
 
     # Kernels.
@@ -439,9 +436,7 @@ class MockBackendProvider:
         self._streams.check_open()
         if kind is not None:
             self._capability.require_kernel(kind)
-        listed = [dtypes] if isinstance(dtypes, str) else list(dtypes)
-        for dtype in listed:
-            self._capability.require_dtype(dtype, f"kernel {name!r}")
+        listed = self._capability.require_dtypes(dtypes, f"kernel {name!r}")
         return self._kernels.register(
             name,
             impl,
@@ -486,22 +481,20 @@ class MockBackendProvider:
         for block in blocks:
             self._table.slot(block)
 
-    def _before_collective(
-        self, op: CollectiveOp, tensor: object, reduce: ReduceOp | str | None = None
-    ) -> ReduceOp | None:
-        """Capability and local argument checks shared by every collective."""
+    def _before_collective(self, op: CollectiveOp, tensor: object) -> MockTensor:
+        """Capability and tensor checks shared by the collectives that move a tensor."""
         self._capability.require_collective(op)
         self._streams.check_host(op.value)
-        if tensor is not None:
-            if not isinstance(tensor, MockTensor):
-                raise InvalidArgumentError(
-                    f"{op.value} needs a MockTensor, got {type(tensor).__name__}",
-                    hint="build tensors with MockTensor(values, dtype)",
-                )
-            self._capability.require_dtype(tensor.dtype, op.value)
-        if reduce is None:
-            return None
-        return self._capability.require_reduce_op(coerce(ReduceOp, reduce, "reduce op"))
+        if not isinstance(tensor, MockTensor):
+            raise InvalidArgumentError(
+                f"{op.value} needs a MockTensor, got {type(tensor).__name__}",
+                hint="build tensors with MockTensor(values, dtype)",
+            )
+        self._capability.require_dtype(tensor.dtype, op.value)
+        return tensor
+
+    def _reduce_op(self, op: object) -> ReduceOp:
+        return self._capability.require_reduce_op(coerce(ReduceOp, op, "reduce op"))
 
 
 class MockOptions(TypedDict, total=False):
