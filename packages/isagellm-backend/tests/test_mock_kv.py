@@ -57,8 +57,9 @@ def test_seed_example_runs_verbatim_and_prints_the_dtypes() -> None:
 
 def test_seed_defaults() -> None:
     cap = MockBackendProvider().capability()
-    assert cap.supported_dtypes == (DType.FP16, DType.BF16)
-    assert [k.value for k in cap.supported_kernels] == ["matmul", "attention"]
+    assert cap.supported_dtypes == cap.kv_dtypes == (DType.FP16, DType.BF16)
+    assert [k.value for k in cap.supported_kernels] == ["matmul"]
+    assert cap.supported_ops == ("kv_grow", "batch_metadata", "sample")
     assert cap.has_collective and not cap.has_graph_exec and cap.max_memory_mb == 16384
 
 
@@ -236,8 +237,9 @@ def test_mismatched_copies_are_refused_and_change_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("target", "match"),
-    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed")],
-)
+    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed"),
+     ("host\n", "malformed"), ("mock:\u0661", "malformed"), ("mock:0\n", "malformed")],
+)  # fmt: skip
 def test_migrate_to_a_bad_device_is_refused_and_changes_nothing(target: str, match: str) -> None:
     p = MockBackendProvider()
     block = p.kv_block_alloc(16, DType.FP16)

@@ -1,4 +1,4 @@
-"""KV-cache movement and the model's kernels on a GPU against the hardware, as ratios of one run.
+"""KV-cache movement on a GPU against the hardware, as ratios measured in one run.
 
 ``sagellm-backend bench cuda --device-suite`` (this module's :func:`device_suite`) builds
 a cuda backend with a Llama-3-8B-like cache (32 layers, 8 KV heads, head size 128, 16 tokens per
@@ -12,11 +12,11 @@ indices as a random permutation of the pool, and for each batch size times:
   the same bytes in the same direction, and against one ``copy_`` per block per layer;
 - the host cost of an event pair with elapsed_ms through the provider against raw
   ``torch.cuda.Event``, and pool alloc+free in batches;
-- the model's kernels as the backend registers them (:func:`model_kernels`): KV slot write,
-  fused add + rms_norm, rotary and silu_and_mul at 16384 tokens of hidden 4096 in bf16, against
-  the roofline (bytes read plus written) and the straightforward torch code; sampling at batch
-  64 over a 128256-token vocabulary, greedy against the roofline of one read of the logits,
-  top-k / top-p against a torch sort, top-k / top-p masks and multinomial.
+- the paged attention kernels (:mod:`sagellm_backend_cuda.bench_attention`): decode against the
+  roofline, prefill against SDPA's flash kernel, both against the torch layer's reference;
+- the model's other kernels and sampling (:mod:`sagellm_backend_cuda.bench_model`): KV slot
+  write, fused add + rms_norm, rotary and silu_and_mul against the roofline and torch; greedy
+  sampling against one read of the logits, top-k / top-p against a torch sort.
 
 Device times are CUDA-event medians after a warm-up. Before each timed region the GPU is kept
 busy (``torch.cuda._sleep``) for longer than the host needs to issue the operation, so the
@@ -41,18 +41,12 @@ from sagellm_backend.device import HOST
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.kv import KVBlock
 from sagellm_backend.registry import get_backend
-from sagellm_backend.torch_backend.kernels import rotary_cos_sin_cache
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend_cuda.adapter import PooledEvent, new_cuda_event
+from sagellm_backend_cuda.bench_attention import attention_suite, format_attention
+from sagellm_backend_cuda.bench_model import format_model_kernels, model_kernels
 
-__all__ = [
-    "LLAMA_3_8B",
-    "KVMovementReport",
-    "device_suite",
-    "format_table",
-    "model_kernels",
-    "run",
-]
+__all__ = ["LLAMA_3_8B", "KVMovementReport", "device_suite", "format_table", "run"]
 
 LLAMA_3_8B: dict[str, Any] = {
     "num_layers": 32,
@@ -185,6 +179,8 @@ def _run(
         say(f"{n} blocks")
         rows.append(_size(provider, timer, blocks, n, pinned_dev, pinned_host, roofline))
         torch.cuda.empty_cache()
+    del pinned_dev, pinned_host
+    attention = attention_suite(timer.time, roofline, device, say)
     figures = {
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -198,7 +194,8 @@ def _run(
         "rows": rows,
         "events": events,
         "alloc_free": alloc,
-        "model_kernels": model_kernels(provider, timer, roofline, seed=seed, say=say),
+        "attention": attention,
+        "model_kernels": model_kernels(provider, timer.time, roofline, seed=seed, say=say),
     }
     figures["checks"] = _verdicts(figures)
     return figures
@@ -410,9 +407,9 @@ def _verdicts(f: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         met = value <= target if name == "event_cost_ratio" else value >= target
         out.append({"target": name, "goal": target, "measured": value, "met": met})
-    if "model_kernels" in f:
-        out += _model_kernel_checks(f["model_kernels"])
-    return out
+    attention: list[dict[str, Any]] = f["attention"]["checks"]
+    model: list[dict[str, Any]] = f["model_kernels"]["checks"]
+    return out + attention + model
 
 
 def format_table(f: dict[str, Any]) -> str:
@@ -441,10 +438,10 @@ def format_table(f: dict[str, Any]) -> str:
         f"alloc+free in batches of {a['batch']}: {a['blocks_per_s'] / 1e6:.2f} M blocks/s "
         f"after gc.freeze(), {a['blocks_per_s_without_gc_freeze'] / 1e6:.2f} M without, "
         f"{a['device_bytes_allocated']} device bytes allocated",
-    ]
-    if "model_kernels" in f:
-        lines += _format_model_kernels(f["model_kernels"])
-    lines += [
+        "",
+        *format_attention(f["attention"]),
+        "",
+        *format_model_kernels(f["model_kernels"]),
         "",
         "| target | goal | measured | met |",
         "|---|---:|---:|---|",
@@ -481,322 +478,3 @@ def device_suite(
     """The ``sagellm.bench`` entry point: every size from 1 to 4096 blocks (quick: 1, 64, 1024)."""
     sizes = (1, 64, 1024) if quick else SIZES
     return KVMovementReport(run(spec, sizes, repeats=repeats, seed=seed, say=progress))
-
-
-# The model's kernels and sampling: the registered Triton kernels against the same run's
-# roofline, and against the straightforward torch versions.
-
-MODEL_TOKENS = 16384
-MODEL_HIDDEN = 4096
-MODEL_HEADS = (32, 8, 128)
-"""Query heads, KV heads and head size: hidden 4096, and 8 KV heads of 128 for the KV write."""
-SAMPLE_BATCH = 64
-SAMPLE_VOCAB = 128256
-SAMPLE_BUFFERS = 4
-"""Logits buffers the sampling rows rotate through (4 x 33 MB), so no run reads another's L2."""
-MODEL_TARGETS = {
-    "kv_cache_write": 0.80,
-    "fused_add_rms_norm": 0.80,
-    "rotary_embedding": 0.80,
-    "silu_and_mul": 0.80,
-    "sample_greedy": 0.50,
-    "sample_top_k": 3.0,
-    "sample_top_p": 3.0,
-    "sample_top_k_top_p": 3.0,
-}
-"""Copy-roofline fractions for the kernels and greedy; speed-ups over the torch sort otherwise."""
-
-
-def model_kernels(
-    provider: Provider,
-    timer: Timer,
-    roofline: float,
-    *,
-    seed: int = 0,
-    say: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """The kernel rows at 16384 tokens, hidden 4096, bf16, and the sampling rows at batch 64,
-    vocab 128256, fp32 logits: each checked on its data, then timed."""
-    g = torch.Generator(device=provider.torch_device).manual_seed(seed)
-    rows = []
-    for name, measure in (
-        ("kv_cache_write", _kv_write_row),
-        ("fused_add_rms_norm", _fused_add_rms_norm_row),
-        ("rotary_embedding", _rotary_row),
-        ("silu_and_mul", _silu_and_mul_row),
-    ):
-        say(name)
-        row = measure(provider, timer, g)
-        row["gbps"] = _gbps(row["bytes"], row["ms"])
-        row["of_roofline"] = row["gbps"] / roofline
-        row["vs_torch"] = row["torch_ms"] / row["ms"]
-        rows.append({"kernel": name, **row})
-        torch.cuda.empty_cache()
-    say("sample")
-    sampling = _sample_rows(provider, timer, g, roofline)
-    torch.cuda.empty_cache()
-    return {
-        "tokens": MODEL_TOKENS,
-        "hidden": MODEL_HIDDEN,
-        "dtype": "bf16",
-        "kernels": rows,
-        "sampling": sampling,
-    }
-
-
-def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    return torch.randn(shape, generator=g, device=g.device).to(dtype)
-
-
-def _relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = (result.double() - expected.double()).norm()
-    return float(diff / expected.double().norm())
-
-
-def _kv_write_row(provider: Provider, timer: Timer, g: torch.Generator) -> dict[str, Any]:
-    write = provider.get_kernel("kv_cache_write")
-    n, (_, kv_heads, head_size), tokens_per_block = MODEL_TOKENS, MODEL_HEADS, 16
-    pages = n // tokens_per_block * 2
-    cache = torch.full(
-        (pages, 2, tokens_per_block, kv_heads, head_size),
-        float("nan"),
-        dtype=torch.bfloat16,
-        device=g.device,
-    )
-    key, value = _randn(g, n, kv_heads, head_size), _randn(g, n, kv_heads, head_size)
-    slots = torch.randperm(pages * tokens_per_block, generator=g, device=g.device)[:n]
-    write(key, value, cache, slots)
-    flat = (
-        cache.view(pages, 2, tokens_per_block, -1)
-        .transpose(1, 2)
-        .reshape(-1, 2, kv_heads * head_size)
-    )
-    exact = bool(
-        torch.equal(flat[slots, 0].view(torch.int16), key.view(n, -1).view(torch.int16))
-        and torch.equal(flat[slots, 1].view(torch.int16), value.view(n, -1).view(torch.int16))
-        and int(torch.isnan(flat[:, 0]).all(dim=-1).sum()) == pages * tokens_per_block - n
-    )
-    ms, _ = timer.time(lambda: write(key, value, cache, slots))
-    view = cache.view(-1, kv_heads, head_size)
-
-    def by_index() -> None:
-        at = (slots // tokens_per_block) * 2 * tokens_per_block + slots % tokens_per_block
-        view.index_copy_(0, at, key)
-        view.index_copy_(0, at + tokens_per_block, value)
-
-    torch_ms, _ = timer.time(by_index)
-    moved = 2 * key.numel() * key.element_size()
-    return {"bytes": 2 * moved, "ms": ms, "torch_ms": torch_ms, "exact": exact}
-
-
-def _fused_add_rms_norm_row(provider: Provider, timer: Timer, g: torch.Generator) -> dict[str, Any]:
-    fused = provider.get_kernel("fused_add_rms_norm")
-    x, residual = _randn(g, MODEL_TOKENS, MODEL_HIDDEN), _randn(g, MODEL_TOKENS, MODEL_HIDDEN)
-    weight = _randn(g, MODEL_HIDDEN)
-    head_x, head_residual = x[:256].double(), residual[:256].double()
-    fused(x, residual, weight)
-    expected_residual = head_x + head_residual
-    expected = (
-        expected_residual
-        * torch.rsqrt(expected_residual.pow(2).mean(-1, keepdim=True) + 1e-6)
-        * weight.double()
-    )
-    error = _relative_error(x[:256], expected)
-    ms, _ = timer.time(lambda: fused(x, residual, weight))
-
-    def straightforward() -> None:
-        residual.add_(x)
-        wide = residual.float()
-        x.copy_(wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float())
-
-    torch_ms, _ = timer.time(straightforward)
-    return {
-        "bytes": 4 * x.numel() * x.element_size(),
-        "ms": ms,
-        "torch_ms": torch_ms,
-        "rel_error": error,
-        "exact": error < 1e-2,
-    }
-
-
-def _rotary_row(provider: Provider, timer: Timer, g: torch.Generator) -> dict[str, Any]:
-    rotate = provider.get_kernel("rotary_embedding")
-    heads, kv_heads, head_size = MODEL_HEADS
-    max_position = 8192
-    query = _randn(g, MODEL_TOKENS, heads, head_size)
-    key = _randn(g, MODEL_TOKENS, kv_heads, head_size)
-    positions = torch.randint(0, max_position, (MODEL_TOKENS,), generator=g, device=g.device)
-    cache = rotary_cos_sin_cache(max_position, head_size, device=g.device)
-    head = query[:64].double()
-    rotate(positions, query, key, cache)
-    cos, sin = cache.double()[positions[:64]].chunk(2, dim=-1)
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = head.chunk(2, dim=-1)
-    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    error = _relative_error(query[:64], expected)
-    ms, _ = timer.time(lambda: rotate(positions, query, key, cache))
-
-    def straightforward() -> None:
-        c, s = cache[positions].chunk(2, dim=-1)
-        for x in (query, key):
-            a, b = x.float().chunk(2, dim=-1)
-            cc, ss = c[:, None], s[:, None]
-            x.copy_(torch.cat([a * cc - b * ss, b * cc + a * ss], dim=-1))
-
-    torch_ms, _ = timer.time(straightforward)
-    moved = (query.numel() + key.numel()) * query.element_size()
-    return {
-        "bytes": 2 * moved + positions.numel() * positions.element_size(),
-        "ms": ms,
-        "torch_ms": torch_ms,
-        "rel_error": error,
-        "exact": error < 1e-2,
-    }
-
-
-def _silu_and_mul_row(provider: Provider, timer: Timer, g: torch.Generator) -> dict[str, Any]:
-    silu = provider.get_kernel("silu_and_mul")
-    x = _randn(g, MODEL_TOKENS, 2 * MODEL_HIDDEN)
-    out = silu(x)
-    gate, up = x[:256].double().chunk(2, dim=-1)
-    error = _relative_error(out[:256], gate * torch.sigmoid(gate) * up)
-    ms, _ = timer.time(lambda: silu(x))
-
-    def straightforward() -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
-
-    torch_ms, _ = timer.time(straightforward)
-    return {
-        "bytes": (x.numel() + out.numel()) * x.element_size(),
-        "ms": ms,
-        "torch_ms": torch_ms,
-        "rel_error": error,
-        "exact": error < 1e-2,
-    }
-
-
-def _sort_sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straightforward torch version: sort, mask top-k and top-p, multinomial.
-
-    Returns the tokens and the allowed-token mask in vocabulary order."""
-    scaled = logits / temperature[:, None]
-    ordered, order = torch.sort(scaled, dim=-1, descending=True)
-    rank = torch.arange(scaled.shape[1], device=scaled.device)
-    k = torch.where(top_k > 0, top_k, scaled.shape[1])
-    ordered = ordered.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
-    probs = ordered.softmax(dim=-1)
-    cut = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    cut[:, 0] = False
-    probs = probs.masked_fill(cut, 0.0)
-    choice = torch.multinomial(probs, 1)
-    allowed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, probs > 0)
-    return order.gather(1, choice).squeeze(1), allowed
-
-
-def _sample_rows(
-    provider: Provider, timer: Timer, g: torch.Generator, roofline: float
-) -> list[dict[str, Any]]:
-    sample = provider.get_kernel("sample")
-    batch, vocab = SAMPLE_BATCH, SAMPLE_VOCAB
-    buffers = [_randn(g, batch, vocab, dtype=torch.float32) * 3 for _ in range(SAMPLE_BUFFERS)]
-    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=g, device=g.device)
-    turn = [0]
-
-    def logits() -> torch.Tensor:
-        turn[0] += 1
-        return buffers[turn[0] % SAMPLE_BUFFERS]
-
-    def full(value: float, dtype: torch.dtype) -> torch.Tensor:
-        return torch.full((batch,), value, dtype=dtype, device=g.device)
-
-    def time_both(args: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-        ours, _ = timer.time(lambda: sample(logits(), *args, seeds))
-        sort, _ = timer.time(lambda: _sort_sample(logits(), *args))
-        return ours, sort
-
-    rows = []
-    greedy = (full(0.0, torch.float32), full(0, torch.int64), full(1.0, torch.float32))
-    exact = bool(torch.equal(sample(buffers[0], *greedy, seeds), buffers[0].argmax(dim=-1)))
-    ms, _ = timer.time(lambda: sample(logits(), *greedy, seeds))
-    torch_ms, _ = timer.time(lambda: logits().argmax(dim=-1))
-    read = batch * vocab * 4
-    rows.append(
-        {
-            "case": "greedy",
-            "ms": ms,
-            "torch_ms": torch_ms,
-            "gbps": _gbps(read, ms),
-            "of_roofline": _gbps(read, ms) / roofline,
-            "vs_torch": torch_ms / ms,
-            "exact": exact,
-        }
-    )
-    for case, k, p in (("top_k", 50, 1.0), ("top_p", 0, 0.9), ("top_k_top_p", 50, 0.9)):
-        args = (full(0.8, torch.float32), full(k, torch.int64), full(p, torch.float32))
-        tokens = sample(buffers[0], *args, seeds)
-        again = sample(buffers[0], *args, seeds)
-        _, allowed = _sort_sample(buffers[0], *args)
-        inside = bool(allowed.gather(1, tokens[:, None]).all())
-        ms, torch_ms = time_both(args)
-        rows.append(
-            {
-                "case": case,
-                "top_k": k,
-                "top_p": p,
-                "temperature": 0.8,
-                "ms": ms,
-                "torch_ms": torch_ms,
-                "vs_torch": torch_ms / ms,
-                "exact": inside and bool(torch.equal(tokens, again)),
-            }
-        )
-    return rows
-
-
-def _model_kernel_checks(f: dict[str, Any]) -> list[dict[str, Any]]:
-    measured: dict[str, float] = {r["kernel"]: r["of_roofline"] for r in f["kernels"]}
-    for r in f["sampling"]:
-        key = f"sample_{r['case']}"
-        measured[key] = r["of_roofline"] if r["case"] == "greedy" else r["vs_torch"]
-    return [
-        {"target": name, "goal": goal, "measured": measured[name], "met": measured[name] >= goal}
-        for name, goal in MODEL_TARGETS.items()
-        if name in measured
-    ]
-
-
-def _format_model_kernels(f: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        f"model kernels: {f['tokens']} tokens, hidden {f['hidden']}, {f['dtype']} "
-        "(KV write: 8 KV heads x 128, 16 tokens per block, scattered slots)",
-        "",
-        "| kernel | ms | GB/s | of roofline | torch ms | vs torch | checked |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in f["kernels"]:
-        lines.append(
-            f"| {r['kernel']} | {r['ms']:.4f} | {r['gbps']:.0f} | {r['of_roofline']:.1%} | "
-            f"{r['torch_ms']:.4f} | {r['vs_torch']:.2f}x | {'yes' if r['exact'] else 'NO'} |"
-        )
-    lines += [
-        "",
-        f"sampling: batch {SAMPLE_BATCH}, vocab {SAMPLE_VOCAB}, fp32 logits; torch: argmax for "
-        "greedy, else sort + top-k/top-p masks + multinomial",
-        "",
-        "| case | ms | of roofline | torch ms | vs torch | checked |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in f["sampling"]:
-        share = f"{r['of_roofline']:.1%}" if "of_roofline" in r else "-"
-        lines.append(
-            f"| {r['case']} | {r['ms']:.4f} | {share} | {r['torch_ms']:.4f} | "
-            f"{r['vs_torch']:.2f}x | {'yes' if r['exact'] else 'NO'} |"
-        )
-    return lines

@@ -12,14 +12,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import DType, KernelKind, coerce
 from sagellm_backend.errors import (
     InvalidArgumentError,
     KernelExistsError,
     KernelNotFoundError,
 )
+from sagellm_backend.ops import KERNEL_OPS
 
-__all__ = ["Comparator", "InputMaker", "KernelInputs", "KernelSpec", "KernelTable"]
+__all__ = [
+    "Comparator",
+    "InputMaker",
+    "KernelInputs",
+    "KernelSpec",
+    "KernelTable",
+    "find_standard_op",
+]
 
 KernelInputs = tuple[tuple[Any, ...], dict[str, Any]]
 """Positional and keyword arguments for one kernel call."""
@@ -117,6 +126,11 @@ class KernelTable:
         return spec
 
     def spec(self, name: str) -> KernelSpec:
+        if not isinstance(name, str):
+            raise InvalidArgumentError(
+                f"a kernel name is a string, got {type(name).__name__} {name!r}",
+                hint="look kernels up by name, such as 'rms_norm'; list_kernels() lists them",
+            )
         with self._lock:
             spec = self._specs.get(name)
             if spec is not None:
@@ -136,3 +150,25 @@ class KernelTable:
         with self._lock:
             specs = sorted(self._specs.values(), key=lambda s: s.name)
         return [s for s in specs if wanted is None or s.kind == wanted]
+
+
+_KERNEL_OP_NAMES = frozenset(op.name for op in KERNEL_OPS)
+
+
+def find_standard_op(
+    table: KernelTable, capability: CapabilityDescriptor, name: str, *, required: bool
+) -> Callable[..., Any] | None:
+    """The implementation of the standard kernel op ``name``, as ``get_op`` (``required``) and
+    ``find_op`` look it up: a name outside the catalogue is InvalidArgumentError; an op the
+    capability does not claim is CapabilityError if ``required``, else None."""
+    if name not in _KERNEL_OP_NAMES:
+        raise InvalidArgumentError(
+            f"{name!r} is not a standard kernel op",
+            hint=f"standard ops: {', '.join(sorted(_KERNEL_OP_NAMES))}; look other kernels up "
+            "with get_kernel()",
+        )
+    if not capability.supports_op(name):
+        if required:
+            capability.require_op(name)
+        return None
+    return table.get(name)

@@ -9,7 +9,12 @@ Every row compares two ways of doing the same work, timed in the same run on the
   against two contiguous copies of the same bytes;
 - ``alloc+free``: ``kv_block_alloc`` + ``kv_block_free`` per block, against a plain Python list
   ``pop`` + ``append`` of a page index;
-- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events.
+- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events;
+- ``batch metadata``: a decode step's ``BatchMetadata.plan`` against building the same tensors
+  from Python lists (:mod:`.batch`), where the backend claims ``batch_metadata``.
+
+Each row says what its baseline shows, and our time per item (block, event pair, decode step)
+next to the ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.bench.baselines import baselines_for
+from sagellm_backend.bench.batch import batch_metadata_case
 from sagellm_backend.device import HOST
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlock
@@ -30,6 +36,8 @@ from sagellm_backend.protocols import BackendProvider
 __all__ = ["BenchReport", "Comparison", "run_benchmarks"]
 
 Progress = Callable[[str], None]
+
+SAVED_BY_BATCHING = "what batching saves over one call per block"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,11 @@ class Comparison:
     ours_s: float
     baseline_s: float
     nbytes: int = 0
+    measures: str = ""
+    """What comparing with this baseline shows (the baseline's purpose)."""
+    count: int = 1
+    """How many ``item``s the timed work covers."""
+    item: str = "block"
 
     @property
     def ratio(self) -> float:
@@ -57,6 +70,9 @@ class Comparison:
             "baseline_s": self.baseline_s,
             "ratio": self.ratio,
             "bytes": self.nbytes,
+            "measures": self.measures,
+            "count": self.count,
+            "item": self.item,
         }
 
 
@@ -87,13 +103,18 @@ class BenchReport:
         lines = [
             head,
             "",
-            "| case | ours | baseline | ours / baseline time | ours is |",
-            "|---|---|---|---|---|",
+            "| case | ours | baseline | the baseline shows | ours per item | ours / baseline "
+            "time | ours is |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             verdict = f"{r.ratio:.2f}x faster" if r.ratio >= 1 else f"{1 / r.ratio:.2f}x slower"
             share = r.ours_s / r.baseline_s
-            lines.append(f"| {r.case} | {r.ours} | {r.baseline} | {share:.3f} | {verdict} |")
+            per_item = f"{r.ours_s / r.count * 1e6:.2f} us per {r.item}"
+            lines.append(
+                f"| {r.case} | {r.ours} | {r.baseline} | {r.measures} | {per_item} | "
+                f"{share:.3f} | {verdict} |"
+            )
         lines += [f"skipped: {reason}" for reason in self.skipped]
         return "\n".join(lines)
 
@@ -104,15 +125,23 @@ def run_benchmarks(
     blocks: int = 256,
     repeats: int = 7,
     seed: int = 0,
+    batch: tuple[int, int] = (64, 128),
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages."""
-    for name, value, least in (("blocks", blocks, 1), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages, and
+    ``batch`` (sequences, pages each: the batch metadata case) as many pages as their product.
+    """
+    seqs, pages = batch
+    sizes = {"blocks": blocks, "repeats": repeats, "batch seqs": seqs, "batch pages": pages}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(
+                f"{name} must be a positive int, got {value!r}",
+                hint="pass sizes and repeats of at least 1",
+            )
     say = progress or (lambda _: None)
     layout = provider.kv_layout
-    dtype = provider.capability().supported_dtypes[0]
+    dtype = provider.capability().kv_dtypes[0]
     page_bytes = layout.page_bytes(dtype)
     report = BenchReport(f"{provider.kind} ({provider.device})", blocks, page_bytes, repeats)
     baselines = baselines_for(provider)
@@ -143,13 +172,31 @@ def run_benchmarks(
 
         loop = timed(copy_loop)
         report.rows.append(
-            Comparison("kv copy", "batched", "per-block loop", batched, loop, nbytes)
+            Comparison(
+                "kv copy",
+                "batched",
+                "per-block loop",
+                batched,
+                loop,
+                nbytes,
+                SAVED_BY_BATCHING,
+                blocks,
+            )
         )
         if baselines is not None:
             say("kv copy: contiguous")
             flat = timed(baselines.contiguous_copy(nbytes))
             report.rows.append(
-                Comparison("kv copy", "batched", "one contiguous copy", batched, flat, nbytes)
+                Comparison(
+                    "kv copy",
+                    "batched",
+                    "one contiguous copy",
+                    batched,
+                    flat,
+                    nbytes,
+                    "the floor: the device copying the same bytes in one piece",
+                    blocks,
+                )
             )
         if provider.capability().has_kv_block_migrate:
             swapping = chosen[:blocks]
@@ -159,7 +206,16 @@ def run_benchmarks(
                 ours = next(r.ours_s for r in report.rows if r.case == "kv swap")
                 flat = timed(baselines.contiguous_swap(nbytes))
                 report.rows.append(
-                    Comparison("kv swap", "batched", "contiguous out + in", ours, flat, 2 * nbytes)
+                    Comparison(
+                        "kv swap",
+                        "batched",
+                        "contiguous out + in",
+                        ours,
+                        flat,
+                        2 * nbytes,
+                        "the floor: the same bytes to host memory and back in one piece",
+                        blocks,
+                    )
                 )
         else:
             report.skipped.append("kv swap: the backend does not migrate (has_kv_block_migrate)")
@@ -185,6 +241,9 @@ def run_benchmarks(
             "list pop + append",
             timed(ours_alloc),
             timed(list_alloc),
+            measures="the floor of any free list in Python: the price of the checks and the "
+            "lock, per block",
+            count=blocks,
         )
     )
 
@@ -207,10 +266,34 @@ def run_benchmarks(
                 "raw device events",
                 timed(ours_events),
                 timed(lambda: [raw() for _ in range(blocks)]),
+                measures="the protocol wrapper's cost over the device's own events",
+                count=blocks,
+                item="event pair",
             )
         )
     else:
         report.skipped.append(f"contiguous copy and raw events: no baselines for {provider.kind}")
+    if not provider.capability().supports_op("batch_metadata"):
+        report.skipped.append("batch metadata: the backend does not claim batch_metadata")
+    elif baselines is None:
+        report.skipped.append(f"batch metadata: no baselines for {provider.kind}")
+    else:
+        say("batch metadata")
+        name, ours_s, base_s = batch_metadata_case(
+            provider, baselines, timed, seqs=seqs, pages=pages, seed=seed
+        )
+        report.rows.append(
+            Comparison(
+                name,
+                "plan, persistent buffers",
+                "new tensors from lists",
+                ours_s,
+                base_s,
+                measures="what planning into persistent buffers saves over building the "
+                "step's tensors anew",
+                item="decode step",
+            )
+        )
     return report
 
 
@@ -237,7 +320,16 @@ def _swap(
     say("kv swap: per-block loop")
     nbytes = 2 * len(blocks) * provider.kv_layout.page_bytes(blocks[0].dtype)
     report.rows.append(
-        Comparison("kv swap", "batched", "per-block loop", ours, timed(loop), nbytes)
+        Comparison(
+            "kv swap",
+            "batched",
+            "per-block loop",
+            ours,
+            timed(loop),
+            nbytes,
+            SAVED_BY_BATCHING,
+            len(blocks),
+        )
     )
 
 

@@ -19,6 +19,7 @@ Shapes follow vLLM's conventions:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -219,9 +220,15 @@ class _Inputs:
 
 
 def register_reference_kernels(
-    table: KernelTable, device: torch.device, *, override: bool = False
+    table: KernelTable,
+    device: torch.device,
+    *,
+    dtypes: Iterable[DType] = KERNEL_DTYPES,
+    override: bool = False,
 ) -> None:
-    """Register the reference kernels, with inputs generated on ``device``."""
+    """Register the reference kernels for ``dtypes`` (those of KERNEL_DTYPES the device computes
+    in), with inputs generated on ``device``."""
+    listed = tuple(dtypes)
     inputs = _Inputs(device)
     kernels = (
         ("rms_norm", rms_norm, KernelKind.LAYERNORM, _rms_norm_reference, inputs.rms_norm),
@@ -239,7 +246,7 @@ def register_reference_kernels(
             kind=kind,
             reference=reference,
             make_inputs=make_inputs,
-            dtypes=KERNEL_DTYPES,
+            dtypes=listed,
             compare=compare,
             override=override,
         )
