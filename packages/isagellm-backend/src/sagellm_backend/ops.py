@@ -38,12 +38,17 @@ OpName = Literal[
 
 @dataclass(frozen=True)
 class StandardOp:
-    """One standard name: a kernel (``kind`` set) or a provider method (``kind`` None)."""
+    """One standard name: a kernel (``kind`` set) or a provider method (``kind`` None).
+
+    ``writes`` names the arguments a kernel writes into, by position (or by name where the
+    parameter is keyword-only); checks compare them as well as the return value.
+    """
 
     name: str
     summary: str
     signature: str
     kind: KernelKind | None = None
+    writes: tuple[int | str, ...] = ()
 
 
 PROVIDER_OPS: tuple[StandardOp, ...] = (
@@ -70,6 +75,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "write new K and V into cache slots given a slot mapping (slot -1: skipped)",
         "(key[n, kv_heads, d], value[n, kv_heads, d], kv_cache, slot_mapping[n]) -> None",
         KernelKind.ATTENTION,
+        writes=(2,),
     ),
     StandardOp(
         "paged_attention_decode",
@@ -77,6 +83,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "(query[b, heads, d], kv_cache, block_tables[b, w], seq_lens[b], scale, *, out=None) "
         "-> T[b, heads, d]",
         KernelKind.ATTENTION,
+        writes=("out",),
     ),
     StandardOp(
         "paged_attention_prefill",
@@ -85,6 +92,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "(query[n, heads, d], kv_cache, block_tables[b, w], seq_lens[b], query_start_loc[b + 1], "
         "max_query_len, scale, *, out=None) -> T[n, heads, d]",
         KernelKind.ATTENTION,
+        writes=("out",),
     ),
     StandardOp(
         "rotary_cos_sin_cache",
@@ -99,6 +107,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "(positions[n], query[n, heads, d], key[n, kv_heads, d], cos_sin_cache, *, "
         "is_neox=True) -> (query, key)",
         KernelKind.FUSION,
+        writes=(1, 2),
     ),
     StandardOp(
         "rms_norm",
@@ -111,6 +120,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "residual += x, then x = rms_norm(residual), both in place",
         "(x[..., h], residual[..., h], weight[h], eps=1e-6) -> (x, residual)",
         KernelKind.LAYERNORM,
+        writes=(0, 1),
     ),
     StandardOp(
         "silu_and_mul",
