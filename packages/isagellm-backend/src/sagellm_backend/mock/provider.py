@@ -392,6 +392,16 @@ class MockBackendProvider:
         self._streams.check_open()
         return self._kernels.list(kind)
 
+    def get_op(self, name: str) -> Any:
+        """The standard kernel op ``name``, where the capability claims it."""
+        self._streams.check_open()
+        return self._kernels.get_op(name, self._capability)
+
+    def find_op(self, name: str) -> Any:
+        """As :meth:`get_op`, but None where the capability does not claim the op."""
+        self._streams.check_open()
+        return self._kernels.find_op(name, self._capability)
+
     # Graphs.
 
     def capture_graph(self, stream: Stream | None = None) -> GraphCaptureContext:
