@@ -88,13 +88,15 @@ def _fused_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if query.dtype not in _FUSED_DTYPES:
-        return fallback(query, kv_layer, block_tables, seq_lens, scale)
+        return fallback(query, kv_layer, block_tables, seq_lens, scale, out=out)
     pages, _, tokens, kv_heads, head_size = kv_layer.shape
     key = kv_layer[:, 0].reshape(pages, tokens, kv_heads * head_size)
     value = kv_layer[:, 1].reshape(pages, tokens, kv_heads * head_size)
-    out, _ = op(
+    fused, _ = op(
         query.unsqueeze(2),
         key,
         value,
@@ -106,7 +108,11 @@ def _fused_decode(
         input_layout="BNSD",
         block_size=tokens,
     )
-    return out.squeeze(2)
+    result = torch.where((seq_lens == 0)[:, None, None], 0.0, fused.squeeze(2)).to(query.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 class _CacheInputs:

@@ -30,8 +30,8 @@ def fused_add_rms_norm(
             f"residual is {tuple(res.shape)} {res.dtype}, x {tuple(rows.shape)} {rows.dtype}",
             "pass the residual stream shaped and typed like x",
         )
-    if res.data_ptr() == rows.data_ptr():
-        fail(op, "x and residual are the same memory", "pass the residual as its own tensor")
+    if res is rows:
+        fail(op, "x and residual are the same tensor", "pass the residual as its own tensor")
     res.add_(rows)
     rows.copy_(_normed(res, w, epsilon))
     return x, residual

@@ -53,6 +53,7 @@ def npu_fused_infer_attention_score(
     lengths = torch.tensor(actual_seq_lengths_kv, device=query.device)
     beyond = torch.arange(span, device=query.device)[None, :] >= lengths[:, None]
     scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    values = values.masked_fill(beyond[:, :, None, None], 0.0)  # only live tokens are read
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     out = torch.einsum("bhqs,bshd->bhqd", (scores - lse).exp(), values)
     return out.to(query.dtype), lse
