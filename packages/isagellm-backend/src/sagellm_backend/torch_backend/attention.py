@@ -7,8 +7,10 @@ their KV head through a grouped reshape (GQA, MQA), and K and V are widened to f
 sequence, never copied per query head.
 
 These are the reference versions: lengths and query offsets are read on the host (a
-synchronisation on a device), and each sequence is one batched matrix product over its pages.
-Device wheels register faster kernels under the same names.
+synchronisation on a device). Decode gathers exactly the live slots of the whole batch into a
+zero-padded buffer and runs one batched product; prefill runs each sequence as one batched
+matrix product over its live pages, cut to its length before any arithmetic. Device wheels
+register faster kernels under the same names.
 """
 
 from __future__ import annotations
@@ -43,13 +45,40 @@ def paged_attention_decode(
     cache = _cache_for(op, kv_cache, query)
     tables = tensor_arg(op, "block_tables", block_tables, "[b, w]", index=True, leading=batch)
     lengths = tensor_arg(op, "seq_lens", seq_lens, "[b]", index=True, leading=batch)
-    result = _output(op, out, query)
+    result = None if out is None else _output(op, out, query)
     same_device(op, query, kv_cache=cache, block_tables=tables, seq_lens=lengths, out=result)
     factor = number_arg(op, "scale", scale)
     lens = _lengths(op, cache, tables, lengths)
-    for i, length in enumerate(lens):
-        _attend(query[i : i + 1], cache, tables[i], length, factor, result[i : i + 1])
-    return result
+    longest = max(lens, default=0)
+    if longest == 0:
+        return torch.zeros_like(query) if result is None else result.zero_()
+    tokens, kv_heads, d = cache.shape[2], cache.shape[3], cache.shape[4]
+    heads = query.shape[1]
+    wide = _wide(query)
+    # Gather exactly the live slots of every sequence into a buffer padded with zeros.
+    span = torch.arange(longest, device=cache.device)
+    row, position = (span[None, :] < lengths[:, None]).nonzero().unbind(1)
+    pages = tables[row, position // tokens].to(torch.int64)
+    _check_pages(op, cache, pages)
+    offsets = position % tokens
+    if cache.is_contiguous():  # rows of [pages * 2 * tokens]: K then V of each page
+        first = pages * (2 * tokens) + offsets
+        live = cache.view(-1, kv_heads * d).index_select(0, torch.cat([first, first + tokens]))
+    else:
+        live = cache[pages, :, offsets].transpose(0, 1).reshape(-1, kv_heads * d)
+    kv = torch.zeros((2 * batch * longest, kv_heads * d), dtype=wide, device=cache.device)
+    target = row * longest + position
+    kv.index_copy_(0, torch.cat([target, target + batch * longest]), live.to(wide))
+    keys, values = kv.view(2, batch, longest, kv_heads, d).transpose(2, 3).unbind(0)
+    q = (query.to(wide) * factor).view(batch, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(q, keys.transpose(2, 3))  # [batch, kv_heads, group, longest]
+    if min(lens) < longest:
+        beyond = span[None, :] >= lengths[:, None]
+        scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
+    mixed = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(batch, heads, d)
+    if min(lens) == 0:
+        mixed.masked_fill_((lengths == 0)[:, None, None], 0.0)
+    return mixed.to(query.dtype) if result is None else result.copy_(mixed)
 
 
 def paged_attention_prefill(
@@ -77,7 +106,7 @@ def paged_attention_prefill(
     starts_t = tensor_arg(
         op, "query_start_loc", query_start_loc, "[b + 1]", index=True, leading=batch + 1
     )
-    result = _output(op, out, query)
+    result = torch.empty_like(query) if out is None else _output(op, out, query)
     same_device(op, query, kv_cache=cache, block_tables=tables, seq_lens=lengths, out=result)
     same_device(op, query, query_start_loc=starts_t)
     factor = number_arg(op, "scale", scale)
@@ -85,6 +114,9 @@ def paged_attention_prefill(
         fail(op, f"max_query_len must be an int >= 0, got {max_query_len!r}", "pass the longest q")
     starts: list[int] = starts_t.tolist()
     lens = _lengths(op, cache, tables, lengths)
+    needed = (lengths.to(torch.int64) + cache.shape[2] - 1) // cache.shape[2]
+    used = torch.arange(tables.shape[1], device=tables.device)[None, :] < needed[:, None]
+    _check_pages(op, cache, tables[used])
     if starts[0] != 0 or starts[-1] > query.shape[0]:
         fail(
             op,
@@ -122,9 +154,7 @@ def _cache_for(op: str, kv_cache: object, query: torch.Tensor) -> torch.Tensor:
     return cache
 
 
-def _output(op: str, out: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty_like(query)
+def _output(op: str, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     shape = "[" + ", ".join(str(n) for n in query.shape) + "]"
     result = tensor_arg(op, "out", out, shape)
     if result.shape != query.shape or result.dtype != query.dtype:
@@ -137,11 +167,15 @@ def _output(op: str, out: torch.Tensor | None, query: torch.Tensor) -> torch.Ten
     return result
 
 
+def _wide(query: torch.Tensor) -> torch.dtype:
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
 def _lengths(
     op: str, cache: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
 ) -> list[int]:
-    """The sequence lengths, on the host, once each length and the pages it reads are valid."""
-    tokens, width, num_pages = cache.shape[2], tables.shape[1], cache.shape[0]
+    """The sequence lengths, on the host, once each is within its row of the block table."""
+    tokens, width = cache.shape[2], tables.shape[1]
     lens: list[int] = lengths.tolist()
     for i, length in enumerate(lens):
         if not 0 <= length <= width * tokens:
@@ -150,18 +184,21 @@ def _lengths(
                 f"seq_lens[{i}] is {length}; a row of {width} pages holds 0..{width * tokens}",
                 "pass each sequence's token count, within its block table row",
             )
-    needed = (lengths.to(torch.int64) + tokens - 1) // tokens
-    used = torch.arange(width, device=tables.device)[None, :] < needed[:, None]
-    bad = used & ((tables < 0) | (tables >= num_pages))
-    if bool(bad.any()):
-        row, column = (int(v) for v in bad.nonzero()[0])
+    return lens
+
+
+def _check_pages(op: str, cache: torch.Tensor, pages: torch.Tensor) -> None:
+    """Refuse the pages sequences read (block table entries) outside the cache."""
+    if pages.numel() == 0:
+        return
+    low, high = (int(n) for n in torch.aminmax(pages))
+    if low < 0 or high >= cache.shape[0]:
         fail(
             op,
-            f"block_tables[{row}, {column}] is page {int(tables[row, column])}, outside "
-            f"0..{num_pages - 1}",
+            f"the block tables' entries within the sequences' lengths run {low}..{high}, "
+            f"outside the cache's pages 0..{cache.shape[0] - 1}",
             "fill each row with the pages of its sequence's block",
         )
-    return lens
 
 
 def _attend(
@@ -183,7 +220,7 @@ def _attend(
     tokens, kv_heads = cache.shape[2], cache.shape[3]
     group = heads // kv_heads
     count = -(-length // tokens)
-    wide = torch.float64 if query.dtype == torch.float64 else torch.float32
+    wide = _wide(query)
     live = cache.index_select(0, pages[:count])  # [count, 2, tokens, kv_heads, d]
     kv = live.permute(1, 3, 0, 2, 4).reshape(2, kv_heads, count * tokens, d)[:, :, :length]
     kv = kv.to(wide)

@@ -69,11 +69,15 @@ def sample(
     same_device(op, scores, temperature=temp, top_k=k, top_p=p, seeds=rows)
     if vocab == 0:
         fail(op, "logits has no tokens (vocab 0)", "pass logits[b, vocab] with vocab >= 1")
-    bad_temp, bad_k, bad_p = torch.stack(
+    greedy = temp == 0
+    filtered = ~greedy & (((k > 0) & (k < vocab)) | (p < 1))
+    bad_temp, bad_k, bad_p, all_greedy, any_filtered = torch.stack(
         [
             ((temp < 0) | ~torch.isfinite(temp)).any(),
             (k < 0).any(),
             ~((p > 0) & (p <= 1)).all(),
+            greedy.all(),
+            filtered.any(),
         ]
     ).tolist()
     for bad, what, hint in (
@@ -83,18 +87,26 @@ def sample(
     ):
         if bad:
             fail(op, what, hint)
-    greedy = temp == 0
+    best = scores.argmax(dim=-1)
+    if all_greedy:
+        return best
     wide = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     heat = torch.where(greedy, torch.ones_like(temp), temp).to(wide.dtype)
     probs = torch.softmax(wide / heat[:, None], dim=-1)
+    race = probs.to(torch.float64) / -torch.log(uniform_noise(rows, vocab))
+    if any_filtered:
+        race = torch.where(_allowed(probs, k, p), race, -1.0)
+    return torch.where(greedy, best, race.argmax(dim=-1))
+
+
+def _allowed(probs: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """bool ``[b, vocab]``: the tokens top-k and then top-p keep of each row."""
+    vocab = probs.shape[1]
     ranked, order = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(vocab, device=scores.device)
+    rank = torch.arange(vocab, device=probs.device)
     limit = torch.where((k == 0) | (k > vocab), vocab, k.to(torch.int64))
     keep = rank[None, :] < limit[:, None]
     kept = ranked * keep
     before = (kept.cumsum(dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
-    keep &= before < p[:, None].to(wide.dtype)
-    allowed = torch.zeros_like(keep).scatter_(1, order, keep)
-    race = probs.to(torch.float64) / -torch.log(uniform_noise(rows, vocab))
-    drawn = torch.where(allowed, race, -1.0).argmax(dim=-1)
-    return torch.where(greedy, scores.argmax(dim=-1), drawn)
+    keep &= before < p[:, None].to(probs.dtype)
+    return torch.zeros_like(keep).scatter_(1, order, keep)
