@@ -104,7 +104,8 @@ def rotary_embedding(
         else:
             first, second = x[..., 0:rotary:2], x[..., 1:rotary:2]
         a, b = first.to(wide), second.to(wide)
-        turned_a, turned_b = a * cos - b * sin, b * cos + a * sin
+        turned_a = torch.addcmul(a * cos, b, sin, value=-1.0)
+        turned_b = torch.addcmul(b * cos, a, sin)
         first.copy_(turned_a)
         second.copy_(turned_b)
     return query, key
