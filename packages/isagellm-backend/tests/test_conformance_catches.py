@@ -155,6 +155,22 @@ class GatherOutOfOrder(MockBackendProvider):
         return MockTensor(list(reversed(out.tolist())), out.dtype)
 
 
+class LookupIgnoresCapability(MockBackendProvider):
+    """Returns any registered kernel by its op name, claimed or not."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.register_kernel("kv_cache_write", _double)
+
+    def get_op(self, name: str) -> Any:
+        return self.get_kernel(name)
+
+
+class FindOpRaises(MockBackendProvider):
+    def find_op(self, name: str) -> Any:
+        return self.get_op(name)
+
+
 @dataclass(frozen=True)
 class Fault:
     provider: type[MockBackendProvider]
@@ -175,6 +191,8 @@ FAULTS = [
     Fault(BarrierDoesNotWait, "collectives.barrier", "although rank 0 entered", {}),
     Fault(BatchFreeIsNotAtomic, "kv.all_or_nothing", "kv_blocks_free with one freed block", {}),
     Fault(GatherOutOfOrder, "collectives.all_gather", "all_gather in", {}),
+    Fault(LookupIgnoresCapability, "ops.lookup", "the capability does not claim is refused", {}),
+    Fault(FindOpRaises, "ops.lookup", "of an unclaimed op raised CapabilityError", {}),
 ]
 
 

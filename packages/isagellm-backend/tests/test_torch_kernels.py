@@ -304,7 +304,7 @@ def test_kv_cache_write_skips_padding_and_refuses_slots_outside() -> None:
         ((key, value, cache[:, :1], torch.tensor([0, 1, 2])), "K and V"),
     ):
         with pytest.raises(InvalidArgumentError, match=message):
-            kv_cache_write(*args)  # type: ignore[arg-type]
+            kv_cache_write(*args)
         assert torch.equal(cache, expected)
     kv_cache_write(key[:0], value[:0], cache, torch.tensor([], dtype=torch.int64))
     assert torch.equal(cache, expected)
@@ -352,7 +352,8 @@ def test_sample_draws_from_the_distribution() -> None:
     freq = torch.bincount(tokens, minlength=4).double() / rows
     assert torch.allclose(freq, probs.double(), atol=0.03), freq
     # the same seeds and logits give the same tokens, in any batch
-    again = sample(logits[-50:], *(t[-50:] for t in plain), seeds[-50:])
+    temperature, top_k, top_p = (t[-50:] for t in plain)
+    again = sample(logits[-50:], temperature, top_k, top_p, seeds[-50:])
     assert torch.equal(again, tokens[-50:])
 
 
@@ -371,7 +372,7 @@ def test_sample_refuses_bad_input() -> None:
         ((logits[:, :0], t, k, p, s), "vocab 0"),
     ):
         with pytest.raises(InvalidArgumentError, match=message):
-            sample(*args)  # type: ignore[arg-type]
+            sample(*args)
 
 
 # rotary, norms, activation: float64 formulas element by element.
@@ -413,7 +414,7 @@ def test_rotary_refuses_bad_input_and_changes_nothing() -> None:
         ((torch.tensor([0, 1, 2]), query, key.half(), cache), "cannot rotate"),
     ):
         with pytest.raises(InvalidArgumentError, match=message):
-            rotary_embedding(*args)  # type: ignore[arg-type]
+            rotary_embedding(*args)
         assert query.eq(1).all() and key.eq(1).all()
     for args2, message in (((0, 8), "max_position"), ((8, 7), "even"), ((8, 8, 1.0), "base")):
         with pytest.raises(InvalidArgumentError, match=message):

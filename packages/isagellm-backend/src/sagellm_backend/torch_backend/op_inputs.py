@@ -51,7 +51,9 @@ class OpInputs:
         values = torch.randn(shape, generator=g, dtype=torch.float64)
         return values.to(dtype=to_torch_dtype(dtype), device=self.device)
 
-    def _ints(self, values: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    def _ints(
+        self, values: list[int] | list[list[int]], dtype: torch.dtype = torch.int32
+    ) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _paged(
@@ -90,6 +92,7 @@ class OpInputs:
         new = int(torch.randint(1, 3 * tokens, (1,), generator=g))
         slots = torch.randperm(num_pages * tokens, generator=g)[:new]
         slots[torch.rand(new, generator=g) < 0.2] = -1
+        slots[new // 2] = -1  # at least one padding token
         key = self._randn(g, new, shape.kv_heads, shape.head_size, dtype=dtype)
         value = self._randn(g, new, shape.kv_heads, shape.head_size, dtype=dtype)
         index_dtype = torch.int64 if seed % 2 else torch.int32
@@ -180,6 +183,7 @@ class OpInputs:
         logits[0, vocab // 3] = logits[0, vocab // 2] = logits[0].max() + 1  # a greedy tie
         temperature = (torch.rand(batch, generator=g, dtype=torch.float64) + 0.3).tolist()
         temperature[0] = temperature[1] = 0.0
+        temperature[3] = 5.0  # flat: only top-k 1 makes this row draw its argmax
         top_k = [0] * batch
         top_k[3], top_k[4], top_k[5] = 1, int(torch.randint(2, vocab, (1,), generator=g)), vocab + 5
         top_p = [1.0] * batch
