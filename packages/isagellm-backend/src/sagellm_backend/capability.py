@@ -15,7 +15,7 @@ from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
-from sagellm_backend.ops import STANDARD_OPS
+from sagellm_backend.ops import op_names
 
 __all__ = ["CapabilityDescriptor"]
 
@@ -104,7 +104,7 @@ class CapabilityDescriptor:
                 raise InvalidArgumentError(
                     f"{name} must be a non-negative int or None, got {value!r}"
                 )
-        values["supported_ops"] = _op_names(supported_ops)
+        values["supported_ops"] = op_names(supported_ops)
         values["extra"] = dict(extra or {})
         if has_collective and not values["supported_collectives"]:
             values["supported_collectives"] = tuple(CollectiveOp)
@@ -247,23 +247,6 @@ class CapabilityDescriptor:
     def replace(self, **changes: Any) -> CapabilityDescriptor:
         """A copy with some fields changed (the descriptor itself is immutable)."""
         return dataclasses.replace(self, **changes)
-
-
-def _op_names(names: Iterable[str]) -> tuple[str, ...]:
-    """Standard op names, in catalogue order; an unknown name is refused."""
-    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
-        raise InvalidArgumentError(
-            f"supported_ops must be a sequence of op names, got {type(names).__name__}",
-            hint="pass a list such as ['rms_norm', 'sample']",
-        )
-    wanted = list(names)
-    unknown = [n for n in wanted if not isinstance(n, str) or n not in STANDARD_OPS]
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown standard ops {unknown!r}",
-            hint=f"standard ops: {', '.join(STANDARD_OPS)}",
-        )
-    return tuple(name for name in STANDARD_OPS if name in wanted)
 
 
 def _values(members: Iterable[DType | KernelKind | CollectiveOp | ReduceOp]) -> str:

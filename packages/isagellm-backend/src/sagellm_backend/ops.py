@@ -15,12 +15,14 @@ Two families:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from sagellm_backend.dtypes import KernelKind
+from sagellm_backend.errors import InvalidArgumentError
 
-__all__ = ["KERNEL_OPS", "PROVIDER_OPS", "STANDARD_OPS", "OpName", "StandardOp"]
+__all__ = ["KERNEL_OPS", "PROVIDER_OPS", "STANDARD_OPS", "OpName", "StandardOp", "op_names"]
 
 OpName = Literal[
     "kv_cache_write",
@@ -139,3 +141,20 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
 
 STANDARD_OPS: dict[str, StandardOp] = {op.name: op for op in (*PROVIDER_OPS, *KERNEL_OPS)}
 """Every standard name, provider methods first, in catalogue order."""
+
+
+def op_names(names: Iterable[str], what: str = "supported_ops") -> tuple[str, ...]:
+    """Standard op names, deduplicated, in catalogue order; an unknown name is refused."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise InvalidArgumentError(
+            f"{what} must be a sequence of op names, got {type(names).__name__}",
+            hint="pass a list such as ['rms_norm', 'sample']",
+        )
+    wanted = list(names)
+    unknown = [n for n in wanted if not isinstance(n, str) or n not in STANDARD_OPS]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown standard ops {unknown!r}",
+            hint=f"standard ops: {', '.join(STANDARD_OPS)}",
+        )
+    return tuple(name for name in STANDARD_OPS if name in wanted)

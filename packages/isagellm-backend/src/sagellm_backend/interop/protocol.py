@@ -5,7 +5,8 @@ It is optional: it ships for Python 3.11 only, as bytecode without type informat
 installed with ``pip install 'isagellm-backend[protocol]'`` and imported on the first
 conversion, never by ``import sagellm_backend``.
 
-Descriptors. The protocol descriptor has no place for ``supported_reduce_ops`` and ``extra``.
+Descriptors. The protocol descriptor has no place for ``supported_reduce_ops``,
+``supported_ops`` and ``extra``.
 :func:`capability_to_protocol` returns them beside it as a :class:`CapabilityRemainder`, and
 :func:`capability_from_protocol` takes that back, so ours -> theirs -> ours loses nothing.
 
@@ -57,6 +58,7 @@ from sagellm_backend.errors import (
     ResourceExhaustedError,
     UnknownOptionError,
 )
+from sagellm_backend.ops import op_names
 
 __all__ = [
     "CLASS_FOR_CODE",
@@ -254,11 +256,13 @@ class CapabilityRemainder:
 
     supported_reduce_ops: tuple[ReduceOp, ...]
     extra: Mapping[str, str]
+    supported_ops: tuple[str, ...]
 
     def __init__(
         self,
         supported_reduce_ops: Sequence[ReduceOp | str] = (),
         extra: Mapping[str, str] | None = None,
+        supported_ops: Sequence[str] = (),
     ) -> None:
         if isinstance(supported_reduce_ops, (str, bytes)) or not isinstance(
             supported_reduce_ops, Sequence
@@ -279,6 +283,7 @@ class CapabilityRemainder:
             )
         object.__setattr__(self, "supported_reduce_ops", ops)
         object.__setattr__(self, "extra", dict(extra or {}))
+        object.__setattr__(self, "supported_ops", op_names(supported_ops))
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -288,6 +293,7 @@ class CapabilityRemainder:
         return {
             "supported_reduce_ops": [op.value for op in self.supported_reduce_ops],
             "extra": dict(self.extra),
+            "supported_ops": list(self.supported_ops),
         }
 
     @classmethod
@@ -451,7 +457,9 @@ def capability_to_protocol(capability: CapabilityDescriptor) -> ProtocolCapabili
         max_batch_size=capability.max_batch_size,
         max_sequence_length=capability.max_sequence_length,
     )
-    remainder = CapabilityRemainder(capability.supported_reduce_ops, capability.extra)
+    remainder = CapabilityRemainder(
+        capability.supported_reduce_ops, capability.extra, capability.supported_ops
+    )
     return ProtocolCapability(cast(ProtocolCapabilityDescriptor, descriptor), remainder)
 
 
@@ -460,10 +468,11 @@ def capability_from_protocol(
 ) -> CapabilityDescriptor:
     """Our descriptor for a protocol one (and the remainder :func:`capability_to_protocol` gave).
 
-    Without a remainder, ``extra`` is empty and ``supported_reduce_ops`` takes our default (every
-    op where collectives are listed). Duplicates in the protocol's lists are dropped. A
-    descriptor with ``has_collective=True`` and no ``supported_collectives`` is refused: the
-    protocol package reads it as "no collective", ours as "every collective".
+    Without a remainder, ``extra`` and ``supported_ops`` are empty and ``supported_reduce_ops``
+    takes our default (every op where collectives are listed). Duplicates in the protocol's
+    lists are dropped. A descriptor with ``has_collective=True`` and no
+    ``supported_collectives`` is refused: the protocol package reads it as "no collective",
+    ours as "every collective".
     """
     proto = _protocol()
     _check_descriptor_fields(proto)
@@ -513,6 +522,7 @@ def capability_from_protocol(
         max_batch_size=descriptor.max_batch_size,
         max_sequence_length=descriptor.max_sequence_length,
         supported_reduce_ops=rest.supported_reduce_ops,
+        supported_ops=rest.supported_ops,
         extra=rest.extra,
     )
 
