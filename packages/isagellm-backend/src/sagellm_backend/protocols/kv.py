@@ -22,7 +22,6 @@ from sagellm_backend.protocols.streams import Event, Stream
 
 __all__ = ["BatchMetadata", "KVBlockManager", "KVCacheAccess"]
 
-T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -158,10 +157,10 @@ class BatchMetadata(Protocol[T_co]):
 
 
 @runtime_checkable
-class KVCacheAccess(Protocol[T]):
+class KVCacheAccess(Protocol[T_co]):
     """The KV cache tensors and batch metadata (capability ops ``kv_cache``, ``batch_metadata``)."""
 
-    def kv_cache(self, layer: int, device: str | None = None) -> T:
+    def kv_cache(self, layer: int, device: str | None = None) -> T_co:
         """Layer ``layer``'s pages on ``device`` (default: the provider's device), a view shaped
         ``kv_layout.cache_shape(num_pages)``: ``[pages, 2, tokens_per_block, kv_heads,
         head_size]``, K at index 0 of dimension 1 and V at index 1."""
@@ -169,7 +168,7 @@ class KVCacheAccess(Protocol[T]):
 
     def create_batch_metadata(
         self, max_seqs: int, max_tokens: int, max_pages_per_seq: int
-    ) -> BatchMetadata[T]:
+    ) -> BatchMetadata[T_co]:
         """Persistent metadata buffers for batches of up to ``max_seqs`` sequences,
         ``max_tokens`` new tokens and ``max_pages_per_seq`` pages per sequence."""
         ...
