@@ -470,10 +470,12 @@ class TorchBackendProvider(Generic[S, E]):
 
     def get_op(self, name: str) -> Any:
         """The standard kernel op ``name`` (typed by the protocols' ``OpLookup``)."""
+        self._live()
         return self._kernels.get_op(name, self._capability)
 
     def find_op(self, name: str) -> Any:
         """As :meth:`get_op`, but None where the capability does not claim the op."""
+        self._live()
         return self._kernels.find_op(name, self._capability)
 
     def kernel_spec(self, name: str) -> KernelSpec:
