@@ -30,7 +30,7 @@ from sagellm_backend import (
     ResourceExhaustedError,
     UnknownOptionError,
 )
-from sagellm_backend.ops import STANDARD_OPS
+from sagellm_backend.ops import KERNEL_OPS, STANDARD_OPS
 from sagellm_backend.torch_backend.cpu import create_cpu_backend
 from sagellm_backend.torch_backend.cpu_device import HostEvent, HostStream
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
@@ -277,8 +277,20 @@ def test_config_objects_and_device_selection() -> None:
         create_cpu_backend(Config(), num_blocks=2, host_num_blocks=2)
 
 
+def test_standard_ops_are_the_registered_kernels(p: Provider) -> None:
+    for op in KERNEL_OPS:
+        assert p.get_op(op.name) is p.find_op(op.name) is p.get_kernel(op.name)
+    table = p.get_op("rotary_cos_sin_cache")(64, 16, dtype="bf16")
+    assert table.shape == (64, 16) and table.dtype == torch.bfloat16
+    assert table.device == p.torch_device
+    with pytest.raises(InvalidArgumentError, match="provider method"):
+        p.get_op("kv_grow")
+
+
 def test_a_closed_provider_refuses_calls(p: Provider) -> None:
     p.close()
     p.close()
     with pytest.raises(BackendUnavailableError):
         p.kv_block_alloc(4, "fp16")
+    with pytest.raises(BackendUnavailableError):
+        p.get_op("rms_norm")
