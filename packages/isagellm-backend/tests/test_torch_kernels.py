@@ -234,6 +234,16 @@ def test_half_precision_attention_matches_fp32_of_the_same_values(dtype: torch.d
     torch.testing.assert_close(got.float(), wide, rtol=1e-2, atol=1e-2)
 
 
+def test_decode_reads_a_cache_that_is_a_strided_view() -> None:
+    g = torch.Generator().manual_seed(4)
+    every_other = randn(g, 12, 2, 8, 2, 64).float()[::2]  # 6 pages, not contiguous
+    tables, lens = torch.tensor([[5, 1, 0], [2, 3, 4]]).int(), torch.tensor([9, 20]).int()
+    query = randn(g, 2, 4, 64).float()
+    got = paged_attention_decode(query, every_other, tables, lens, 0.125)
+    expected = paged_attention_decode(query, every_other.contiguous(), tables, lens, 0.125)
+    torch.testing.assert_close(got, expected)
+
+
 def test_attention_refuses_bad_input_and_writes_nothing() -> None:
     cache = torch.zeros(4, 2, 4, 2, 8)
     query, tables = torch.ones(2, 4, 8), torch.tensor([[1, 2], [3, 99]]).int()
