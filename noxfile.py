@@ -28,6 +28,8 @@ PACKAGES = {
 PLUGINS = ["isagellm-backend-cuda", "isagellm-backend-ascend"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
 TRITON = "triton==3.6.0"
+TRANSFORMERS = "transformers==5.17.0"
+"""The oracle of examples/tiny_llama.py's test (the version on the GPU machine)."""
 """For the CUDA kernels' tests in Triton's interpreter mode on the CPU."""
 TEST_RUNS = [
     ["packages/isagellm-backend/tests", "packages/isagellm-backend-cuda/tests", "tests"],
@@ -121,6 +123,7 @@ def torch(session: nox.Session) -> None:
         *(wheels[name] for name in PLUGINS),
         "numpy",
         TRITON,
+        TRANSFORMERS,
         *TEST_DEPS,
     )
     for paths in TEST_RUNS:

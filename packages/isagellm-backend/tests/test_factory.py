@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,40 @@ def test_bad_option_values_are_refused_with_the_help(name: str, value: object) -
         factory()(**{name: value})
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("ratio", "nan", "not a finite number"),
+        ("ratio", "-inf", "not a finite number"),
+        ("ratio", "1e309", "not a finite number"),
+        ("ratio", math.nan, "not a finite number"),
+        ("ratio", math.inf, "not a finite number"),
+        ("blocks", 2**63, "outside the 64-bit integer range"),
+        ("blocks", str(-(2**63) - 1), "outside the 64-bit integer range"),
+        ("ids", "0+" + "9" * 30, "outside the 64-bit integer range"),
+        ("blocks", "\u0663", "not a valid int"),
+        ("ratio", "\u0661.5", "not a valid finite float"),
+    ],
+)
+def test_values_no_device_can_take_are_refused(name: str, value: object, problem: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        factory()(**{name: value})
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert f"option {name}={value!r} is {problem}" == info.value.message
+    assert info.value.hint is not None and info.value.hint.startswith(f"pass {name} as a ")
+
+
+def test_the_extremes_of_the_ranges_are_accepted() -> None:
+    made = factory()(None, blocks=2**63 - 1, ratio="1e308", ids=[-(2**63)])
+    assert made.options["blocks"] == 2**63 - 1 and made.options["ratio"] == 1e308
+    assert made.options["ids"] == (-(2**63),)
+
+
+def test_a_non_ascii_device_index_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError):
+        factory()(SimpleNamespace(device="\u0661"))
 
 
 def test_unknown_option_lists_the_known_ones() -> None:

@@ -8,9 +8,12 @@ import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +22,20 @@ import pytest
 
 from sagellm_backend import (
     BackendLoadError,
+    BackendNotFoundError,
     BackendProvider,
     ErrorCode,
     IncompatiblePluginError,
     InvalidArgumentError,
     __version__,
 )
-from sagellm_backend.registry import GROUP, BackendRegistry, RecordSource, RecordStatus
+from sagellm_backend.registry import (
+    GROUP,
+    IMPORT_TIMEOUT_ENV_VAR,
+    BackendRegistry,
+    RecordSource,
+    RecordStatus,
+)
 from sagellm_backend.registry.compat import requirement_mismatch
 from sagellm_backend.registry.known import CORE_ENTRY_POINTS
 
@@ -462,15 +472,21 @@ def test_the_builtin_table_matches_the_core_pyproject() -> None:
 # The command line shows the records.
 
 
-def run_cli(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
+def cli_environ(site: Site, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k != "SAGELLM_BACKEND"}
     environ["PYTHONPATH"] = os.pathsep.join([str(site.root), str(SRC)])
+    return {**environ, **(extra or {})}
+
+
+def run_cli(
+    site: Site, *args: str, environ: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sagellm_backend", *args],
-        env=environ,
+        env=cli_environ(site, environ),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -534,3 +550,387 @@ def test_list_and_doctor_show_broken_and_shadowed_plugins(site: Site) -> None:
     assert "[backend_load_failed]" in info.stderr
     assert "caused by: ImportError: no NPU runtime" in info.stderr
     assert "Traceback" not in info.stderr
+
+
+# Whatever a plugin raises, prints or blocks on, the caller's process and output survive.
+
+BASE_EXCEPTIONS = {
+    "SystemExit": "raise SystemExit(0)",
+    "sys.exit": "import sys\nsys.exit(3)",
+    "KeyboardInterrupt": "raise KeyboardInterrupt",
+    "GeneratorExit": "raise GeneratorExit",
+    "BaseException subclass": "class Stop(BaseException):\n    pass\nraise Stop('halt')",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BASE_EXCEPTIONS))
+def test_a_plugin_raising_a_base_exception_at_import_is_recorded_as_broken(
+    site: Site, fault: str
+) -> None:
+    injected(f"{fault} at import")
+    site.install(
+        "zz-quit",
+        "0.1",
+        {"zz_quit": "zz_quit_plugin:factory"},
+        modules={"zz_quit_plugin": BASE_EXCEPTIONS[fault]},
+    )
+    registry = BackendRegistry()
+    records = {r.kind: r for r in registry.list_backends()}
+    assert records["zz_quit"].status is RecordStatus.BROKEN
+    assert "failed to import" in (records["zz_quit"].reason or "")
+    assert records["mock"].status is RecordStatus.AVAILABLE
+    with pytest.raises(BackendLoadError) as info:
+        registry.get_backend("auto")
+    assert "zz_quit" in info.value.message
+    assert isinstance(info.value.__cause__, BaseException)
+    assert not isinstance(info.value.__cause__, Exception)
+    registry.get_backend("mock").close()
+
+
+QUITTING_FACTORIES = """
+    import threading
+    from sagellm_backend.factory import BackendFactory
+
+    class Stop(BaseException):
+        pass
+
+    def _exit(**_):
+        raise SystemExit(0)
+
+    def _stop(**_):
+        raise Stop("halt")
+
+    def _interrupt(**_):
+        raise KeyboardInterrupt
+
+    exits = BackendFactory("zz_exit", _exit)
+    stops = BackendFactory("zz_stop", _stop)
+    interrupts = BackendFactory("zz_intr", _interrupt)
+"""
+
+
+def test_a_factory_raising_a_base_exception_is_broken_but_a_main_thread_interrupt_propagates(
+    site: Site,
+) -> None:
+    injected("SystemExit in factory")
+    injected("BaseException in factory")
+    injected("KeyboardInterrupt in factory")
+    site.install(
+        "zz-quit",
+        "0.1",
+        {
+            "zz_exit": "zz_quit_plugin:exits",
+            "zz_stop": "zz_quit_plugin:stops",
+            "zz_intr": "zz_quit_plugin:interrupts",
+        },
+        modules={"zz_quit_plugin": QUITTING_FACTORIES},
+    )
+    registry = BackendRegistry()
+    for kind, cause in (("zz_exit", "SystemExit"), ("zz_stop", "Stop")):
+        with pytest.raises(BackendLoadError) as info:
+            registry.get_backend(kind)
+        assert type(info.value.__cause__).__name__ == cause
+        record = registry.record(kind)
+        assert record.status is RecordStatus.BROKEN and "factory" in (record.reason or "")
+    # In the main thread a KeyboardInterrupt may be the user's Ctrl-C: it must interrupt.
+    with pytest.raises(KeyboardInterrupt):
+        registry.get_backend("zz_intr")
+    # In any other thread no signal can have raised it: it is the plugin's.
+    caught: list[BaseException] = []
+
+    def create_in_a_thread() -> None:
+        try:
+            registry.get_backend("zz_intr")
+        except BaseException as exc:
+            caught.append(exc)
+
+    worker = threading.Thread(target=create_in_a_thread)
+    worker.start()
+    worker.join(10)
+    assert len(caught) == 1 and isinstance(caught[0], BackendLoadError), caught
+    assert isinstance(caught[0].__cause__, KeyboardInterrupt)
+    registry.get_backend("mock").close()
+
+
+HANGING = """
+    import os
+    import time
+
+    RELEASE = {release!r}
+    for _ in range(3000):
+        if os.path.exists(RELEASE):
+            break
+        time.sleep(0.01)
+
+    from sagellm_backend.factory import BackendFactory
+
+    factory = BackendFactory("zz_hang", dict, priority=50)
+"""
+
+
+def release_hung_imports(release: Path) -> None:
+    release.touch()
+    for thread in threading.enumerate():
+        if thread.name.startswith("sagellm-import-"):
+            thread.join(10)
+
+
+@pytest.mark.parametrize("configured_by", ["parameter", "environment"])
+def test_a_plugin_whose_import_hangs_is_reported_as_hung_and_discovery_goes_on(
+    site: Site, monkeypatch: pytest.MonkeyPatch, configured_by: str
+) -> None:
+    injected("import hangs")
+    release = site.root / "release"
+    site.install(
+        "zz-hang",
+        "0.1",
+        {"zz_hang": "zz_hang_plugin:factory"},
+        modules={"zz_hang_plugin": HANGING.format(release=str(release))},
+    )
+    if configured_by == "parameter":
+        registry = BackendRegistry(import_timeout=0.3)
+    else:
+        monkeypatch.setenv(IMPORT_TIMEOUT_ENV_VAR, "0.3")
+        registry = BackendRegistry()
+    try:
+        started = time.monotonic()
+        records = {r.kind: r for r in registry.list_backends()}
+        listed = time.monotonic() - started
+        with pytest.raises(BackendLoadError, match="hung") as info:
+            registry.get_backend("auto")
+        after_auto = time.monotonic() - started
+    finally:
+        release_hung_imports(release)
+    assert records["zz_hang"].status is RecordStatus.BROKEN
+    assert "hung: it did not finish within 0.3 s" in (records["zz_hang"].reason or "")
+    assert records["mock"].status is RecordStatus.AVAILABLE
+    assert IMPORT_TIMEOUT_ENV_VAR in (info.value.hint or "")
+    assert listed < 3 and after_auto < 3, (listed, after_auto)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_import_timeout_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(IMPORT_TIMEOUT_ENV_VAR, value)
+    with pytest.raises(InvalidArgumentError, match=IMPORT_TIMEOUT_ENV_VAR) as info:
+        BackendRegistry().list_backends(probe=False)
+    assert info.value.hint is not None and "unset it" in info.value.hint
+    with pytest.raises(InvalidArgumentError, match="import_timeout"):
+        BackendRegistry(import_timeout=float(value) if value != "soon" else 0)
+
+
+NOISY = """
+    import sys
+    print("hello from the plugin's import")
+    print("a warning on stderr", file=sys.stderr)
+    from sagellm_backend.factory import BackendFactory
+
+    def _probe():
+        print("probing the ZZ card")
+        return "no ZZ card"
+
+    factory = BackendFactory("zz_noisy", dict, probe=_probe)
+"""
+
+
+def test_what_a_plugin_prints_is_kept_in_its_record_not_printed(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    injected("prints at import")
+    site.install(
+        "zz-noisy",
+        "0.1",
+        {"zz_noisy": "zz_noisy_plugin:factory"},
+        modules={"zz_noisy_plugin": NOISY},
+    )
+    records = {r.kind: r for r in BackendRegistry().list_backends()}
+    out, err = capsys.readouterr()
+    assert "plugin" not in out + err and "ZZ" not in out + err
+    record = records["zz_noisy"]
+    assert record.status is RecordStatus.UNAVAILABLE
+    assert record.output == (
+        "hello from the plugin's import\na warning on stderr\nprobing the ZZ card\n"
+    )
+    assert record.to_dict()["output"] == record.output
+    assert records["mock"].output is None
+
+
+# Entry-point names that no spec can name.
+
+
+def test_entry_points_with_invalid_names_are_listed_as_such_and_never_loaded(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    injected("invalid entry-point name")
+    site.install(
+        "zz-named",
+        "0.1",
+        {"Zz_Upper": "zz_named_plugin:upper", "auto": "zz_named_plugin:auto"},
+        modules={
+            "zz_named_plugin": """
+                from sagellm_backend.factory import BackendFactory
+
+                upper = BackendFactory("Zz_Upper", dict, priority=1000)
+                auto = BackendFactory("auto", dict, priority=1000)
+            """
+        },
+    )
+    registry = BackendRegistry()
+    with caplog.at_level(logging.WARNING, logger="sagellm_backend.registry"):
+        records = {r.kind: r for r in registry.list_backends()}
+    for name in ("Zz_Upper", "auto"):
+        record = records[name]
+        assert record.status is RecordStatus.INVALID_NAME and not record.loaded
+        assert record.available is False
+        assert "no spec can select it" in (record.reason or "")
+        assert "zz-named must rename it" in (record.reason or "")
+        assert repr(name) in caplog.text
+    assert "zz_named_plugin" not in sys.modules
+    with pytest.raises(BackendNotFoundError) as info:
+        registry.get_backend("zz_upper")
+    assert "'Zz_Upper' of zz-named has an invalid name" in (info.value.hint or "")
+    doctor = run_cli(site, "doctor")
+    assert doctor.returncode == 1 and "2 problem(s)" in doctor.stdout, doctor.stdout
+    assert "Zz_Upper (zz-named): entry point name 'Zz_Upper' is not a backend kind" in doctor.stdout
+
+
+MISBEHAVING = {
+    "zz_exit": "import sys\nsys.exit(0)",
+    "zz_intr": "raise KeyboardInterrupt",
+    "zz_gen": "raise GeneratorExit",
+    "zz_noisy": """
+        import os
+        import sys
+        import threading
+        print("plugin says hello")
+        sys.stdout.flush()
+        os.write(1, b"written to file descriptor 1 ")
+        threading.Thread(target=print, args=("from a plugin thread",)).start()
+        from sagellm_backend.factory import BackendFactory
+
+        def _probe():
+            print("probe output")
+            return None
+
+        factory = BackendFactory("zz_noisy", dict, probe=_probe)
+    """,
+}
+
+
+def install_misbehaving(site: Site, *, hang_release: Path) -> None:
+    for kind, source in MISBEHAVING.items():
+        module = f"{kind}_plugin"
+        site.install(
+            kind.replace("_", "-"), "0.1", {kind: f"{module}:factory"}, modules={module: source}
+        )
+    site.install(
+        "zz-hang",
+        "0.1",
+        {"zz_hang": "zz_hang_plugin:factory"},
+        modules={"zz_hang_plugin": HANGING.format(release=str(hang_release))},
+    )
+
+
+def test_list_and_doctor_json_survive_plugins_that_exit_interrupt_print_and_hang(
+    site: Site,
+) -> None:
+    for fault in ("sys.exit", "KeyboardInterrupt", "GeneratorExit", "prints", "hangs"):
+        injected(f"{fault} at import (command)")
+    install_misbehaving(site, hang_release=site.root / "never")
+    environ = {IMPORT_TIMEOUT_ENV_VAR: "0.5"}
+    started = time.monotonic()
+    listed = run_cli(site, "list", "--json", environ=environ, timeout=15)
+    elapsed = time.monotonic() - started
+    assert listed.returncode == 0, listed.stderr
+    records = {r["kind"]: r for r in json.loads(listed.stdout)}
+    for kind in ("zz_exit", "zz_intr", "zz_gen", "zz_hang"):
+        assert records[kind]["status"] == "broken", records[kind]
+    assert "SystemExit" in records["zz_exit"]["reason"]
+    assert "KeyboardInterrupt" in records["zz_intr"]["reason"]
+    assert "hung" in records["zz_hang"]["reason"]
+    assert records["zz_noisy"]["status"] == "available"
+    assert records["zz_noisy"]["output"] == "plugin says hello\nprobe output\n"
+    assert "written to file descriptor 1" in listed.stderr
+    assert records["mock"]["available"] is True
+    assert elapsed < 10, f"list took {elapsed:.1f} s"
+    doctor = run_cli(site, "doctor", "--json", environ=environ, timeout=15)
+    assert doctor.returncode == 1, doctor.stderr
+    report = json.loads(doctor.stdout)
+    problems = {r["kind"] for r in report["backends"] if r["status"] == "broken"}
+    assert problems == {"zz_exit", "zz_intr", "zz_gen", "zz_hang"}
+    auto = run_cli(site, "info", "auto", environ=environ, timeout=15)
+    assert auto.returncode == 1 and "[backend_load_failed]" in auto.stderr, auto.stderr
+    assert "Traceback" not in auto.stderr
+
+
+def test_a_ctrl_c_of_the_user_still_interrupts_a_plugin_import(site: Site) -> None:
+    started = site.root / "started"
+    site.install(
+        "zz-slow",
+        "0.1",
+        {"zz_slow": "zz_slow_plugin:factory"},
+        modules={
+            "zz_slow_plugin": f"""
+                import pathlib
+                import time
+                pathlib.Path({str(started)!r}).touch()
+                time.sleep(60)
+            """
+        },
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sagellm_backend", "list", "--json"],
+        env=cli_environ(site, {IMPORT_TIMEOUT_ENV_VAR: "60"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists(), "the plugin import never started"
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert time.monotonic() - interrupted < 10
+    assert out == "" and "Traceback" not in err
+
+
+CHATTER = """
+import sys
+import threading
+from sagellm_backend.registry.isolation import isolated_call
+
+stop = threading.Event()
+lines = 0
+
+def chatter():
+    global lines
+    while not stop.is_set():
+        print("line from another thread")
+        lines += 1
+
+thread = threading.Thread(target=chatter)
+thread.start()
+calls = [isolated_call(lambda: print("captured"), deadline=5, name="t") for _ in range(300)]
+outputs = {call.output for call in calls}
+stop.set()
+thread.join()
+print(sorted(outputs), lines > 0, sys.stdout is sys.__stdout__, file=sys.stderr)
+"""
+
+
+def test_threads_printing_while_plugin_output_is_captured_keep_output_and_process() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHATTER],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip() == "['captured\\n'] True True"
+    assert "captured" not in result.stdout and "line from another thread" in result.stdout

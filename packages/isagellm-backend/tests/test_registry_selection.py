@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import pytest
@@ -21,11 +23,13 @@ from sagellm_backend import (
     InvalidArgumentError,
     InvalidSpecError,
     UnknownOptionError,
+    cli,
 )
 from sagellm_backend.factory import BackendFactory, DeviceSelection, Option
 from sagellm_backend.mock import MockBackendProvider, create_mock_backend
 from sagellm_backend.registry import (
     ENV_VAR,
+    GROUP,
     BackendConfig,
     BackendRegistry,
     KnownKind,
@@ -101,6 +105,32 @@ def test_env_var_supplies_the_spec_and_an_explicit_spec_wins(
     assert capability_memory(registry.get_backend("mock?max_memory_mb=8")) == 8
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_a_blank_env_var_is_refused_like_a_blank_spec(
+    registry: BackendRegistry, monkeypatch: pytest.MonkeyPatch, blank: str
+) -> None:
+    with pytest.raises(InvalidSpecError, match="empty") as direct:
+        registry.get_backend(blank)
+    monkeypatch.setenv(ENV_VAR, blank)
+    with pytest.raises(InvalidSpecError, match=ENV_VAR) as info:
+        registry.get_backend()
+    assert info.value.code is direct.value.code is ErrorCode.INVALID_SPEC
+    assert "backend spec is empty" in info.value.message
+    assert info.value.hint is not None and "unset it to use 'mock'" in info.value.hint
+    with pytest.raises(InvalidSpecError):
+        registry.resolve_spec()
+    assert str(registry.resolve_spec("cuda:1")) == "cuda:1"
+
+
+def test_a_blank_env_var_is_a_user_error_in_the_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(ENV_VAR, "  ")
+    assert cli.main(["info"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "[invalid_spec]" in err and ENV_VAR in err
+
+
 def test_a_malformed_env_var_is_named_in_the_error(
     registry: BackendRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,6 +181,40 @@ def test_an_unknown_option_is_refused_even_where_the_backend_is_unavailable(
 def test_a_bad_option_value_is_an_invalid_argument(registry: BackendRegistry) -> None:
     with pytest.raises(InvalidArgumentError, match="max_memory_mb"):
         registry.get_backend("mock?max_memory_mb=lots")
+
+
+def float_options() -> list[tuple[str, str]]:
+    """(kind, option) for every float option of every installed backend."""
+    found = []
+    for entry in metadata.entry_points(group=GROUP):
+        factory = entry.load()
+        if isinstance(factory, BackendFactory):
+            found += [(entry.name, o.name) for o in factory.options.values() if o.type is float]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e309", "NaN"])
+def test_a_non_finite_option_value_is_a_user_error_on_every_backend(
+    registry: BackendRegistry, value: str
+) -> None:
+    options = float_options()
+    assert ("cpu", "collective_timeout") in options and ("mock", "collective_timeout") in options
+    for kind, option in options:
+        for spec, keywords in ((f"{kind}?{option}={value}", {}), (kind, {option: float(value)})):
+            with pytest.raises(InvalidArgumentError) as info:
+                registry.get_backend(spec, **keywords)
+            error = info.value
+            assert error.code is ErrorCode.INVALID_ARGUMENT, (kind, option, error)
+            assert not isinstance(error, BackendLoadError)
+            assert "finite" in error.message and option in (error.hint or "")
+
+
+def test_a_non_finite_option_value_exits_2_in_the_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["info", "cpu?collective_timeout=1e309"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "[invalid_argument]" in err and "collective_timeout" in err
 
 
 # Fallback lists: move on only when unavailable.
@@ -392,10 +456,11 @@ def test_register_backend_refuses_a_factory_built_for_another_api(
     assert "backend API 1" in info.value.message
 
 
-@pytest.mark.parametrize("timeout", [0, -1, True, "1"])
+@pytest.mark.parametrize("timeout", [0, -1, True, "1", math.nan, math.inf])
 def test_registry_options_are_validated(timeout: object) -> None:
-    with pytest.raises(InvalidArgumentError, match="probe_timeout"):
+    with pytest.raises(InvalidArgumentError, match="probe_timeout") as info:
         BackendRegistry(probe_timeout=timeout)  # type: ignore[arg-type]
+    assert info.value.hint is not None and "probe_timeout" in info.value.hint
 
 
 # Threads.

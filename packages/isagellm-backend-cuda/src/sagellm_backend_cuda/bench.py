@@ -11,7 +11,9 @@ indices as a random permutation of the pool, and for each batch size times:
 - the backend's swap out to pinned host memory and swap in, against a contiguous pinned copy of
   the same bytes in the same direction, and against one ``copy_`` per block per layer;
 - the host cost of an event pair with elapsed_ms through the provider against raw
-  ``torch.cuda.Event``, and pool alloc+free in batches.
+  ``torch.cuda.Event``, and pool alloc+free in batches;
+- the paged attention kernels (:mod:`sagellm_backend_cuda.bench_attention`): decode against the
+  roofline, prefill against SDPA's flash kernel, both against the torch layer's reference.
 
 Device times are CUDA-event medians after a warm-up. Before each timed region the GPU is kept
 busy (``torch.cuda._sleep``) for longer than the host needs to issue the operation, so the
@@ -38,6 +40,7 @@ from sagellm_backend.kv import KVBlock
 from sagellm_backend.registry import get_backend
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend_cuda.adapter import PooledEvent, new_cuda_event
+from sagellm_backend_cuda.bench_attention import attention_suite, format_attention
 
 __all__ = ["LLAMA_3_8B", "KVMovementReport", "device_suite", "format_table", "run"]
 
@@ -172,6 +175,8 @@ def _run(
         say(f"{n} blocks")
         rows.append(_size(provider, timer, blocks, n, pinned_dev, pinned_host, roofline))
         torch.cuda.empty_cache()
+    del pinned_dev, pinned_host
+    attention = attention_suite(timer.time, roofline, device, say)
     figures = {
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -185,6 +190,7 @@ def _run(
         "rows": rows,
         "events": events,
         "alloc_free": alloc,
+        "attention": attention,
     }
     figures["checks"] = _verdicts(figures)
     return figures
@@ -396,7 +402,8 @@ def _verdicts(f: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         met = value <= target if name == "event_cost_ratio" else value >= target
         out.append({"target": name, "goal": target, "measured": value, "met": met})
-    return out
+    attention: list[dict[str, Any]] = f["attention"]["checks"]
+    return out + attention
 
 
 def format_table(f: dict[str, Any]) -> str:
@@ -425,6 +432,8 @@ def format_table(f: dict[str, Any]) -> str:
         f"alloc+free in batches of {a['batch']}: {a['blocks_per_s'] / 1e6:.2f} M blocks/s "
         f"after gc.freeze(), {a['blocks_per_s_without_gc_freeze'] / 1e6:.2f} M without, "
         f"{a['device_bytes_allocated']} device bytes allocated",
+        "",
+        *format_attention(f["attention"]),
         "",
         "| target | goal | measured | met |",
         "|---|---:|---:|---|",

@@ -9,12 +9,14 @@ it as ``factory(config)`` (config None, or an object with ``kind``, ``device`` a
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sagellm_backend.device import DeviceRef
 from sagellm_backend.errors import (
+    BackendLoadError,
     BackendUnavailableError,
     InvalidArgumentError,
     UnknownOptionError,
@@ -31,6 +33,9 @@ OptionValue = int | float | bool | str | tuple[int, ...]
 LIST_SEPARATOR = "+"
 """Separator of list-valued options in a config string (``device_ids=0+1``); never ``,``."""
 
+INT_OPTION_RANGE = (-(2**63), 2**63 - 1)
+"""Integer option values must fit in 64 bits, as every device library takes them."""
+
 
 @dataclass(frozen=True)
 class Option:
@@ -42,20 +47,32 @@ class Option:
     help: str
 
     def convert(self, value: object) -> OptionValue:
-        """Convert a config-string text or a Python value to this option's type."""
+        """Convert a config-string text or a Python value to this option's type.
+
+        Refused with InvalidArgumentError: a value that does not convert, a float that is not
+        finite (nan, inf, 1e309) and an int outside 64 bits. A bad value is the caller's to fix,
+        on every backend.
+        """
         try:
-            return self._convert(value)
+            converted = self._convert(value)
         except (TypeError, ValueError):
-            pass
+            converted = None
+        problem = _out_of_range(converted)
+        if converted is not None and problem is None:
+            return converted
+        what = problem or f"not a valid {self._type_name}"
+        about = f" ({self.help})" if self.help else ""
         raise InvalidArgumentError(
-            f"option {self.name}={value!r} is not a valid {self._type_name}",
-            hint=self.help,
+            f"option {self.name}={value!r} is {what}",
+            hint=f"pass {self.name} as a {self._type_name}{about}",
         )
 
     @property
     def _type_name(self) -> str:
         if self.type is tuple:
             return f"list of ints (joined with {LIST_SEPARATOR!r})"
+        if self.type is float:
+            return "finite float"
         return self.type.__name__
 
     def _convert(self, value: object) -> OptionValue:
@@ -79,6 +96,8 @@ class Option:
         if self.type is float:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise TypeError(value)
+            if isinstance(value, str) and not value.isascii():
+                raise ValueError(value)
             return float(value)
         if not isinstance(value, str):
             raise TypeError(value)
@@ -102,9 +121,22 @@ def _to_int(value: object) -> int:
         raise TypeError(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and value.isascii() and value.strip().lstrip("-").isdigit():
         return int(value)
     raise ValueError(value)
+
+
+def _out_of_range(value: OptionValue | None) -> str | None:
+    """Why a converted value cannot be used, or None."""
+    numbers = value if isinstance(value, tuple) else (value,)
+    for number in numbers:
+        if isinstance(number, float) and not math.isfinite(number):
+            return "not a finite number"
+        if isinstance(number, int) and not isinstance(number, bool):
+            low, high = INT_OPTION_RANGE
+            if not low <= number <= high:
+                return "outside the 64-bit integer range"
+    return None
 
 
 @dataclass(frozen=True)
@@ -171,11 +203,15 @@ class BackendFactory(Generic[P]):
         probe = _resolve(self._probe)
         return probe()  # type: ignore[no-any-return]
 
-    def hint_for(self, reason: str) -> str | None:
-        """The install hint, unless the unavailability reason already says it."""
-        if not self.install_hint or self.install_hint in reason:
-            return None
-        return self.install_hint
+    def hint_for(self, reason: str) -> str:
+        """What to do about an unavailability ``reason``: the install hint unless the reason
+        already says it, else the general step."""
+        if self.install_hint and self.install_hint not in reason:
+            return self.install_hint
+        return (
+            "do what the reason says, or pick a backend that can run here "
+            "(`sagellm-backend list`), for example with a fallback list such as 'cuda,cpu'"
+        )
 
     def validate_options(self, options: Mapping[str, object]) -> dict[str, OptionValue]:
         """Typed option values with defaults filled in; unknown names are refused."""
@@ -184,7 +220,7 @@ class BackendFactory(Generic[P]):
             known = ", ".join(sorted(self.options)) or "(none)"
             raise UnknownOptionError(
                 f"backend {self.kind!r} has no option {', '.join(unknown)}",
-                hint=f"its options are: {known}",
+                hint=f"use one of its options: {known}",
             )
         values: dict[str, OptionValue] = {}
         for name, spec in self.options.items():
@@ -202,7 +238,7 @@ class BackendFactory(Generic[P]):
         index: int | None = None
         if device is not None and device != "":
             text = str(device)
-            if text.isdigit():
+            if text.isascii() and text.isdigit():
                 index = int(text)
             else:
                 ref = DeviceRef.parse(text)
@@ -225,6 +261,7 @@ class BackendFactory(Generic[P]):
         if index is not None and ids and index not in ids:
             raise InvalidArgumentError(
                 f"config.device {index} is not among device_ids {list(ids)}",
+                hint="set config.device to one of device_ids, or leave it unset",
             )
         return DeviceSelection(index if index is not None else ids[0], ids)
 
@@ -234,7 +271,10 @@ def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
         return target
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
-    fn = getattr(module, attr)
+    fn = getattr(module, attr, None)
     if not callable(fn):
-        raise TypeError(f"{target} is not callable")
+        raise BackendLoadError(
+            f"{target!r} names no callable ({type(fn).__name__} found)",
+            hint="point the factory's create or probe at an existing 'module:function'",
+        )
     return fn  # type: ignore[no-any-return]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from sagellm_backend._version import __version__
+from sagellm_backend.cli.output import stdout_for_json
 from sagellm_backend.errors import BackendError, BackendNotFoundError, InvalidArgumentError
 
 __all__ = [
@@ -109,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
+        if getattr(args, "json", False):
+            with stdout_for_json():
+                return command.run(args)
         return command.run(args)
     except BackendError as exc:
         if args.traceback:

@@ -12,14 +12,13 @@ movement against the GPU's roofline.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib import metadata
 
 from sagellm_backend.bench import run_benchmarks
 from sagellm_backend.cli.output import print_json
 from sagellm_backend.errors import BackendNotFoundError
-from sagellm_backend.registry import get_backend, parse_spec
+from sagellm_backend.registry import default_registry, get_backend
 
 __all__ = ["SUITE_GROUP", "add_arguments", "run"]
 
@@ -69,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device_suite(args: argparse.Namespace) -> int:
-    text = args.spec or os.environ.get("SAGELLM_BACKEND") or "mock"
-    kind = parse_spec(text).candidates[0].kind
+    spec = default_registry().resolve_spec(args.spec)
+    text = str(spec)
+    kind = spec.candidates[0].kind
     suites = [e for e in metadata.entry_points(group=SUITE_GROUP) if e.name == kind]
     if not suites:
         raise BackendNotFoundError(

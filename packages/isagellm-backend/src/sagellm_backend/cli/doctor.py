@@ -2,7 +2,8 @@
 
 Nothing heavy is imported and no device is touched: library versions come from installed
 metadata, driver versions from the files the drivers publish, devices from their device nodes.
-Exits with EXIT_BACKEND_FAILURE when a plugin is broken or incompatible.
+Exits with EXIT_BACKEND_FAILURE when a plugin is broken (its import or probe failed or hung),
+incompatible, or declares an entry point whose name no spec can select.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _DRIVER_FILES = {
     "ascend": ("/usr/local/Ascend/driver/version.info", re.compile(r"Version=(\S+)")),
 }
 _DEVICE_NODES = {"nvidia": "/dev/nvidia[0-9]*", "ascend": "/dev/davinci[0-9]*"}
-_PROBLEMS = (RecordStatus.BROKEN, RecordStatus.INCOMPATIBLE)
+_PROBLEMS = (RecordStatus.BROKEN, RecordStatus.INCOMPATIBLE, RecordStatus.INVALID_NAME)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

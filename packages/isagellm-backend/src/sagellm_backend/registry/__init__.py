@@ -15,8 +15,10 @@ from sagellm_backend.registry.discovery import GROUP
 from sagellm_backend.registry.known import KNOWN_KINDS, KnownKind
 from sagellm_backend.registry.records import BackendRecord, RecordSource, RecordStatus
 from sagellm_backend.registry.selection import (
+    DEFAULT_IMPORT_TIMEOUT,
     DEFAULT_SPEC,
     ENV_VAR,
+    IMPORT_TIMEOUT_ENV_VAR,
     SIMULATED_KINDS,
     BackendRegistry,
 )
@@ -30,9 +32,11 @@ from sagellm_backend.registry.spec import (
 
 __all__ = [
     "AUTO",
+    "DEFAULT_IMPORT_TIMEOUT",
     "DEFAULT_SPEC",
     "ENV_VAR",
     "GROUP",
+    "IMPORT_TIMEOUT_ENV_VAR",
     "KNOWN_KINDS",
     "SIMULATED_KINDS",
     "BackendConfig",
@@ -61,15 +65,22 @@ def default_registry() -> BackendRegistry:
 def get_backend(spec: str | None = None, **options: object) -> BackendProvider[Any]:
     """Create the backend that ``spec`` names (default: ``$SAGELLM_BACKEND``, else ``"mock"``).
 
-    Keyword options override options written in the spec. Raises InvalidSpecError,
-    BackendNotFoundError, BackendNotInstalledError, UnknownOptionError, BackendUnavailableError
-    or BackendLoadError (IncompatiblePluginError), each saying what to do.
+    Keyword options override options written in the spec. Whatever a plugin raises while it is
+    imported, probed or created, BaseException included, comes back as a BackendLoadError
+    (unless it is one of our errors); a Ctrl-C of the user still interrupts. Raises
+    InvalidSpecError, BackendNotFoundError, BackendNotInstalledError, UnknownOptionError,
+    BackendUnavailableError or BackendLoadError (IncompatiblePluginError), each saying what
+    to do.
     """
     return _DEFAULT.get_backend(spec, **options)
 
 
 def list_backends(*, probe: bool = True) -> list[BackendRecord]:
-    """A load record for every candidate backend; ``probe`` loads and probes each one."""
+    """A load record for every candidate backend; ``probe`` loads and probes each one.
+
+    Each import has a deadline (``$SAGELLM_PLUGIN_IMPORT_TIMEOUT``, default 10 s) and each
+    probe one of 10 s: a plugin that runs past it is recorded as broken (hung).
+    """
     return _DEFAULT.list_backends(probe=probe)
 
 

@@ -1,17 +1,18 @@
 """One backend candidate: where it comes from, and its load and probe results, cached.
 
 Loading imports the entry point's target, which by contract imports nothing heavy; probing asks
-the factory whether it can run here, bounded by a timeout, without creating a device context.
-Neither is done before a caller needs it.
+the factory whether it can run here without creating a device context. Neither is done before a
+caller needs it. Both run isolated (:mod:`sagellm_backend.registry.isolation`): each has a
+deadline, whatever they raise is recorded as the plugin's fault, and what they print is kept in
+the load record instead of reaching the caller's output.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sagellm_backend._version import __version__
 from sagellm_backend.errors import (
@@ -23,15 +24,23 @@ from sagellm_backend.errors import (
 from sagellm_backend.factory import API_VERSION, BackendFactory, Option
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.registry.compat import api_mismatch, requirement_mismatch
+from sagellm_backend.registry.isolation import Outcome, is_plugins_own, isolated_call
 from sagellm_backend.registry.known import KnownKind, is_ours
 from sagellm_backend.registry.records import BackendRecord, RecordSource, RecordStatus
-from sagellm_backend.registry.spec import BackendConfig
+from sagellm_backend.registry.spec import BackendConfig, is_valid_kind
 
 if TYPE_CHECKING:
     from sagellm_backend.registry.discovery import DiscoveredEntryPoint
 
-__all__ = ["Plugin"]
+__all__ = ["DEFAULT_IMPORT_TIMEOUT", "KIND_RULE", "Plugin"]
 
+KIND_RULE = "lower case letters, digits and '_', starting with a letter; not 'auto'"
+"""What a backend kind may be, for messages."""
+
+DEFAULT_IMPORT_TIMEOUT = 10.0
+"""Seconds a plugin's module may take to import before it is reported as hung."""
+
+T = TypeVar("T")
 FactoryCallable = Callable[..., object]
 _PLAIN_OPTION_TYPES = (bool, int, float, str)
 
@@ -48,6 +57,7 @@ class Plugin:
         entry: DiscoveredEntryPoint | None = None,
         factory: FactoryCallable | None = None,
         known: KnownKind | None = None,
+        import_timeout: float = DEFAULT_IMPORT_TIMEOUT,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -55,10 +65,15 @@ class Plugin:
         self.known = known
         self.shadowed_by: str | None = None
         self.chosen = False
+        self.import_timeout = import_timeout
         self._factory = factory
         self._error: BackendLoadError | None = None
+        self._create_error: BackendLoadError | None = None
+        self._output = ""
         self._probed = False
         self._reason: str | None = None
+        self.invalid_name = entry is not None and not is_valid_kind(kind)
+        """An entry point whose name no spec can name: listed, never loaded or chosen."""
         if factory is not None:
             self._check_factory(factory)
 
@@ -121,16 +136,28 @@ class Plugin:
         reason = requirement_mismatch(self.entry.requires_core)
         if reason is not None:
             raise self._fail(self._incompatible(reason))
-        try:
-            loaded: object = self.entry.entry_point.load()
-        except Exception as exc:
+        outcome = self._isolated(
+            self.entry.entry_point.load, self.import_timeout, f"sagellm-import-{self.kind}"
+        )
+        dist = self.distribution or "the plugin"
+        if outcome.hung:
+            raise self._fail(
+                BackendLoadError(
+                    f"importing the entry point {self.entry.target!r} of backend {self.label} "
+                    f"hung: it did not finish within {self.import_timeout:g} s",
+                    hint=f"fix or uninstall {dist}; to wait longer, set "
+                    f"SAGELLM_PLUGIN_IMPORT_TIMEOUT to more seconds",
+                )
+            )
+        if outcome.error is not None:
+            exc = outcome.error
             error = BackendLoadError(
                 f"backend {self.label} failed to import its entry point "
                 f"{self.entry.target!r}: {type(exc).__name__}: {exc}",
-                hint=f"fix or reinstall {self.distribution or 'the plugin'}; "
-                "the original error is chained below",
+                hint=f"fix or reinstall {dist}; the original error is chained below",
             )
             raise self._fail(error) from exc
+        loaded: object = outcome.value
         if not callable(loaded):
             raise self._fail(
                 BackendLoadError(
@@ -153,19 +180,8 @@ class Plugin:
         if not isinstance(factory, BackendFactory):
             self._set_reason(None)
             return None
-        outcome: list[object] = []
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                outcome.append(factory.unavailable_reason())
-            except BaseException as exc:
-                failure.append(exc)
-
-        worker = threading.Thread(target=run, name=f"sagellm-probe-{self.kind}", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
+        outcome = self._isolated(factory.unavailable_reason, timeout, f"sagellm-probe-{self.kind}")
+        if outcome.hung:
             raise self._fail(
                 BackendLoadError(
                     f"the availability probe of backend {self.label} did not return within "
@@ -173,15 +189,15 @@ class Plugin:
                     hint="a probe must be cheap (no device context); report this to the plugin",
                 )
             )
-        if failure:
-            exc = failure[0]
+        if outcome.error is not None:
+            exc = outcome.error
             error = BackendLoadError(
                 f"the availability probe of backend {self.label} raised "
                 f"{type(exc).__name__}: {exc}",
                 hint="this is a fault in the plugin; the original error is chained below",
             )
             raise self._fail(error) from exc
-        reason = outcome[0]
+        reason = outcome.value
         if reason is not None and not isinstance(reason, str):
             raise self._fail(
                 BackendLoadError(
@@ -209,7 +225,7 @@ class Plugin:
         if unknown and not open_ended:
             raise UnknownOptionError(
                 f"backend {self.kind!r} has no option {', '.join(unknown)}",
-                hint=f"its options are: {', '.join(sorted(declared)) or '(none)'}",
+                hint=f"use one of its options: {', '.join(sorted(declared)) or '(none)'}",
             )
         values: dict[str, object] = {}
         for name, value in options.items():
@@ -222,21 +238,30 @@ class Plugin:
         factory = self.load()
         try:
             provider = factory(config, **options)
+        except BackendLoadError as exc:
+            self._create_error = exc
+            raise
         except BackendError:
             raise
-        except Exception as exc:
-            raise BackendLoadError(
+        except BaseException as exc:
+            if not is_plugins_own(exc):
+                raise
+            error = BackendLoadError(
                 f"the factory of backend {self.label} raised {type(exc).__name__}: {exc}",
                 hint="this is a fault in the plugin or its environment; "
                 "the original error is chained below",
-            ) from exc
+            )
+            self._create_error = error
+            raise error from exc
         if not isinstance(provider, BackendProvider):
             missing = [name for name in _provider_members() if not hasattr(provider, name)]
-            raise BackendLoadError(
+            self._create_error = BackendLoadError(
                 f"the factory of backend {self.label} returned a {type(provider).__name__}, "
                 f"which is not a BackendProvider (missing: {', '.join(missing)})",
                 hint="a factory must return an object satisfying sagellm_backend.BackendProvider",
             )
+            raise self._create_error
+        self._create_error = None
         return provider
 
     # Records.
@@ -260,16 +285,19 @@ class Plugin:
             if self.known is not None and self.source is RecordSource.KNOWN
             else None,
             chosen=self.chosen,
+            output=self._output or None,
         )
 
     def _status(self) -> RecordStatus:
         if self.source is RecordSource.KNOWN:
             return RecordStatus.NOT_INSTALLED
+        if self.invalid_name:
+            return RecordStatus.INVALID_NAME
         if self.shadowed_by is not None:
             return RecordStatus.SHADOWED
         if isinstance(self._error, IncompatiblePluginError):
             return RecordStatus.INCOMPATIBLE
-        if self._error is not None:
+        if self._error is not None or self._create_error is not None:
             return RecordStatus.BROKEN
         if not self._probed:
             return RecordStatus.FOUND
@@ -278,10 +306,17 @@ class Plugin:
     def _status_reason(self) -> str | None:
         if self.source is RecordSource.KNOWN and self.known is not None:
             return f"not installed; {self.known.install}"
+        if self.invalid_name:
+            return (
+                f"entry point name {self.kind!r} is not a backend kind, so no spec can select "
+                f"it; {self.distribution or 'its distribution'} must rename it ({KIND_RULE})"
+            )
         if self.shadowed_by is not None:
             return self.shadowed_by
         if self._error is not None:
             return self._error.message
+        if self._create_error is not None:
+            return self._create_error.message
         return self._reason
 
     # Internals.
@@ -289,6 +324,11 @@ class Plugin:
     def _set_reason(self, reason: str | None) -> None:
         self._probed = True
         self._reason = reason
+
+    def _isolated(self, fn: Callable[[], T], deadline: float, name: str) -> Outcome[T]:
+        outcome = isolated_call(fn, deadline=deadline, name=name)
+        self._output += outcome.output
+        return outcome
 
     def _fail(self, error: BackendLoadError) -> BackendLoadError:
         self._error = error

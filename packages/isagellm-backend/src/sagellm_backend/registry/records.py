@@ -21,11 +21,14 @@ class RecordStatus(str, Enum):
     UNAVAILABLE = "unavailable"
     """Loaded, but it cannot run here (no device, no driver); ``reason`` says why."""
     BROKEN = "broken"
-    """Its module failed to import, or its factory or probe raised; ``reason`` has the error."""
+    """Its module failed to import or hung, or its factory or probe raised or hung; ``reason``
+    has the error."""
     INCOMPATIBLE = "incompatible"
     """Built for another version of the core API; none of its code was run."""
     SHADOWED = "shadowed"
     """Another distribution (or an in-process registration) provides this kind instead."""
+    INVALID_NAME = "invalid_name"
+    """Its entry-point name is no kind a spec can name (upper case, 'auto'); never loaded."""
 
     def __str__(self) -> str:
         return self.value
@@ -53,6 +56,7 @@ class BackendRecord:
 
     ``kind`` is the name it is looked up by (an entry-point name); ``alias_of`` names the kind
     it stands for when it is an alias. ``reason`` explains any status other than AVAILABLE.
+    ``output`` is what the plugin wrote to stdout or stderr while it was imported or probed.
     """
 
     kind: str
@@ -69,6 +73,7 @@ class BackendRecord:
     reason: str | None = None
     install: str | None = None
     chosen: bool = False
+    output: str | None = None
 
     @property
     def available(self) -> bool | None:

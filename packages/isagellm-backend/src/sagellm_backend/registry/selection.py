@@ -14,13 +14,19 @@ Selection rules (docs/selection.md):
   otherwise the distribution whose normalised name sorts first. The other stays listed as
   shadowed, and a warning names both. A kind registered in this process with
   ``register_backend(..., replace=True)`` shadows the entry point of that kind.
-- With no spec, ``SAGELLM_BACKEND`` supplies one; with neither, the mock is used.
+- With no spec, ``SAGELLM_BACKEND`` supplies one; with neither, the mock is used. A
+  ``SAGELLM_BACKEND`` that is set but blank is refused like a blank spec.
+- Each plugin's import has a deadline (``import_timeout``, else
+  ``$SAGELLM_PLUGIN_IMPORT_TIMEOUT``, else 10 s); one that runs past it is reported as hung.
+- An entry point whose name is not a valid kind (upper case, ``auto``) is listed as
+  ``invalid_name`` and never loaded or chosen.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -44,7 +50,7 @@ from sagellm_backend.registry.known import (
     KnownKind,
     normalize_dist_name,
 )
-from sagellm_backend.registry.plugins import Plugin
+from sagellm_backend.registry.plugins import DEFAULT_IMPORT_TIMEOUT, KIND_RULE, Plugin
 from sagellm_backend.registry.records import BackendRecord, RecordSource, RecordStatus
 from sagellm_backend.registry.spec import (
     AUTO,
@@ -55,10 +61,20 @@ from sagellm_backend.registry.spec import (
     parse_spec,
 )
 
-__all__ = ["DEFAULT_SPEC", "ENV_VAR", "SIMULATED_KINDS", "BackendRegistry"]
+__all__ = [
+    "DEFAULT_IMPORT_TIMEOUT",
+    "DEFAULT_SPEC",
+    "ENV_VAR",
+    "IMPORT_TIMEOUT_ENV_VAR",
+    "SIMULATED_KINDS",
+    "BackendRegistry",
+]
 
 ENV_VAR = "SAGELLM_BACKEND"
 """Environment variable that supplies the spec when a caller gives none."""
+
+IMPORT_TIMEOUT_ENV_VAR = "SAGELLM_PLUGIN_IMPORT_TIMEOUT"
+"""Environment variable: seconds a plugin's import may take (default DEFAULT_IMPORT_TIMEOUT)."""
 
 DEFAULT_SPEC = "mock"
 """Spec used when neither the caller nor SAGELLM_BACKEND gives one: a fresh install works."""
@@ -84,14 +100,14 @@ class BackendRegistry:
         *,
         group: str = GROUP,
         probe_timeout: float = 10.0,
+        import_timeout: float | None = None,
         known: Mapping[str, KnownKind] = KNOWN_KINDS,
     ) -> None:
-        if isinstance(probe_timeout, bool) or not isinstance(probe_timeout, (int, float)):
-            raise InvalidArgumentError(f"probe_timeout must be a number, got {probe_timeout!r}")
-        if probe_timeout <= 0:
-            raise InvalidArgumentError(f"probe_timeout must be positive, got {probe_timeout!r}")
         self._group = group
-        self._probe_timeout = float(probe_timeout)
+        self._probe_timeout = _seconds("probe_timeout", probe_timeout)
+        self._import_timeout = (
+            None if import_timeout is None else _seconds("import_timeout", import_timeout)
+        )
         self._known = dict(known)
         self._lock = threading.RLock()
         self._entries: list[Plugin] | None = None
@@ -104,10 +120,16 @@ class BackendRegistry:
         """Create a provider for ``spec`` (see docs/config-strings.md); keywords override the
         options written in the spec."""
         text = self._spec_text(spec)
-        parsed = parse_spec(text) if spec is not None else self._parse_default(text)
+        parsed = self.resolve_spec(spec)
         if parsed.is_auto:
             return self._create_auto(text, options)
         return self._create_first(text, parsed.candidates, options)
+
+    def resolve_spec(self, spec: str | None = None) -> BackendSpec:
+        """The parsed spec that ``get_backend(spec)`` uses: ``spec``, else ``$SAGELLM_BACKEND``
+        (refused when set but blank or malformed), else the mock."""
+        text = self._spec_text(spec)
+        return parse_spec(text) if spec is not None else self._parse_default(text)
 
     def list_backends(self, *, probe: bool = True) -> list[BackendRecord]:
         """A record per candidate; with ``probe``, each installed backend is loaded and probed."""
@@ -143,8 +165,7 @@ class BackendRegistry:
         ``replace=True``."""
         if not is_valid_kind(kind):
             raise InvalidArgumentError(
-                f"{kind!r} is not a valid backend kind",
-                hint="use lower case letters, digits and '_', starting with a letter; not 'auto'",
+                f"{kind!r} is not a valid backend kind", hint=f"name it with {KIND_RULE}"
             )
         if not callable(factory):
             raise InvalidArgumentError(
@@ -323,29 +344,44 @@ class BackendRegistry:
         if plugin is not None:
             return plugin
         kinds = sorted(table)
+        misnamed = [p for p in self._entries or () if p.invalid_name and p.kind.lower() == kind]
         near = difflib.get_close_matches(kind, [*kinds, AUTO], n=1)
+        if misnamed:
+            hint = (
+                f"the entry point {misnamed[0].kind!r} of {misnamed[0].distribution} has an "
+                f"invalid name; its distribution must rename it to {kind!r}"
+            )
+        elif near:
+            hint = f"did you mean {near[0]!r}?"
+        else:
+            hint = (
+                "install the plugin that provides it (see `sagellm-backend list`); a plugin "
+                f"provides a kind through an entry point in the {self._group!r} group"
+            )
         raise BackendNotFoundError(
             f"unknown backend kind {kind!r}; known kinds: {', '.join(kinds) or '(none)'}",
-            hint=f"did you mean {near[0]!r}?"
-            if near
-            else "see `sagellm-backend list`; a plugin provides a kind through an entry point "
-            f"in the {self._group!r} group",
+            hint=hint,
         )
 
     def _ensure_table(self) -> dict[str, Plugin]:
         if self._entries is None:
+            deadline = self._import_deadline()
             found = discover(self._group)
-            plugins = [
-                Plugin(d.kind, RecordSource.ENTRY_POINT, entry=d, known=self._known.get(d.kind))
-                for d in found
-            ]
+            entries = [(d, RecordSource.ENTRY_POINT) for d in found]
             if self._group == GROUP and not any(
                 normalize_dist_name(d.distribution or "") == CORE_DISTRIBUTION for d in found
             ):
-                plugins += [
-                    Plugin(d.kind, RecordSource.BUILTIN, entry=d, known=self._known.get(d.kind))
-                    for d in builtin_entry_points(self._group)
-                ]
+                entries += [(d, RecordSource.BUILTIN) for d in builtin_entry_points(self._group)]
+            plugins = [
+                Plugin(
+                    d.kind,
+                    source,
+                    entry=d,
+                    known=self._known.get(d.kind),
+                    import_timeout=deadline,
+                )
+                for d, source in entries
+            ]
             self._entries = plugins
             self._rebuild(warn=True)
         return self._table
@@ -358,6 +394,15 @@ class BackendRegistry:
         by_kind: dict[str, list[Plugin]] = {}
         for plugin in self._entries or ():
             plugin.shadowed_by = None
+            if plugin.invalid_name:
+                if warn:
+                    logger.warning(
+                        "backend entry point %r of %s %s has an invalid name; it is never chosen",
+                        plugin.kind,
+                        plugin.distribution,
+                        plugin.version,
+                    )
+                continue
             by_kind.setdefault(plugin.kind, []).append(plugin)
         for kind, claimants in by_kind.items():
             claimants.sort(key=lambda p: (not p.is_ours, normalize_dist_name(p.distribution or "")))
@@ -402,11 +447,26 @@ class BackendRegistry:
 
     # Spec text.
 
+    def _import_deadline(self) -> float:
+        if self._import_timeout is not None:
+            return self._import_timeout
+        text = os.environ.get(IMPORT_TIMEOUT_ENV_VAR)
+        if text is None:
+            return DEFAULT_IMPORT_TIMEOUT
+        try:
+            return _seconds(IMPORT_TIMEOUT_ENV_VAR, float(text))
+        except (InvalidArgumentError, ValueError):
+            raise InvalidArgumentError(
+                f"{IMPORT_TIMEOUT_ENV_VAR}={text!r} is not a positive number of seconds",
+                hint=f"set {IMPORT_TIMEOUT_ENV_VAR} to seconds such as 30, or unset it for "
+                f"{DEFAULT_IMPORT_TIMEOUT:g} s",
+            ) from None
+
     def _spec_text(self, spec: str | None) -> str:
         if spec is not None:
             return spec
-        from_env = os.environ.get(ENV_VAR, "").strip()
-        if from_env:
+        from_env = os.environ.get(ENV_VAR)
+        if from_env is not None:
             return from_env
         logger.info("no backend spec given and %s is not set; using %r", ENV_VAR, DEFAULT_SPEC)
         return DEFAULT_SPEC
@@ -415,7 +475,11 @@ class BackendRegistry:
         try:
             return parse_spec(text)
         except InvalidSpecError as exc:
-            raise InvalidSpecError(f"{exc.message} (read from {ENV_VAR})", hint=exc.hint) from None
+            raise InvalidSpecError(
+                f"{exc.message} (read from {ENV_VAR})",
+                hint=f"set {ENV_VAR} to a valid spec, or unset it to use {DEFAULT_SPEC!r}; "
+                f"{exc.hint}",
+            ) from None
 
 
 def _config_for(
@@ -438,12 +502,26 @@ def _config_for(
     return BackendConfig(plugin.target_kind, device, ids), merged
 
 
-def _install_hint(plugin: Plugin, reason: str) -> str | None:
-    try:
-        factory = plugin.load()
-    except BackendLoadError:
-        return None
-    return factory.hint_for(reason) if isinstance(factory, BackendFactory) else None
+def _install_hint(plugin: Plugin, reason: str) -> str:
+    factory = plugin.load()
+    if isinstance(factory, BackendFactory):
+        return factory.hint_for(reason)
+    return "pick a backend that can run here (`sagellm-backend list`), or add a fallback"
+
+
+def _seconds(name: str, value: object) -> float:
+    """A positive finite number of seconds, else InvalidArgumentError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds, got {value!r}",
+            hint=f"pass {name} as an int or float, such as 10.0",
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgumentError(
+            f"{name} must be a positive finite number of seconds, got {value!r}",
+            hint=f"pass {name} greater than 0, such as 10.0",
+        )
+    return float(value)
 
 
 def _aliases(factory: Callable[..., object], kind: str) -> tuple[str, ...]:
