@@ -95,7 +95,8 @@ def paged_attention_prefill(
     """Causal attention of each sequence's new tokens (the last of its ``seq_lens[i]`` tokens,
     rows ``query_start_loc[i]:query_start_loc[i + 1]`` of ``query``) over its cache.
 
-    Rows of ``query`` past ``query_start_loc[-1]`` (padding) get zeros.
+    Rows of ``query`` past ``query_start_loc[-1]`` are padding; this reference writes zeros
+    there (the protocol leaves them unspecified).
     """
     op = "paged_attention_prefill"
     query = tensor_arg(op, "query", query, "[n, heads, d]")
