@@ -1,10 +1,10 @@
 """The ascend backend on the torch_npu stand-in: device selection, capability from the SoC,
-HCCL refusals, the event rules, stale reads without a wait, and the fused kernels."""
+HCCL refusals, the event rules and stale reads without a wait (the fused kernels:
+test_ascend_kernels.py)."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -21,18 +21,14 @@ from sagellm_backend.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from sagellm_backend.torch_backend.kernels import paged_attention_decode
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend_ascend import create_ascend_backend
-from sagellm_backend_ascend.kernels import reshape_and_cache
 from sagellm_backend_ascend.runtime import NpuEvent, NpuStream
 
 torch_npu = pytest.importorskip("torch_npu", reason="the stand-in is on sys.path (conftest)")
 
 Provider = TorchBackendProvider[NpuStream, NpuEvent]
 
-RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
-"""The ``run_python`` fixture (conftest.py): a snippet in a fresh interpreter."""
 
 SMALL = {"num_blocks": 32, "host_num_blocks": 32, "pin_host_memory": False}
 
@@ -107,6 +103,11 @@ def test_capability_follows_the_soc_family(
         assert capability.extra["soc_family"] == family
         soc_dtypes = capability.extra["soc_dtypes"].split(",")
         assert ("bf16" in soc_dtypes, "fp8" in soc_dtypes) == (bf16, fp8)
+        computed = (DType.FP32, DType.FP16, DType.BF16) if bf16 else (DType.FP32, DType.FP16)
+        assert capability.supported_dtypes == computed
+        assert capability.kv_dtypes == (DType.FP16,)
+        for spec in provider.list_kernels():
+            assert spec.dtypes <= set(computed), spec.name
         assert capability.total_memory_bytes == 1 << 30
         assert int(capability.extra["cube_cores"]) > 0
         assert capability.extra["dist_backend"] == "hccl"
@@ -185,29 +186,3 @@ def test_the_kv_pool_larger_than_the_npu_is_resource_exhausted() -> None:
             num_blocks=0, kv_memory_mb=2048, host_num_blocks=8, pin_host_memory=False
         )
     assert "NPU out of memory" in err.value.message
-
-
-def test_fused_kernels_serve_where_torch_npu_has_them(backend: Provider) -> None:
-    attention = backend.kernel_spec("paged_attention_decode")
-    cache = backend.kernel_spec("reshape_and_cache")
-    assert attention.impl is not paged_attention_decode
-    assert cache.impl is not reshape_and_cache
-    for spec in (attention, cache):
-        for dtype in (DType.FP16, DType.BF16, DType.FP32):
-            spec.check(seed=3, dtype=dtype)
-
-
-def test_reference_kernels_serve_without_fused_operators(run_python: RunPython) -> None:
-    code = (
-        "from sagellm_backend.torch_backend.kernels import paged_attention_decode\n"
-        "from sagellm_backend_ascend import create_ascend_backend\n"
-        "from sagellm_backend_ascend.kernels import reshape_and_cache\n"
-        "p = create_ascend_backend(num_blocks=8, host_num_blocks=8, pin_host_memory=False)\n"
-        "print(p.get_kernel('paged_attention_decode') is paged_attention_decode,\n"
-        "      p.get_kernel('reshape_and_cache') is reshape_and_cache)\n"
-        "p.kernel_spec('reshape_and_cache').check(1, 'fp16')\n"
-        "p.close()\n"
-    )
-    result = run_python(code, FAKE_TORCH_NPU_FUSED_OPS="0")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "True True"

@@ -162,3 +162,47 @@ def test_a_wait_during_capture_fails_and_invalidates_it(wait: str, call: str) ->
     assert not torch.npu.is_current_stream_capturing()
     with pytest.raises(RuntimeError, match="without a preceding successful capture"):
         graph.replay()
+
+
+def test_the_fused_operators_refuse_what_torch_npu_refuses() -> None:
+    x = torch.ones(4, 8, dtype=torch.float16, device="npu:0")
+    weight = torch.ones(8, dtype=torch.float16, device="npu:0")
+    with pytest.raises(TypeError):
+        torch_npu.npu_rms_norm(x, weight, eps=1e-6)  # the argument is named epsilon
+    with pytest.raises(RuntimeError, match="gamma must have the dtype of x"):
+        torch_npu.npu_rms_norm(x, weight.float())
+    with pytest.raises(RuntimeError, match=r"dtype torch\.float64 is not supported"):
+        torch_npu.npu_swiglu(x.double())
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch_npu.npu_swiglu(x.t())
+    with pytest.raises(RuntimeError, match="rotary_mode 'neox'"):
+        torch_npu.npu_rotary_mul(x.view(1, 4, 1, 8), x.view(1, 4, 1, 8), x.view(1, 4, 1, 8), "neox")
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        torch_npu.npu_rotary_mul(x, x, x)
+    cache = torch.zeros(4, 2, 2, 1, 8, dtype=torch.float16, device="npu:0")
+    slots = torch.zeros(1, dtype=torch.int32, device="npu:0")
+    new = torch.ones(1, 1, 8, dtype=torch.float16, device="npu:0")
+    with pytest.raises(RuntimeError, match="key_cache must be contiguous"):
+        torch_npu._npu_reshape_and_cache(new, new, cache[:, 0], cache[:, 1], slots)
+    with pytest.raises(RuntimeError, match="slot_indices must be int32"):
+        torch_npu._npu_reshape_and_cache(new, new, cache[0], cache[1], slots.long())
+
+
+def test_the_a2_operators_refuse_other_socs(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.ones(4, 8, dtype=torch.float16, device="npu:0")
+    monkeypatch.setenv("FAKE_TORCH_NPU_SOC", "Ascend310P3")
+    with pytest.raises(RuntimeError, match="not supported on Ascend310P3"):
+        torch_npu.npu_swiglu(x)
+    with pytest.raises(RuntimeError, match="not supported on Ascend310P3"):
+        torch_npu.npu_add_rms_norm(x, x, x[0])
+    assert torch_npu.npu_rms_norm(x, x[0])[0].shape == (4, 8)  # every SoC has it
+
+
+def test_reshape_and_cache_skips_negative_slots() -> None:
+    cache = torch.zeros(2, 2, 1, 4, dtype=torch.float16, device="npu:0")
+    new = torch.arange(1, 13, dtype=torch.float16, device="npu:0").view(3, 1, 4)
+    slots = torch.tensor([3, -1, 0], dtype=torch.int32, device="npu:0")
+    torch_npu._npu_reshape_and_cache(new, -new, cache, cache.clone(), slots)
+    host = cache.cpu().view(4, 4)
+    assert host[3].tolist() == [1, 2, 3, 4] and host[0].tolist() == [9, 10, 11, 12]
+    assert host[1:3].abs().sum().item() == 0

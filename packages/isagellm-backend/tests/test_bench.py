@@ -21,20 +21,22 @@ CASES = [
     ("kv swap", "contiguous out + in"),
     ("alloc+free per block", "list pop + append"),
     ("event record + elapsed_ms", "raw device events"),
+    ("batch metadata per decode step, 4 seqs x 4 pages", "new tensors from lists"),
 ]
+QUICK_CASES = [*CASES[:-1], ("batch metadata per decode step, 8 seqs x 16 pages", CASES[-1][1])]
 
 
 def test_every_case_runs_and_leaves_the_pool_as_it_was() -> None:
     provider = MockBackendProvider()
     steps: list[str] = []
     try:
-        report = run_benchmarks(provider, blocks=8, repeats=2, progress=steps.append)
+        report = run_benchmarks(provider, blocks=8, repeats=2, batch=(4, 4), progress=steps.append)
         assert provider.memory_stats().kv_blocks_in_use == 0
     finally:
         provider.close()
     assert [(r.case, r.baseline) for r in report.rows] == CASES
     assert all(r.ours_s > 0 and r.baseline_s > 0 and r.ratio > 0 for r in report.rows)
-    assert steps[0] == "kv copy: batched" and len(steps) == 8
+    assert steps[0] == "kv copy: batched" and len(steps) == 9
     table = report.format_table()
     assert table.count("\n| ") == len(CASES) + 1
     assert "| kv copy | batched | per-block loop |" in table
@@ -51,7 +53,7 @@ def test_a_device_registers_its_own_baselines() -> None:
         assert type(inherited) is type(baselines_for(plain))
         register_baselines(Faster, lambda _: MockBaselines(faster))
         assert isinstance(baselines_for(faster), MockBaselines)
-        report = run_benchmarks(faster, blocks=4, repeats=1)
+        report = run_benchmarks(faster, blocks=4, repeats=1, batch=(4, 4))
         assert len(report.rows) == len(CASES)
     finally:
         plain.close()
@@ -65,7 +67,21 @@ def test_bad_sizes_are_refused() -> None:
             run_benchmarks(provider, blocks=4096, repeats=1)
         with pytest.raises(InvalidArgumentError):
             run_benchmarks(provider, blocks=0)
+        with pytest.raises(InvalidArgumentError):
+            run_benchmarks(provider, batch=(4, 0))
+        with pytest.raises(InvalidArgumentError, match="smaller --batch-seqs"):
+            run_benchmarks(provider, blocks=4, repeats=1, batch=(64, 128))
         assert provider.memory_stats().kv_blocks_in_use == 0
+    finally:
+        provider.close()
+
+
+def test_batch_metadata_is_skipped_where_it_is_not_claimed() -> None:
+    provider = MockBackendProvider(supported_ops=["sample"])
+    try:
+        report = run_benchmarks(provider, blocks=4, repeats=1)
+        assert [(r.case, r.baseline) for r in report.rows] == CASES[:-1]
+        assert report.skipped == ["batch metadata: the backend does not claim batch_metadata"]
     finally:
         provider.close()
 
@@ -80,5 +96,5 @@ def test_the_command_prints_json() -> None:
         check=True,
     )
     report = json.loads(out.stdout)
-    assert [[r["case"], r["baseline"]] for r in report["rows"]] == [list(c) for c in CASES]
+    assert [[r["case"], r["baseline"]] for r in report["rows"]] == [list(c) for c in QUICK_CASES]
     assert "bench: kv swap: batched" in out.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,6 +25,7 @@ from sagellm_backend import (
 from sagellm_backend.mock import MockBackendProvider, MockEvent, MockStream, MockTensor
 from sagellm_backend.protocols import Event, Stream
 from sagellm_backend.testing import MockTarget, Outcome, run_conformance
+from sagellm_backend.testing.checks.long_run import LONG_RUN_OPS
 
 
 class AcceptsDoubleFree(MockBackendProvider):
@@ -112,7 +113,10 @@ class WaitEventDoesNothing(MockBackendProvider):
 class ClaimsFp32ButRejects(MockBackendProvider):
     def capability(self) -> CapabilityDescriptor:
         cap = super().capability()
-        return cap.replace(supported_dtypes=[*cap.supported_dtypes, DType.FP32])
+        return cap.replace(
+            supported_dtypes=[*cap.supported_dtypes, DType.FP32],
+            kv_dtypes=[*cap.kv_dtypes, DType.FP32],
+        )
 
 
 class WrongSum(MockBackendProvider):
@@ -171,6 +175,79 @@ class FindOpRaises(MockBackendProvider):
         return self.get_op(name)
 
 
+# Faults that show only after many operations, on a re-recorded event, with negative values, in
+# a dtype that is not the first, when memory runs out midway through a batch, or on blocks of
+# many pages.
+
+
+class LosesAFreeUnderLoad(MockBackendProvider):
+    """Every 300th single free is dropped, as by a free list that overflows under load."""
+
+    frees = 0
+
+    def kv_block_free(self, block: KVBlock) -> None:
+        self.frees += 1
+        if self.frees % 300:
+            super().kv_block_free(block)
+
+
+class StaleEvent(MockEvent):
+    """Recording again keeps the first recording (an event that is never re-armed)."""
+
+    def record(self, stream: Stream | None = None) -> None:
+        if self.mark is None:
+            super().record(stream)
+
+
+class KeepsTheFirstRecord(MockBackendProvider):
+    def create_event(self, enable_timing: bool = True) -> MockEvent:
+        return StaleEvent(super().create_event(enable_timing).scheduler, enable_timing)
+
+
+class SumsMagnitudes(MockBackendProvider):
+    """Sums magnitudes, as an unsigned accumulator would: right on non-negative data only."""
+
+    def all_reduce(
+        self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
+    ) -> MockTensor:
+        if ReduceOp(op) is ReduceOp.SUM:
+            tensor.copy_(MockTensor([abs(v) for v in tensor.tolist()], tensor.dtype))
+        return super().all_reduce(tensor, op, timeout=timeout)
+
+
+class MigratesLaterDtypesWrong(MockBackendProvider):
+    """Migrating a block of any KV dtype but the first flips its last byte (a wrong width)."""
+
+    def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
+        moved = super().kv_block_migrate(block, target_device)
+        if block.dtype is not self.capability().kv_dtypes[0]:
+            data = bytearray(self.kv_block_read(moved))
+            data[-1] ^= 0xFF
+            self.kv_block_write(moved, bytes(data))
+        return moved
+
+
+class AllocatesBatchesOneByOne(MockBackendProvider):
+    """Checks a batch's counts up front, then allocates block by block: running out of memory
+    midway leaves the earlier blocks allocated."""
+
+    def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
+        counts = list(num_tokens)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in counts):
+            return super().kv_blocks_alloc(counts, dtype)
+        return [self.kv_block_alloc(n, dtype) for n in counts]
+
+
+class CopiesAtMostEightPages(MockBackendProvider):
+    """Copies only the first eight pages of a block (a fixed-size staging buffer)."""
+
+    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
+        size = 8 * self.kv_layout.page_bytes(src.dtype)
+        old = self.kv_block_read(dst)
+        super().kv_block_copy(src, dst)
+        self.kv_block_write(dst, self.kv_block_read(dst)[:size] + old[size:])
+
+
 @dataclass(frozen=True)
 class Fault:
     provider: type[MockBackendProvider]
@@ -193,10 +270,18 @@ FAULTS = [
     Fault(GatherOutOfOrder, "collectives.all_gather", "all_gather in", {}),
     Fault(LookupIgnoresCapability, "ops.lookup", "the capability does not claim is refused", {}),
     Fault(FindOpRaises, "ops.lookup", "of an unclaimed op raised CapabilityError", {}),
+    Fault(LosesAFreeUnderLoad, "kv.long_run", " of 5000 (", {}),
+    Fault(KeepsTheFirstRecord, "streams.wait_event", "in the second round (the event recorded", {}),
+    Fault(KeepsTheFirstRecord, "streams.query_synchronize", "recorded again", {}),
+    Fault(KeepsTheFirstRecord, "streams.elapsed_ms", "recorded again after more work", {}),
+    Fault(SumsMagnitudes, "collectives.all_reduce", "all_reduce(sum)", {}),
+    Fault(MigratesLaterDtypesWrong, "kv.migrate", "kv_block_migrate of a bf16 block", {}),
+    Fault(AllocatesBatchesOneByOne, "kv.exhaustion", "ran out of memory midway changed", {}),
+    Fault(CopiesAtMostEightPages, "kv.copy", "the first at byte", {}),
 ]
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.provider.__name__)
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f"{f.provider.__name__}-{f.check}")
 def test_the_kit_fails_a_broken_provider(fault: Fault, reliability_counts: Counter[str]) -> None:
     target = MockTarget(provider_class=fault.provider)
     report = run_conformance(target, select=[fault.check], seed=7)
@@ -208,7 +293,7 @@ def test_the_kit_fails_a_broken_provider(fault: Fault, reliability_counts: Count
     assert not report.ok
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.provider.__name__)
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f"{f.provider.__name__}-{f.check}")
 def test_the_same_check_passes_on_the_faithful_mock(fault: Fault) -> None:
     report = run_conformance(MockTarget(), select=[fault.check], seed=7)
     outcome = report.result(fault.check).outcome
@@ -341,3 +426,17 @@ def test_registered_kernels_are_checked_against_their_references(
     reliability_counts["faults injected into providers"] += 1
     assert result.outcome is Outcome.FAILED
     assert "kernel 'double' does not match its reference in fp16 (seed " in result.message
+
+
+def test_the_long_run_names_the_operation_and_its_seed_replays_it() -> None:
+    target = MockTarget(provider_class=LosesAFreeUnderLoad)
+    first = run_conformance(target, select=["kv.long_run"], seed=11).result("kv.long_run")
+    again = run_conformance(target, select=["kv.long_run"], seed=11).result("kv.long_run")
+    assert first.outcome is Outcome.FAILED
+    assert first.message.endswith("[seed 11]") and "the same seed replays the same run" in (
+        first.message
+    )
+    assert first.message == again.message
+    good = run_conformance(MockTarget(), select=["kv.long_run"], seed=11).result("kv.long_run")
+    counts = [int(part.split()[0]) for part in good.message.split(", ")]
+    assert good.outcome is Outcome.PASSED and sum(counts) == LONG_RUN_OPS >= 5000

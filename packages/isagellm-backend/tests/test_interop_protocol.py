@@ -242,6 +242,7 @@ ours_descriptors = st.builds(
     max_batch_size=sizes,
     max_sequence_length=sizes,
     extra=st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3),
+    kv_dtypes=st.none() | members_or_values(DType),
 )
 
 
@@ -291,6 +292,8 @@ def test_ours_to_theirs_and_back_loses_nothing(capability: CapabilityDescriptor)
     assert remainder.supported_reduce_ops == capability.supported_reduce_ops
     assert remainder.extra == capability.extra
     assert remainder.supported_ops == capability.supported_ops
+    if capability.kv_dtypes != capability.supported_dtypes:
+        assert remainder.kv_dtypes == capability.kv_dtypes
     assert capability_from_protocol(descriptor, remainder) == capability
     shipped = CapabilityRemainder.from_dict(json.loads(json.dumps(remainder.to_dict())))
     assert shipped == remainder
@@ -342,6 +345,7 @@ def test_without_a_remainder_the_defaults_of_ours_apply() -> None:
     assert capability.supported_reduce_ops == tuple(ReduceOp)
     assert capability.extra == {}
     assert capability.supported_ops == ()
+    assert capability.kv_dtypes == capability.supported_dtypes
 
 
 def test_collectives_claimed_without_a_list_are_refused() -> None:
@@ -387,6 +391,8 @@ def test_capability_conversions_refuse_other_objects() -> None:
         ({"extra": {"a": 1}}, "extra must be a mapping of str to str"),
         ({"supported_ops": ["rms_norm", "fused_rope"]}, "unknown standard ops \\['fused_rope'\\]"),
         ({"supported_ops": "rms_norm"}, "supported_ops must be a sequence"),
+        ({"kv_dtypes": "fp16"}, "kv_dtypes must be a sequence"),
+        ({"kv_dtypes": ["fp64"]}, "unknown kv dtype 'fp64'"),
     ],
 )
 def test_malformed_remainders_are_refused(kwargs: dict[str, object], message: str) -> None:

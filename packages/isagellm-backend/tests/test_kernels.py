@@ -13,6 +13,7 @@ from sagellm_backend import (
     KernelExistsError,
     KernelKind,
     KernelNotFoundError,
+    MockBackendProvider,
 )
 from sagellm_backend.kernels import KernelInputs, KernelTable
 
@@ -59,6 +60,20 @@ def test_unknown_names_list_the_registered_ones_and_suggest() -> None:
     assert isinstance(info.value, LookupError)
     assert "rms_norm, silu_and_mul" in str(info.value)
     assert "did you mean 'rms_norm'" in str(info.value)
+
+
+@pytest.mark.parametrize("name", [["x"], {}, None, 3, b"scale"], ids=repr)
+def test_looking_up_a_name_that_is_not_a_string_is_invalid_argument(name: object) -> None:
+    table = KernelTable()
+    table.register("scale", scale)
+    for lookup in (table.get, table.spec):
+        with pytest.raises(InvalidArgumentError, match="a kernel name is a string") as info:
+            lookup(name)  # type: ignore[arg-type]  # bad on purpose
+        assert info.value.hint
+    provider = MockBackendProvider()
+    for lookup in (provider.get_kernel, provider.kernel_spec):
+        with pytest.raises(InvalidArgumentError, match="a kernel name is a string"):
+            lookup(name)  # type: ignore[arg-type]  # bad on purpose
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ from sagellm_backend import (
     create_mock_world,
 )
 from sagellm_backend.mock import MockWorld
+from sagellm_backend.mock.collectives import _Call
+from sagellm_backend.timeouts import MAX_TIMEOUT_S, check_timeout
 
 R = TypeVar("R")
 ALL_DTYPES = list(DType)
@@ -258,3 +260,137 @@ def test_a_world_refuses_a_rank_twice_and_closing_a_rank_breaks_it() -> None:
     providers[1].close()
     with pytest.raises(CommGroupBrokenError, match="rank 1 left"):
         providers[0].barrier()
+
+
+HUGE_TIMEOUTS = [9.3e9, 1.5e10, 10**400]
+BAD_TIMEOUTS: list[object] = ["5", float("inf"), float("-inf"), float("nan"), -1.0, 0, True, b"5"]
+
+
+def test_a_huge_finite_timeout_waits_up_to_the_cap() -> None:
+    assert check_timeout(9.3e9) == MAX_TIMEOUT_S == 24 * 3600.0
+    assert check_timeout(10**400) == MAX_TIMEOUT_S
+    assert check_timeout(2) == 2.0
+    providers = create_mock_world(2, supported_dtypes=["fp32"], collective_timeout=1e12)
+
+    def body(p: MockBackendProvider) -> list[list[float]]:
+        out = []
+        for timeout in HUGE_TIMEOUTS:
+            # rank 1 arrives late, so rank 0 really waits with the huge timeout
+            if p.rank == 1:
+                time.sleep(0.05)
+            out.append(p.all_reduce(MockTensor([p.rank + 1.0]), timeout=timeout).tolist())
+        out.append(p.all_reduce(MockTensor([p.rank + 1.0])).tolist())
+        return out
+
+    assert run_ranks(providers, body) == [[[3.0]] * 4] * 2
+
+
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS, ids=repr)
+def test_a_bad_timeout_is_refused_before_anything_changes(timeout: object) -> None:
+    providers = world(2)
+
+    def body(p: MockBackendProvider) -> list[float]:
+        tensor = MockTensor([p.rank + 1.0, -2.5], DType.FP32)
+        calls: list[Callable[[], object]] = [
+            lambda: p.all_reduce(tensor, timeout=timeout),  # type: ignore[arg-type]  # bad
+            lambda: p.broadcast(tensor, src=1, timeout=timeout),  # type: ignore[arg-type]
+            lambda: p.all_gather(tensor, timeout=timeout),  # type: ignore[arg-type]
+            lambda: p.barrier(timeout=timeout),  # type: ignore[arg-type]
+        ]
+        for call in calls:
+            with pytest.raises(InvalidArgumentError) as info:
+                call()
+            assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+            assert tensor.tolist() == [p.rank + 1.0, -2.5], "a refused call wrote the tensor"
+        return p.all_reduce(tensor, timeout=5).tolist()
+
+    assert run_ranks(providers, body) == [[3.0, -5.0]] * 2
+    with pytest.raises(InvalidArgumentError, match="collective_timeout"):
+        MockBackendProvider(collective_timeout=timeout)  # type: ignore[arg-type]  # bad on purpose
+
+
+NONE_CALLS: dict[str, Callable[[MockBackendProvider], object]] = {
+    "all_reduce": lambda p: p.all_reduce(None),  # type: ignore[arg-type]  # bad on purpose
+    "all_gather": lambda p: p.all_gather(None),  # type: ignore[arg-type]
+    "reduce_scatter": lambda p: p.reduce_scatter(None),  # type: ignore[arg-type]
+    "broadcast": lambda p: p.broadcast(None),  # type: ignore[arg-type]
+    "send": lambda p: p.send(None, dst=1 - p.rank),  # type: ignore[arg-type]
+    "recv": lambda p: p.recv(None, src=1 - p.rank),  # type: ignore[arg-type]
+    "op=None": lambda p: p.all_reduce(MockTensor([1.0]), op=None),  # type: ignore[arg-type]
+    "op=7": lambda p: p.all_reduce(MockTensor([1.0]), op=7),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("name", NONE_CALLS)
+def test_bad_arguments_on_every_rank_are_refused_before_joining(name: str) -> None:
+    providers = world(2)
+    started = time.monotonic()
+
+    def body(p: MockBackendProvider) -> list[float]:
+        with pytest.raises(InvalidArgumentError) as info:
+            NONE_CALLS[name](p)
+        assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+        return p.all_reduce(MockTensor([p.rank + 1.0]), timeout=5).tolist()
+
+    assert run_ranks(providers, body) == [[3.0], [3.0]]
+    assert time.monotonic() - started < 3, "a refused rank must not make the others wait"
+    assert providers[0]._comm.world.broken is None
+
+
+def test_a_rank_refused_for_bad_arguments_may_join_again_and_the_round_completes() -> None:
+    providers = world(3)
+
+    def body(p: MockBackendProvider) -> list[float]:
+        tensor = MockTensor([p.rank + 1.0], DType.FP32)
+        if p.rank == 1:
+            time.sleep(0.1)  # the others are waiting in the round by now
+            with pytest.raises(InvalidArgumentError, match="unknown reduce op None"):
+                p.all_reduce(tensor, op=None, timeout=5)  # type: ignore[arg-type]  # bad
+            with pytest.raises(InvalidArgumentError, match="needs a MockTensor"):
+                p.all_reduce(None, timeout=5)  # type: ignore[arg-type]  # bad on purpose
+            assert tensor.tolist() == [2.0]
+        return p.all_reduce(tensor, timeout=5).tolist()
+
+    assert run_ranks(providers, body) == [[6.0]] * 3
+    assert run_ranks(providers, lambda p: p.barrier(timeout=5)) == [None] * 3
+
+
+def test_ranks_waiting_for_a_refused_rank_time_out_naming_it() -> None:
+    providers = world(3)
+
+    def body(p: MockBackendProvider) -> object:
+        if p.rank == 2:
+            with pytest.raises(InvalidArgumentError):
+                p.broadcast(None, src=0, timeout=5)  # type: ignore[arg-type]  # bad on purpose
+            return "refused"
+        with pytest.raises(CommTimeoutError, match="waiting for rank 2;"):
+            p.broadcast(MockTensor([1.0]), src=0, timeout=0.3)
+        return "timed out"
+
+    assert run_ranks(providers, body) == ["timed out", "timed out", "refused"]
+
+
+def test_a_fault_in_computing_a_result_fails_every_rank_instead_of_stranding_them() -> None:
+    shared = MockWorld(2)
+
+    def faulty(calls: dict[int, _Call]) -> dict[int, MockTensor | None]:
+        raise ZeroDivisionError("fault")
+
+    def body(rank: int) -> BaseException | None:
+        try:
+            shared.meet(rank, ("c",), frozenset({0, 1}), _Call("all_reduce"), faulty, 5.0)
+        except CommError as exc:
+            return exc
+        return None
+
+    out: list[BaseException | None] = [None, None]
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, body(r))) for r in range(2)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - started < 3
+    for error in out:
+        assert type(error) is CommError and "ZeroDivisionError('fault')" in str(error)
+    assert shared.broken is not None

@@ -57,8 +57,9 @@ def test_seed_example_runs_verbatim_and_prints_the_dtypes() -> None:
 
 def test_seed_defaults() -> None:
     cap = MockBackendProvider().capability()
-    assert cap.supported_dtypes == (DType.FP16, DType.BF16)
-    assert [k.value for k in cap.supported_kernels] == ["matmul", "attention"]
+    assert cap.supported_dtypes == cap.kv_dtypes == (DType.FP16, DType.BF16)
+    assert [k.value for k in cap.supported_kernels] == ["matmul"]
+    assert cap.supported_ops == ("kv_grow", "batch_metadata", "sample")
     assert cap.has_collective and not cap.has_graph_exec and cap.max_memory_mb == 16384
 
 

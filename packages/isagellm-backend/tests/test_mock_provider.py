@@ -114,7 +114,7 @@ def test_kernel_registry_enforces_capability_and_refuses_overwrites() -> None:
     with pytest.raises(KernelNotFoundError, match="registered: add") as info:
         p.get_kernel("ad")
     assert info.value.code is ErrorCode.OPERATOR_NOT_FOUND and "'add'" in (info.value.hint or "")
-    assert [s.name for s in p.list_kernels()] == ["add"]
+    assert [s.name for s in p.list_kernels()] == ["add", "sample"]
     assert p.list_kernels(KernelKind.ATTENTION) == []
 
 

@@ -26,6 +26,15 @@ def test_float_values_are_rounded_to_the_dtype(dtype: DType, value: float, store
     assert MockTensor([value], dtype).tolist() == [stored]
 
 
+@pytest.mark.parametrize("dtype", list(DType))
+@pytest.mark.parametrize("bad", [10**400, -(10**400)])
+def test_an_int_beyond_every_float_is_refused_not_overflowed(dtype: DType, bad: int) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        MockTensor([1, bad], dtype)
+    assert info.value.hint
+    assert MockTensor([2**40], DType.FP32).tolist() == [float(2**40)]
+
+
 def test_fp8_beyond_its_range_is_nan_as_e4m3fn() -> None:
     assert math.isnan(MockTensor([1000.0], DType.FP8).tolist()[0])
 

@@ -19,12 +19,13 @@ def test_cpu_runs_every_case_against_torch_baselines() -> None:
     )
     try:
         assert isinstance(baselines_for(provider), TorchBaselines)
-        report = run_benchmarks(provider, blocks=16, repeats=2)
+        report = run_benchmarks(provider, blocks=16, repeats=2, batch=(4, 8))
         stats = provider.memory_stats()
         assert (stats.kv_blocks_in_use, stats.kv_pages_in_use) == (0, 0)
     finally:
         provider.close()
-    assert len(report.rows) == 6 and not report.skipped
+    assert len(report.rows) == 7 and not report.skipped
+    assert report.rows[-1].case == "batch metadata per decode step, 4 seqs x 8 pages"
     assert all(r.ours_s > 0 and r.baseline_s > 0 for r in report.rows)
     swap = [r for r in report.rows if r.case == "kv swap"]
     assert swap[0].nbytes == 2 * 16 * provider.kv_layout.page_bytes("fp16")

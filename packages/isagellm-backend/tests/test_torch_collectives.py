@@ -109,3 +109,17 @@ def test_a_missing_rank_times_out_and_breaks_the_group() -> None:
     assert isinstance(rank0["elapsed"], float)
     assert 0.9 <= rank0["elapsed"] < 5.0
     assert rank0["then"] == "comm_group_invalid"
+
+
+@pytest.mark.slow
+def test_huge_timeouts_are_capped_and_bad_ones_refused_without_writing() -> None:
+    results = launch(2, "timeouts")
+    for r, got in enumerate(results):
+        assert got["rank"] == r
+        for key in ("9.3e9", "1.5e10", "10**400", "after"):
+            assert got[key] == [3.0, -1.5], key
+        assert got["refused"] == {
+            bad: ["invalid_argument", True]
+            for bad in ("'5'", "inf", "-inf", "nan", "-1.0", "0", "True")
+        }
+        assert got["barrier"] == "invalid_argument"

@@ -106,7 +106,7 @@ def test_the_lookup_follows_the_capability() -> None:
     with pytest.raises(CapabilityError, match="paged_attention_decode"):
         table.get_op("paged_attention_decode", some)
     assert table.find_op("paged_attention_decode", some) is None
-    with pytest.raises(InvalidArgumentError, match="not a standard op") as info:
+    with pytest.raises(InvalidArgumentError, match="not a standard kernel op") as info:
         table.find_op("rms_nrom", some)
     assert info.value.hint == "did you mean 'rms_norm'?"
     with pytest.raises(InvalidArgumentError, match="provider method") as info:

@@ -62,7 +62,8 @@ def test_satisfies_the_protocol_and_describes_itself(p: Provider) -> None:
     cap = p.capability()
     assert (p.kind, p.device, p.rank, p.world_size) == ("cpu", "cpu:0", 0, 1)
     assert cap.device_type == "cpu"
-    assert cap.supported_dtypes == (DType.FP16,)
+    assert cap.supported_dtypes == (DType.FP32, DType.FP16, DType.BF16)
+    assert cap.kv_dtypes == (DType.FP16,)
     assert set(cap.supported_kernels) == {
         KernelKind.ATTENTION,
         KernelKind.FUSION,
@@ -238,6 +239,26 @@ def test_unclaimed_operations_are_refused(p: Provider) -> None:
         p.capture_graph()
     with pytest.raises(CapabilityError):
         p.register_kernel("gemm", torch.matmul, kind=KernelKind.MATMUL)
+
+
+def test_kernels_take_the_compute_dtypes_and_blocks_the_kv_dtypes(p: Provider) -> None:
+    before = {s.name for s in p.list_kernels()}
+    for bad in (["fp8"], "int8", [DType.FP32, "int4"]):
+        with pytest.raises(CapabilityError, match="does not support") as info:
+            p.register_kernel("scale", torch.mul, kind="fusion", dtypes=bad)
+        assert info.value.code is ErrorCode.NOT_IMPLEMENTED and info.value.hint
+    assert {s.name for s in p.list_kernels()} == before
+    spec = p.register_kernel("scale", torch.mul, kind="fusion", dtypes=["fp32", DType.BF16])
+    assert spec.dtypes == {DType.FP32, DType.BF16}
+    names: list[object] = [["x"], {}, None, 3]
+    for name in names:
+        for lookup in (p.get_kernel, p.kernel_spec):
+            with pytest.raises(InvalidArgumentError, match="a kernel name is a string"):
+                lookup(name)  # type: ignore[arg-type]  # bad on purpose
+    with pytest.raises(CapabilityError, match="kv_dtype=fp32"):
+        p.kv_block_alloc(4, "fp32")
+    assert counts(p) == (0, 0)
+    assert p.kv_block_alloc(4, p.capability().kv_dtypes[0]).dtype is DType.FP16
 
 
 def test_options_and_the_default_pool(p: Provider) -> None:

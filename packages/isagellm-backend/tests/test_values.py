@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -18,6 +19,7 @@ from sagellm_backend import (
     KernelKind,
     KVBlock,
     KVLayout,
+    MockBackendProvider,
     ReduceOp,
 )
 from sagellm_backend.dtypes import coerce
@@ -145,9 +147,85 @@ def test_descriptor_validates_fields(changes: dict[str, object]) -> None:
         CapabilityDescriptor(**changes)  # type: ignore[arg-type]
 
 
+def test_extra_is_read_only_so_a_capability_never_changes() -> None:
+    p = MockBackendProvider(extra={"driver": "580"})
+    cap = p.capability()
+    before = (cap.to_json(), hash(cap))
+    with pytest.raises(TypeError):
+        cap.extra["x"] = "y"  # type: ignore[index]  # the mapping is read-only
+    with pytest.raises(TypeError):
+        del cap.extra["driver"]  # type: ignore[attr-defined]
+    source = {"a": "1"}
+    copied = CapabilityDescriptor(extra=source)
+    source["a"] = "2"
+    assert copied.extra == {"a": "1"}
+    assert (p.capability().to_json(), hash(p.capability())) == before
+    assert p.capability().extra == {"driver": "580"}
+    assert pickle.loads(pickle.dumps(cap)) == cap
+    assert copy.deepcopy(cap) == cap and hash(copy.copy(cap)) == before[1]
+    assert cap.replace(has_graph_exec=True).extra == {"driver": "580"}
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"has_collective": "no"}', "has_collective must be a bool"),
+        ('{"has_stream": 1}', "has_stream must be a bool"),
+        ('{"has_kv_block_copy": null}', "has_kv_block_copy must be a bool"),
+        ('{"extra": [1, 2]}', "extra must be a mapping of str to str"),
+        ('{"extra": {"a": 1}}', "extra must be a mapping of str to str"),
+        ('{"extra": "x"}', "extra must be a mapping of str to str"),
+        ('{"device_type": 3}', "device_type must be a string"),
+        ('{"device_type": null}', "device_type must be a string"),
+        ('{"device_name": ["a"]}', "device_name must be a string or None"),
+        ('{"compute_capability": 9.0}', "compute_capability must be a string or None"),
+        ('{"supported_dtypes": {"fp16": 1}}', "supported_dtypes must be a sequence"),
+        ('{"kv_dtypes": "fp16"}', "kv_dtypes must be a sequence"),
+        ('{"kv_dtypes": [null]}', "unknown kv_dtype None"),
+        ('{"supported_kernels": [1]}', "unknown supported_kernel 1"),
+        ('{"max_memory_mb": "64"}', "max_memory_mb must be a non-negative int"),
+        ('"capability"', "capability JSON must be an object"),
+    ],
+)
+def test_from_json_checks_every_field_type(text: str, field: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=field) as info:
+        CapabilityDescriptor.from_json(text)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+    data = json.loads(text)
+    if isinstance(data, dict):
+        with pytest.raises(InvalidArgumentError, match=field):
+            CapabilityDescriptor.from_dict(data)
+
+
+def test_kv_dtypes_default_to_the_compute_dtypes_and_round_trip() -> None:
+    seed = CapabilityDescriptor(supported_dtypes=[DType.FP16, DType.BF16])
+    assert seed.kv_dtypes == (DType.FP16, DType.BF16)
+    assert seed.require_kv_dtype("bf16") is DType.BF16
+    split = CapabilityDescriptor(supported_dtypes=["fp32", "fp16", "bf16"], kv_dtypes=["fp16"])
+    assert split.supports_dtype("fp32") and not split.supports_kv_dtype("fp32")
+    with pytest.raises(CapabilityError, match="kv_dtypes: fp16") as info:
+        split.require_kv_dtype(DType.FP32, "kv_block_alloc")
+    assert "kv_block_alloc" in str(info.value)
+    assert split.require_dtypes(["fp32", DType.BF16]) == (DType.FP32, DType.BF16)
+    assert split.require_dtypes("fp16") == (DType.FP16,)
+    with pytest.raises(CapabilityError, match="int8"):
+        split.require_dtypes(["fp32", "int8"], "kernel 'k'")
+    with pytest.raises(InvalidArgumentError, match="dtypes must be a sequence"):
+        split.require_dtypes(3, "kernel 'k'")  # type: ignore[arg-type]  # bad on purpose
+    data = split.to_dict()
+    assert data["kv_dtypes"] == ["fp16"]
+    assert CapabilityDescriptor.from_dict(data) == split
+    assert CapabilityDescriptor.from_json(split.to_json()) == split
+    assert split != split.replace(kv_dtypes=["fp16", "bf16"])
+    del data["kv_dtypes"]
+    assert CapabilityDescriptor.from_dict(data).kv_dtypes == split.supported_dtypes
+
+
 def test_descriptor_from_dict_refuses_unknown_fields_and_bad_json() -> None:
     with pytest.raises(InvalidArgumentError, match="unknown capability fields"):
         CapabilityDescriptor.from_dict({"has_warp_drive": True})
+    with pytest.raises(InvalidArgumentError, match="must be a mapping of field names"):
+        CapabilityDescriptor.from_dict([("has_stream", True)])  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         CapabilityDescriptor.from_json("{not json")
     with pytest.raises(InvalidArgumentError):

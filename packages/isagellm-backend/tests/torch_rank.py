@@ -76,6 +76,23 @@ def timeout(p: Provider) -> dict[str, object]:
     return {"rank": 0, "first": first, "elapsed": elapsed, "then": refusal(lambda: p.barrier())}
 
 
+def timeouts(p: Provider) -> dict[str, object]:
+    """Huge finite timeouts wait up to the cap; bad ones are refused and write nothing."""
+    out: dict[str, object] = {"rank": p.rank}
+    mine = [p.rank + 1.0, -0.5 * (p.rank + 1)]
+    for name, timeout in (("9.3e9", 9.3e9), ("1.5e10", 1.5e10), ("10**400", 10**400)):
+        out[name] = p.all_reduce(torch.tensor(mine), timeout=timeout).tolist()
+    refused: dict[str, object] = {}
+    for bad in ("5", float("inf"), float("-inf"), float("nan"), -1.0, 0, True):
+        tensor = torch.tensor(mine)
+        code = refusal(lambda t=tensor, b=bad: p.all_reduce(t, timeout=b))  # type: ignore[misc]
+        refused[repr(bad)] = [code, tensor.tolist() == mine]
+    out["refused"] = refused
+    out["barrier"] = refusal(lambda: p.barrier(timeout=float("nan")))
+    out["after"] = p.all_reduce(torch.tensor(mine), timeout=1e300).tolist()
+    return out
+
+
 def main() -> None:
     scenario = sys.argv[1]
     if "--explicit" in sys.argv:
@@ -89,7 +106,7 @@ def main() -> None:
         )
     else:
         p = create_cpu_backend(num_blocks=8, host_num_blocks=8, collective_timeout=30.0)
-    result = {"ops": ops, "timeout": timeout}[scenario](p)
+    result = {"ops": ops, "timeout": timeout, "timeouts": timeouts}[scenario](p)
     print(json.dumps(result), flush=True)
     if scenario == "timeout":
         os._exit(0)  # the stuck all_reduce cannot be cancelled; do not wait for it at exit

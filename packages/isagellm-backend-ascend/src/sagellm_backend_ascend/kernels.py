@@ -1,106 +1,179 @@
-"""torch_npu's fused cache and attention operators, registered where the installed torch_npu
-has them; otherwise the reference kernels serve.
+"""torch_npu's fused operators, registered over the torch layer's reference kernels under the
+standard op names, where the installed torch_npu has them and the SoC runs them.
 
-- ``paged_attention_decode`` (the torch layer's reference kernel, same signature) is served by
-  ``torch_npu.npu_fused_infer_attention_score`` with a block table.
-- ``reshape_and_cache(key[n, kv_heads, d], value[n, kv_heads, d], kv_layer[pages, 2, tokens,
-  kv_heads, d], slots[n]) -> kv_layer`` writes each new token's K and V into its slot
-  (``page * tokens + offset``) of a pool layer; ``torch_npu._npu_reshape_and_cache`` serves it
-  where it exists, a reference index_put otherwise.
+==========================  ======================================  =====================
+standard op                 torch_npu operator                      SoC families
+==========================  ======================================  =====================
+``rms_norm``                ``npu_rms_norm``                        all
+``fused_add_rms_norm``      ``npu_add_rms_norm``                    Atlas A2, A3
+``silu_and_mul``            ``npu_swiglu``                          Atlas A2, A3
+``rotary_embedding``        ``npu_rotary_mul`` (NeoX style)         all
+``kv_cache_write``          ``_npu_reshape_and_cache``              Atlas A2, A3, 310P
+``paged_attention_decode``  ``npu_fused_infer_attention_score``     Atlas A2, A3
+==========================  ======================================  =====================
 
-The fused operators serve fp16 and bf16; other dtypes run the reference implementations. Both
-kernels are checked against independent references by ``KernelSpec.check``.
+Each replacement keeps the reference's spec (reference, inputs, tolerance), so the conformance
+kit checks it, and calls the reference itself for what the operator cannot take: another dtype,
+an interleaved rotary, a non-contiguous input, and, for attention, a graph capture (the
+operator takes the sequence lengths as a host list, a read that a capture cannot contain).
+An op whose reference the torch layer does not register is left alone.
+
+The cache is one tensor per layer, ``[pages, 2, tokens, kv_heads, head_size]``; viewed as
+``[2 * pages, tokens, ...]``, page ``p``'s K is row ``2p`` and its V row ``2p + 1``. So the
+contiguous views ``rows[:-1]`` and ``rows[1:]`` are a K cache and a V cache that page ``2p``
+addresses: the paged operators take them with slots and block tables doubled, and no copy of
+the cache is made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from sagellm_backend.dtypes import DType, KernelKind
-from sagellm_backend.kernels import KernelInputs
-from sagellm_backend.torch_backend.dtypes import to_torch_dtype
-from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, compare
+from sagellm_backend.errors import KernelNotFoundError
+from sagellm_backend.protocols.ops import (
+    FusedAddRmsNorm,
+    KVCacheWrite,
+    PagedAttentionDecode,
+    RmsNorm,
+    RotaryEmbedding,
+    SiluAndMul,
+)
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
+from sagellm_backend_ascend.soc import SocFamily
 
-__all__ = ["FUSED_ATTENTION", "FUSED_CACHE", "register_npu_kernels", "reshape_and_cache"]
-
-FUSED_ATTENTION = "npu_fused_infer_attention_score"
-FUSED_CACHE = "_npu_reshape_and_cache"
-
-_FUSED_DTYPES = (torch.float16, torch.bfloat16)
+__all__ = ["FUSED_OPS", "FusedOp", "register_npu_kernels"]
 
 S = TypeVar("S")
 E = TypeVar("E")
 
+Kernel = Callable[..., Any]
+Tensor = torch.Tensor
+Op = Callable[..., Tensor]
+PairOp = Callable[..., tuple[Tensor, Tensor]]
 
-def reshape_and_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_layer: torch.Tensor,
-    slots: torch.Tensor,
-) -> torch.Tensor:
-    """Write ``key[i]`` and ``value[i]`` to slot ``slots[i]`` of ``kv_layer``; returns it."""
-    tokens = kv_layer.shape[2]
-    index = slots.long()
-    pages, offsets = index // tokens, index % tokens
-    kv_layer[:, 0].index_put_((pages, offsets), key)
-    kv_layer[:, 1].index_put_((pages, offsets), value)
-    return kv_layer
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_HALVES = (torch.float16, torch.bfloat16)
+_MAX_ROTARY = 896
 
 
-def _reshape_and_cache_reference(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_layer: torch.Tensor,
-    slots: torch.Tensor,
-) -> torch.Tensor:
-    tokens = kv_layer.shape[2]
-    out = kv_layer.cpu().clone()
-    for i, slot in enumerate(slots.tolist()):
-        out[slot // tokens, 0, slot % tokens] = key[i].cpu()
-        out[slot // tokens, 1, slot % tokens] = value[i].cpu()
-    return out.to(kv_layer.device)
+def _rms_norm(
+    op: PairOp, reference: RmsNorm[Tensor], x: Tensor, weight: Tensor, eps: float = 1e-6
+) -> Tensor:
+    if x.dtype not in _FLOATS or weight.dtype != x.dtype or x.dim() > 8 or weight.dim() != 1:
+        return reference(x, weight, eps)
+    y, _ = op(x, weight, eps)
+    return y
 
 
-def _fused_reshape_and_cache(
+def _fused_add_rms_norm(
+    op: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    reference: FusedAddRmsNorm[Tensor],
+    x: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    if (
+        x.dtype not in _FLOATS
+        or residual.dtype != x.dtype
+        or weight.dtype != x.dtype
+        or residual.shape != x.shape
+        or x.dim() > 8
+    ):
+        return reference(x, residual, weight, eps)
+    y, _, total = op(x, residual, weight, eps)
+    residual.copy_(total)
+    x.copy_(y)
+    return x, residual
+
+
+def _silu_and_mul(op: Op, reference: SiluAndMul[Tensor], x: Tensor) -> Tensor:
+    if x.dtype not in _FLOATS or not x.is_contiguous() or x.shape[-1] % 2 or x.dim() > 8:
+        return reference(x)
+    return op(x, -1)
+
+
+def _rotary_embedding(
+    op: Op,
+    reference: RotaryEmbedding[Tensor],
+    positions: Tensor,
+    query: Tensor,
+    key: Tensor,
+    cos_sin_cache: Tensor,
+    *,
+    is_neox: bool = True,
+) -> tuple[Tensor, Tensor]:
+    rotary = cos_sin_cache.shape[-1]
+    if (
+        not is_neox
+        or query.dtype not in _FLOATS
+        or key.dtype != query.dtype
+        or rotary % 2
+        or rotary >= _MAX_ROTARY
+        or max(query.shape[1], key.shape[1]) >= 1000
+    ):
+        if is_neox:
+            return reference(positions, query, key, cos_sin_cache)
+        return reference(positions, query, key, cos_sin_cache, is_neox=False)
+    cos, sin = cos_sin_cache[positions.long()].to(query.dtype).chunk(2, dim=-1)
+    r1 = torch.cat([cos, cos], dim=-1)[None, :, None, :]  # [1, n, 1, rotary]: layout BS1D
+    r2 = torch.cat([sin, sin], dim=-1)[None, :, None, :]
+    for x in (query, key):
+        part = x[..., :rotary]
+        part.copy_(op(part.unsqueeze(0).contiguous(), r1, r2)[0])
+    return query, key
+
+
+def _kv_cache_write(
     op: Callable[..., None],
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_layer: torch.Tensor,
-    slots: torch.Tensor,
-) -> torch.Tensor:
-    if key.dtype not in _FUSED_DTYPES:
-        return reshape_and_cache(key, value, kv_layer, slots)
-    op(key, value, kv_layer[:, 0], kv_layer[:, 1], slots.to(torch.int32))
-    return kv_layer
+    reference: KVCacheWrite[Tensor],
+    key: Tensor,
+    value: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+) -> None:
+    if key.dtype not in _HALVES or not kv_cache.is_contiguous() or kv_cache.dim() != 5:
+        reference(key, value, kv_cache, slot_mapping)
+        return
+    pages, _, tokens = kv_cache.shape[:3]
+    rows = kv_cache.view(2 * pages, *kv_cache.shape[2:])
+    slots = slot_mapping.long()
+    valid = (slots >= 0) & (slots < pages * tokens)
+    doubled = torch.where(
+        valid, slots + torch.div(slots, tokens, rounding_mode="floor") * tokens, -1
+    )
+    op(key.contiguous(), value.contiguous(), rows[:-1], rows[1:], doubled.to(torch.int32))
 
 
-def _fused_decode(
-    op: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    fallback: Callable[..., torch.Tensor],
-    query: torch.Tensor,
-    kv_layer: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+def _paged_attention_decode(
+    op: PairOp,
+    reference: PagedAttentionDecode[Tensor],
+    capturing: Callable[[], bool],
+    query: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
     scale: float,
     *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if query.dtype not in _FUSED_DTYPES:
-        return fallback(query, kv_layer, block_tables, seq_lens, scale, out=out)
-    pages, _, tokens, kv_heads, head_size = kv_layer.shape
-    key = kv_layer[:, 0].reshape(pages, tokens, kv_heads * head_size)
-    value = kv_layer[:, 1].reshape(pages, tokens, kv_heads * head_size)
-    fused, _ = op(
+    out: Tensor | None = None,
+) -> Tensor:
+    if query.dtype not in _HALVES or not kv_cache.is_contiguous() or capturing():
+        if out is None:
+            return reference(query, kv_cache, block_tables, seq_lens, scale)
+        return reference(query, kv_cache, block_tables, seq_lens, scale, out=out)
+    pages, _, tokens, kv_heads, head_size = kv_cache.shape
+    rows = kv_cache.view(2 * pages, tokens, kv_heads * head_size)
+    result, _ = op(
         query.unsqueeze(2),
-        key,
-        value,
-        block_table=block_tables.to(torch.int32),
+        rows[:-1],
+        rows[1:],
+        block_table=(block_tables * 2).to(torch.int32),
         actual_seq_lengths_kv=[int(n) for n in seq_lens.tolist()],
         num_heads=query.shape[1],
         num_key_value_heads=kv_heads,
@@ -108,61 +181,87 @@ def _fused_decode(
         input_layout="BNSD",
         block_size=tokens,
     )
-    result = torch.where((seq_lens == 0)[:, None, None], 0.0, fused.squeeze(2)).to(query.dtype)
     if out is None:
-        return result
-    out.copy_(result)
+        return result.squeeze(2)
+    out.copy_(result.squeeze(2))
     return out
 
 
-class _CacheInputs:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+def _capturing(torch_npu: ModuleType) -> Callable[[], bool]:
+    """Whether the current stream is being captured; never, in a torch_npu without graphs."""
+    query: Callable[[], bool] | None = getattr(torch_npu.npu, "is_current_stream_capturing", None)
+    return (lambda: False) if query is None else query
 
-    def __call__(self, seed: int, dtype: DType) -> KernelInputs:
-        g = torch.Generator().manual_seed(seed)
-        num_pages, tokens, kv_heads, head_size, new = 12, 8, 2, 32, 21
-        element = to_torch_dtype(dtype)
 
-        def randn(*shape: int) -> torch.Tensor:
-            values = torch.randn(shape, generator=g, dtype=torch.float64)
-            return values.to(dtype=element, device=self.device)
+@dataclass(frozen=True)
+class FusedOp:
+    """A standard op a torch_npu operator serves, and the SoC families that run it."""
 
-        kv_layer = randn(num_pages, 2, tokens, kv_heads, head_size)
-        key, value = randn(new, kv_heads, head_size), randn(new, kv_heads, head_size)
-        slots = torch.randperm(num_pages * tokens, generator=g)[:new].to(self.device)
-        return (key, value, kv_layer, slots), {}
+    name: str
+    operator: str
+    families: frozenset[SocFamily]
+    wrap: Callable[[Kernel, Kernel, ModuleType], Kernel]
+    """``wrap(operator, reference, torch_npu)``: the op's implementation."""
+
+
+_ALL = frozenset(SocFamily)
+_A2_A3 = frozenset({SocFamily.A2, SocFamily.A3})
+
+FUSED_OPS: tuple[FusedOp, ...] = (
+    FusedOp("rms_norm", "npu_rms_norm", _ALL, lambda op, ref, _: partial(_rms_norm, op, ref)),
+    FusedOp(
+        "fused_add_rms_norm",
+        "npu_add_rms_norm",
+        _A2_A3,
+        lambda op, ref, _: partial(_fused_add_rms_norm, op, ref),
+    ),
+    FusedOp(
+        "silu_and_mul", "npu_swiglu", _A2_A3, lambda op, ref, _: partial(_silu_and_mul, op, ref)
+    ),
+    FusedOp(
+        "rotary_embedding",
+        "npu_rotary_mul",
+        _ALL,
+        lambda op, ref, _: partial(_rotary_embedding, op, ref),
+    ),
+    FusedOp(
+        "kv_cache_write",
+        "_npu_reshape_and_cache",
+        _A2_A3 | {SocFamily.P310},
+        lambda op, ref, _: partial(_kv_cache_write, op, ref),
+    ),
+    FusedOp(
+        "paged_attention_decode",
+        "npu_fused_infer_attention_score",
+        _A2_A3,
+        lambda op, ref, npu: partial(_paged_attention_decode, op, ref, _capturing(npu)),
+    ),
+)
+"""Every fused operator this wheel uses, by standard op name."""
 
 
 def register_npu_kernels(
-    provider: TorchBackendProvider[S, E], torch_npu: ModuleType
+    provider: TorchBackendProvider[S, E], torch_npu: ModuleType, family: SocFamily
 ) -> tuple[str, ...]:
-    """Register the NPU kernels; returns the names of the fused operators used."""
-    used: list[str] = []
-    attention = provider.kernel_spec("paged_attention_decode")
-    if hasattr(torch_npu, FUSED_ATTENTION):
+    """Register the fused operators over the references; returns the operators used."""
+    used = []
+    for fused in FUSED_OPS:
+        operator = getattr(torch_npu, fused.operator, None)
+        if operator is None or family not in fused.families:
+            continue
+        try:
+            spec = provider.kernel_spec(fused.name)
+        except KernelNotFoundError:
+            continue
         provider.register_kernel(
-            "paged_attention_decode",
-            partial(_fused_decode, getattr(torch_npu, FUSED_ATTENTION), attention.impl),
-            kind=attention.kind,
-            dtypes=attention.dtypes,
-            reference=attention.reference,
-            make_inputs=attention.make_inputs,
-            compare=attention.compare,
+            fused.name,
+            fused.wrap(operator, spec.impl, torch_npu),
+            kind=spec.kind,
+            dtypes=spec.dtypes,
+            reference=spec.reference,
+            make_inputs=spec.make_inputs,
+            compare=spec.compare,
             override=True,
         )
-        used.append(FUSED_ATTENTION)
-    cache_impl: Callable[..., torch.Tensor] = reshape_and_cache
-    if hasattr(torch_npu, FUSED_CACHE):
-        cache_impl = partial(_fused_reshape_and_cache, getattr(torch_npu, FUSED_CACHE))
-        used.append(FUSED_CACHE)
-    provider.register_kernel(
-        "reshape_and_cache",
-        cache_impl,
-        kind=KernelKind.ATTENTION,
-        dtypes=KERNEL_DTYPES,
-        reference=_reshape_and_cache_reference,
-        make_inputs=_CacheInputs(provider.torch_device),
-        compare=compare,
-    )
+        used.append(fused.operator)
     return tuple(used)

@@ -61,5 +61,5 @@ def create_ascend_provider(
             f"ascend:{index} has too little free memory for the KV pool: {exc}",
             hint="lower num_blocks or kv_memory_mb, or free NPU memory first",
         ) from exc
-    register_npu_kernels(provider, torch_npu)
+    register_npu_kernels(provider, torch_npu, family)
     return provider

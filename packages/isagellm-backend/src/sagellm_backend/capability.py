@@ -1,8 +1,13 @@
-"""CapabilityDescriptor: what a backend can do, as an immutable value.
+"""CapabilityDescriptor: what a backend can do, as an immutable, validated value.
 
 Field names and JSON form match the sageLLM protocol package's descriptor, so a descriptor passes
 between the two unchanged. A capability claim is a promise: the conformance kit checks that what
 is claimed works and that what is not claimed is refused with CapabilityError.
+
+Every field is checked for its type when a descriptor is built (directly, from a dict or from
+JSON): flags must be bools, counts non-negative ints or None, names strings, the enum lists
+sequences of members or their values, ``extra`` a mapping of str to str. ``extra`` is stored as a
+read-only mapping, so a descriptor, and its hash, never change after it is built.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
@@ -21,6 +27,7 @@ __all__ = ["CapabilityDescriptor"]
 
 _ENUM_FIELDS: dict[str, type[DType] | type[KernelKind] | type[CollectiveOp] | type[ReduceOp]] = {
     "supported_dtypes": DType,
+    "kv_dtypes": DType,
     "supported_kernels": KernelKind,
     "supported_collectives": CollectiveOp,
     "supported_reduce_ops": ReduceOp,
@@ -32,6 +39,15 @@ _OPTIONAL_INT_FIELDS = (
     "max_batch_size",
     "max_sequence_length",
 )
+_FLAG_FIELDS = (
+    "has_stream",
+    "has_event",
+    "has_collective",
+    "has_graph_exec",
+    "has_kv_block_copy",
+    "has_kv_block_migrate",
+)
+_OPTIONAL_STR_FIELDS = ("device_name", "compute_capability")
 
 
 @dataclass(frozen=True, init=False)
@@ -39,9 +55,12 @@ class CapabilityDescriptor:
     """Immutable capability matrix of one backend instance.
 
     Sequences may hold enum members or their string values; they are stored as tuples of members.
+    ``supported_dtypes`` are the dtypes the backend computes in (kernels, collectives);
+    ``kv_dtypes`` those its KV blocks can hold (by default the same).
     """
 
     supported_dtypes: tuple[DType, ...]
+    kv_dtypes: tuple[DType, ...]
     supported_kernels: tuple[KernelKind, ...]
     has_stream: bool
     has_event: bool
@@ -85,12 +104,16 @@ class CapabilityDescriptor:
         max_sequence_length: int | None = None,
         supported_ops: Iterable[str] = (),
         extra: Mapping[str, str] | None = None,
+        kv_dtypes: Iterable[DType | str] | None = None,
     ) -> None:
         values = dict(locals())
         del values["self"]
         for name, enum in _ENUM_FIELDS.items():
             raw = values[name]
-            if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
+            if name == "kv_dtypes" and raw is None:
+                values[name] = values["supported_dtypes"]
+                continue
+            if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
                 raise InvalidArgumentError(
                     f"{name} must be a sequence, got {type(raw).__name__}",
                     hint=f"pass a list of {enum.__name__} members or their string values",
@@ -102,10 +125,28 @@ class CapabilityDescriptor:
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
                 raise InvalidArgumentError(
-                    f"{name} must be a non-negative int or None, got {value!r}"
+                    f"{name} must be a non-negative int or None, got {value!r}",
+                    hint=f"pass a count such as 1024 for {name}, or None if unknown",
                 )
+        for name in _FLAG_FIELDS:
+            if not isinstance(values[name], bool):
+                raise InvalidArgumentError(
+                    f"{name} must be a bool, got {values[name]!r}",
+                    hint=f"pass {name}=True or {name}=False (JSON true or false)",
+                )
+        for name in _OPTIONAL_STR_FIELDS:
+            if values[name] is not None and not isinstance(values[name], str):
+                raise InvalidArgumentError(
+                    f"{name} must be a string or None, got {values[name]!r}",
+                    hint=f"pass {name} as text, or None if unknown",
+                )
+        if not isinstance(device_type, str):
+            raise InvalidArgumentError(
+                f"device_type must be a string, got {device_type!r}",
+                hint="pass the device family as text, such as 'cuda'",
+            )
         values["supported_ops"] = op_names(supported_ops)
-        values["extra"] = dict(extra or {})
+        values["extra"] = _frozen_extra(extra)
         if has_collective and not values["supported_collectives"]:
             values["supported_collectives"] = tuple(CollectiveOp)
         if values["supported_collectives"] and not values["supported_reduce_ops"]:
@@ -114,7 +155,11 @@ class CapabilityDescriptor:
             object.__setattr__(self, name, value)
 
     def __hash__(self) -> int:
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+        return hash(self.to_json())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The read-only ``extra`` mapping does not pickle; the dict form does.
+        return (type(self).from_dict, (self.to_dict(),))
 
     # Queries, as the protocol package's descriptor offers them.
 
@@ -128,6 +173,32 @@ class CapabilityDescriptor:
             raise CapabilityError(
                 f"{operation} needs dtype {member.value}, which {self._who} does not support",
                 hint=f"use one of {_values(self.supported_dtypes)}",
+            )
+        return member
+
+    def require_dtypes(
+        self, dtypes: Iterable[DType | str] | DType | str, operation: str = "operation"
+    ) -> tuple[DType, ...]:
+        """``dtypes`` (one or several) as DTypes, each checked with :meth:`require_dtype`."""
+        if isinstance(dtypes, (str, DType)):
+            dtypes = (dtypes,)
+        if isinstance(dtypes, (bytes, Mapping)) or not isinstance(dtypes, Iterable):
+            raise InvalidArgumentError(
+                f"{operation}: dtypes must be a sequence of dtypes, got {type(dtypes).__name__}",
+                hint="pass a list of DType members or their string values, such as ['fp16']",
+            )
+        return tuple(self.require_dtype(d, operation) for d in dtypes)
+
+    def supports_kv_dtype(self, dtype: DType | str) -> bool:
+        return coerce(DType, dtype, "dtype") in self.kv_dtypes
+
+    def require_kv_dtype(self, dtype: DType | str, operation: str = "KV operation") -> DType:
+        """Return ``dtype`` as a DType, or raise CapabilityError if KV blocks cannot hold it."""
+        member = coerce(DType, dtype, "dtype")
+        if member not in self.kv_dtypes:
+            raise CapabilityError(
+                f"{operation} needs KV blocks of {member.value}, which {self._who} cannot hold",
+                hint=f"use one of its kv_dtypes: {_values(self.kv_dtypes)}",
             )
         return member
 
@@ -222,7 +293,12 @@ class CapabilityDescriptor:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CapabilityDescriptor:
-        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        """Inverse of :meth:`to_dict`; unknown keys and values of the wrong type are refused."""
+        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+            raise InvalidArgumentError(
+                f"a capability must be a mapping of field names, got {type(data).__name__}",
+                hint="pass the dict that CapabilityDescriptor.to_dict() returns",
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -239,14 +315,34 @@ class CapabilityDescriptor:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"capability JSON is malformed: {exc}") from exc
+            raise InvalidArgumentError(
+                f"capability JSON is malformed: {exc}",
+                hint="pass the text that CapabilityDescriptor.to_json() returns",
+            ) from exc
         if not isinstance(data, dict):
-            raise InvalidArgumentError("capability JSON must be an object")
+            raise InvalidArgumentError(
+                f"capability JSON must be an object, got {type(data).__name__}",
+                hint="pass the text that CapabilityDescriptor.to_json() returns",
+            )
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> CapabilityDescriptor:
         """A copy with some fields changed (the descriptor itself is immutable)."""
         return dataclasses.replace(self, **changes)
+
+
+def _frozen_extra(extra: object) -> Mapping[str, str]:
+    """A read-only copy of ``extra``, which must map strings to strings."""
+    if extra is None:
+        return MappingProxyType({})
+    if not isinstance(extra, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+    ):
+        raise InvalidArgumentError(
+            f"extra must be a mapping of str to str, got {extra!r}",
+            hint="encode other values as strings, such as {'cores': '8'}",
+        )
+    return MappingProxyType(dict(extra))
 
 
 def _values(members: Iterable[DType | KernelKind | CollectiveOp | ReduceOp]) -> str:

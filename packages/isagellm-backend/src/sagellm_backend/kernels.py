@@ -143,6 +143,11 @@ class KernelTable:
         return spec
 
     def spec(self, name: str) -> KernelSpec:
+        if not isinstance(name, str):
+            raise InvalidArgumentError(
+                f"a kernel name is a string, got {type(name).__name__} {name!r}",
+                hint="look kernels up by name, such as 'rms_norm'; list_kernels() lists them",
+            )
         with self._lock:
             spec = self._specs.get(name)
             if spec is not None:
@@ -179,14 +184,14 @@ class KernelTable:
             kernels = [n for n, o in STANDARD_OPS.items() if o.kind is not None]
             near = difflib.get_close_matches(str(name), kernels, n=1)
             raise InvalidArgumentError(
-                f"{name!r} is not a standard op",
+                f"{name!r} is not a standard kernel op",
                 hint=f"did you mean {near[0]!r}?"
                 if near
                 else f"standard ops: {', '.join(kernels)}; other kernels: get_kernel()",
             )
         if op.kind is None:
             raise InvalidArgumentError(
-                f"{name!r} is a provider method, not a kernel op",
+                f"{name!r} is not a standard kernel op but a provider method",
                 hint=f"call it on the provider: {op.signature}",
             )
 

@@ -12,8 +12,8 @@ Set in the environment before the import:
 - ``FAKE_TORCH_NPU_DEVICES``: visible NPUs (default 2; 0 gives a machine without a device).
 - ``FAKE_TORCH_NPU_SOC``: the SoC name (default ``Ascend910B3``, an Atlas A2).
 - ``FAKE_TORCH_NPU_MEMORY_MB``: memory of each NPU (default 1024).
-- ``FAKE_TORCH_NPU_FUSED_OPS``: ``0`` leaves out the fused cache and attention operators, as
-  in an older torch_npu.
+- ``FAKE_TORCH_NPU_FUSED_OPS``: ``0`` leaves out the fused inference operators (norms,
+  SwiGLU, rotary, cache write, attention), as in an older torch_npu.
 - ``FAKE_TORCH_NPU_GRAPHS``: ``0`` leaves out ``torch.npu.NPUGraph`` and ``torch.npu.graph``,
   as in a torch_npu older than graph capture.
 """
@@ -54,6 +54,20 @@ dist.Backend.register_backend("hccl", _hccl.create, devices=["npu"])
 __all__ = ["__version__", "npu"]
 
 if os.environ.get("FAKE_TORCH_NPU_FUSED_OPS", "1") != "0":
-    from torch_npu._C._ops import _npu_reshape_and_cache, npu_fused_infer_attention_score
+    from torch_npu._C._ops import (
+        _npu_reshape_and_cache,
+        npu_add_rms_norm,
+        npu_fused_infer_attention_score,
+        npu_rms_norm,
+        npu_rotary_mul,
+        npu_swiglu,
+    )
 
-    __all__ += ["_npu_reshape_and_cache", "npu_fused_infer_attention_score"]
+    __all__ += [
+        "_npu_reshape_and_cache",
+        "npu_add_rms_norm",
+        "npu_fused_infer_attention_score",
+        "npu_rms_norm",
+        "npu_rotary_mul",
+        "npu_swiglu",
+    ]

@@ -33,6 +33,11 @@ class Baselines(Protocol):
         """An operation that records two raw device events and returns their elapsed_ms."""
         ...
 
+    def index_tensor(self, values: list[Any], *, wide: bool) -> object:
+        """A new device tensor of int32 (int64 if ``wide``) from a Python list (a list of
+        lists: 2-D), built the straightforward way, as ``torch.tensor(values, device=...)``."""
+        ...
+
 
 BaselineFactory = Callable[[BackendProvider[Any]], Baselines]
 

@@ -9,7 +9,9 @@ Every row compares two ways of doing the same work, timed in the same run on the
   against two contiguous copies of the same bytes;
 - ``alloc+free``: ``kv_block_alloc`` + ``kv_block_free`` per block, against a plain Python list
   ``pop`` + ``append`` of a page index;
-- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events.
+- ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events;
+- ``batch metadata``: a decode step's ``BatchMetadata.plan`` against building the same tensors
+  from Python lists (:mod:`.batch`), where the backend claims ``batch_metadata``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.bench.baselines import baselines_for
+from sagellm_backend.bench.batch import batch_metadata_case
 from sagellm_backend.device import HOST
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlock
@@ -104,15 +107,23 @@ def run_benchmarks(
     blocks: int = 256,
     repeats: int = 7,
     seed: int = 0,
+    batch: tuple[int, int] = (64, 128),
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages."""
-    for name, value, least in (("blocks", blocks, 1), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages, and
+    ``batch`` (sequences, pages each: the batch metadata case) as many pages as their product.
+    """
+    seqs, pages = batch
+    sizes = {"blocks": blocks, "repeats": repeats, "batch seqs": seqs, "batch pages": pages}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(
+                f"{name} must be a positive int, got {value!r}",
+                hint="pass sizes and repeats of at least 1",
+            )
     say = progress or (lambda _: None)
     layout = provider.kv_layout
-    dtype = provider.capability().supported_dtypes[0]
+    dtype = provider.capability().kv_dtypes[0]
     page_bytes = layout.page_bytes(dtype)
     report = BenchReport(f"{provider.kind} ({provider.device})", blocks, page_bytes, repeats)
     baselines = baselines_for(provider)
@@ -211,6 +222,18 @@ def run_benchmarks(
         )
     else:
         report.skipped.append(f"contiguous copy and raw events: no baselines for {provider.kind}")
+    if not provider.capability().supports_op("batch_metadata"):
+        report.skipped.append("batch metadata: the backend does not claim batch_metadata")
+    elif baselines is None:
+        report.skipped.append(f"batch metadata: no baselines for {provider.kind}")
+    else:
+        say("batch metadata")
+        name, ours_s, base_s = batch_metadata_case(
+            provider, baselines, timed, seqs=seqs, pages=pages, seed=seed
+        )
+        report.rows.append(
+            Comparison(name, "plan, persistent buffers", "new tensors from lists", ours_s, base_s)
+        )
     return report
 
 

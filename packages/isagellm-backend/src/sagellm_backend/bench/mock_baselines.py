@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from sagellm_backend.dtypes import DType
 from sagellm_backend.mock.provider import MockBackendProvider
+from sagellm_backend.mock.tensor import MockTensor
 
 __all__ = ["MockBaselines"]
 
@@ -41,3 +44,7 @@ class MockBaselines:
             return end.elapsed_ms(start)
 
         return pair
+
+    def index_tensor(self, values: list[Any], *, wide: bool) -> MockTensor:
+        nested = bool(values) and isinstance(values[0], list)
+        return MockTensor([v for row in values for v in row] if nested else values, DType.FP32)

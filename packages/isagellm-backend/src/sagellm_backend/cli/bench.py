@@ -35,7 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=7, help="timed repeats per case; the median is reported"
     )
-    parser.add_argument("--quick", action="store_true", help="16 blocks and 3 repeats: a smoke run")
+    parser.add_argument(
+        "--batch-seqs",
+        type=int,
+        default=64,
+        help="sequences of the batch metadata case (default: 64)",
+    )
+    parser.add_argument(
+        "--batch-pages",
+        type=int,
+        default=128,
+        help="pages per sequence of the batch metadata case (default: 128)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="16 blocks, 8 x 16 pages and 3 repeats: a smoke run"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random block choice")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -49,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device_suite:
         return _device_suite(args)
     blocks, repeats = (16, 3) if args.quick else (args.blocks, args.repeats)
+    batch = (8, 16) if args.quick else (args.batch_seqs, args.batch_pages)
     provider = get_backend(args.spec)
     try:
         report = run_benchmarks(
@@ -56,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             blocks=blocks,
             repeats=repeats,
             seed=args.seed,
+            batch=batch,
             progress=lambda step: print(f"bench: {step}", file=sys.stderr, flush=True),
         )
     finally:

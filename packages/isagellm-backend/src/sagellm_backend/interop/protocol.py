@@ -5,7 +5,7 @@ It is optional: it ships for Python 3.11 only, as bytecode without type informat
 installed with ``pip install 'isagellm-backend[protocol]'`` and imported on the first
 conversion, never by ``import sagellm_backend``.
 
-Descriptors. The protocol descriptor has no place for ``supported_reduce_ops``,
+Descriptors. The protocol descriptor has no place for ``supported_reduce_ops``, ``kv_dtypes``,
 ``supported_ops`` and ``extra``.
 :func:`capability_to_protocol` returns them beside it as a :class:`CapabilityRemainder`, and
 :func:`capability_from_protocol` takes that back, so ours -> theirs -> ours loses nothing.
@@ -252,27 +252,34 @@ class ProtocolError(Protocol):
 
 @dataclass(frozen=True, init=False)
 class CapabilityRemainder:
-    """The fields of our descriptor that the protocol descriptor has no place for."""
+    """The fields of our descriptor that the protocol descriptor has no place for.
+
+    ``kv_dtypes`` None means "the same as supported_dtypes" (our descriptor's default).
+    """
 
     supported_reduce_ops: tuple[ReduceOp, ...]
     extra: Mapping[str, str]
+    kv_dtypes: tuple[DType, ...] | None
     supported_ops: tuple[str, ...]
 
     def __init__(
         self,
         supported_reduce_ops: Sequence[ReduceOp | str] = (),
         extra: Mapping[str, str] | None = None,
+        kv_dtypes: Sequence[DType | str] | None = None,
         supported_ops: Sequence[str] = (),
     ) -> None:
-        if isinstance(supported_reduce_ops, (str, bytes)) or not isinstance(
-            supported_reduce_ops, Sequence
-        ):
-            raise InvalidArgumentError(
-                "supported_reduce_ops must be a sequence, "
-                f"got {type(supported_reduce_ops).__name__}",
-                hint="pass a list of ReduceOp members or their string values",
+        ops = tuple(
+            coerce(ReduceOp, op, "reduce op")
+            for op in _sequence(supported_reduce_ops, "supported_reduce_ops", "ReduceOp")
+        )
+        kv = (
+            None
+            if kv_dtypes is None
+            else tuple(
+                coerce(DType, d, "kv dtype") for d in _sequence(kv_dtypes, "kv_dtypes", "DType")
             )
-        ops = tuple(dict.fromkeys(coerce(ReduceOp, op, "reduce op") for op in supported_reduce_ops))
+        )
         if extra is not None and (
             not isinstance(extra, Mapping)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items())
@@ -281,18 +288,20 @@ class CapabilityRemainder:
                 f"extra must be a mapping of str to str, got {extra!r}",
                 hint="encode other values as strings",
             )
-        object.__setattr__(self, "supported_reduce_ops", ops)
+        object.__setattr__(self, "supported_reduce_ops", tuple(dict.fromkeys(ops)))
         object.__setattr__(self, "extra", dict(extra or {}))
+        object.__setattr__(self, "kv_dtypes", None if kv is None else tuple(dict.fromkeys(kv)))
         object.__setattr__(self, "supported_ops", op_names(supported_ops))
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
-    def to_dict(self) -> dict[str, list[str] | dict[str, str]]:
+    def to_dict(self) -> dict[str, list[str] | dict[str, str] | None]:
         """Plain dict of JSON types, to send beside the protocol descriptor."""
         return {
             "supported_reduce_ops": [op.value for op in self.supported_reduce_ops],
             "extra": dict(self.extra),
+            "kv_dtypes": None if self.kv_dtypes is None else [d.value for d in self.kv_dtypes],
             "supported_ops": list(self.supported_ops),
         }
 
@@ -457,8 +466,11 @@ def capability_to_protocol(capability: CapabilityDescriptor) -> ProtocolCapabili
         max_batch_size=capability.max_batch_size,
         max_sequence_length=capability.max_sequence_length,
     )
+    kv_dtypes = (
+        None if capability.kv_dtypes == capability.supported_dtypes else capability.kv_dtypes
+    )
     remainder = CapabilityRemainder(
-        capability.supported_reduce_ops, capability.extra, capability.supported_ops
+        capability.supported_reduce_ops, capability.extra, kv_dtypes, capability.supported_ops
     )
     return ProtocolCapability(cast(ProtocolCapabilityDescriptor, descriptor), remainder)
 
@@ -522,12 +534,22 @@ def capability_from_protocol(
         max_batch_size=descriptor.max_batch_size,
         max_sequence_length=descriptor.max_sequence_length,
         supported_reduce_ops=rest.supported_reduce_ops,
-        supported_ops=rest.supported_ops,
         extra=rest.extra,
+        kv_dtypes=rest.kv_dtypes,
+        supported_ops=rest.supported_ops,
     )
 
 
 # Internals.
+
+
+def _sequence(value: object, name: str, enum_name: str) -> Sequence[object]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidArgumentError(
+            f"{name} must be a sequence, got {type(value).__name__}",
+            hint=f"pass a list of {enum_name} members or their string values",
+        )
+    return value
 
 
 def _protocol() -> ModuleType:

@@ -12,7 +12,13 @@ Failure semantics follow a real group:
 - with cross-rank validation on, ranks that disagree on the collective, its dtype, its size, its
   reduce op or its root all raise CommRankMismatchError and the group stays usable; with
   validation off, a disagreement the mock cannot compute through breaks the group;
-- a send and its recv always check that the receiving tensor matches what was sent.
+- a send and its recv always check that the receiving tensor matches what was sent;
+- a call with bad arguments (a tensor that is not a MockTensor, an unknown reduce op, a bad
+  timeout or peer) is refused with InvalidArgumentError before its rank joins the round: the
+  world stays usable, and the rank may issue the collective again with good arguments. Ranks
+  already waiting in that round wait for it (or time out naming it, which breaks the group).
+
+Timeouts are checked and capped by :func:`sagellm_backend.timeouts.check_timeout`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from sagellm_backend.errors import (
     InvalidArgumentError,
 )
 from sagellm_backend.mock.tensor import MockTensor
+from sagellm_backend.timeouts import check_timeout
 
 __all__ = ["MockCommunicator", "MockWorld"]
 
@@ -184,6 +191,13 @@ class MockWorld:
         except BackendError as exc:
             current.error = exc
             self._break(exc.message)
+        except Exception as exc:  # a fault in computing the result must not strand the ranks
+            name = next(iter(current.calls.values())).name
+            reason = f"computing the result of {name} raised {exc!r}"
+            current.error = CommError(
+                reason, hint="create a new world; this is a fault of the mock"
+            )
+            self._break(reason)
         self._cond.notify_all()
 
     def _break(self, reason: str) -> None:
@@ -295,20 +309,6 @@ class MockCommunicator:
             raise InvalidArgumentError(
                 f"{what}={peer} is this rank itself", hint="send to and receive from another rank"
             )
-
-
-def check_timeout(timeout: object, what: str) -> float:
-    """``timeout`` as positive seconds."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise InvalidArgumentError(
-            f"{what} must be a positive number of seconds, got {timeout!r}",
-            hint="pass seconds, such as 30.0",
-        )
-    if math.isinf(timeout):
-        raise InvalidArgumentError(
-            f"{what} must be finite, got {timeout!r}", hint="a collective must never hang"
-        )
-    return float(timeout)
 
 
 def _check_reduce(tensor: MockTensor, op: ReduceOp) -> None:

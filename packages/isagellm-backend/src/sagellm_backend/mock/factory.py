@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from sagellm_backend.factory import LIST_SEPARATOR, BackendFactory, DeviceSelection, Option
 from sagellm_backend.kv import KVLayout
-from sagellm_backend.mock.provider import DEFAULT_DTYPES, DEFAULT_KERNELS, MockBackendProvider
+from sagellm_backend.mock.provider import (
+    DEFAULT_DTYPES,
+    DEFAULT_KERNELS,
+    MOCK_OPS,
+    MockBackendProvider,
+)
 
 __all__ = ["MOCK_PRIORITY", "create_mock_backend"]
 
@@ -62,6 +67,12 @@ _OPTIONS = (
         None,
         "reduce ops joined with '+', such as sum+max (default: all)",
     ),
+    Option(
+        "supported_ops",
+        str,
+        None,
+        f"standard ops claimed, joined with '+', from {'+'.join(MOCK_OPS)} (default: all)",
+    ),
     Option("device_name", str, None, "device name reported by capability()"),
     Option("device_type", str, "mock", "device type reported by capability()"),
     Option("compute_capability", str, None, "compute capability reported by capability()"),
@@ -101,6 +112,7 @@ def _create(
     collective_timeout: float,
     supported_collectives: str | None = None,
     supported_reduce_ops: str | None = None,
+    supported_ops: str | None = None,
     device_name: str | None = None,
     compute_capability: str | None = None,
     total_memory_bytes: int | None = None,
@@ -120,6 +132,7 @@ def _create(
         has_kv_block_migrate=has_kv_block_migrate,
         supported_collectives=_listed(supported_collectives) or (),
         supported_reduce_ops=_listed(supported_reduce_ops) or (),
+        supported_ops=_listed(supported_ops),
         device_name=device_name,
         device_type=device_type,
         compute_capability=compute_capability,

@@ -10,10 +10,15 @@
   is no stream work to order them against.
 - Every capability flag is enforced: an operation whose capability is off, or a dtype outside
   ``supported_dtypes``, raises CapabilityError before anything happens.
+- Of the data path it implements the bookkeeping ops (:data:`MOCK_OPS`): growth, batch metadata
+  in MockTensor buffers (:mod:`.batch`) and ``sample`` (:mod:`.sampling`). It keeps no KV cache
+  tensors and runs no tensor kernels, so ``kv_cache`` and the other kernel ops are refused with
+  CapabilityError, and its capability does not claim them.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -24,12 +29,25 @@ from sagellm_backend.blocks import BlockTable, check_block, check_pairs
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
-from sagellm_backend.errors import InvalidArgumentError
-from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
+from sagellm_backend.errors import CapabilityError, InvalidArgumentError
+from sagellm_backend.kernels import (
+    Comparator,
+    InputMaker,
+    KernelSpec,
+    KernelTable,
+)
 from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.mock.batch import MockBatchMetadata
 from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
 from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
 from sagellm_backend.mock.pool import BlockBytes, MockMemory
+from sagellm_backend.mock.sampling import (
+    SAMPLE_DTYPES,
+    SampleComparison,
+    SampleInputs,
+    reference_sample,
+    sample,
+)
 from sagellm_backend.mock.streams import MockEvent, MockStream, StreamScheduler
 from sagellm_backend.mock.tensor import MockTensor
 from sagellm_backend.protocols import Stream
@@ -37,13 +55,16 @@ from sagellm_backend.protocols import Stream
 __all__ = [
     "DEFAULT_DTYPES",
     "DEFAULT_KERNELS",
+    "MOCK_OPS",
     "MockBackendProvider",
     "MockOptions",
     "create_mock_world",
 ]
 
 DEFAULT_DTYPES = (DType.FP16, DType.BF16)
-DEFAULT_KERNELS = (KernelKind.MATMUL, KernelKind.ATTENTION)
+DEFAULT_KERNELS = (KernelKind.MATMUL,)
+MOCK_OPS = ("kv_grow", "batch_metadata", "sample")
+"""The standard ops the mock implements, and claims unless ``supported_ops`` says otherwise."""
 _LAYOUT = KVLayout()
 _MIB = 1 << 20
 
@@ -51,10 +72,11 @@ _MIB = 1 << 20
 class MockBackendProvider:
     """A mock device with a configurable, enforced capability matrix.
 
-    The first five parameters are the original package's, with its defaults (``None`` means
-    fp16 and bf16, and matmul and attention kernels). The keyword-only ones set every other
-    capability field, the KV layout, the devices (``mock:0`` to ``mock:{num_devices - 1}`` and
-    ``host``), and the simulated world this provider is one rank of (a world of its own if None).
+    The first five parameters are the original package's (``None`` means fp16 and bf16, and
+    matmul kernels). The keyword-only ones set every other capability field, the standard ops
+    claimed (``None``: all of :data:`MOCK_OPS`), the KV layout, the devices (``mock:0`` to
+    ``mock:{num_devices - 1}`` and ``host``), and the simulated world this provider is one rank
+    of (a world of its own if None).
     """
 
     def __init__(
@@ -71,6 +93,7 @@ class MockBackendProvider:
         has_kv_block_migrate: bool = True,
         supported_collectives: Sequence[CollectiveOp | str] = (),
         supported_reduce_ops: Sequence[ReduceOp | str] = (),
+        supported_ops: Sequence[str] | None = None,
         device_name: str | None = None,
         device_type: str = "mock",
         compute_capability: str | None = None,
@@ -118,6 +141,7 @@ class MockBackendProvider:
                 f"world must be a MockWorld, got {type(world).__name__}",
                 hint="use create_mock_world() to make providers that share one",
             )
+        ops = MOCK_OPS if supported_ops is None else _mock_ops(supported_ops)
         self._layout = KVLayout(num_layers, num_kv_heads, head_size, tokens_per_block)
         self._device = f"mock:{device_index}"
         self._capability = CapabilityDescriptor(
@@ -143,6 +167,7 @@ class MockBackendProvider:
             has_kv_block_migrate=has_kv_block_migrate,
             max_batch_size=max_batch_size,
             max_sequence_length=max_sequence_length,
+            supported_ops=ops,
             extra={} if extra is None else extra,
         )
         world = MockWorld(1) if world is None else world
@@ -164,6 +189,15 @@ class MockBackendProvider:
         self._comm = communicator
         self._kernels = KernelTable()
         self._streams = StreamScheduler(name)
+        if self._capability.supports_op("sample"):
+            self._kernels.register(
+                "sample",
+                functools.partial(sample, self._streams),
+                dtypes=SAMPLE_DTYPES,
+                reference=reference_sample,
+                make_inputs=SampleInputs(),
+                compare=SampleComparison(self._streams),
+            )
 
     def __repr__(self) -> str:
         return f"MockBackendProvider({self._streams.name})"
@@ -302,6 +336,42 @@ class MockBackendProvider:
         stream.run_to(stream.queued)
         return bytes(slot.data)
 
+    # The data path's bookkeeping.
+
+    def kv_cache(self, layer: int, device: str | None = None) -> MockTensor:
+        """Refused: the mock keeps KV blocks as bytes, not as cache tensors."""
+        raise CapabilityError(
+            "the mock has no KV cache tensors (the kv_cache op is not claimed)",
+            hint="run the tensor data path on a torch backend (cpu, cuda); the mock offers "
+            f"{', '.join(MOCK_OPS)}",
+        )
+
+    def create_batch_metadata(
+        self, max_seqs: int, max_tokens: int, max_pages_per_seq: int
+    ) -> MockBatchMetadata:
+        """Persistent batch metadata buffers (MockTensors), planned on the host."""
+        self._capability.require_op("batch_metadata")
+        self._streams.check_host("create_batch_metadata")
+        return MockBatchMetadata(
+            self._streams,
+            table=self._table,
+            layout=self._layout,
+            device=self._device,
+            max_seqs=max_seqs,
+            max_tokens=max_tokens,
+            max_pages_per_seq=max_pages_per_seq,
+        )
+
+    def get_op(self, name: str) -> Callable[..., Any]:
+        """The standard kernel op ``name``; CapabilityError if the mock does not claim it."""
+        self._streams.check_open()
+        return self._kernels.get_op(name, self._capability)
+
+    def find_op(self, name: str) -> Callable[..., Any] | None:
+        """The standard kernel op ``name``, or None if the mock does not claim it."""
+        self._streams.check_open()
+        return self._kernels.find_op(name, self._capability)
+
     # Collectives.
 
     @property
@@ -315,37 +385,34 @@ class MockBackendProvider:
     def all_reduce(
         self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
     ) -> MockTensor:
-        member = self._before_collective(CollectiveOp.ALL_REDUCE, tensor, op)
-        assert member is not None
-        return self._comm.all_reduce(tensor, member, timeout)
+        checked = self._before_collective(CollectiveOp.ALL_REDUCE, tensor)
+        return self._comm.all_reduce(checked, self._reduce_op(op), timeout)
 
     def all_gather(self, tensor: MockTensor, *, timeout: float | None = None) -> MockTensor:
-        self._before_collective(CollectiveOp.ALL_GATHER, tensor)
-        return self._comm.all_gather(tensor, timeout)
+        checked = self._before_collective(CollectiveOp.ALL_GATHER, tensor)
+        return self._comm.all_gather(checked, timeout)
 
     def reduce_scatter(
         self, tensor: MockTensor, op: ReduceOp | str = ReduceOp.SUM, *, timeout: float | None = None
     ) -> MockTensor:
-        member = self._before_collective(CollectiveOp.REDUCE_SCATTER, tensor, op)
-        assert member is not None
-        return self._comm.reduce_scatter(tensor, member, timeout)
+        checked = self._before_collective(CollectiveOp.REDUCE_SCATTER, tensor)
+        return self._comm.reduce_scatter(checked, self._reduce_op(op), timeout)
 
     def broadcast(
         self, tensor: MockTensor, src: int = 0, *, timeout: float | None = None
     ) -> MockTensor:
-        self._before_collective(CollectiveOp.BROADCAST, tensor)
-        return self._comm.broadcast(tensor, src, timeout)
+        checked = self._before_collective(CollectiveOp.BROADCAST, tensor)
+        return self._comm.broadcast(checked, src, timeout)
 
     def send(self, tensor: MockTensor, dst: int, *, timeout: float | None = None) -> None:
-        self._before_collective(CollectiveOp.SEND, tensor)
-        self._comm.send(tensor, dst, timeout)
+        self._comm.send(self._before_collective(CollectiveOp.SEND, tensor), dst, timeout)
 
     def recv(self, tensor: MockTensor, src: int, *, timeout: float | None = None) -> MockTensor:
-        self._before_collective(CollectiveOp.RECV, tensor)
-        return self._comm.recv(tensor, src, timeout)
+        return self._comm.recv(self._before_collective(CollectiveOp.RECV, tensor), src, timeout)
 
     def barrier(self, *, timeout: float | None = None) -> None:
-        self._before_collective(CollectiveOp.BARRIER, None)
+        self._capability.require_collective(CollectiveOp.BARRIER)
+        self._streams.check_host(CollectiveOp.BARRIER.value)
         self._comm.barrier(timeout)
 
     # Kernels.
@@ -366,9 +433,7 @@ class MockBackendProvider:
         self._streams.check_open()
         if kind is not None:
             self._capability.require_kernel(kind)
-        listed = [dtypes] if isinstance(dtypes, str) else list(dtypes)
-        for dtype in listed:
-            self._capability.require_dtype(dtype, f"kernel {name!r}")
+        listed = self._capability.require_dtypes(dtypes, f"kernel {name!r}")
         return self._kernels.register(
             name,
             impl,
@@ -392,16 +457,6 @@ class MockBackendProvider:
         self._streams.check_open()
         return self._kernels.list(kind)
 
-    def get_op(self, name: str) -> Any:
-        """The standard kernel op ``name``, where the capability claims it."""
-        self._streams.check_open()
-        return self._kernels.get_op(name, self._capability)
-
-    def find_op(self, name: str) -> Any:
-        """As :meth:`get_op`, but None where the capability does not claim the op."""
-        self._streams.check_open()
-        return self._kernels.find_op(name, self._capability)
-
     # Graphs.
 
     def capture_graph(self, stream: Stream | None = None) -> GraphCaptureContext:
@@ -423,22 +478,20 @@ class MockBackendProvider:
         for block in blocks:
             self._table.slot(block)
 
-    def _before_collective(
-        self, op: CollectiveOp, tensor: object, reduce: ReduceOp | str | None = None
-    ) -> ReduceOp | None:
-        """Capability and local argument checks shared by every collective."""
+    def _before_collective(self, op: CollectiveOp, tensor: object) -> MockTensor:
+        """Capability and tensor checks shared by the collectives that move a tensor."""
         self._capability.require_collective(op)
         self._streams.check_host(op.value)
-        if tensor is not None:
-            if not isinstance(tensor, MockTensor):
-                raise InvalidArgumentError(
-                    f"{op.value} needs a MockTensor, got {type(tensor).__name__}",
-                    hint="build tensors with MockTensor(values, dtype)",
-                )
-            self._capability.require_dtype(tensor.dtype, op.value)
-        if reduce is None:
-            return None
-        return self._capability.require_reduce_op(coerce(ReduceOp, reduce, "reduce op"))
+        if not isinstance(tensor, MockTensor):
+            raise InvalidArgumentError(
+                f"{op.value} needs a MockTensor, got {type(tensor).__name__}",
+                hint="build tensors with MockTensor(values, dtype)",
+            )
+        self._capability.require_dtype(tensor.dtype, op.value)
+        return tensor
+
+    def _reduce_op(self, op: object) -> ReduceOp:
+        return self._capability.require_reduce_op(coerce(ReduceOp, op, "reduce op"))
 
 
 class MockOptions(TypedDict, total=False):
@@ -455,6 +508,7 @@ class MockOptions(TypedDict, total=False):
     has_kv_block_migrate: bool
     supported_collectives: Sequence[CollectiveOp | str]
     supported_reduce_ops: Sequence[ReduceOp | str]
+    supported_ops: Sequence[str] | None
     device_name: str | None
     device_type: str
     compute_capability: str | None
@@ -482,6 +536,21 @@ def create_mock_world(world_size: int, **options: Unpack[MockOptions]) -> list[M
             )
     world = MockWorld(world_size)
     return [MockBackendProvider(world=world, rank=r, **options) for r in range(world_size)]
+
+
+def _mock_ops(names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise InvalidArgumentError(
+            f"supported_ops must be a sequence of op names, got {type(names).__name__}",
+            hint=f"pass a list drawn from {', '.join(MOCK_OPS)}",
+        )
+    missing = [name for name in names if name not in MOCK_OPS]
+    if missing:
+        raise InvalidArgumentError(
+            f"the mock does not implement the ops {missing!r}",
+            hint=f"claim only ops the mock implements: {', '.join(MOCK_OPS)}",
+        )
+    return tuple(names)
 
 
 def _positive_int(value: object, what: str) -> None:

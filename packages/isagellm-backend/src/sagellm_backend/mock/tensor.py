@@ -90,6 +90,12 @@ class MockTensor:
         out._values = list(self._values)
         return out
 
+    def assign_(self, values: Iterable[float]) -> MockTensor:
+        """Replace the contents with ``values`` (any count), each stored in this dtype; returns
+        self. Device work that fills a buffer of the mock uses it."""
+        self._values = [_store(self._dtype, v) for v in _numbers(values)]
+        return self
+
     def copy_(self, src: MockTensor) -> MockTensor:
         """Overwrite this tensor with ``src`` (same dtype and shape); returns self."""
         if not isinstance(src, MockTensor):
@@ -160,8 +166,14 @@ def _store(dtype: DType, value: float) -> float:
     """``value`` as stored in ``dtype``: floats rounded, integers checked against the range."""
     bounds = _INT_RANGE.get(dtype)
     if bounds is None:
-        return _round_float(dtype, float(value))
-    if not float(value).is_integer() or not bounds[0] <= value <= bounds[1]:
+        try:
+            return _round_float(dtype, float(value))
+        except OverflowError:  # an int beyond every float
+            raise InvalidArgumentError(
+                f"an int of {int(value).bit_length()} bits is too large for {dtype.value}",
+                hint="pass values within the float range (about 1.8e308), or float('inf')",
+            ) from None
+    if (isinstance(value, float) and not value.is_integer()) or not bounds[0] <= value <= bounds[1]:
         raise InvalidArgumentError(
             f"{value!r} is not a {dtype.value} value",
             hint=f"use integers from {bounds[0]} to {bounds[1]}",

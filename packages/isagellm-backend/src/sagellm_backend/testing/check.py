@@ -38,6 +38,8 @@ __all__ = [
 T = TypeVar("T")
 E = TypeVar("E", bound=BackendError)
 
+_RANDOM_CHUNK = 1 << 20
+
 Requirement = Callable[[CapabilityDescriptor], "str | None"]
 """Returns None when a check applies to a capability matrix, else the reason to skip it."""
 
@@ -149,8 +151,20 @@ class CheckContext(Generic[T]):
         self.notes.append(text)
 
     def random_bytes(self, size: int) -> bytes:
-        """``size`` random bytes, never all zeros."""
-        data = bytearray(self.rng.randbytes(size))
+        """``size`` seeded random bytes, never all zeros.
+
+        Beyond one MiB they are rotations of one random MiB by random offsets (fast, and no two
+        pages of a block alike).
+        """
+        if size <= _RANDOM_CHUNK:
+            data = bytearray(self.rng.randbytes(size))
+        else:
+            chunk = self.rng.randbytes(_RANDOM_CHUNK)
+            data = bytearray(size)
+            for start in range(0, size, _RANDOM_CHUNK):
+                offset = self.rng.randrange(_RANDOM_CHUNK)
+                piece = chunk[offset:] + chunk[:offset]
+                data[start : start + _RANDOM_CHUNK] = piece[: size - start]
         if size:
             data[0] = self.rng.randrange(1, 256)
         return bytes(data)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -55,3 +55,7 @@ class TorchBaselines(Generic[S, E]):
             return adapter.event_elapsed_ms(start, end)
 
         return pair
+
+    def index_tensor(self, values: list[Any], *, wide: bool) -> torch.Tensor:
+        dtype = torch.int64 if wide else torch.int32
+        return torch.tensor(values, dtype=dtype, device=self._provider.torch_device)

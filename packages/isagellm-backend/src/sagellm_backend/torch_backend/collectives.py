@@ -8,6 +8,8 @@ leaves it alone on close; otherwise it creates it and destroys it when its last 
 Every op is issued asynchronously and waited for with its timeout. An op that times out cannot
 be cancelled, so the group is marked broken: later ops raise CommGroupBrokenError, and closing
 does not destroy it (that would wait for the stuck op); restart the process to get a new one.
+Timeouts are checked and capped by :func:`sagellm_backend.timeouts.check_timeout` before
+anything is sent, so a refused timeout changes nothing.
 With ``validate=True`` every op first gathers a small signature (op, reduce op, dtype, shape,
 peer) from every rank and refuses a mismatch on all of them with CommRankMismatchError.
 """
@@ -34,6 +36,7 @@ from sagellm_backend.errors import (
     CommTimeoutError,
     InvalidArgumentError,
 )
+from sagellm_backend.timeouts import check_timeout
 
 __all__ = ["GLOO", "CommSpec", "ProcessGroup", "WorldConfig"]
 
@@ -199,11 +202,9 @@ class ProcessGroup:
         timeout: float,
         validate: bool,
     ) -> None:
-        if timeout <= 0:
-            raise InvalidArgumentError(f"collective_timeout must be positive, got {timeout}")
+        self._timeout = check_timeout(timeout, "collective_timeout")
         self._spec = spec
         self._device = device
-        self._timeout = timeout
         self._validate = validate
         self._closed = False
         with _Lease.lock:
@@ -215,7 +216,7 @@ class ProcessGroup:
             if dist.is_initialized():
                 _check_existing(spec, world)
             else:
-                _init_group(spec, world, timeout, device)
+                _init_group(spec, world, self._timeout, device)
                 _Lease.owned = True
             _Lease.users += 1
         self._rank = dist.get_rank()
@@ -250,22 +251,22 @@ class ProcessGroup:
         self, tensor: torch.Tensor, op: ReduceOp | str, timeout: float | None
     ) -> torch.Tensor:
         reduce = coerce(ReduceOp, op, "reduce op")
-        self._prepare(CollectiveOp.ALL_REDUCE, tensor, reduce, timeout)
+        seconds = self._prepare(CollectiveOp.ALL_REDUCE, tensor, reduce, timeout)
         torch_op = _TORCH_OPS[reduce]
         self._run(
             CollectiveOp.ALL_REDUCE,
             lambda: dist.all_reduce(tensor, op=torch_op, async_op=True),
-            timeout,
+            seconds,
         )
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, timeout: float | None) -> torch.Tensor:
-        self._prepare(CollectiveOp.ALL_GATHER, tensor, None, timeout)
+        seconds = self._prepare(CollectiveOp.ALL_GATHER, tensor, None, timeout)
         out = tensor.new_empty((self._world_size * tensor.shape[0], *tensor.shape[1:]))
         self._run(
             CollectiveOp.ALL_GATHER,
             lambda: _all_gather_single(out, tensor, async_op=True),
-            timeout,
+            seconds,
         )
         return out
 
@@ -280,44 +281,45 @@ class ProcessGroup:
                 f"size ({self._world_size})",
                 hint="pad the tensor to a multiple of the world size",
             )
-        self._prepare(CollectiveOp.REDUCE_SCATTER, tensor, reduce, timeout)
+        seconds = self._prepare(CollectiveOp.REDUCE_SCATTER, tensor, reduce, timeout)
         out = tensor.new_empty((tensor.shape[0] // self._world_size, *tensor.shape[1:]))
         torch_op = _TORCH_OPS[reduce]
         self._run(
             CollectiveOp.REDUCE_SCATTER,
             lambda: _reduce_scatter_single(out, tensor, op=torch_op, async_op=True),
-            timeout,
+            seconds,
         )
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int, timeout: float | None) -> torch.Tensor:
         self._check_rank(src, "src", allow_self=True)
-        self._prepare(CollectiveOp.BROADCAST, tensor, None, timeout, peer=src)
+        seconds = self._prepare(CollectiveOp.BROADCAST, tensor, None, timeout, peer=src)
         self._run(
             CollectiveOp.BROADCAST,
             lambda: dist.broadcast(tensor, src=src, async_op=True),
-            timeout,
+            seconds,
         )
         return tensor
 
     def send(self, tensor: torch.Tensor, dst: int, timeout: float | None) -> None:
         self._check_rank(dst, "dst", allow_self=False)
-        self._point_to_point(CollectiveOp.SEND, tensor, dst, timeout)
-        self._run(CollectiveOp.SEND, lambda: dist.isend(tensor, dst=dst), timeout)
+        seconds = self._point_to_point(CollectiveOp.SEND, tensor, dst, timeout)
+        self._run(CollectiveOp.SEND, lambda: dist.isend(tensor, dst=dst), seconds)
 
     def recv(self, tensor: torch.Tensor, src: int, timeout: float | None) -> torch.Tensor:
         self._check_rank(src, "src", allow_self=False)
-        self._point_to_point(CollectiveOp.RECV, tensor, src, timeout)
-        self._run(CollectiveOp.RECV, lambda: dist.irecv(tensor, src=src), timeout)
+        seconds = self._point_to_point(CollectiveOp.RECV, tensor, src, timeout)
+        self._run(CollectiveOp.RECV, lambda: dist.irecv(tensor, src=src), seconds)
         return tensor
 
     def barrier(self, timeout: float | None) -> None:
-        self._check_usable(CollectiveOp.BARRIER, timeout)
-        self._run(CollectiveOp.BARRIER, lambda: dist.barrier(async_op=True), timeout)
+        seconds = self._check_usable(CollectiveOp.BARRIER, timeout)
+        self._run(CollectiveOp.BARRIER, lambda: dist.barrier(async_op=True), seconds)
 
     # Checks.
 
-    def _check_usable(self, op: CollectiveOp, timeout: float | None) -> None:
+    def _check_usable(self, op: CollectiveOp, timeout: float | None) -> float:
+        """The op's timeout in seconds, once the group is known to be usable."""
         if self._closed:
             raise CommGroupBrokenError(
                 f"{op.value} on a closed provider", hint="create a new backend"
@@ -327,10 +329,7 @@ class ProcessGroup:
                 f"the process group is unusable: {_Lease.broken}",
                 hint="restart the process to create a new group",
             )
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise InvalidArgumentError(
-                f"timeout must be a positive number of seconds or None, got {timeout!r}"
-            )
+        return self._timeout if timeout is None else check_timeout(timeout)
 
     def _check_tensor(self, op: CollectiveOp, tensor: object) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
@@ -368,14 +367,15 @@ class ProcessGroup:
         reduce: ReduceOp | None,
         timeout: float | None,
         peer: int = -1,
-    ) -> None:
-        self._check_usable(op, timeout)
+    ) -> float:
+        """Check the op on this rank, then (when validating) across ranks; its seconds."""
+        seconds = self._check_usable(op, timeout)
         self._spec.check(op, self._check_tensor(op, tensor), reduce)
         if not self._validate or self._world_size == 1:
-            return
+            return seconds
         mine = _signature(op, tensor, reduce, peer, self._device)
         every = mine.new_empty(self._world_size * mine.numel())
-        self._run(op, lambda: _all_gather_single(every, mine, async_op=True), timeout)
+        self._run(op, lambda: _all_gather_single(every, mine, async_op=True), seconds)
         for rank, theirs in enumerate(every.view(self._world_size, -1)):
             if not torch.equal(theirs, mine):
                 raise CommRankMismatchError(
@@ -384,37 +384,38 @@ class ProcessGroup:
                     hint="every rank must call the same collective with the same shape, dtype "
                     "and op",
                 )
+        return seconds
 
     def _point_to_point(
         self, op: CollectiveOp, tensor: torch.Tensor, peer: int, timeout: float | None
-    ) -> None:
-        self._check_usable(op, timeout)
+    ) -> float:
+        seconds = self._check_usable(op, timeout)
         self._spec.check(op, self._check_tensor(op, tensor), None)
         if not self._validate:
-            return
+            return seconds
         mine = _signature(CollectiveOp.SEND, tensor, None, -1, self._device)
         theirs = torch.empty_like(mine)
         if op is CollectiveOp.SEND:
-            self._run(op, lambda: dist.isend(mine, dst=peer), timeout)
-            self._run(op, lambda: dist.irecv(theirs, src=peer), timeout)
+            self._run(op, lambda: dist.isend(mine, dst=peer), seconds)
+            self._run(op, lambda: dist.irecv(theirs, src=peer), seconds)
         else:
-            self._run(op, lambda: dist.irecv(theirs, src=peer), timeout)
-            self._run(op, lambda: dist.isend(mine, dst=peer), timeout)
+            self._run(op, lambda: dist.irecv(theirs, src=peer), seconds)
+            self._run(op, lambda: dist.isend(mine, dst=peer), seconds)
         if not torch.equal(theirs, mine):
             raise CommRankMismatchError(
                 f"rank {self._rank} exchanges {_describe(mine)} with rank {peer}, which "
                 f"exchanges {_describe(theirs)}",
                 hint="send and recv tensors of the same shape and dtype",
             )
+        return seconds
 
     def _run(
         self,
         op: CollectiveOp,
         issue: Callable[[], dist.Work | None],
-        timeout: float | None,
+        seconds: float,
     ) -> None:
         """Issue one asynchronous op and wait for it; a failure or timeout breaks the group."""
-        seconds = self._timeout if timeout is None else timeout
         start = time.monotonic()
         try:
             work = issue()

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 
 from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.torch_backend.collectives import GLOO, CommSpec
@@ -75,6 +76,7 @@ class CpuAdapter:
     def capability(self, index: int) -> CapabilityDescriptor:
         free, total = self.mem_get_info(index)
         return CapabilityDescriptor(
+            supported_dtypes=(DType.FP32, DType.FP16, DType.BF16),
             device_name=platform.processor() or platform.machine() or "cpu",
             device_type="cpu",
             total_memory_bytes=total,
@@ -93,9 +95,14 @@ class CpuAdapter:
         """(available, total) host memory, from /proc/meminfo where there is one."""
         self._check(index)
         try:
+            kib: dict[str, int] = {}
             with open("/proc/meminfo", encoding="ascii") as fh:
-                fields = dict(line.split(":", 1) for line in fh)
-            kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+                for line in fh:  # the two fields come first; stop once both are read
+                    name, _, value = line.partition(":")
+                    if name in ("MemTotal", "MemAvailable"):
+                        kib[name] = int(value.split()[0]) * 1024
+                        if len(kib) == 2:
+                            break
             return kib["MemAvailable"], kib["MemTotal"]
         except (OSError, KeyError, ValueError):
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -11,7 +11,7 @@ input generator and comparator (``kernel_spec(name)`` holds them).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -121,9 +121,15 @@ def standard_kernels(device: torch.device) -> dict[str, Row]:
 
 
 def register_reference_kernels(
-    table: KernelTable, device: torch.device, *, override: bool = False
+    table: KernelTable,
+    device: torch.device,
+    *,
+    dtypes: Iterable[DType] = KERNEL_DTYPES,
+    override: bool = False,
 ) -> None:
-    """Register every standard kernel, with inputs generated on ``device``."""
+    """Register every standard kernel for ``dtypes`` (those of KERNEL_DTYPES the device
+    computes in), with inputs generated on ``device``."""
+    listed = tuple(dtypes)
     for name, (impl, reference, make_inputs) in standard_kernels(device).items():
         table.register(
             name,
@@ -131,7 +137,7 @@ def register_reference_kernels(
             kind=STANDARD_OPS[name].kind,
             reference=reference,
             make_inputs=make_inputs,
-            dtypes=KERNEL_DTYPES,
+            dtypes=listed,
             compare=compare,
             override=override,
         )

@@ -33,9 +33,10 @@ from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.ops import PROVIDER_OPS, STANDARD_OPS
 from sagellm_backend.protocols import Graph, Stream
 from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
+from sagellm_backend.torch_backend.batch import TorchBatchMetadata
 from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
-from sagellm_backend.torch_backend.kernels import register_reference_kernels
+from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, register_reference_kernels
 from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageMover
 from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_stream
 
@@ -102,7 +103,12 @@ class TorchBackendProvider(Generic[S, E]):
             mover,
         )
         self._kernels = KernelTable()
-        register_reference_kernels(self._kernels, self._torch_device)
+        device = adapter.capability(index)
+        register_reference_kernels(
+            self._kernels,
+            self._torch_device,
+            dtypes=[d for d in KERNEL_DTYPES if device.supports_dtype(d)],
+        )
         self._group = ProcessGroup(
             adapter.comm,
             world,
@@ -110,11 +116,12 @@ class TorchBackendProvider(Generic[S, E]):
             timeout=collective_timeout,
             validate=validate_collectives,
         )
-        self._capability = self._describe(num_pages * layout.page_bytes(layout.dtype))
+        self._capability = self._describe(device, num_pages * layout.page_bytes(layout.dtype))
         self._blocks: BlockTable[KVBlock] = BlockTable(
             self._pool,
             layout=layout,
-            capability=self._capability,
+            # The table checks block dtypes against supported_dtypes: give it the KV dtypes.
+            capability=self._capability.replace(supported_dtypes=self._capability.kv_dtypes),
             devices=(self._device, HOST),
             default_device=self._device,
             owner=f"{self._device}/{os.getpid()}/{uuid.uuid4().hex[:12]}",
@@ -123,15 +130,16 @@ class TorchBackendProvider(Generic[S, E]):
         self._closed = False
         self._close_lock = threading.Lock()
 
-    def _describe(self, pool_bytes: int) -> CapabilityDescriptor:
+    def _describe(self, device: CapabilityDescriptor, pool_bytes: int) -> CapabilityDescriptor:
         spec = self._adapter.comm
         kernels = self._kernels.list()
         kinds = {s.kind for s in kernels if s.kind is not None}
+        computed = {d for s in kernels for d in s.dtypes}
         ops = [s.name for s in kernels if s.name in STANDARD_OPS]
-        device = self._adapter.capability(self._index)
         layout = self._pool.layout
         return device.replace(
-            supported_dtypes=(self._pool.dtype,),
+            supported_dtypes=tuple(d for d in DType if d in computed),
+            kv_dtypes=(self._pool.dtype,),
             supported_kernels=tuple(
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
             ),
@@ -419,6 +427,23 @@ class TorchBackendProvider(Generic[S, E]):
         where = self._pool.pools[devices.pop()].device if devices else self._torch_device
         return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), columns).to(where)
 
+    def create_batch_metadata(
+        self, max_seqs: int, max_tokens: int, max_pages_per_seq: int
+    ) -> TorchBatchMetadata[S, E]:
+        """Persistent batch metadata buffers on this provider's device (``batch_metadata``)."""
+        self._live("create_batch_metadata")
+        return TorchBatchMetadata(
+            self._adapter,
+            self._index,
+            table=self._blocks,
+            layout=self.kv_layout,
+            device=self._device,
+            max_seqs=max_seqs,
+            max_tokens=max_tokens,
+            max_pages_per_seq=max_pages_per_seq,
+            check=self._live,
+        )
+
     def _stream(self, stream: Stream | None) -> TorchStream[S, E]:
         if stream is None:
             return self.current_stream()
@@ -451,14 +476,16 @@ class TorchBackendProvider(Generic[S, E]):
         compare: Comparator | None = None,
         override: bool = False,
     ) -> KernelSpec:
+        """Register a kernel; its kind and dtypes must be within the capability."""
         self._live()
         if kind is not None:
             self._capability.require_kernel(kind)
+        listed = self._capability.require_dtypes(dtypes, f"kernel {name!r}")
         return self._kernels.register(
             name,
             impl,
             kind=kind,
-            dtypes=dtypes,
+            dtypes=listed,
             reference=reference,
             make_inputs=make_inputs,
             compare=compare,

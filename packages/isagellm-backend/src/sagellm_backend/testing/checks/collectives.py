@@ -2,8 +2,10 @@
 up-front refusal of what is not claimed, and comm_timeout for a missing rank.
 
 Rank bodies are module-level functions bound with ``functools.partial`` to picklable arguments,
-so a target may run them in other processes. Contributions are small integers, exact in every
-dtype (fp8 and int4 included) for worlds of up to 7 ranks, so results compare exactly.
+so a target may run them in other processes. Every rank's data is drawn from the check's seeded
+random generator: signed integers, negative ones included, bounded so that every partial result
+of the reduction is exact in the dtype (fp8 and int4 included), whatever order a backend reduces
+in; results compare exactly.
 """
 
 from __future__ import annotations
@@ -37,9 +39,20 @@ T = TypeVar("T")
 LENGTH = 4
 OP_TIMEOUT_S = 10.0
 MISSING_RANK_TIMEOUT_S = 0.5
-_NARROW = (DType.FP8, DType.INT4)
+_EXACT = {
+    DType.FP32: 1 << 24,
+    DType.FP16: 2048,
+    DType.BF16: 256,
+    DType.FP8: 16,
+    DType.INT8: 127,
+    DType.INT4: 7,
+}
+"""Up to this magnitude every integer is exact in the dtype (and in range, for integer dtypes)."""
+_SMALL = 100
 _BITWISE = {ReduceOp.BAND: operator.and_, ReduceOp.BOR: operator.or_, ReduceOp.BXOR: operator.xor}
 
+Table = list[list[float]]
+"""One row of values per rank."""
 Result = tuple[str, ...] | tuple[str, list[float], list[float]]
 """("ok", returned values, values in place) or ("refused" | "error", type name, message)."""
 
@@ -70,14 +83,31 @@ def _data_dtypes(ctx: CheckContext[T]) -> list[DType]:
     return dtypes
 
 
-def _value(op: ReduceOp | None, dtype: DType, rank: int, world_size: int, i: int) -> float:
-    """Rank ``rank``'s element ``i``: small integers whose reductions stay exact."""
-    if op is ReduceOp.AVG:
-        offset = -1 if rank % 2 else (1 if rank + 1 < world_size else 0)
-        return 2 + i % 2 + offset
-    if op is not None and op.is_bitwise:
-        return (rank + i) % 4 + 1
-    return (rank + i) % 2 + (0 if dtype in _NARROW else 1)
+def _table(
+    ctx: CheckContext[T], op: ReduceOp | None, dtype: DType, world_size: int, length: int
+) -> Table:
+    """Signed random integers, one row per rank, whose reduction with ``op`` is exact in
+    ``dtype`` (partial results included); with at least one negative value."""
+    while True:
+        columns = [_column(ctx, op, dtype, world_size) for _ in range(length)]
+        if any(v < 0 for column in columns for v in column):
+            return [[column[rank] for column in columns] for rank in range(world_size)]
+
+
+def _column(ctx: CheckContext[T], op: ReduceOp | None, dtype: DType, n: int) -> list[float]:
+    """One element of every rank."""
+    rng, exact = ctx.rng, _EXACT[dtype]
+    if op is ReduceOp.PROD:  # +-1 and at most log2(exact) factors of +-2
+        twos = set(rng.sample(range(n), rng.randint(0, min(n, exact.bit_length() - 1))))
+        return [rng.choice((-1, 1)) * (2 if r in twos else 1) for r in range(n)]
+    if op is not None and op.is_bitwise and not dtype.is_floating_point:
+        return [rng.randint(-exact - 1, exact) for _ in range(n)]
+    summed = op in (ReduceOp.SUM, ReduceOp.AVG)
+    bound = max(1, min(exact // n if summed else exact, _SMALL))
+    while True:
+        column: list[float] = [rng.randint(-bound, bound) for _ in range(n)]
+        if op is not ReduceOp.AVG or sum(column) % n == 0:  # the average is then exact
+            return column
 
 
 def _reduce(op: ReduceOp, column: list[float]) -> float:
@@ -94,11 +124,8 @@ def _reduce(op: ReduceOp, column: list[float]) -> float:
     return functools.reduce(_BITWISE[op], (int(v) for v in column))
 
 
-def _expected(op: ReduceOp, dtype: DType, world_size: int, length: int) -> list[float]:
-    return [
-        _reduce(op, [_value(op, dtype, r, world_size, i) for r in range(world_size)])
-        for i in range(length)
-    ]
+def _expected(op: ReduceOp, table: Table) -> list[float]:
+    return [_reduce(op, list(column)) for column in zip(*table, strict=True)]
 
 
 def _attempt(call: Callable[[], T], adapter: TensorAdapter[T], inplace: T | None) -> Result:
@@ -115,15 +142,14 @@ def _attempt(call: Callable[[], T], adapter: TensorAdapter[T], inplace: T | None
 
 
 def _all_reduce_rank(
-    cases: Sequence[tuple[ReduceOp, DType]],
+    cases: Sequence[tuple[ReduceOp, DType, Table]],
     target: ConformanceTarget[T],
     provider: BackendProvider[T],
 ) -> list[Result]:
     adapter = _adapter(target)
     results: list[Result] = []
-    for op, dtype in cases:
-        values = [_value(op, dtype, provider.rank, provider.world_size, i) for i in range(LENGTH)]
-        tensor = adapter.tensor(provider, values, dtype)
+    for op, dtype, table in cases:
+        tensor = adapter.tensor(provider, table[provider.rank], dtype)
         results.append(
             _attempt(
                 functools.partial(provider.all_reduce, tensor, op.value, timeout=OP_TIMEOUT_S),
@@ -135,12 +161,12 @@ def _all_reduce_rank(
 
 
 def _gather_rank(
-    dtypes: Sequence[DType], target: ConformanceTarget[T], provider: BackendProvider[T]
+    cases: Sequence[tuple[DType, Table]], target: ConformanceTarget[T], provider: BackendProvider[T]
 ) -> list[Result]:
     adapter = _adapter(target)
     results: list[Result] = []
-    for dtype in dtypes:
-        tensor = adapter.tensor(provider, _own_values(provider.rank), dtype)
+    for dtype, table in cases:
+        tensor = adapter.tensor(provider, table[provider.rank], dtype)
         results.append(
             _attempt(
                 functools.partial(provider.all_gather, tensor, timeout=OP_TIMEOUT_S), adapter, None
@@ -150,16 +176,12 @@ def _gather_rank(
 
 
 def _reduce_scatter_rank(
-    dtypes: Sequence[DType], target: ConformanceTarget[T], provider: BackendProvider[T]
+    cases: Sequence[tuple[DType, Table]], target: ConformanceTarget[T], provider: BackendProvider[T]
 ) -> list[Result]:
     adapter = _adapter(target)
     results: list[Result] = []
-    n = 2 * provider.world_size
-    for dtype in dtypes:
-        values = [
-            _value(ReduceOp.SUM, dtype, provider.rank, provider.world_size, j) for j in range(n)
-        ]
-        tensor = adapter.tensor(provider, values, dtype)
+    for dtype, table in cases:
+        tensor = adapter.tensor(provider, table[provider.rank], dtype)
         results.append(
             _attempt(
                 functools.partial(
@@ -173,13 +195,13 @@ def _reduce_scatter_rank(
 
 
 def _broadcast_rank(
-    dtypes: Sequence[DType], target: ConformanceTarget[T], provider: BackendProvider[T]
+    cases: Sequence[tuple[DType, Table]], target: ConformanceTarget[T], provider: BackendProvider[T]
 ) -> list[Result]:
     adapter = _adapter(target)
     src = provider.world_size - 1
     results: list[Result] = []
-    for dtype in dtypes:
-        tensor = adapter.tensor(provider, _own_values(provider.rank), dtype)
+    for dtype, table in cases:
+        tensor = adapter.tensor(provider, table[provider.rank], dtype)
         results.append(
             _attempt(
                 functools.partial(provider.broadcast, tensor, src, timeout=OP_TIMEOUT_S),
@@ -191,7 +213,7 @@ def _broadcast_rank(
 
 
 def _send_recv_rank(
-    dtypes: Sequence[DType], target: ConformanceTarget[T], provider: BackendProvider[T]
+    cases: Sequence[tuple[DType, Table]], target: ConformanceTarget[T], provider: BackendProvider[T]
 ) -> list[Result]:
     adapter = _adapter(target)
     rank, world_size = provider.rank, provider.world_size
@@ -199,9 +221,9 @@ def _send_recv_rank(
     results: list[Result] = []
     if peer >= world_size:
         return results
-    for dtype in dtypes:
-        mine = adapter.tensor(provider, _own_values(rank), dtype)
-        buffer = adapter.tensor(provider, [0.0, 0.0], dtype)
+    for dtype, table in cases:
+        mine = adapter.tensor(provider, table[rank], dtype)
+        buffer = adapter.tensor(provider, [0.0] * LENGTH, dtype)
 
         def exchange(mine: T = mine, buffer: T = buffer) -> T:
             if rank % 2 == 0:
@@ -274,27 +296,20 @@ def _results(outcome: RankOutcome) -> list[Result]:
     return cast("list[Result]", outcome.value)
 
 
-def _own_values(rank: int) -> list[float]:
-    return [float(rank % 7), float(7 - rank % 7)]
-
-
 # Checks.
 
 
-def _worlds(
-    ctx: CheckContext[T], fn: Callable[..., object], what: str
-) -> list[tuple[int, list[RankOutcome]]]:
-    runs = []
-    for world_size in ctx.target.world_sizes():
-        outcomes = ctx.run_world(world_size, fn)
-        for outcome in outcomes:
-            if outcome.error is not None:
-                raise ConformanceFailure(
-                    f"{what} at world size {world_size}: rank {outcome.rank} raised "
-                    f"{type(outcome.error).__name__}: {outcome.error}"
-                ) from outcome.error
-        runs.append((world_size, outcomes))
-    return runs
+def _world(
+    ctx: CheckContext[T], world_size: int, fn: Callable[..., object], what: str
+) -> list[RankOutcome]:
+    outcomes = ctx.run_world(world_size, fn)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise ConformanceFailure(
+                f"{what} at world size {world_size}: rank {outcome.rank} raised "
+                f"{type(outcome.error).__name__}: {outcome.error}"
+            ) from outcome.error
+    return outcomes
 
 
 def _compare(
@@ -313,13 +328,13 @@ def _compare(
 
 def _all_reduce(ctx: CheckContext[T]) -> None:
     dtypes = _data_dtypes(ctx)
-    cases = [(op, d) for op in ctx.capability.supported_reduce_ops for d in dtypes]
-    fn = functools.partial(_all_reduce_rank, cases)
-    for world_size, outcomes in _worlds(ctx, fn, "all_reduce"):
+    ops = ctx.capability.supported_reduce_ops
+    for world_size in ctx.target.world_sizes():
+        cases = [(op, d, _table(ctx, op, d, world_size, LENGTH)) for op in ops for d in dtypes]
+        outcomes = _world(ctx, world_size, functools.partial(_all_reduce_rank, cases), "all_reduce")
         for outcome in outcomes:
-            results = _results(outcome)
-            for (op, dtype), result in zip(cases, results, strict=True):
-                what = f"all_reduce({op.value}) in {dtype.value}"
+            for (op, dtype, table), result in zip(cases, _results(outcome), strict=True):
+                what = f"all_reduce({op.value}) in {dtype.value} of {table}"
                 if op.is_bitwise and dtype.is_floating_point:
                     if result[0] != "refused":
                         raise ConformanceFailure(
@@ -329,91 +344,68 @@ def _all_reduce(ctx: CheckContext[T]) -> None:
                     continue
                 if op is ReduceOp.AVG and not dtype.is_floating_point and result[0] == "refused":
                     continue
-                expected = _expected(op, dtype, world_size, LENGTH)
+                expected = _expected(op, table)
                 _compare(what, world_size, outcome.rank, result, expected, inplace=True)
-    ctx.note(f"{len(cases)} (op, dtype) cases")
+    ctx.note(f"{len(ops) * len(dtypes)} (op, dtype) cases on signed random data")
 
 
 def _all_gather(ctx: CheckContext[T]) -> None:
     dtypes = _data_dtypes(ctx)
-    for world_size, outcomes in _worlds(ctx, functools.partial(_gather_rank, dtypes), "all_gather"):
-        expected = [v for r in range(world_size) for v in _own_values(r)]
-        for outcome in outcomes:
-            results = _results(outcome)
-            for dtype, result in zip(dtypes, results, strict=True):
-                _compare(
-                    f"all_gather in {dtype.value}",
-                    world_size,
-                    outcome.rank,
-                    result,
-                    expected,
-                    inplace=False,
-                )
+    for world_size in ctx.target.world_sizes():
+        cases = [(d, _table(ctx, None, d, world_size, LENGTH)) for d in dtypes]
+        fn = functools.partial(_gather_rank, cases)
+        for outcome in _world(ctx, world_size, fn, "all_gather"):
+            for (dtype, table), result in zip(cases, _results(outcome), strict=True):
+                expected = [v for row in table for v in row]
+                what = f"all_gather in {dtype.value} of {table}"
+                _compare(what, world_size, outcome.rank, result, expected, inplace=False)
 
 
 def _reduce_scatter(ctx: CheckContext[T]) -> None:
     if not ctx.capability.supports_reduce_op(ReduceOp.SUM):
         raise CheckSkipped("not claimed: sum is not in supported_reduce_ops")
     dtypes = _data_dtypes(ctx)
-    fn = functools.partial(_reduce_scatter_rank, dtypes)
-    for world_size, outcomes in _worlds(ctx, fn, "reduce_scatter"):
-        for outcome in outcomes:
-            results = _results(outcome)
-            for dtype, result in zip(dtypes, results, strict=True):
-                full = _expected(ReduceOp.SUM, dtype, world_size, 2 * world_size)
-                chunk = full[2 * outcome.rank : 2 * outcome.rank + 2]
-                _compare(
-                    f"reduce_scatter(sum) in {dtype.value}",
-                    world_size,
-                    outcome.rank,
-                    result,
-                    chunk,
-                    inplace=False,
-                )
+    for world_size in ctx.target.world_sizes():
+        cases = [(d, _table(ctx, ReduceOp.SUM, d, world_size, 2 * world_size)) for d in dtypes]
+        fn = functools.partial(_reduce_scatter_rank, cases)
+        for outcome in _world(ctx, world_size, fn, "reduce_scatter"):
+            for (dtype, table), result in zip(cases, _results(outcome), strict=True):
+                chunk = _expected(ReduceOp.SUM, table)[2 * outcome.rank : 2 * outcome.rank + 2]
+                what = f"reduce_scatter(sum) in {dtype.value} of {table}"
+                _compare(what, world_size, outcome.rank, result, chunk, inplace=False)
 
 
 def _broadcast(ctx: CheckContext[T]) -> None:
     dtypes = _data_dtypes(ctx)
-    fn = functools.partial(_broadcast_rank, dtypes)
-    for world_size, outcomes in _worlds(ctx, fn, "broadcast"):
-        expected = _own_values(world_size - 1)
-        for outcome in outcomes:
-            results = _results(outcome)
-            for dtype, result in zip(dtypes, results, strict=True):
-                _compare(
-                    f"broadcast from rank {world_size - 1} in {dtype.value}",
-                    world_size,
-                    outcome.rank,
-                    result,
-                    expected,
-                    inplace=True,
-                )
+    for world_size in ctx.target.world_sizes():
+        cases = [(d, _table(ctx, None, d, world_size, LENGTH)) for d in dtypes]
+        fn = functools.partial(_broadcast_rank, cases)
+        for outcome in _world(ctx, world_size, fn, "broadcast"):
+            for (dtype, table), result in zip(cases, _results(outcome), strict=True):
+                what = f"broadcast from rank {world_size - 1} in {dtype.value}"
+                _compare(what, world_size, outcome.rank, result, table[-1], inplace=True)
 
 
 def _send_recv(ctx: CheckContext[T]) -> None:
     dtypes = _data_dtypes(ctx)
     if max(ctx.target.world_sizes()) < 2:
         raise CheckSkipped("needs a world of at least 2 ranks")
-    fn = functools.partial(_send_recv_rank, dtypes)
-    for world_size, outcomes in _worlds(ctx, fn, "send/recv"):
-        for outcome in outcomes:
+    for world_size in ctx.target.world_sizes():
+        cases = [(d, _table(ctx, None, d, world_size, LENGTH)) for d in dtypes]
+        fn = functools.partial(_send_recv_rank, cases)
+        for outcome in _world(ctx, world_size, fn, "send/recv"):
             peer = outcome.rank + 1 if outcome.rank % 2 == 0 else outcome.rank - 1
             if peer >= world_size:
                 continue
-            for dtype, result in zip(dtypes, _results(outcome), strict=True):
-                _compare(
-                    f"recv from rank {peer} in {dtype.value}",
-                    world_size,
-                    outcome.rank,
-                    result,
-                    _own_values(peer),
-                    inplace=True,
-                )
+            for (dtype, table), result in zip(cases, _results(outcome), strict=True):
+                what = f"recv from rank {peer} in {dtype.value}"
+                _compare(what, world_size, outcome.rank, result, table[peer], inplace=True)
 
 
 def _barrier(ctx: CheckContext[T]) -> None:
     delay = 0.3
-    for world_size, outcomes in _worlds(ctx, functools.partial(_barrier_rank, delay), "barrier"):
+    for world_size in ctx.target.world_sizes():
+        outcomes = _world(ctx, world_size, functools.partial(_barrier_rank, delay), "barrier")
         for outcome in outcomes:
             waited = cast(float, outcome.value)
             if outcome.rank != 0 and waited < delay / 2:
@@ -465,7 +457,8 @@ def _unclaimed_reduce_ops(ctx: CheckContext[T]) -> None:
         raise CheckSkipped("every reduce op is claimed")
     dtype = _data_dtypes(ctx)[0]
     fn = functools.partial(_unclaimed_rank, unclaimed, dtype)
-    for world_size, outcomes in _worlds(ctx, fn, "an unclaimed reduce op"):
+    for world_size in ctx.target.world_sizes():
+        outcomes = _world(ctx, world_size, fn, "an unclaimed reduce op")
         for outcome in outcomes:
             results = _results(outcome)
             for op, result in zip(unclaimed, results, strict=True):

@@ -18,7 +18,12 @@ from sagellm_backend.testing.check import (
     expect_refusal,
     lacks,
 )
-from sagellm_backend.testing.checks.common import assert_unchanged, first_dtype, read_now, snapshot
+from sagellm_backend.testing.checks.common import (
+    assert_unchanged,
+    first_kv_dtype,
+    read_now,
+    snapshot,
+)
 
 __all__ = ["CHECKS"]
 
@@ -34,8 +39,8 @@ def _chain(provider: BackendProvider[T], blocks: list[KVBlock]) -> None:
 def _replay(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     tokens = 2 * p.kv_layout.tokens_per_block
-    captured = p.kv_blocks_alloc([tokens] * 3, first_dtype(ctx))
-    eager = p.kv_blocks_alloc([tokens] * 3, first_dtype(ctx))
+    captured = p.kv_blocks_alloc([tokens] * 3, first_kv_dtype(ctx))
+    eager = p.kv_blocks_alloc([tokens] * 3, first_kv_dtype(ctx))
     for block in captured + eager:
         ctx.fill(p, block)
     p.synchronize()
@@ -60,7 +65,7 @@ def _replay(ctx: CheckContext[T]) -> None:
 
 def _host_ops_refused(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     block = p.kv_block_alloc(1, dtype)
     ctx.fill(p, block)
     start, end = p.create_event(), p.create_event()

@@ -24,8 +24,12 @@ from sagellm_backend.testing.check import (
     claims,
     expect_refusal,
 )
-from sagellm_backend.testing.checks.common import assert_unchanged, first_dtype, snapshot
-from sagellm_backend.testing.checks.kv import pool_pages
+from sagellm_backend.testing.checks.common import (
+    assert_unchanged,
+    first_kv_dtype,
+    pool_pages,
+    snapshot,
+)
 
 __all__ = ["CHECKS"]
 
@@ -34,7 +38,7 @@ T = TypeVar("T")
 
 def _num_tokens(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     bad: list[object] = [0, -1, -p.kv_layout.tokens_per_block, True, 1.5, "16", None]
     capacity = pool_pages(p, dtype)
     if capacity is not None:
@@ -67,9 +71,9 @@ def _dtype(ctx: CheckContext[T]) -> None:
 
 def _double_free(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    keep = p.kv_block_alloc(1, first_dtype(ctx))
+    keep = p.kv_block_alloc(1, first_kv_dtype(ctx))
     ctx.fill(p, keep)
-    block = p.kv_block_alloc(1, first_dtype(ctx))
+    block = p.kv_block_alloc(1, first_kv_dtype(ctx))
     p.kv_block_free(block)
     before = snapshot(p, [keep])
     expect_refusal(
@@ -89,9 +93,9 @@ def _double_free(ctx: CheckContext[T]) -> None:
 
 def _use_after_free(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    live = p.kv_block_alloc(1, first_dtype(ctx))
+    live = p.kv_block_alloc(1, first_kv_dtype(ctx))
     ctx.fill(p, live)
-    gone = p.kv_block_alloc(1, first_dtype(ctx))
+    gone = p.kv_block_alloc(1, first_kv_dtype(ctx))
     size = len(ctx.fill(p, gone))
     p.kv_block_free(gone)
     before = snapshot(p, [live])
@@ -117,9 +121,9 @@ def _use_after_free(ctx: CheckContext[T]) -> None:
 def _foreign_block(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     other = ctx.new_provider()
-    mine = p.kv_block_alloc(1, first_dtype(ctx))
+    mine = p.kv_block_alloc(1, first_kv_dtype(ctx))
     ctx.fill(p, mine)
-    theirs = other.kv_block_alloc(1, first_dtype(ctx))
+    theirs = other.kv_block_alloc(1, first_kv_dtype(ctx))
     size = len(ctx.fill(other, theirs))
     before, before_other = snapshot(p, [mine]), snapshot(other, [theirs])
     uses: dict[str, Callable[[], object]] = {
@@ -142,7 +146,7 @@ def _foreign_block(ctx: CheckContext[T]) -> None:
 
 def _mismatched_copy(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtypes = ctx.capability.supported_dtypes
+    dtypes = ctx.capability.kv_dtypes
     tpb = p.kv_layout.tokens_per_block
     src = p.kv_block_alloc(tpb, dtypes[0])
     longer = p.kv_block_alloc(2 * tpb, dtypes[0])
@@ -168,7 +172,7 @@ def _mismatched_copy(ctx: CheckContext[T]) -> None:
 
 def _migrate_target(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    block = p.kv_block_alloc(1, first_dtype(ctx))
+    block = p.kv_block_alloc(1, first_kv_dtype(ctx))
     ctx.fill(p, block)
     before = snapshot(p, [block])
     for target in ("", "cuda::0", "Mock:0", "host:x", " host", "nosuchdevice:99"):
@@ -213,7 +217,7 @@ def _event_state(ctx: CheckContext[T]) -> None:
 
 def _write_size(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    block = p.kv_block_alloc(1, first_dtype(ctx))
+    block = p.kv_block_alloc(1, first_kv_dtype(ctx))
     size = len(ctx.fill(p, block))
     before = snapshot(p, [block])
     for wrong in (0, size - 1, size + 1):

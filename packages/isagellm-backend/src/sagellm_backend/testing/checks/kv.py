@@ -1,10 +1,17 @@
 """KV blocks: exact accounting, bytes preserved by copy, migrate and the batched forms,
-exhaustion, all-or-nothing batches and picklable handles."""
+exhaustion (by single blocks and by batches), all-or-nothing batches, picklable handles, and a
+long seeded run of mixed operations checked against a model.
+
+Every check runs over every KV dtype the capability claims (``kv_dtypes``), with random block
+sizes up to what the pool can hold (log-uniform: most blocks small, some of many pages).
+"""
 
 from __future__ import annotations
 
 import functools
 import pickle
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sagellm_backend.device import HOST
@@ -32,20 +39,42 @@ from sagellm_backend.testing.check import (
 )
 from sagellm_backend.testing.checks.common import (
     assert_unchanged,
-    first_dtype,
     kv_counts,
+    kv_dtypes,
+    pool_pages,
+    random_tokens,
     read_now,
     snapshot,
 )
+from sagellm_backend.testing.checks.long_run import long_run
 
-__all__ = ["CHECKS", "pool_pages"]
+__all__ = ["CHECKS"]
 
 T = TypeVar("T")
 
 
+def _each_kv_dtype(
+    body: Callable[[CheckContext[T], BackendProvider[T], DType], None],
+) -> Callable[[CheckContext[T]], None]:
+    """A check body that runs ``body`` once for every KV dtype claimed."""
+
+    def run(ctx: CheckContext[T]) -> None:
+        for dtype in kv_dtypes(ctx):
+            body(ctx, ctx.provider, dtype)
+
+    return run
+
+
 def _token_counts(provider: BackendProvider[Any]) -> list[int]:
+    """Counts at and around page boundaries."""
     tpb = provider.kv_layout.tokens_per_block
     return [1, tpb, tpb + 1, 3 * tpb, 2 * tpb - 1]
+
+
+def _same_pages(ctx: CheckContext[Any], provider: BackendProvider[Any], tokens: int) -> int:
+    """A random token count that needs as many pages as ``tokens``."""
+    tpb = provider.kv_layout.tokens_per_block
+    return (provider.kv_layout.pages_for(tokens) - 1) * tpb + ctx.rng.randint(1, tpb)
 
 
 def _expect_counts(provider: BackendProvider[Any], expected: tuple[int, int], when: str) -> None:
@@ -59,57 +88,60 @@ def _expect_counts(provider: BackendProvider[Any], expected: tuple[int, int], wh
 def _expect_bytes(got: bytes, expected: bytes, what: str) -> None:
     if got != expected:
         differing = sum(1 for x, y in zip(got, expected, strict=False) if x != y)
+        first = next((i for i, (x, y) in enumerate(zip(got, expected, strict=False)) if x != y), 0)
         raise ConformanceFailure(
-            f"{what}: the bytes differ ({differing} of {len(expected)} bytes differ, "
-            f"length {len(got)})"
+            f"{what}: the bytes differ ({differing} of {len(expected)} bytes differ, the first "
+            f"at byte {first}; length {len(got)})"
         )
 
 
 def _accounting(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
-    base_blocks, base_pages = kv_counts(p)
-    tokens = _token_counts(p)
-    blocks = [p.kv_block_alloc(n, dtype) for n in tokens]
-    for n, block in zip(tokens, blocks, strict=True):
-        if block.pages and block.num_pages != p.kv_layout.pages_for(n):
-            raise ConformanceFailure(
-                f"a block of {n} tokens has {block.num_pages} pages; ceil(num_tokens / "
-                f"tokens_per_block) is {p.kv_layout.pages_for(n)}"
-            )
-        if block.num_tokens != n or DType(block.dtype) is not dtype:
-            raise ConformanceFailure(f"the handle {block} does not describe what was allocated")
-    if len({b.handle for b in blocks}) != len(blocks):
-        raise ConformanceFailure("two live blocks share a handle")
-    pages = [page for b in blocks for page in b.pages]
-    if len(set(pages)) != len(pages):
-        raise ConformanceFailure("a page was handed out to two live blocks")
-    total_pages = sum(block_pages(p, b) for b in blocks)
-    _expect_counts(p, (base_blocks + len(blocks), base_pages + total_pages), "after allocation")
-    half = blocks[: len(blocks) // 2]
-    for block in half:
-        p.kv_block_free(block)
-    freed_pages = sum(block_pages(p, b) for b in half)
-    _expect_counts(
-        p,
-        (base_blocks + len(blocks) - len(half), base_pages + total_pages - freed_pages),
-        "after freeing half",
-    )
-    for block in blocks[len(half) :]:
-        p.kv_block_free(block)
-    _expect_counts(p, (base_blocks, base_pages), "after freeing everything")
+    for dtype in kv_dtypes(ctx):
+        base_blocks, base_pages = kv_counts(p)
+        tokens = _token_counts(p) + random_tokens(ctx, p, dtype, 5, share=16)
+        blocks = [p.kv_block_alloc(n, dtype) for n in tokens]
+        for n, block in zip(tokens, blocks, strict=True):
+            if block.pages and block.num_pages != p.kv_layout.pages_for(n):
+                raise ConformanceFailure(
+                    f"a {dtype.value} block of {n} tokens has {block.num_pages} pages; "
+                    f"ceil(num_tokens / tokens_per_block) is {p.kv_layout.pages_for(n)}"
+                )
+            if block.num_tokens != n or DType(block.dtype) is not dtype:
+                raise ConformanceFailure(f"the handle {block} does not describe what was allocated")
+        if len({b.handle for b in blocks}) != len(blocks):
+            raise ConformanceFailure("two live blocks share a handle")
+        pages = [page for b in blocks for page in b.pages]
+        if len(set(pages)) != len(pages):
+            raise ConformanceFailure("a page was handed out to two live blocks")
+        total = sum(block_pages(p, b) for b in blocks)
+        _expect_counts(
+            p, (base_blocks + len(blocks), base_pages + total), f"after {dtype.value} allocations"
+        )
+        half = blocks[: len(blocks) // 2]
+        for block in half:
+            p.kv_block_free(block)
+        freed = sum(block_pages(p, b) for b in half)
+        _expect_counts(
+            p,
+            (base_blocks + len(blocks) - len(half), base_pages + total - freed),
+            f"after freeing half of the {dtype.value} blocks",
+        )
+        for block in blocks[len(half) :]:
+            p.kv_block_free(block)
+        _expect_counts(p, (base_blocks, base_pages), f"after freeing every {dtype.value} block")
 
 
 def _dtypes(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    tokens = p.kv_layout.tokens_per_block
-    for dtype in ctx.capability.supported_dtypes:
+    for dtype in kv_dtypes(ctx):
         for spelling in (dtype, dtype.value):
+            tokens = random_tokens(ctx, p, dtype, 1, share=2)[0]
             try:
                 block = p.kv_block_alloc(tokens, spelling)
             except BackendError as exc:
                 raise ConformanceFailure(
-                    f"dtype {dtype.value} is claimed but allocating a block of it "
+                    f"KV dtype {dtype.value} is claimed but allocating a block of it "
                     f"(given as {spelling!r}) raised {type(exc).__name__}: {exc}"
                 ) from exc
             if DType(block.dtype) is not dtype:
@@ -118,13 +150,14 @@ def _dtypes(ctx: CheckContext[T]) -> None:
             _expect_bytes(read_now(p, block), data, f"a {dtype.value} block written and read")
             p.kv_block_free(block)
     before = snapshot(p)
+    tokens = p.kv_layout.tokens_per_block
     for dtype in DType:
-        if dtype in ctx.capability.supported_dtypes:
+        if dtype in kv_dtypes(ctx):
             continue
         for spelling in (dtype, dtype.value):
             expect_refusal(
-                f"dtype {dtype.value} is not claimed, so allocating it (as {spelling!r}) is "
-                "refused",
+                f"dtype {dtype.value} is not a claimed KV dtype, so allocating it (as "
+                f"{spelling!r}) is refused",
                 CapabilityError,
                 functools.partial(p.kv_block_alloc, tokens, spelling),
             )
@@ -133,35 +166,37 @@ def _dtypes(ctx: CheckContext[T]) -> None:
 
 def _write_read(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
-    a = p.kv_block_alloc(3 * p.kv_layout.tokens_per_block, dtype)
-    b = p.kv_block_alloc(3 * p.kv_layout.tokens_per_block, dtype)
-    data_a = ctx.fill(p, a)
-    data_b = ctx.fill(p, b)
-    _expect_bytes(read_now(p, a), data_a, "bytes written into a block and read back")
-    _expect_bytes(read_now(p, a), data_a, "a second read of the same block")
-    _expect_bytes(read_now(p, b), data_b, "a write into one block left another")
+    for dtype in kv_dtypes(ctx):
+        a_tokens, b_tokens = random_tokens(ctx, p, dtype, 2, share=2)
+        a, b = p.kv_block_alloc(a_tokens, dtype), p.kv_block_alloc(b_tokens, dtype)
+        data_a = ctx.fill(p, a)
+        data_b = ctx.fill(p, b)
+        what = f"{dtype.value} block of {block_pages(p, a)} pages"
+        _expect_bytes(read_now(p, a), data_a, f"bytes written into a {what} and read back")
+        _expect_bytes(read_now(p, a), data_a, f"a second read of the same {what}")
+        _expect_bytes(read_now(p, b), data_b, f"a write into one {dtype.value} block left another")
+        data_a = ctx.fill(p, a)
+        _expect_bytes(read_now(p, a), data_a, f"a rewritten {what}")
+        p.kv_blocks_free([a, b])
 
 
 def _copy(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    tpb = p.kv_layout.tokens_per_block
-    for dtype in ctx.capability.supported_dtypes:
-        src = p.kv_block_alloc(2 * tpb, dtype)
-        dst = p.kv_block_alloc(tpb + 1, dtype)
+    for dtype in kv_dtypes(ctx):
+        tokens = random_tokens(ctx, p, dtype, 1, share=2)[0]
+        src = p.kv_block_alloc(tokens, dtype)
+        dst = p.kv_block_alloc(_same_pages(ctx, p, tokens), dtype)
         data = ctx.fill(p, src)
         ctx.fill(p, dst)
         p.kv_block_copy(src, dst)
-        _expect_bytes(read_now(p, dst), data, f"kv_block_copy ({dtype.value}) into the target")
-        _expect_bytes(read_now(p, src), data, f"kv_block_copy ({dtype.value}) at the source")
+        what = f"kv_block_copy ({dtype.value}, {block_pages(p, src)} pages)"
+        _expect_bytes(read_now(p, dst), data, f"{what} into the target")
+        _expect_bytes(read_now(p, src), data, f"{what} at the source")
         p.kv_blocks_free([src, dst])
 
 
-def _copy_refused(ctx: CheckContext[T]) -> None:
-    p = ctx.provider
-    dtype = first_dtype(ctx)
-    src = p.kv_block_alloc(1, dtype)
-    dst = p.kv_block_alloc(1, dtype)
+def _copy_refused(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
+    src, dst = p.kv_blocks_alloc(random_tokens(ctx, p, dtype, 1, share=4) * 2, dtype)
     ctx.fill(p, src)
     ctx.fill(p, dst)
     before = snapshot(p, [src, dst])
@@ -176,17 +211,18 @@ def _copy_refused(ctx: CheckContext[T]) -> None:
         lambda: p.kv_blocks_copy([(src, dst)]),
     )
     assert_unchanged(p, before, "a refused copy")
+    p.kv_blocks_free([src, dst])
 
 
-def _migrate(ctx: CheckContext[T]) -> None:
-    p = ctx.provider
+def _migrate(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
     base = kv_counts(p)
-    block = p.kv_block_alloc(2 * p.kv_layout.tokens_per_block + 1, first_dtype(ctx))
+    block = p.kv_block_alloc(random_tokens(ctx, p, dtype, 1, share=4)[0], dtype)
+    what = f"a {dtype.value} block of {block_pages(p, block)} pages"
     data = ctx.fill(p, block)
     moved = p.kv_block_migrate(block, HOST)
-    if moved.device != HOST or moved.num_tokens != block.num_tokens:
-        raise ConformanceFailure(f"migrating to {HOST!r} returned {moved}")
-    _expect_bytes(read_now(p, moved), data, f"kv_block_migrate to {HOST!r}")
+    if moved.device != HOST or moved.num_tokens != block.num_tokens or moved.dtype != dtype:
+        raise ConformanceFailure(f"migrating {what} to {HOST!r} returned {moved}")
+    _expect_bytes(read_now(p, moved), data, f"kv_block_migrate of {what} to {HOST!r}")
     expect_refusal(
         "the source handle of a migrated block is released (reading it is refused)",
         BlockNotFoundError,
@@ -195,14 +231,17 @@ def _migrate(ctx: CheckContext[T]) -> None:
     back = p.kv_block_migrate(moved, p.device)
     if back.device != p.device:
         raise ConformanceFailure(f"migrating to {p.device!r} returned a block on {back.device!r}")
-    _expect_bytes(read_now(p, back), data, f"kv_block_migrate from {HOST!r} back to {p.device!r}")
+    _expect_bytes(
+        read_now(p, back),
+        data,
+        f"kv_block_migrate of {what} from {HOST!r} back to {p.device!r}",
+    )
     p.kv_block_free(back)
-    _expect_counts(p, base, "after migrating a block away and back and freeing it")
+    _expect_counts(p, base, f"after migrating {what} away and back and freeing it")
 
 
-def _migrate_refused(ctx: CheckContext[T]) -> None:
-    p = ctx.provider
-    block = p.kv_block_alloc(1, first_dtype(ctx))
+def _migrate_refused(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
+    block = p.kv_block_alloc(random_tokens(ctx, p, dtype, 1, share=4)[0], dtype)
     ctx.fill(p, block)
     before = snapshot(p, [block])
     expect_refusal(
@@ -216,76 +255,111 @@ def _migrate_refused(ctx: CheckContext[T]) -> None:
         lambda: p.kv_blocks_migrate([block], HOST),
     )
     assert_unchanged(p, before, "a refused migration")
+    p.kv_block_free(block)
 
 
 def _batched_alloc_free(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     base_blocks, base_pages = kv_counts(p)
-    tokens = _token_counts(p)
-    blocks = p.kv_blocks_alloc(tokens, first_dtype(ctx))
-    if [b.num_tokens for b in blocks] != tokens:
-        raise ConformanceFailure("kv_blocks_alloc did not return one block per count, in order")
-    if len({b.handle for b in blocks}) != len(blocks):
-        raise ConformanceFailure("kv_blocks_alloc returned two blocks with one handle")
-    pages = sum(block_pages(p, b) for b in blocks)
-    _expect_counts(p, (base_blocks + len(blocks), base_pages + pages), "after kv_blocks_alloc")
-    data = {b: ctx.fill(p, b) for b in blocks}
-    for block, expected in data.items():
-        _expect_bytes(read_now(p, block), expected, "a block of a batched allocation")
-    p.kv_blocks_free(blocks)
-    _expect_counts(p, (base_blocks, base_pages), "after kv_blocks_free")
+    for dtype in kv_dtypes(ctx):
+        tokens = _token_counts(p) + random_tokens(ctx, p, dtype, 5, share=16)
+        ctx.rng.shuffle(tokens)
+        blocks = p.kv_blocks_alloc(tokens, dtype)
+        if [b.num_tokens for b in blocks] != tokens or any(b.dtype != dtype for b in blocks):
+            raise ConformanceFailure(
+                f"kv_blocks_alloc ({dtype.value}) did not return one block per count, in order"
+            )
+        if len({b.handle for b in blocks}) != len(blocks):
+            raise ConformanceFailure("kv_blocks_alloc returned two blocks with one handle")
+        pages = sum(block_pages(p, b) for b in blocks)
+        _expect_counts(
+            p,
+            (base_blocks + len(blocks), base_pages + pages),
+            f"after kv_blocks_alloc of {dtype.value}",
+        )
+        data = {b: ctx.fill(p, b) for b in blocks}
+        for block, expected in data.items():
+            _expect_bytes(
+                read_now(p, block), expected, f"a {dtype.value} block of a batched allocation"
+            )
+        p.kv_blocks_free(blocks)
+        _expect_counts(p, (base_blocks, base_pages), f"after kv_blocks_free of {dtype.value}")
 
 
 def _batched_copy(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
-    tokens = _token_counts(p)
-    srcs = p.kv_blocks_alloc(tokens, dtype)
-    dsts = p.kv_blocks_alloc(tokens, dtype)
-    data = [ctx.fill(p, b) for b in srcs]
-    for b in dsts:
-        ctx.fill(p, b)
-    p.synchronize()
     stream = p.create_stream() if ctx.capability.has_stream else None
-    done = p.kv_blocks_copy(list(zip(srcs, dsts, strict=True)), stream=stream)
-    done.synchronize()
-    for i, (dst, expected) in enumerate(zip(dsts, data, strict=True)):
-        _expect_bytes(p.kv_block_read(dst), expected, f"kv_blocks_copy, pair {i}")
-    p.kv_blocks_free(srcs + dsts)
+    for dtype in kv_dtypes(ctx):
+        tokens = random_tokens(ctx, p, dtype, 4, share=8)
+        srcs = p.kv_blocks_alloc(tokens, dtype)
+        dsts = p.kv_blocks_alloc([_same_pages(ctx, p, n) for n in tokens], dtype)
+        data = [ctx.fill(p, b) for b in srcs]
+        for b in dsts:
+            ctx.fill(p, b)
+        p.synchronize()
+        done = p.kv_blocks_copy(list(zip(srcs, dsts, strict=True)), stream=stream)
+        done.synchronize()
+        for i, (dst, expected) in enumerate(zip(dsts, data, strict=True)):
+            _expect_bytes(
+                p.kv_block_read(dst), expected, f"kv_blocks_copy ({dtype.value}), pair {i}"
+            )
+        if stream is not None and ctx.capability.has_event:
+            # The returned event, recorded again after more work, marks the later point.
+            with stream:
+                newer = [ctx.fill(p, b) for b in srcs]
+                p.kv_blocks_copy(list(zip(srcs, dsts, strict=True)))
+            stream.record_event(done)
+            done.synchronize()
+            for i, (dst, expected) in enumerate(zip(dsts, newer, strict=True)):
+                _expect_bytes(
+                    p.kv_block_read(dst),
+                    expected,
+                    f"kv_blocks_copy ({dtype.value}), pair {i}, after its event was recorded "
+                    "again and waited for",
+                )
+        p.kv_blocks_free(srcs + dsts)
 
 
 def _batched_migrate(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     base = kv_counts(p)
-    blocks = p.kv_blocks_alloc(_token_counts(p), first_dtype(ctx))
-    data = [ctx.fill(p, b) for b in blocks]
-    p.synchronize()
     stream = p.create_stream() if ctx.capability.has_stream else None
-    moved, done = p.kv_blocks_migrate(blocks, HOST, stream=stream)
-    done.synchronize()
-    if len(moved) != len(blocks) or any(m.device != HOST for m in moved):
-        raise ConformanceFailure(f"kv_blocks_migrate to {HOST!r} returned {moved}")
-    for i, (block, expected) in enumerate(zip(moved, data, strict=True)):
-        _expect_bytes(p.kv_block_read(block), expected, f"kv_blocks_migrate to host, block {i}")
-    for block in blocks:
-        expect_refusal(
-            "the source handles of a batched migration are released",
-            BlockNotFoundError,
-            functools.partial(p.kv_block_read, block),
-        )
-    back, done = p.kv_blocks_migrate(moved, p.device, stream=stream)
-    done.synchronize()
-    for i, (block, expected) in enumerate(zip(back, data, strict=True)):
-        _expect_bytes(p.kv_block_read(block), expected, f"kv_blocks_migrate back, block {i}")
-    p.kv_blocks_free(back)
-    _expect_counts(p, base, "after a batched migration away and back and freeing")
+    for dtype in kv_dtypes(ctx):
+        blocks = p.kv_blocks_alloc(random_tokens(ctx, p, dtype, 5, share=12), dtype)
+        data = [ctx.fill(p, b) for b in blocks]
+        p.synchronize()
+        moved, done = p.kv_blocks_migrate(blocks, HOST, stream=stream)
+        done.synchronize()
+        if len(moved) != len(blocks) or any(m.device != HOST for m in moved):
+            raise ConformanceFailure(f"kv_blocks_migrate to {HOST!r} returned {moved}")
+        for i, (block, expected) in enumerate(zip(moved, data, strict=True)):
+            _expect_bytes(
+                p.kv_block_read(block),
+                expected,
+                f"kv_blocks_migrate ({dtype.value}) to host, block {i}",
+            )
+        for block in blocks:
+            expect_refusal(
+                "the source handles of a batched migration are released",
+                BlockNotFoundError,
+                functools.partial(p.kv_block_read, block),
+            )
+        back, done = p.kv_blocks_migrate(moved, p.device, stream=stream)
+        done.synchronize()
+        for i, (block, expected) in enumerate(zip(back, data, strict=True)):
+            _expect_bytes(
+                p.kv_block_read(block),
+                expected,
+                f"kv_blocks_migrate ({dtype.value}) back, block {i}",
+            )
+        p.kv_blocks_free(back)
+        _expect_counts(p, base, f"after a batched migration of {dtype.value} away and back")
 
 
-def _all_or_nothing(ctx: CheckContext[T]) -> None:
-    p = ctx.provider
-    dtype = first_dtype(ctx)
+def _all_or_nothing(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
     tpb = p.kv_layout.tokens_per_block
-    live = p.kv_blocks_alloc([tpb, tpb, 2 * tpb], dtype)
+    tokens = random_tokens(ctx, p, dtype, 1, share=8)[0]
+    live = p.kv_blocks_alloc([tokens, _same_pages(ctx, p, tokens), tokens + tpb], dtype)
     for b in live:
         ctx.fill(p, b)
     gone = p.kv_block_alloc(tpb, dtype)
@@ -323,36 +397,45 @@ def _all_or_nothing(ctx: CheckContext[T]) -> None:
             lambda: p.kv_blocks_migrate([live[0], gone], HOST),
         )
         assert_unchanged(p, before, "kv_blocks_migrate with one freed block")
+    p.kv_blocks_free(live)
 
 
-def pool_pages(provider: BackendProvider[Any], dtype: DType) -> int | None:
-    """Pages of ``dtype`` the provider's pool can hold at most, where it says."""
-    total = provider.memory_stats().kv_pages_total
-    if total is not None:
-        return total
-    max_mb = provider.capability().max_memory_mb
-    if max_mb is None:
-        return None
-    return (max_mb << 20) // provider.kv_layout.page_bytes(dtype)
+def _split(ctx: CheckContext[Any], total: int, parts: int) -> list[int]:
+    """``total`` pages as ``parts`` positive random parts (parts <= total)."""
+    cuts = sorted(ctx.rng.sample(range(1, total), parts - 1))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
 
 
 def _exhaustion(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
-    capacity = pool_pages(p, dtype)
-    pages_per_block = max(1, min(64, (capacity or 512) // 8))
-    page_bytes = p.kv_layout.page_bytes(dtype)
-    tokens = pages_per_block * p.kv_layout.tokens_per_block
     limit = ctx.target.exhaustion_limit_bytes
-    if limit is not None and capacity is not None and capacity * page_bytes > limit:
-        raise CheckSkipped(
-            f"the pool ({capacity * page_bytes >> 20} MiB) is larger than the target's "
-            f"exhaustion limit ({limit >> 20} MiB); give it a smaller pool (max_memory_mb)"
-        )
+    for dtype in kv_dtypes(ctx):
+        capacity = pool_pages(p, dtype)
+        page_bytes = p.kv_layout.page_bytes(dtype)
+        if limit is not None and capacity is not None and capacity * page_bytes > limit:
+            raise CheckSkipped(
+                f"the pool ({capacity * page_bytes >> 20} MiB) is larger than the target's "
+                f"exhaustion limit ({limit >> 20} MiB); give it a smaller pool (max_memory_mb)"
+            )
+        _exhaust(ctx, p, dtype, capacity, limit)
+
+
+def _exhaust(
+    ctx: CheckContext[T],
+    p: BackendProvider[T],
+    dtype: DType,
+    capacity: int | None,
+    limit: int | None,
+) -> None:
+    tpb = p.kv_layout.tokens_per_block
+    page_bytes = p.kv_layout.page_bytes(dtype)
     base = kv_counts(p)
     blocks: list[KVBlock] = []
+    held = 0
     while True:
-        if limit is not None and (len(blocks) + 1) * pages_per_block * page_bytes > limit:
+        tokens = random_tokens(ctx, p, dtype, 1, share=8)[0]
+        held += p.kv_layout.pages_for(tokens)
+        if limit is not None and held * page_bytes > limit:
             p.kv_blocks_free(blocks)
             raise CheckSkipped(
                 f"the pool was not exhausted by {limit >> 20} MiB, the target's exhaustion "
@@ -364,33 +447,68 @@ def _exhaustion(ctx: CheckContext[T]) -> None:
             break
     if not blocks:
         raise ConformanceFailure("the pool was exhausted before a single block was allocated")
-    ctx.note(f"exhausted after {len(blocks)} blocks of {pages_per_block} pages")
+    failed = tokens
     data = ctx.fill(p, blocks[0])
     before = snapshot(p, [blocks[0]])
     error = expect_refusal(
-        "allocating from an exhausted pool is refused with resource_exhausted",
+        f"allocating {dtype.value} from an exhausted pool is refused with resource_exhausted",
         ResourceExhaustedError,
-        lambda: p.kv_block_alloc(tokens, dtype),
+        lambda: p.kv_block_alloc(failed, dtype),
     )
     if not error.hint:
         raise ConformanceFailure("the resource_exhausted error says nothing about what to do")
     assert_unchanged(p, before, "a refused allocation from an exhausted pool")
-    p.kv_block_free(blocks.pop())
+    if capacity is None:
+        batch = [tpb, failed]
+        ctx.note(f"{dtype.value}: the pool states no size; a batch was tried without an exact fit")
+    else:
+        while capacity - kv_counts(p)[1] < 2 and len(blocks) > 1:
+            p.kv_block_free(blocks.pop())
+        free = capacity - kv_counts(p)[1]
+        # A batch that fits until its last block: the earlier blocks must not stay allocated.
+        batch = [n * tpb for n in _split(ctx, free + 1, min(4, free + 1))]
+    before = snapshot(p, [blocks[0]])
+    expect_refusal(
+        f"a {dtype.value} batch that runs out of memory midway ({len(batch)} blocks) is refused "
+        "with resource_exhausted",
+        ResourceExhaustedError,
+        lambda: p.kv_blocks_alloc(batch, dtype),
+    )
+    assert_unchanged(p, before, "a batch allocation that ran out of memory midway")
+    if capacity is not None:
+        free = capacity - kv_counts(p)[1]
+        if free:
+            fitting = [n * tpb for n in _split(ctx, free, min(4, free))]
+            try:
+                blocks += p.kv_blocks_alloc(fitting, dtype)
+            except ResourceExhaustedError as exc:
+                raise ConformanceFailure(
+                    f"a batch of exactly the {free} free pages was refused: {exc}"
+                ) from exc
+        before = snapshot(p, [blocks[0]])
+        expect_refusal(
+            "allocating one page from a pool filled exactly by a batch is refused",
+            ResourceExhaustedError,
+            lambda: p.kv_block_alloc(1, dtype),
+        )
+        assert_unchanged(p, before, "a refused allocation from an exactly full pool")
+    freed = blocks.pop()
+    p.kv_block_free(freed)
     try:
-        blocks.append(p.kv_block_alloc(tokens, dtype))
+        blocks.append(p.kv_block_alloc(freed.num_tokens, dtype))
     except ResourceExhaustedError as exc:
         raise ConformanceFailure(
             "the pool is not usable after exhaustion: freeing a block did not make room for "
             "one of the same size"
         ) from exc
     _expect_bytes(read_now(p, blocks[0]), data, "a live block after the pool was exhausted")
+    ctx.note(f"{dtype.value}: exhausted after {len(blocks)} blocks")
     p.kv_blocks_free(blocks)
-    _expect_counts(p, base, "after exhausting the pool and freeing everything")
+    _expect_counts(p, base, f"after exhausting the pool with {dtype.value} and freeing everything")
 
 
-def _pickle(ctx: CheckContext[T]) -> None:
-    p = ctx.provider
-    block = p.kv_block_alloc(p.kv_layout.tokens_per_block + 3, first_dtype(ctx))
+def _pickle(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
+    block = p.kv_block_alloc(random_tokens(ctx, p, dtype, 1, share=4)[0], dtype)
     data = ctx.fill(p, block)
     clone = pickle.loads(pickle.dumps(block))
     if clone != block or hash(clone) != hash(block):
@@ -404,6 +522,11 @@ def _pickle(ctx: CheckContext[T]) -> None:
     )
 
 
+def _long_run(ctx: CheckContext[T]) -> None:
+    counts: Counter[str] = long_run(ctx)
+    ctx.note(", ".join(f"{n} {op}" for op, n in sorted(counts.items())))
+
+
 CHECKS = (
     Check(
         "kv.accounting",
@@ -414,7 +537,7 @@ CHECKS = (
     Check(
         "kv.dtypes",
         Area.KV,
-        "every claimed dtype allocates; every other dtype is refused with CapabilityError",
+        "every claimed KV dtype allocates; every other dtype is refused with CapabilityError",
         _dtypes,
     ),
     Check(
@@ -434,21 +557,21 @@ CHECKS = (
         "kv.copy_refused",
         Area.KV,
         "without has_kv_block_copy, copies are refused with CapabilityError",
-        _copy_refused,
+        _each_kv_dtype(_copy_refused),
         lacks("has_kv_block_copy"),
     ),
     Check(
         "kv.migrate",
         Area.KV,
         "kv_block_migrate to host and back preserves the bytes and releases the source",
-        _migrate,
+        _each_kv_dtype(_migrate),
         claims("has_kv_block_migrate"),
     ),
     Check(
         "kv.migrate_refused",
         Area.KV,
         "without has_kv_block_migrate, migrations are refused with CapabilityError",
-        _migrate_refused,
+        _each_kv_dtype(_migrate_refused),
         lacks("has_kv_block_migrate"),
     ),
     Check(
@@ -475,18 +598,26 @@ CHECKS = (
         "kv.all_or_nothing",
         Area.KV,
         "a batched call with one invalid item is refused and applies none of them",
-        _all_or_nothing,
+        _each_kv_dtype(_all_or_nothing),
     ),
     Check(
         "kv.exhaustion",
         Area.KV,
-        "exhausting the pool raises resource_exhausted, changes nothing, and the pool stays usable",
+        "exhausting the pool, by one block or by a batch that runs out midway, raises "
+        "resource_exhausted, changes nothing, and the pool stays usable",
         _exhaustion,
     ),
     Check(
         "kv.pickle",
         Area.KV,
         "KV block handles survive pickling and stay usable",
-        _pickle,
+        _each_kv_dtype(_pickle),
+    ),
+    Check(
+        "kv.long_run",
+        Area.KV,
+        "thousands of seeded mixed KV operations on one provider keep exact accounting and "
+        "every block's bytes",
+        _long_run,
     ),
 )

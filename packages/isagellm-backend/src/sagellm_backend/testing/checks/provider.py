@@ -16,7 +16,7 @@ from sagellm_backend.testing.check import (
     ConformanceFailure,
     expect_refusal,
 )
-from sagellm_backend.testing.checks.common import first_dtype
+from sagellm_backend.testing.checks.common import first_kv_dtype
 
 __all__ = ["CHECKS"]
 
@@ -42,6 +42,8 @@ def _protocol(ctx: CheckContext[T]) -> None:
         raise ConformanceFailure("the capability matrix does not survive a JSON round trip")
     if not capability.supported_dtypes:
         raise ConformanceFailure("the capability matrix claims no dtype at all")
+    if not capability.kv_dtypes:
+        raise ConformanceFailure("the capability matrix claims no KV dtype (kv_dtypes is empty)")
     if not isinstance(p.kv_layout, KVLayout):
         raise ConformanceFailure(f"kv_layout is a {type(p.kv_layout).__name__}, not a KVLayout")
     stats = p.memory_stats()
@@ -59,7 +61,7 @@ def _protocol(ctx: CheckContext[T]) -> None:
 
 def _close(ctx: CheckContext[T]) -> None:
     p = ctx.target.make_provider()
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     p.kv_block_alloc(1, dtype)
     p.close()
     expect_refusal(

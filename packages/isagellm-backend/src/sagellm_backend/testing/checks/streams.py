@@ -1,5 +1,8 @@
 """Streams and events: in-order execution, cross-stream waits, timing, query and synchronize.
 
+Every event check also records its event again after more work and waits for it again: the
+second recording must replace the first.
+
 The wait checks fail with a no-op wait: the waiting stream reads data that only the awaited
 stream writes. On a device that runs work eagerly, a burst of copies queued before the write
 makes the race wide enough to observe.
@@ -12,7 +15,7 @@ from typing import Any, TypeVar
 
 from sagellm_backend.errors import CapabilityError
 from sagellm_backend.kv import KVBlock
-from sagellm_backend.protocols import BackendProvider, Stream
+from sagellm_backend.protocols import BackendProvider, Event, Stream
 from sagellm_backend.testing.check import (
     Area,
     Check,
@@ -23,7 +26,7 @@ from sagellm_backend.testing.check import (
     expect_refusal,
     lacks,
 )
-from sagellm_backend.testing.checks.common import first_dtype
+from sagellm_backend.testing.checks.common import first_kv_dtype
 
 __all__ = ["CHECKS"]
 
@@ -35,7 +38,7 @@ _WAIT_ATTEMPTS = 3
 
 def _busy_work(ctx: CheckContext[T], provider: BackendProvider[T], rounds: int) -> list[KVBlock]:
     """Queue ``rounds`` large device operations on the current stream; returns blocks to free."""
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     tokens = _BUSY_PAGES * provider.kv_layout.tokens_per_block
     src = provider.kv_block_alloc(tokens, dtype)
     dst = provider.kv_block_alloc(tokens, dtype)
@@ -53,8 +56,8 @@ def _busy_work(ctx: CheckContext[T], provider: BackendProvider[T], rounds: int) 
 def _in_order(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     tokens = p.kv_layout.tokens_per_block
-    a = p.kv_block_alloc(tokens, first_dtype(ctx))
-    b = p.kv_block_alloc(tokens, first_dtype(ctx))
+    a = p.kv_block_alloc(tokens, first_kv_dtype(ctx))
+    b = p.kv_block_alloc(tokens, first_kv_dtype(ctx))
     stream = p.create_stream()
     with stream:
         first = ctx.fill(p, a)
@@ -76,8 +79,10 @@ def _in_order(ctx: CheckContext[T]) -> None:
 
 
 def _cross_stream(ctx: CheckContext[T], how: str) -> None:
+    """Three rounds on one pair of streams; with ``wait_event`` one event is recorded in each
+    (through the stream twice, then through the event)."""
     p = ctx.provider
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     tokens = p.kv_layout.tokens_per_block
     a = p.kv_block_alloc(tokens, dtype)
     b = p.kv_block_alloc(tokens, dtype)
@@ -85,29 +90,39 @@ def _cross_stream(ctx: CheckContext[T], how: str) -> None:
     ctx.fill(p, b)
     p.synchronize()
     producer, consumer = p.create_stream(), p.create_stream()
-    with producer:
-        scratch = _busy_work(ctx, p, 8)
-        new = ctx.fill(p, a)
-        event = producer.record_event() if how == "wait_event" else None
-    with consumer:
-        if event is not None:
-            consumer.wait_event(event)
-        else:
-            consumer.wait_stream(producer)
-        if ctx.capability.has_kv_block_copy:
-            p.kv_block_copy(a, b)
-            got = p.kv_block_read(b)
-        else:
-            got = p.kv_block_read(a)
-    p.synchronize()
-    p.kv_blocks_free([a, b, *scratch])
-    if got == old:
-        raise ConformanceFailure(
-            f"{how} did not order work: the waiting stream ran before the awaited work and "
-            "saw the old bytes"
-        )
-    if got != new:
-        raise ConformanceFailure(f"{how}: the waiting stream saw bytes nobody wrote")
+    event = p.create_event(enable_timing=False) if how == "wait_event" else None
+    for round_ in ("first", "second", "third"):
+        with producer:
+            scratch = _busy_work(ctx, p, 8)
+            new = ctx.fill(p, a)
+            if event is not None and round_ == "third":
+                event.record(producer)
+            elif event is not None:
+                producer.record_event(event)
+        with consumer:
+            if event is not None:
+                consumer.wait_event(event)
+            else:
+                consumer.wait_stream(producer)
+            if ctx.capability.has_kv_block_copy:
+                p.kv_block_copy(a, b)
+                got = p.kv_block_read(b)
+            else:
+                got = p.kv_block_read(a)
+        recorded = " (the event recorded again)" if round_ != "first" and event else ""
+        if got == old:
+            raise ConformanceFailure(
+                f"{how} did not order work in the {round_} round{recorded}: the waiting stream "
+                "ran before the awaited work and saw the old bytes"
+            )
+        if got != new:
+            raise ConformanceFailure(
+                f"{how}: the waiting stream saw bytes nobody wrote in the {round_} round{recorded}"
+            )
+        old = new
+        p.synchronize()
+        p.kv_blocks_free(scratch)
+    p.kv_blocks_free([a, b])
 
 
 def _wait_event(ctx: CheckContext[T]) -> None:
@@ -146,6 +161,17 @@ def _elapsed(ctx: CheckContext[T]) -> None:
                 f"part of it ({max(light, heavy)} ms)"
             )
         light_heavy.append((light, heavy))
+        with stream:  # the end mark recorded again after more work must move later
+            scratch = _busy_work(ctx, p, 8)
+            marks[2].record()
+        marks[2].synchronize()
+        again = marks[2].elapsed_ms(marks[0])
+        p.kv_blocks_free(scratch)
+        if not again > total:
+            raise ConformanceFailure(
+                f"an event recorded again after more work measured {again} ms from the start, "
+                f"not more than the {total} ms of its first recording"
+            )
         if heavy > light:
             ctx.note(f"2 ops: {light:.3f} ms, 33 ops: {heavy:.3f} ms")
             return
@@ -157,7 +183,7 @@ def _elapsed(ctx: CheckContext[T]) -> None:
 
 def _query_synchronize(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    a = p.kv_block_alloc(p.kv_layout.tokens_per_block, first_dtype(ctx))
+    a = p.kv_block_alloc(p.kv_layout.tokens_per_block, first_kv_dtype(ctx))
     ctx.fill(p, a)
     p.synchronize()
     if not p.create_event().query():
@@ -166,22 +192,44 @@ def _query_synchronize(ctx: CheckContext[T]) -> None:
     with stream:
         new = ctx.fill(p, a)
         event = stream.record_event()
-    deadline = time.monotonic() + 10.0
-    while not event.query():
-        if time.monotonic() > deadline:
-            raise ConformanceFailure("event.query() stayed False for 10 s after the work")
-        time.sleep(0.001)
+    _await(event, "an event")
     if p.kv_block_read(a) != new:
         raise ConformanceFailure(
             "event.query() returned True before the recorded work had completed: another "
             "stream still saw the old bytes"
         )
+    event = p.create_event()
     with stream:
         ctx.fill(p, a)
-        event = stream.record_event()
+        stream.record_event(event)
     event.synchronize()
     if not event.query():
         raise ConformanceFailure("event.query() is False right after event.synchronize()")
+    for how in ("stream.record_event(event)", "event.record(stream)"):
+        with stream:
+            newer = ctx.fill(p, a)
+            if how == "event.record(stream)":
+                event.record(stream)
+            else:
+                stream.record_event(event)
+        event.synchronize()
+        if p.kv_block_read(a) != newer:
+            raise ConformanceFailure(
+                f"an event recorded again ({how}) and synchronized did not wait for the work "
+                "queued before its new recording: another stream still saw the older bytes"
+            )
+        with stream:
+            newer = ctx.fill(p, a)
+            if how == "event.record(stream)":
+                event.record(stream)
+            else:
+                stream.record_event(event)
+        _await(event, f"an event recorded again ({how})")
+        if p.kv_block_read(a) != newer:
+            raise ConformanceFailure(
+                f"event.query() of an event recorded again ({how}) returned True before the "
+                "work queued before its new recording had completed"
+            )
     stream.synchronize()
     _require_idle(stream, "stream.synchronize()")
     other = p.create_stream()
@@ -191,6 +239,15 @@ def _query_synchronize(ctx: CheckContext[T]) -> None:
     p.synchronize()
     _require_idle(stream, "the device's synchronize()")
     _require_idle(other, "the device's synchronize()")
+
+
+def _await(event: Event, what: str) -> None:
+    """Poll ``event.query()`` until it is True (at most 10 s)."""
+    deadline = time.monotonic() + 10.0
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise ConformanceFailure(f"query() of {what} stayed False for 10 s after the work")
+        time.sleep(0.001)
 
 
 def _require_idle(stream: Stream, after: str) -> None:

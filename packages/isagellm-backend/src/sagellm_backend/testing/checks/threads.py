@@ -16,7 +16,7 @@ from sagellm_backend.testing.check import (
     block_nbytes,
     block_pages,
 )
-from sagellm_backend.testing.checks.common import first_dtype, kv_counts
+from sagellm_backend.testing.checks.common import first_kv_dtype, kv_counts
 
 __all__ = ["CHECKS", "THREADS"]
 
@@ -54,7 +54,7 @@ def _run_threads(count: int, work: Callable[[int], None], what: str) -> None:
 
 def _kv_accounting(ctx: CheckContext[T]) -> None:
     p = ctx.provider
-    dtype = first_dtype(ctx)
+    dtype = first_kv_dtype(ctx)
     tpb = p.kv_layout.tokens_per_block
     base = kv_counts(p)
     seeds = [ctx.rng.randrange(2**31) for _ in range(THREADS)]
