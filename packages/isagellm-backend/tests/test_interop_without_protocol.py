@@ -70,7 +70,9 @@ def test_each_conversion_names_the_install_command(convert: Callable[[], object]
 @pytest.mark.usefixtures("protocol_missing")
 def test_the_remainder_needs_no_protocol_package() -> None:
     remainder = CapabilityRemainder(
-        ["sum", ReduceOp.MAX], {"driver": "550"}, ["sample", "kv_cache", "rms_norm", "sample"]
+        ["sum", ReduceOp.MAX],
+        {"driver": "550"},
+        supported_ops=["sample", "kv_cache", "rms_norm", "sample"],
     )
     assert remainder.supported_ops == ("kv_cache", "rms_norm", "sample")
     assert CapabilityRemainder.from_dict(remainder.to_dict()) == remainder
