@@ -237,8 +237,9 @@ def test_mismatched_copies_are_refused_and_change_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("target", "match"),
-    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed")],
-)
+    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed"),
+     ("host\n", "malformed"), ("mock:\u0661", "malformed"), ("mock:0\n", "malformed")],
+)  # fmt: skip
 def test_migrate_to_a_bad_device_is_refused_and_changes_nothing(target: str, match: str) -> None:
     p = MockBackendProvider()
     block = p.kv_block_alloc(16, DType.FP16)
