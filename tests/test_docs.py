@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from sagellm_backend import ErrorCode
+from sagellm_backend.ops import STANDARD_OPS, StandardOp
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -259,3 +260,10 @@ def _core_version() -> str:
 @pytest.fixture(scope="session")
 def install_env(tmp_path_factory: pytest.TempPathFactory) -> InstallEnv:
     return InstallEnv(tmp_path_factory.mktemp("installs"))
+
+
+@pytest.mark.parametrize("op", list(STANDARD_OPS.values()), ids=lambda op: op.name)
+def test_every_standard_op_is_in_the_kernel_catalogue(op: StandardOp) -> None:
+    kind = op.kind.value if op.kind is not None else "provider"
+    row = f"| `{op.name}` | {kind} | `{op.signature}` | {op.summary} |"
+    assert row in (DOCS / "data-path.md").read_text()

@@ -24,8 +24,9 @@ pytest.importorskip("triton", reason="the kernels need triton")
 
 from sagellm_backend.dtypes import DType  # noqa: E402
 from sagellm_backend.errors import InvalidArgumentError  # noqa: E402
-from sagellm_backend.torch_backend.kernels import compare, rotary_cos_sin_cache  # noqa: E402
+from sagellm_backend.torch_backend.kernels import compare  # noqa: E402
 from sagellm_backend.torch_backend.provider import TorchBackendProvider  # noqa: E402
+from sagellm_backend.torch_backend.rotary import rotary_cos_sin_cache  # noqa: E402
 from sagellm_backend_cuda.kv_write import kv_cache_write  # noqa: E402
 from sagellm_backend_cuda.layers import (  # noqa: E402
     fused_add_rms_norm,
@@ -34,6 +35,7 @@ from sagellm_backend_cuda.layers import (  # noqa: E402
     silu_and_mul,
 )
 from sagellm_backend_cuda.provider import KERNELS, register_triton_kernels  # noqa: E402
+from sagellm_backend_cuda.sampling import sample  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
@@ -166,7 +168,7 @@ def test_rotary_in_place_on_fused_qkv_views(
     k.copy_(randn(g, n, kv_heads, head_size, dtype=torch_dtype))
     positions = torch.randint(0, max_position, (n,), generator=g).to(DEVICE)
     positions[-1] = max_position + 3  # outside the cache: left as it is
-    cache = rotary_cos_sin_cache(max_position, rotary_dim, dtype=torch.float32, device=DEVICE)
+    cache = rotary_cos_sin_cache(max_position, rotary_dim, device=DEVICE)
     before = qkv.clone()
     inside = positions.cpu() < max_position
     expected_q = rotary_f64(positions.cpu()[inside], q.cpu()[inside], cache, neox)
@@ -297,7 +299,7 @@ def test_the_triton_kernels_register_over_the_references() -> None:
         from sagellm_backend.torch_backend.cpu import create_cpu_backend
 
         provider = create_cpu_backend(None, validate_collectives=False)
-    ours = {kv_cache_write, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul}
+    ours = {kv_cache_write, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul, sample}
     try:
         register_triton_kernels(provider)
         for name, impl in KERNELS:

@@ -159,6 +159,22 @@ class GatherOutOfOrder(MockBackendProvider):
         return MockTensor(list(reversed(out.tolist())), out.dtype)
 
 
+class LookupIgnoresCapability(MockBackendProvider):
+    """Returns any registered kernel by its op name, claimed or not."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.register_kernel("kv_cache_write", _double)
+
+    def get_op(self, name: str) -> Any:
+        return self.get_kernel(name)
+
+
+class FindOpRaises(MockBackendProvider):
+    def find_op(self, name: str) -> Any:
+        return self.get_op(name)
+
+
 # Faults that show only after many operations, on a re-recorded event, with negative values, in
 # a dtype that is not the first, when memory runs out midway through a batch, or on blocks of
 # many pages.
@@ -252,6 +268,8 @@ FAULTS = [
     Fault(BarrierDoesNotWait, "collectives.barrier", "although rank 0 entered", {}),
     Fault(BatchFreeIsNotAtomic, "kv.all_or_nothing", "kv_blocks_free with one freed block", {}),
     Fault(GatherOutOfOrder, "collectives.all_gather", "all_gather in", {}),
+    Fault(LookupIgnoresCapability, "ops.lookup", "the capability does not claim is refused", {}),
+    Fault(FindOpRaises, "ops.lookup", "of an unclaimed op raised CapabilityError", {}),
     Fault(LosesAFreeUnderLoad, "kv.long_run", " of 5000 (", {}),
     Fault(KeepsTheFirstRecord, "streams.wait_event", "in the second round (the event recorded", {}),
     Fault(KeepsTheFirstRecord, "streams.query_synchronize", "recorded again", {}),

@@ -30,6 +30,7 @@ from sagellm_backend import (
     ResourceExhaustedError,
     UnknownOptionError,
 )
+from sagellm_backend.ops import KERNEL_OPS, STANDARD_OPS
 from sagellm_backend.torch_backend.cpu import create_cpu_backend
 from sagellm_backend.torch_backend.cpu_device import HostEvent, HostStream
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
@@ -83,10 +84,11 @@ def test_satisfies_the_protocol_and_describes_itself(p: Provider) -> None:
     assert cap.extra["dist_backend"] == "gloo"
     assert cap.extra["pinned_host_memory"] == "false"
     assert p.kv_layout.dtype is DType.FP16
+    assert cap.supported_ops == tuple(STANDARD_OPS)
 
 
 def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> None:
-    cache = p.kv_cache()
+    cache = p.kv_pool()
     assert cache.shape == (3, 16, 2, 4, 2, 8) and cache.dtype == torch.float16
     address = cache.data_ptr()
     blocks = p.kv_blocks_alloc([4, 5, 9], "fp16")
@@ -104,9 +106,14 @@ def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> N
         .eq(1.5)
         .all()
     )
-    assert p.kv_cache_layer(1).data_ptr() == cache[1].data_ptr()
+    layer = p.kv_cache(1)
+    assert layer.shape == p.kv_layout.cache_shape(16) and layer.data_ptr() == cache[1].data_ptr()
+    assert p.kv_cache(1, HOST).data_ptr() == p.kv_pool(HOST)[1].data_ptr()
+    for bad in (3, -1, True, "0"):
+        with pytest.raises(InvalidArgumentError, match="layer must be"):
+            p.kv_cache(bad)  # type: ignore[arg-type]
     p.kv_blocks_free(blocks)
-    assert p.kv_cache().data_ptr() == address
+    assert p.kv_pool().data_ptr() == address
     assert counts(p) == (0, 0)
 
 
@@ -291,8 +298,20 @@ def test_config_objects_and_device_selection() -> None:
         create_cpu_backend(Config(), num_blocks=2, host_num_blocks=2)
 
 
+def test_standard_ops_are_the_registered_kernels(p: Provider) -> None:
+    for op in KERNEL_OPS:
+        assert p.get_op(op.name) is p.find_op(op.name) is p.get_kernel(op.name)
+    table = p.get_op("rotary_cos_sin_cache")(64, 16, dtype="bf16")
+    assert table.shape == (64, 16) and table.dtype == torch.bfloat16
+    assert table.device == p.torch_device
+    with pytest.raises(InvalidArgumentError, match="provider method"):
+        p.get_op("kv_grow")
+
+
 def test_a_closed_provider_refuses_calls(p: Provider) -> None:
     p.close()
     p.close()
     with pytest.raises(BackendUnavailableError):
         p.kv_block_alloc(4, "fp16")
+    with pytest.raises(BackendUnavailableError):
+        p.get_op("rms_norm")

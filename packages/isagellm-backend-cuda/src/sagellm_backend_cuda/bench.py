@@ -156,7 +156,7 @@ def _run(
     timer = Timer(repeats)
     layout = provider.kv_layout
     block_bytes = layout.page_bytes("bf16")
-    cache = provider.kv_cache()
+    cache = provider.kv_pool()
     device = provider.torch_device
     say("filling the device pool with random values")
     cache.normal_()
@@ -210,7 +210,7 @@ def _size(
     pinned_host: torch.Tensor,
     roofline: float,
 ) -> dict[str, Any]:
-    cache, host_cache = provider.kv_cache(), provider.kv_cache(HOST)
+    cache, host_cache = provider.kv_pool(), provider.kv_pool(HOST)
     layers = provider.kv_layout.num_layers
     block_bytes = provider.kv_layout.page_bytes("bf16")
     moved = n * block_bytes

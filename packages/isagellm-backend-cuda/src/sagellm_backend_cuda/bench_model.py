@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from sagellm_backend.torch_backend.kernels import rotary_cos_sin_cache
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
+from sagellm_backend.torch_backend.rotary import rotary_cos_sin_cache
 from sagellm_backend_cuda.bench_attention import TimeOp
 
 __all__ = ["MODEL_TARGETS", "format_model_kernels", "model_kernels"]
