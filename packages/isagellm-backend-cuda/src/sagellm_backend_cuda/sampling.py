@@ -308,9 +308,9 @@ def sample(
     ``temperature[b]`` and ``top_p[b]`` float, ``top_k[b]`` int32 or int64, ``seeds[b]`` int64
     (or int32), all on the logits' device. Row ``i`` is greedy (argmax, lowest index on ties)
     where ``temperature[i] <= 0``; else it draws from ``softmax(logits[i] / temperature[i])``
-    restricted to the ``top_k[i]`` most likely tokens (0 or at least ``vocab``: all) and then to
-    the smallest set of those whose probability reaches ``top_p[i]`` of theirs (1 or more: all;
-    0 or less: the most likely token). The draw is a fixed function of ``seeds[i]``.
+    restricted to the ``top_k[i]`` most likely tokens (0 or less, or ``vocab`` or more: all)
+    and then to the smallest set of those whose probability reaches ``top_p[i]`` of theirs (1 or
+    more: all; 0 or less: the most likely token). The draw is a fixed function of ``seeds[i]``.
     """
     op = "sample"
     require_dtype(op, "logits", logits, FLOAT_DTYPES)
