@@ -4,21 +4,29 @@ nox                  # every default session
 nox -s tests-3.12    # core tests on one Python
 nox -s torch         # torch layer and cpu backend (Python 3.11, pinned CPU torch)
 nox -s protocol      # the bridge to isagellm-protocol, with the real package (Python 3.11)
+nox -s install       # the documented install commands, from this checkout (Python 3.11)
+
+Locally, a session whose Python is not installed is skipped, and the ``interpreters`` session
+(first of the defaults) says which; it fails when the torch session cannot run. In CI (``CI``
+set, as ``.ci/run`` sets it) a missing interpreter fails the run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
+import nox.virtualenv
 
-nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "mypy", "tests", "torch", "protocol"]
+CI = bool(os.environ.get("CI"))
+"""In CI every session must run; locally those whose Python is missing are skipped."""
+nox.options.error_on_missing_interpreters = CI
+nox.options.sessions = ["interpreters", "lint", "mypy", "tests", "torch", "protocol", "install"]
 
 ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
-TORCH_PYTHON = "3.11"
 TORCH_CONSTRAINTS = str(ROOT / "constraints" / "torch.txt")
 PACKAGES = {
     "isagellm-backend": ROOT / "packages" / "isagellm-backend",
@@ -54,6 +62,48 @@ def _add_pyenv_interpreters() -> None:
 
 
 _add_pyenv_interpreters()
+
+
+def _interpreter(version: str) -> str | None:
+    """The interpreter nox uses for ``version``, or None: found by nox's own discovery where
+    this nox has it (PATH, version managers), else as ``pythonX.Y`` on PATH."""
+    find = getattr(nox.virtualenv, "_find_python", None)
+    found = find(version) if callable(find) else shutil.which(f"python{version}")
+    return str(found) if found else None
+
+
+TORCH_PYTHONS = ["3.11", "3.12", "3.13", "3.10"]
+"""Where the torch, mypy and lint sessions run: 3.11 in CI; locally the first one installed."""
+TORCH_PYTHON = (
+    TORCH_PYTHONS[0] if CI else next((v for v in TORCH_PYTHONS if _interpreter(v)), "3.11")
+)
+
+
+@nox.session(python=False)
+def interpreters(session: nox.Session) -> None:
+    """Which Pythons are installed and which sessions are skipped for want of one; fails when
+    no torch session can run (in CI: when any Python is missing)."""
+    missing = []
+    for version in PYTHONS:
+        found = _interpreter(version)
+        session.log(f"Python {version}: {found or 'not found'}")
+        if found is None:
+            missing.append(version)
+    skipped = [f"tests-{v}" for v in missing]
+    if TORCH_PYTHON in missing:
+        skipped += ["lint", "mypy", "torch"]
+    if PROTOCOL_PYTHON in missing:
+        skipped += ["protocol", "install"]
+    session.log(f"torch, mypy and lint run on Python {TORCH_PYTHON}")
+    if skipped:
+        session.log(f"skipped for want of their Python: {', '.join(skipped)}")
+    if CI and missing:
+        session.error(f"CI needs every Python of {PYTHONS}; missing: {', '.join(missing)}")
+    if TORCH_PYTHON in missing:
+        session.error(
+            f"no torch session can run: none of Python {', '.join(TORCH_PYTHONS)} is installed; "
+            "install one (such as pyenv install 3.11) and run nox again"
+        )
 
 
 def build_wheels(session: nox.Session) -> dict[str, str]:
@@ -121,7 +171,6 @@ def torch(session: nox.Session) -> None:
         TORCH_CONSTRAINTS,
         f"{wheels['isagellm-backend']}[torch]",
         *(wheels[name] for name in PLUGINS),
-        "numpy",
         TRITON,
         TRANSFORMERS,
         *TEST_DEPS,
@@ -137,6 +186,16 @@ def protocol(session: nox.Session) -> None:
     session.install(f"{wheels['isagellm-backend']}[protocol]", "pydantic>=2", *TEST_DEPS)
     session.run("python", "-c", "import sagellm_protocol")  # the extra must have installed it
     run_pytest(session, *PROTOCOL_TESTS)
+
+
+@nox.session(python=PROTOCOL_PYTHON, venv_backend="venv")
+def install(session: nox.Session) -> None:
+    """Every install command of README.md and docs/, run from this checkout into fresh
+    environments with torch pinned (tests/test_docs.py); Python 3.11 for the [protocol] extra."""
+    wheels = build_wheels(session)
+    session.install(wheels["isagellm-backend"], *TEST_DEPS)
+    session.env["SAGELLM_TEST_INSTALLS"] = "1"
+    run_pytest(session, "tests/test_docs.py")
 
 
 @nox.session(python=TORCH_PYTHON, venv_backend="venv")

@@ -2,7 +2,8 @@
 
 A correct third-party provider, written without importing or subclassing anything of ours but
 the value types, satisfies ``BackendProvider[Buffer]``; providers with a wrong signature are
-rejected, which the deliberate ``# type: ignore[...]`` lines prove (an unneeded one is an error).
+rejected, and so are calls of a standard op with a wrong signature, which the deliberate
+``# type: ignore[...]`` lines prove (an unneeded one is an error).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
+import torch
 from typing_extensions import assert_type
 
 from sagellm_backend import (
@@ -31,6 +33,18 @@ from sagellm_backend import (
     Stream,
 )
 from sagellm_backend.kernels import Comparator, InputMaker
+from sagellm_backend.protocols.kv import BatchMetadata
+from sagellm_backend.protocols.ops import (
+    FusedAddRmsNorm,
+    KVCacheWrite,
+    PagedAttentionDecode,
+    PagedAttentionPrefill,
+    RmsNorm,
+    RotaryCosSinCache,
+    RotaryEmbedding,
+    Sample,
+    SiluAndMul,
+)
 
 
 class Buffer:
@@ -79,6 +93,26 @@ class AcmeStream:
 
 class AcmeGraph:
     def replay(self) -> None: ...
+
+
+def acme_rms_norm(x: Buffer, weight: Buffer, eps: float = 1e-6) -> Buffer:
+    return x
+
+
+class AcmeBatch:
+    """Batch metadata in the third party's buffers."""
+
+    max_seqs = max_tokens = max_pages_per_seq = 8
+    num_seqs = num_tokens = max_query_len = 0
+    block_tables = seq_lens = query_start_loc = Buffer()
+    positions = slot_mapping = last_token_indices = Buffer()
+
+    def plan(
+        self,
+        blocks: Sequence[KVBlock],
+        seq_lens: Sequence[int],
+        query_lens: Sequence[int] | None = None,
+    ) -> None: ...
 
 
 class AcmeProvider:
@@ -145,6 +179,12 @@ class AcmeProvider:
 
     def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None: ...
 
+    def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
+        return block
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        return list(blocks)
+
     def kv_blocks_copy(
         self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
     ) -> Event:
@@ -155,16 +195,25 @@ class AcmeProvider:
     ) -> tuple[list[KVBlock], Event]:
         return list(blocks), AcmeEvent()
 
-    def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
-        return block
-
-    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
-        return list(blocks)
-
     def kv_block_write(self, block: KVBlock, data: bytes) -> None: ...
 
     def kv_block_read(self, block: KVBlock) -> bytes:
         return b""
+
+    def kv_cache(self, layer: int, device: str | None = None) -> Buffer:
+        return Buffer()
+
+    def create_batch_metadata(
+        self, max_seqs: int, max_tokens: int, max_pages_per_seq: int
+    ) -> AcmeBatch:
+        return AcmeBatch()
+
+    # Engines see the per-name signatures of the protocol's OpLookup.
+    def get_op(self, name: str) -> Any:
+        return acme_rms_norm
+
+    def find_op(self, name: str) -> Any:
+        return acme_rms_norm if name == "rms_norm" else None
 
     def register_kernel(
         self,
@@ -201,8 +250,43 @@ def engine_step(backend: BackendProvider[Buffer], x: Buffer) -> Buffer:
     return backend.all_reduce(x, ReduceOp.SUM, timeout=5.0)
 
 
+def layer_step(backend: BackendProvider[Buffer], x: Buffer, weight: Buffer) -> Buffer:
+    """Engine code calling standard ops through the typed lookup."""
+    norm = backend.get_op("rms_norm")
+    assert_type(norm, RmsNorm[Buffer])
+    assert_type(backend.find_op("sample"), Sample[Buffer] | None)
+    assert_type(backend.kv_cache(0), Buffer)
+    assert_type(backend.create_batch_metadata(8, 64, 16), BatchMetadata[Buffer])
+    norm(x)  # type: ignore[call-arg]
+    norm(x, weight, eps="1e-6")  # type: ignore[arg-type]
+    backend.get_op("rms_nrom")  # type: ignore[call-overload]
+    return norm(x, weight, 1e-5)
+
+
+def torch_layer(backend: BackendProvider[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The same against a torch backend: every standard op has its signature."""
+    assert_type(backend.get_op("kv_cache_write"), KVCacheWrite[torch.Tensor])
+    decode = backend.get_op("paged_attention_decode")
+    assert_type(decode, PagedAttentionDecode[torch.Tensor])
+    prefill = backend.get_op("paged_attention_prefill")
+    assert_type(prefill, PagedAttentionPrefill[torch.Tensor])
+    assert_type(backend.get_op("rotary_cos_sin_cache"), RotaryCosSinCache[torch.Tensor])
+    assert_type(backend.get_op("rotary_embedding"), RotaryEmbedding[torch.Tensor])
+    assert_type(backend.get_op("fused_add_rms_norm"), FusedAddRmsNorm[torch.Tensor])
+    assert_type(backend.find_op("silu_and_mul"), SiluAndMul[torch.Tensor] | None)
+    assert_type(backend.get_op("sample"), Sample[torch.Tensor])
+    cache, lens = backend.kv_cache(0), torch.ones(1, dtype=torch.int32)
+    out = decode(x, cache, lens[None], lens, 0.125, out=x)
+    assert_type(out, torch.Tensor)
+    decode(x, cache, lens[None], lens)  # type: ignore[call-arg]
+    decode(x, cache, lens[None], lens, 0.125, x)  # type: ignore[call-arg]
+    prefill(x, cache, lens[None], lens, lens, "8", 0.125)  # type: ignore[arg-type]
+    return out
+
+
 good: BackendProvider[Buffer] = AcmeProvider()
 assert_type(engine_step(good, Buffer()), Buffer)
+assert_type(layer_step(good, Buffer(), Buffer()), Buffer)
 assert_type(good.all_gather(Buffer()), Buffer)
 assert_type(good.kv_blocks_migrate([], "host"), tuple[list[KVBlock], Event])
 assert_type(good.capability().supported_dtypes, tuple[DType, ...])

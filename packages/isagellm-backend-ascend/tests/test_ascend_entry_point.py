@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,3 +84,36 @@ def test_release_reads_the_torch_version_a_torch_npu_pairs_with(
     from sagellm_backend_ascend.availability import release
 
     assert release(version) == expected
+
+
+def test_without_torch_the_reason_names_the_install_of_torch_and_torch_npu(
+    tmp_path: Path,
+) -> None:
+    """The ascend wheel is installed (it is running), so the fix is torch and torch-npu."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("sagellm_backend", "sagellm_backend_ascend", "typing_extensions"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None
+        origin = Path(spec.origin)
+        source = origin.parent if origin.name == "__init__.py" else origin
+        (site / source.name).symlink_to(source)
+    code = (
+        "from sagellm_backend.errors import BackendUnavailableError\n"
+        "from sagellm_backend_ascend import create_ascend_backend\n"
+        "print(create_ascend_backend.unavailable_reason())\n"
+        "try:\n"
+        "    create_ascend_backend()\n"
+        "except BackendUnavailableError as exc:\n"
+        "    print(exc.hint)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    reason, hint = result.stdout.strip().splitlines()
+    assert reason.startswith("torch is not installed; install torch and the torch-npu release")
+    assert "pip install 'torch==X.Y.Z' 'torch-npu==X.Y.Z'" in reason
+    for text in (reason, hint):
+        assert "isagellm-backend-ascend" not in text and "docs/" not in text

@@ -47,7 +47,7 @@ def _random_bytes(g: torch.Generator, size: int) -> bytes:
 
 
 def _poison(provider: Provider, device: str) -> None:
-    provider.kv_cache(device).view(torch.int16).fill_(0x7FC1)  # a NaN pattern
+    provider.kv_pool(device).view(torch.int16).fill_(0x7FC1)  # a NaN pattern
 
 
 def _filled(provider: Provider, g: torch.Generator, blocks: list[KVBlock]) -> list[bytes]:

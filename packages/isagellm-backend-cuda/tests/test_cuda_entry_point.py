@@ -70,7 +70,7 @@ def test_factory_contract() -> None:
     assert create_cuda_backend.kind == "cuda"
     for name in ("num_blocks", "kv_memory_mb", "host_kv_memory_mb", "kv_dtype", "rank"):
         assert name in create_cuda_backend.options
-    assert "pip install isagellm-backend-cuda" in create_cuda_backend.install_hint
+    assert create_cuda_backend.install_hint == "", "each unavailability reason names its fix"
 
 
 def test_options_are_validated_before_any_device_is_touched() -> None:
@@ -108,3 +108,28 @@ def test_device_suite_without_a_gpu_says_why(capsys: pytest.CaptureFixture[str])
 
     assert main(["bench", "cuda", "--device-suite", "--quick"]) == 1
     assert "unavailable" in capsys.readouterr().err
+
+
+def test_device_suite_table_prints_each_size_and_each_target_once() -> None:
+    """On the KV-movement figures of the H200 run that docs/cuda.md shows (no attention or model
+    kernel rows)."""
+    pytest.importorskip("torch", reason="the suite's module needs torch (any build)")
+    from sagellm_backend_cuda.bench import TARGETS, format_table
+
+    docs = Path(__file__).resolve().parents[3] / "docs"
+    figures = {
+        **json.loads((docs / "cuda-kv-movement.json").read_text()),
+        "attention": {"decode": [], "prefill": []},
+        "model_kernels": {
+            "tokens": 16384,
+            "hidden": 4096,
+            "dtype": "bf16",
+            "kernels": [],
+            "sampling": [],
+        },
+    }
+    rows = format_table(figures).splitlines()
+    for size in (r["blocks"] for r in figures["rows"]):
+        assert sum(line.startswith(f"| {size} |") for line in rows) == 1, size
+    for target in TARGETS:
+        assert sum(line.startswith(f"| {target} |") for line in rows) == 1, target

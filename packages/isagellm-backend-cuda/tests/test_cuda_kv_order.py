@@ -100,7 +100,7 @@ def test_a_free_after_the_engines_event_keeps_the_page_for_its_kernel(
     data = fill(provider, block, 5)
     torch.cuda.synchronize()
     engine = provider.create_stream()
-    cache = provider.kv_cache()
+    cache = provider.kv_pool()
     hold(engine.raw)
     with engine:
         kept = cache[:, block.pages[0]].clone()  # the engine's own read of the page
@@ -123,7 +123,7 @@ def test_a_swap_in_on_a_side_stream_lands_after_the_old_owners_queued_write(
     torch.cuda.synchronize()
     current = torch.cuda.current_stream()
     hold(current)
-    provider.kv_cache()[:, old.pages[0]].fill_(3.0)  # queued behind the hold
+    provider.kv_pool()[:, old.pages[0]].fill_(3.0)  # queued behind the hold
     provider.kv_block_free(old)
     side = provider.create_stream()
     (swapped,), done = provider.kv_blocks_migrate([on_host], provider.device, stream=side)

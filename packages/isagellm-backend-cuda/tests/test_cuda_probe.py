@@ -110,8 +110,8 @@ def test_no_torch_at_all(tmp_path: Path) -> None:
         [sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "torch is not installed"
-    assert unavailable_reason(None, FakeNvml(), {}) == "torch is not installed"
+    assert out.stdout.startswith("torch is not installed; install a CUDA build of torch:")
+    assert unavailable_reason(None, FakeNvml(), {}) == out.stdout.strip()
 
 
 def test_the_cpu_build_of_torch_here_is_no_cuda_build() -> None:
@@ -120,34 +120,39 @@ def test_the_cpu_build_of_torch_here_is_no_cuda_build() -> None:
         pytest.skip("this torch is a CUDA build")
     with pytest.raises(BackendUnavailableError, match="not a CUDA build of torch") as info:
         create_cuda_backend()
-    assert "pip install isagellm-backend-cuda" in str(info.value)
+    release = torch.__version__.split("+")[0]
+    assert f"pip install --force-reinstall 'torch=={release}' --index-url " in str(info.value)
+    assert "isagellm-backend-cuda" not in str(info.value), "the wheel is installed already"
+    assert "docs/" not in str(info.value)
 
 
 def test_rocm_build_is_not_a_cuda_device() -> None:
     reason = unavailable_reason(TorchBuild("2.11.0+rocm7.0", None, "7.0"), FakeNvml(), {})
     assert reason is not None
     assert "ROCm build" in reason and "AMD GPUs" in reason
+    assert "pip install --force-reinstall 'torch==2.11.0' --index-url" in reason
 
 
 def test_no_driver_through_the_real_nvml_loader() -> None:
     nvml = SystemNvml("libnvidia-ml-missing.so.1")
     reason = unavailable_reason(CUDA_BUILD, nvml, {})
     assert reason is not None and reason.startswith("no NVIDIA driver")
-    assert "libnvidia-ml-missing.so.1" in reason
+    assert "libnvidia-ml-missing.so.1" in reason and "install the NVIDIA driver" in reason
 
 
 def test_driver_failing_and_no_device() -> None:
     failing = FakeNvml(failure="the NVIDIA driver is not usable: nvmlInit failed")
     assert unavailable_reason(CUDA_BUILD, failing, {}) == failing.failure
-    assert unavailable_reason(CUDA_BUILD, FakeNvml(count=0), {}) == (
-        "the NVIDIA driver sees no device"
-    )
+    no_device = unavailable_reason(CUDA_BUILD, FakeNvml(count=0), {})
+    assert no_device is not None and no_device.startswith("the NVIDIA driver sees no device; ")
+    assert "nvidia-smi" in no_device
 
 
 def test_visible_devices_hiding_every_gpu() -> None:
     for hidden in ("", "-1", "7", "0,0", "none"):
         reason = unavailable_reason(CUDA_BUILD, FakeNvml(2), {"CUDA_VISIBLE_DEVICES": hidden})
         assert reason is not None and "CUDA_VISIBLE_DEVICES" in reason, hidden
+        assert reason.endswith("; unset it, or list device indices such as 0,1")
     assert unavailable_reason(CUDA_BUILD, FakeNvml(2), {"CUDA_VISIBLE_DEVICES": "1"}) is None
     assert unavailable_reason(CUDA_BUILD, FakeNvml(1), {}) is None
 

@@ -61,9 +61,15 @@ def test_every_case_runs_and_leaves_the_pool_as_it_was() -> None:
     assert [(r.case, r.baseline) for r in report.rows] == CASES
     assert all(r.ours_s > 0 and r.baseline_s > 0 and r.ratio > 0 for r in report.rows)
     assert steps[0] == "kv copy: batched" and len(steps) == 9
+    assert all(r.measures for r in report.rows), "every baseline says what it shows"
+    assert len({r.measures for r in report.rows}) == len(CASES) - 1  # both loops: batching
     table = report.format_table()
     assert table.count("\n| ") == len(CASES) + 1
-    assert "| kv copy | batched | per-block loop |" in table
+    assert "| kv copy | batched | per-block loop | what batching saves" in table
+    alloc = next(line for line in table.splitlines() if line.startswith("| alloc+free"))
+    assert "the floor of any free list in Python" in alloc and " us per block |" in alloc
+    step = next(line for line in table.splitlines() if line.startswith("| batch metadata"))
+    assert " us per decode step |" in step
 
 
 def test_a_device_registers_its_own_baselines() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from sagellm_backend import CapabilityDescriptor, __version__, cli
 from sagellm_backend.cli import EXIT_OK, EXIT_USER_ERROR, CommandInfo
+from sagellm_backend.registry import BackendRecord, RecordSource, RecordStatus
 
 SRC = Path(__file__).parent.parent / "src"
 
@@ -51,7 +53,29 @@ def test_list_shows_every_kind_with_its_status() -> None:
     assert by_kind["mock"].split()[1:4] == ["available", "isagellm-backend", __version__]
     assert "alias of ascend" in by_kind["npu"]
     if "not_installed" in by_kind["cuda"]:
-        assert "pip install isagellm-backend-cuda" in by_kind["cuda"]
+        assert (
+            "pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"
+            in (by_kind["cuda"])
+        )
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_list_shows_aliases_alike_with_and_without_the_ascend_wheel(probe: bool) -> None:
+    """The kind's row lists its aliases; an alias's row lists none (its detail names the kind)."""
+    from sagellm_backend.cli.listing import record_rows
+    from sagellm_backend.registry import BackendRegistry
+
+    installed = BackendRegistry().list_backends(probe=probe)
+    if not any(r.kind == "ascend" and r.distribution == "isagellm-backend-ascend"
+               and r.status != "not_installed" for r in installed):  # fmt: skip
+        pytest.skip("the ascend wheel is not installed here")
+    absent = BackendRegistry(group="sagellm.backends.absent").list_backends(probe=probe)
+    for records in (installed, absent):
+        rows = {row[0]: row for row in record_rows(records)}
+        assert rows["ascend"][4] == ("ascend_cann", "npu")
+        for alias in ("ascend_cann", "npu"):
+            assert rows[alias][4] == ()
+            assert str(rows[alias][6]).startswith("alias of ascend")
 
 
 def test_list_json_and_no_probe() -> None:
@@ -67,7 +91,8 @@ def test_info_prints_the_capability_matrix_as_a_table_and_as_json() -> None:
     table = sagellm_backend("info", "mock?supported_dtypes=fp32+int8&max_memory_mb=64")
     assert table.returncode == EXIT_OK, table.stderr
     assert "backend 'mock' on mock:0" in table.stdout
-    rows = {line.split()[0]: line.split(None, 1)[-1] for line in table.stdout.splitlines() if line}
+    matrix = table.stdout.split("KV LAYOUT")[0]
+    rows = {line.split()[0]: line.split(None, 1)[-1] for line in matrix.splitlines() if line}
     assert rows["supported_dtypes"] == "fp32, int8"
     assert rows["max_memory_mb"] == "64"
     assert rows["has_graph_exec"] == "no"
@@ -76,6 +101,36 @@ def test_info_prints_the_capability_matrix_as_a_table_and_as_json() -> None:
     assert data["kv_layout"]["tokens_per_block"] > 0
     capability = CapabilityDescriptor.from_dict(data["capability"])
     assert capability.device_type == "mock"
+
+
+def test_info_lists_every_option_with_type_default_and_help() -> None:
+    from sagellm_backend.mock import create_mock_backend
+
+    declared = [*create_mock_backend.options.values()]
+    data = json.loads(sagellm_backend("info", "mock", "--json").stdout)
+    assert data["options"] == [
+        *(o.to_dict() for o in declared),
+        {"name": "device_ids", "type": "list of ints (joined with '+')", "default": None,
+         "help": "device indices, joined with '+'"},
+    ]  # fmt: skip
+    assert {"name": "max_memory_mb", "type": "int", "default": 16384,
+            "help": "KV memory of each mock device, in MiB"} in data["options"]  # fmt: skip
+    table = sagellm_backend("info", "mock").stdout
+    header = next(line for line in table.splitlines() if line.startswith("OPTION"))
+    assert header.split() == ["OPTION", "TYPE", "DEFAULT", "HELP"]
+    rows = {line.split()[0]: line for line in table.split(header, 1)[1].splitlines() if line}
+    assert set(rows) == {o.name for o in declared} | {"device_ids"}
+    for option in declared:
+        assert option.help in rows[option.name]
+        assert str(option.to_dict()["type"]) in rows[option.name]
+
+
+def test_info_shows_the_kv_dtypes_of_a_pool_without_one_dtype() -> None:
+    table = sagellm_backend("info", "mock?supported_dtypes=fp32+bf16").stdout
+    layout = table.split("KV LAYOUT")[1].split("OPTION")[0]
+    assert "dtype             per block: fp32, bf16" in layout.splitlines()
+    data = json.loads(sagellm_backend("info", "mock", "--json").stdout)
+    assert data["kv_layout"]["dtype"] is None and data["kv_dtypes"] == ["fp16", "bf16"]
 
 
 def test_info_reads_the_env_var_when_no_spec_is_given() -> None:
@@ -146,3 +201,92 @@ def test_a_command_whose_module_is_missing_exits_2_with_a_message(
 def test_the_command_table_reserves_check_and_bench() -> None:
     assert cli.COMMANDS["check"].module == "sagellm_backend.cli.check"
     assert cli.COMMANDS["bench"].module == "sagellm_backend.cli.bench"
+
+
+def _record(
+    kind: str,
+    status: str,
+    *,
+    priority: int | None = None,
+    reason: str | None = None,
+    distribution: str | None = None,
+    alias_of: str | None = None,
+) -> BackendRecord:
+    return BackendRecord(
+        kind,
+        RecordStatus(status),
+        RecordSource.ENTRY_POINT,
+        distribution=distribution,
+        alias_of=alias_of,
+        priority=priority,
+        reason=reason,
+    )
+
+
+NO_DEVICES: dict[str, dict[str, object]] = {
+    "devices": {"nvidia": [], "ascend": []},
+    "libraries": {"torch": "2.13.0+cpu"},
+}
+MOCK = _record("mock", "available", priority=-100)
+CPU = _record("cpu", "available", priority=10)
+
+
+@pytest.mark.parametrize(
+    ("env", "records", "step"),
+    [
+        (NO_DEVICES, [MOCK, CPU, _record("zz", "broken", distribution="zz-dist", reason="boom")],
+         "repair backend 'zz' (zz-dist): boom"),
+        (NO_DEVICES, [MOCK, CPU, _record("cuda", "available", priority=100),
+                      _record("npu", "available", priority=100, alias_of="ascend")],
+         "try it: sagellm-backend demo cuda"),
+        ({**NO_DEVICES, "devices": {"nvidia": ["/dev/nvidia0"]}},
+         [MOCK, CPU, _record("cuda", "unavailable", reason="torch is a CPU build; reinstall")],
+         "this machine has nvidia devices, but backend 'cuda' cannot use them: torch is a CPU "
+         "build; reinstall"),
+        ({**NO_DEVICES, "devices": {"nvidia": ["/dev/nvidia0"]}},
+         [MOCK, CPU, _record("cuda", "not_installed")],
+         "this machine has nvidia devices; install the cuda backend, in a sagellm-backend "
+         "checkout: pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"),
+        (NO_DEVICES, [MOCK, CPU, _record("cuda", "unavailable", reason="no driver")],
+         "no accelerator backend runs here; try the cpu backend: sagellm-backend demo cpu"),
+        ({**NO_DEVICES, "libraries": {"torch": None}},
+         [MOCK, _record("cpu", "unavailable", reason="torch is not installed")],
+         "only the mock runs here, as torch is not installed; for the cpu backend install the "
+         "core's [torch] extra, in a sagellm-backend checkout: "
+         "pip install './packages/isagellm-backend[torch]'"),
+    ],
+)  # fmt: skip
+def test_doctor_names_the_one_next_step_for_the_machine(
+    env: dict[str, dict[str, object]], records: list[BackendRecord], step: str
+) -> None:
+    from sagellm_backend.cli.doctor import next_step
+
+    assert next_step(env, records) == step
+
+
+def test_doctor_ends_with_the_next_step_also_without_torch(tmp_path: Path) -> None:
+    report = json.loads(sagellm_backend("doctor", "--json").stdout)
+    text = sagellm_backend("doctor").stdout.rstrip().splitlines()
+    assert text[-1] == f"next step: {report['next_step']}"
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("sagellm_backend", "typing_extensions"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None
+        origin = Path(spec.origin)
+        (site / (origin.parent if origin.name == "__init__.py" else origin).name).symlink_to(
+            origin.parent if origin.name == "__init__.py" else origin
+        )
+    bare = subprocess.run(
+        [sys.executable, "-S", "-m", "sagellm_backend", "doctor"],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bare.returncode == EXIT_OK, bare.stderr
+    assert bare.stdout.rstrip().splitlines()[-1] == (
+        "next step: only the mock runs here, as torch is not installed; for the cpu backend "
+        "install the core's [torch] extra, in a sagellm-backend checkout: "
+        "pip install './packages/isagellm-backend[torch]'"
+    )

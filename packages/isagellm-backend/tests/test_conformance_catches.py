@@ -29,9 +29,9 @@ from sagellm_backend.testing.checks.long_run import LONG_RUN_OPS
 
 
 class AcceptsDoubleFree(MockBackendProvider):
-    def kv_block_free(self, block: KVBlock) -> None:
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         with contextlib.suppress(BlockNotFoundError):
-            super().kv_block_free(block)
+            super().kv_block_free(block, after=after)
 
 
 class CopyMovesNothing(MockBackendProvider):
@@ -148,15 +148,31 @@ class BarrierDoesNotWait(MockBackendProvider):
 
 
 class BatchFreeIsNotAtomic(MockBackendProvider):
-    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+    def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
         for block in blocks:
-            self.kv_block_free(block)
+            self.kv_block_free(block, after=after)
 
 
 class GatherOutOfOrder(MockBackendProvider):
     def all_gather(self, tensor: MockTensor, *, timeout: float | None = None) -> MockTensor:
         out = super().all_gather(tensor, timeout=timeout)
         return MockTensor(list(reversed(out.tolist())), out.dtype)
+
+
+class LookupIgnoresCapability(MockBackendProvider):
+    """Returns any registered kernel by its op name, claimed or not."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.register_kernel("kv_cache_write", _double)
+
+    def get_op(self, name: str) -> Any:
+        return self.get_kernel(name)
+
+
+class FindOpRaises(MockBackendProvider):
+    def find_op(self, name: str) -> Any:
+        return self.get_op(name)
 
 
 # Faults that show only after many operations, on a re-recorded event, with negative values, in
@@ -169,10 +185,10 @@ class LosesAFreeUnderLoad(MockBackendProvider):
 
     frees = 0
 
-    def kv_block_free(self, block: KVBlock) -> None:
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         self.frees += 1
         if self.frees % 300:
-            super().kv_block_free(block)
+            super().kv_block_free(block, after=after)
 
 
 class StaleEvent(MockEvent):
@@ -252,6 +268,8 @@ FAULTS = [
     Fault(BarrierDoesNotWait, "collectives.barrier", "although rank 0 entered", {}),
     Fault(BatchFreeIsNotAtomic, "kv.all_or_nothing", "kv_blocks_free with one freed block", {}),
     Fault(GatherOutOfOrder, "collectives.all_gather", "all_gather in", {}),
+    Fault(LookupIgnoresCapability, "ops.lookup", "the capability does not claim is refused", {}),
+    Fault(FindOpRaises, "ops.lookup", "of an unclaimed op raised CapabilityError", {}),
     Fault(LosesAFreeUnderLoad, "kv.long_run", " of 5000 (", {}),
     Fault(KeepsTheFirstRecord, "streams.wait_event", "in the second round (the event recorded", {}),
     Fault(KeepsTheFirstRecord, "streams.query_synchronize", "recorded again", {}),

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from sagellm_backend.cli.check import CHECK_MOCK_MEMORY_MB, sized_for_check
 from sagellm_backend.testing import STANDARD_CHECKS, MockTarget
 from sagellm_backend.testing.suite import BackendConformanceSuite
 
@@ -66,14 +69,45 @@ def test_check_command_passes_the_mock_and_prints_the_table() -> None:
     assert "0 failed" in lines[-1] and "world sizes: 1, 2, 4" in lines[-1]
 
 
-def test_check_command_skips_exhaustion_of_a_large_pool_with_the_reason() -> None:
+def test_check_command_exhausts_the_default_mock_with_a_small_pool() -> None:
     done = _cli("check", "mock", "--only", "kv.exhaustion", "--json", "--seed", "4")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     [result] = report["results"]
+    assert result["outcome"] == "passed", result["message"]
+    assert report["target"] == f"mock?max_memory_mb={CHECK_MOCK_MEMORY_MB}"
+    assert report["seed"] == 4
+
+
+def test_check_command_skips_exhaustion_of_a_large_pool_with_the_reason() -> None:
+    done = _cli("check", "mock?max_memory_mb=16384", "--only", "kv.exhaustion", "--json")
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)["results"]
     assert result["outcome"] == "skipped"
     assert "larger than the target's exhaustion limit" in result["message"]
-    assert report["seed"] == 4
+
+
+@pytest.mark.parametrize(
+    ("spec", "env", "sized"),
+    [
+        (None, None, f"mock?max_memory_mb={CHECK_MOCK_MEMORY_MB}"),
+        (None, "cpu", None),
+        (None, "MOCK:1", f"mock:1?max_memory_mb={CHECK_MOCK_MEMORY_MB}"),
+        ("mock?max_memory_mb=8", None, "mock?max_memory_mb=8"),
+        ("cpu, mock?num_layers=1", None,
+         f"cpu,mock?num_layers=1&max_memory_mb={CHECK_MOCK_MEMORY_MB}"),
+        ("auto", None, "auto"),
+        ("mock :0", None, "mock :0"),
+    ],
+)  # fmt: skip
+def test_check_sizes_only_mock_candidates_without_a_pool(
+    spec: str | None, env: str | None, sized: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if env is None:
+        monkeypatch.delenv("SAGELLM_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("SAGELLM_BACKEND", env)
+    assert sized_for_check(spec) == sized
 
 
 def test_check_command_exit_codes() -> None:

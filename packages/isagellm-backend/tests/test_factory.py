@@ -50,7 +50,8 @@ def test_defaults_and_conversion_from_config_string_text() -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [("blocks", "eight"), ("blocks", True), ("blocks", 1.5), ("pinned", "maybe"),
-     ("ratio", "fast"), ("name", 3), ("ids", "0,1"), ("ids", 7)],
+     ("ratio", "fast"), ("name", 3), ("ids", "0,1"), ("ids", 7), ("blocks", "\u0668"),
+     ("blocks", "--8"), ("ids", "0+\u0661")],
 )  # fmt: skip
 def test_bad_option_values_are_refused_with_the_help(name: str, value: object) -> None:
     with pytest.raises(InvalidArgumentError) as info:
@@ -118,6 +119,9 @@ def test_config_objects_select_the_device(config: object, expected: DeviceSelect
     [
         (SimpleNamespace(device="other:1"), "names another kind"),
         (SimpleNamespace(device="fake:x"), "malformed device"),
+        (SimpleNamespace(device="\u0661"), "malformed device"),
+        (SimpleNamespace(device="fake:\u0661"), "malformed device"),
+        (SimpleNamespace(device="1\n"), "malformed device"),
         (SimpleNamespace(device=None, device_ids=[0, 1]), "one device per provider"),
         (SimpleNamespace(device="1", device_ids=[0]), "not among device_ids"),
     ],

@@ -50,6 +50,7 @@ from sagellm_backend.interop import (  # noqa: E402
 )
 from sagellm_backend.interop.protocol import _version_problem  # noqa: E402
 from sagellm_backend.kernels import KernelTable  # noqa: E402
+from sagellm_backend.ops import STANDARD_OPS  # noqa: E402
 
 OUR_ENUMS: list[type[DType] | type[KernelKind] | type[ReduceOp] | type[CollectiveOp]] = [
     DType,
@@ -235,6 +236,7 @@ ours_descriptors = st.builds(
     available_memory_bytes=sizes,
     supported_collectives=members_or_values(CollectiveOp),
     supported_reduce_ops=members_or_values(ReduceOp),
+    supported_ops=st.lists(st.sampled_from(list(STANDARD_OPS))),
     has_kv_block_copy=st.booleans(),
     has_kv_block_migrate=st.booleans(),
     max_batch_size=sizes,
@@ -289,6 +291,7 @@ def test_ours_to_theirs_and_back_loses_nothing(capability: CapabilityDescriptor)
     assert isinstance(descriptor, proto.CapabilityDescriptor)
     assert remainder.supported_reduce_ops == capability.supported_reduce_ops
     assert remainder.extra == capability.extra
+    assert remainder.supported_ops == capability.supported_ops
     if capability.kv_dtypes != capability.supported_dtypes:
         assert remainder.kv_dtypes == capability.kv_dtypes
     assert capability_from_protocol(descriptor, remainder) == capability
@@ -341,6 +344,7 @@ def test_without_a_remainder_the_defaults_of_ours_apply() -> None:
     assert capability.supported_collectives == (CollectiveOp.ALL_REDUCE,)
     assert capability.supported_reduce_ops == tuple(ReduceOp)
     assert capability.extra == {}
+    assert capability.supported_ops == ()
     assert capability.kv_dtypes == capability.supported_dtypes
 
 
@@ -385,6 +389,8 @@ def test_capability_conversions_refuse_other_objects() -> None:
         ({"supported_reduce_ops": ["median"]}, "unknown reduce op 'median'"),
         ({"supported_reduce_ops": "sum"}, "must be a sequence"),
         ({"extra": {"a": 1}}, "extra must be a mapping of str to str"),
+        ({"supported_ops": ["rms_norm", "fused_rope"]}, "unknown standard ops \\['fused_rope'\\]"),
+        ({"supported_ops": "rms_norm"}, "supported_ops must be a sequence"),
         ({"kv_dtypes": "fp16"}, "kv_dtypes must be a sequence"),
         ({"kv_dtypes": ["fp64"]}, "unknown kv dtype 'fp64'"),
     ],

@@ -15,6 +15,7 @@ from sagellm_backend import (
     CapabilityError,
     DType,
     ErrorCode,
+    InvalidArgumentError,
     ReduceOp,
 )
 from sagellm_backend.interop import (
@@ -68,8 +69,15 @@ def test_each_conversion_names_the_install_command(convert: Callable[[], object]
 
 @pytest.mark.usefixtures("protocol_missing")
 def test_the_remainder_needs_no_protocol_package() -> None:
-    remainder = CapabilityRemainder(["sum", ReduceOp.MAX], {"driver": "550"})
+    remainder = CapabilityRemainder(
+        ["sum", ReduceOp.MAX],
+        {"driver": "550"},
+        supported_ops=["sample", "kv_cache", "rms_norm", "sample"],
+    )
+    assert remainder.supported_ops == ("kv_cache", "rms_norm", "sample")
     assert CapabilityRemainder.from_dict(remainder.to_dict()) == remainder
+    with pytest.raises(InvalidArgumentError, match="unknown standard ops"):
+        CapabilityRemainder(supported_ops=["reshape_and_cache"])
 
 
 def test_importing_the_bridge_does_not_import_the_protocol_package() -> None:

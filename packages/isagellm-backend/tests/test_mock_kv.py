@@ -14,6 +14,7 @@ import time
 from array import array
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -253,6 +254,8 @@ def test_mismatched_copies_are_refused_and_change_nothing() -> None:
         ("cuda:0", "unknown device"),
         ("mock:", "malformed"),
         ("host\n", "malformed"),
+        ("mock:\u0661", "malformed"),
+        ("mock:0\n", "malformed"),
         (" mock:1", "malformed"),
         ("mock:01", "malformed"),
     ],
@@ -356,10 +359,10 @@ def test_write_counts_the_bytes_of_any_buffer() -> None:
     block = p.kv_block_alloc(16, DType.FP16)
     size = p.kv_layout.page_bytes(DType.FP16)
     values = array("H", random.Random(4).choices(range(1 << 16), k=size // 2))
-    p.kv_block_write(block, memoryview(values))
+    p.kv_block_write(block, cast(bytes, memoryview(values)))  # any buffer, at run time
     assert p.kv_block_read(block) == values.tobytes()
     with pytest.raises(InvalidArgumentError, match=f"{2 * size} bytes"):
-        p.kv_block_write(block, memoryview(array("H", bytes(2 * size))))
+        p.kv_block_write(block, cast(bytes, memoryview(array("H", bytes(2 * size)))))
 
 
 def test_too_many_devices_are_refused_at_once() -> None:

@@ -301,7 +301,10 @@ def test_a_requires_dist_pin_on_another_core_is_refused_before_import(site: Site
     assert "isagellm-backend-cuda 0.5.4" in error.message
     assert f"isagellm-backend {__version__}" in error.message
     assert "requires isagellm-backend==0.5.4" in error.message
-    assert error.hint == f"pip install 'isagellm-backend-cuda=={__version__}'"
+    assert error.hint == (
+        f"reinstall it from the sagellm-backend checkout of version {__version__}: "
+        "pip install ./packages/isagellm-backend-cuda"
+    )
     assert "zz_old_cuda" not in sys.modules
     assert registry.record("cuda").status is RecordStatus.INCOMPATIBLE
 

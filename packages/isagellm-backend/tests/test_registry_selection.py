@@ -337,6 +337,28 @@ def test_auto_never_chooses_the_mock(isolated: BackendRegistry) -> None:
     assert not isolated.record("mock").chosen
 
 
+def test_auto_names_installs_only_for_kinds_that_are_not_installed() -> None:
+    known = {
+        kind: KnownKind(kind, f"isagellm-backend-{kind}", f"pip install ./packages/{kind}")
+        for kind in ("zpu", "npu_off", "mock")
+    }
+    registry = BackendRegistry(group="sagellm.backends.isolated", known=known)
+    registry.register_backend("mock", create_mock_backend)
+    registry.register_backend("npu_off", mock_factory("npu_off", reason="no NPU; plug one in"))
+    with pytest.raises(BackendUnavailableError) as info:
+        registry.get_backend("auto")
+    assert "npu_off: no NPU; plug one in" in info.value.message
+    assert info.value.hint == (
+        "fix a reason above, or install a backend (pip install ./packages/zpu), "
+        "or ask for 'mock' explicitly"
+    )
+    nothing = BackendRegistry(group="sagellm.backends.isolated", known={})
+    nothing.register_backend("mock", create_mock_backend)
+    with pytest.raises(BackendUnavailableError) as bare:
+        nothing.get_backend("auto")
+    assert bare.value.hint == "ask for 'mock' explicitly"
+
+
 def test_auto_refuses_to_settle_below_a_broken_plugin_that_may_outrank_it(
     isolated: BackendRegistry,
 ) -> None:
@@ -500,3 +522,23 @@ def test_concurrent_lookups_and_registrations_are_consistent(registry: BackendRe
     assert sorted(devices) == sorted(f"mock:{i % 2}" for i in range(8))
     chosen = {r.kind for r in registry.list_backends() if r.chosen}
     assert chosen == {"mock", *(f"npu_{i}" for i in range(8))}
+
+
+def test_options_of_a_kind_are_the_declared_ones_then_device_ids(
+    isolated: BackendRegistry,
+) -> None:
+    isolated.register_backend("zz", mock_factory("zz", aliases=("zz_alias",)))
+    names = [(o.name, o.type, o.default) for o in isolated.options("zz")]
+    assert names == [("memory_mb", int, 64), ("device_ids", tuple, None)]
+    assert [o.name for o in isolated.options("zz_alias")] == ["memory_mb", "device_ids"]
+
+    def plain(
+        config: object = None, *, blocks: int = 8, label: str = "x", spare: object = None
+    ) -> object:
+        return MockBackendProvider()
+
+    isolated.register_backend("plain", plain)
+    typed = [(o.name, o.type, o.default) for o in isolated.options("plain")]
+    assert typed == [("blocks", int, 8), ("label", str, "x"), ("device_ids", tuple, None)]
+    with pytest.raises(BackendNotFoundError):
+        isolated.options("nothing_here")

@@ -41,7 +41,7 @@ def test_the_plain_baselines_move_the_same_pages_as_the_provider() -> None:
     )
     try:
         baselines = TorchBaselines(provider)
-        pool, host = provider.kv_cache(), provider.kv_cache("host")
+        pool, host = provider.kv_pool(), provider.kv_pool("host")
         pool.copy_(torch.randn(pool.shape, dtype=torch.float64).to(pool.dtype))
         before = pool.clone()
         baselines.paged_copy([1, 5], [6, 2])()

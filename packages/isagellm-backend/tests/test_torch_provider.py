@@ -8,6 +8,7 @@ import pickle
 import time
 from array import array
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
@@ -33,6 +34,7 @@ from sagellm_backend import (
     ResourceExhaustedError,
     UnknownOptionError,
 )
+from sagellm_backend.ops import KERNEL_OPS, STANDARD_OPS
 from sagellm_backend.torch_backend.cpu import create_cpu_backend
 from sagellm_backend.torch_backend.cpu_device import HostEvent, HostStream
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
@@ -86,10 +88,11 @@ def test_satisfies_the_protocol_and_describes_itself(p: Provider) -> None:
     assert cap.extra["dist_backend"] == "gloo"
     assert cap.extra["pinned_host_memory"] == "false"
     assert p.kv_layout.dtype is DType.FP16
+    assert cap.supported_ops == tuple(STANDARD_OPS)
 
 
 def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> None:
-    cache = p.kv_cache()
+    cache = p.kv_pool()
     assert cache.shape == (3, 16, 2, 4, 2, 8) and cache.dtype == torch.float16
     address = cache.data_ptr()
     blocks = p.kv_blocks_alloc([4, 5, 9], "fp16")
@@ -107,9 +110,14 @@ def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> N
         .eq(1.5)
         .all()
     )
-    assert p.kv_cache_layer(1).data_ptr() == cache[1].data_ptr()
+    layer = p.kv_cache(1)
+    assert layer.shape == p.kv_layout.cache_shape(16) and layer.data_ptr() == cache[1].data_ptr()
+    assert p.kv_cache(1, HOST).data_ptr() == p.kv_pool(HOST)[1].data_ptr()
+    for bad in (3, -1, True, "0"):
+        with pytest.raises(InvalidArgumentError, match="layer must be"):
+            p.kv_cache(bad)  # type: ignore[arg-type]
     p.kv_blocks_free(blocks)
-    assert p.kv_cache().data_ptr() == address
+    assert p.kv_pool().data_ptr() == address
     assert counts(p) == (0, 0)
 
 
@@ -294,18 +302,30 @@ def test_config_objects_and_device_selection() -> None:
         create_cpu_backend(Config(), num_blocks=2, host_num_blocks=2)
 
 
+def test_standard_ops_are_the_registered_kernels(p: Provider) -> None:
+    for op in KERNEL_OPS:
+        assert p.get_op(op.name) is p.find_op(op.name) is p.get_kernel(op.name)
+    table = p.get_op("rotary_cos_sin_cache")(64, 16, dtype="bf16")
+    assert table.shape == (64, 16) and table.dtype == torch.bfloat16
+    assert table.device == p.torch_device
+    with pytest.raises(InvalidArgumentError, match="provider method"):
+        p.get_op("kv_grow")
+
+
 def test_a_closed_provider_refuses_calls(p: Provider) -> None:
     p.close()
     p.close()
     with pytest.raises(BackendUnavailableError):
         p.kv_block_alloc(4, "fp16")
+    with pytest.raises(BackendUnavailableError):
+        p.get_op("rms_norm")
 
 
 def test_growth_appends_pages_in_place_without_copying(p: Provider) -> None:
     assert p.capability().supports_op("kv_grow")
     block = p.kv_block_alloc(4, "fp16")
     data = fill(p, block)
-    pool = p.kv_cache()
+    pool = p.kv_pool()
     grown = p.kv_block_grow(block, 10)
     assert (grown.handle, grown.pages[:1], grown.num_pages) == (block.handle, block.pages, 3)
     head = pool[:, grown.pages[0]].contiguous().view(torch.uint8).flatten().numpy().tobytes()
@@ -326,10 +346,10 @@ def test_write_counts_the_bytes_of_any_buffer(p: Provider) -> None:
     block = p.kv_block_alloc(4, "fp16")
     size = p.kv_layout.page_bytes(DType.FP16)
     values = array("H", os.urandom(size))
-    p.kv_block_write(block, memoryview(values))
+    p.kv_block_write(block, cast(bytes, memoryview(values)))  # any buffer, at run time
     assert p.kv_block_read(block) == values.tobytes()
     with pytest.raises(InvalidArgumentError, match=f"got {2 * size}"):
-        p.kv_block_write(block, memoryview(array("H", bytes(2 * size))))
+        p.kv_block_write(block, cast(bytes, memoryview(array("H", bytes(2 * size)))))
 
 
 @pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, pickle.dumps])

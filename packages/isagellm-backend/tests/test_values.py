@@ -266,7 +266,11 @@ def test_device_ref_parses(text: str, expected: DeviceRef) -> None:
     assert str(expected) == text
 
 
-@pytest.mark.parametrize("text", ["", "cuda:", ":0", "cuda:-1", "cuda:x", "CUDA 0", None, 3])
+@pytest.mark.parametrize(
+    "text",
+    ["", "cuda:", ":0", "cuda:-1", "cuda:x", "CUDA 0", None, 3,
+     "host\n", "cuda:0\n", "mock:\u0661", "cuda:\uff11", "h\u0661"],
+)  # fmt: skip
 def test_device_ref_refuses_malformed_names(text: object) -> None:
     with pytest.raises(InvalidArgumentError, match="malformed device"):
         DeviceRef.parse(text)

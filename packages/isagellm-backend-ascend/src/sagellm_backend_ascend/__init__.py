@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING
 
 from sagellm_backend.factory import BackendFactory, Option
 from sagellm_backend.torch_backend.options import torch_options
-from sagellm_backend_ascend.availability import INSTALL_HINT
 
 if TYPE_CHECKING:
     from sagellm_backend.torch_backend.provider import TorchBackendProvider
     from sagellm_backend_ascend.runtime import NpuEvent, NpuStream
 
-__all__ = ["INSTALL_HINT", "create_ascend_backend"]
+__all__ = ["create_ascend_backend"]
 
 ASCEND_KV_MEMORY_MB = 1024
 """Default device KV pool: 1 GiB; set ``num_blocks`` or ``kv_memory_mb`` for a real model."""
@@ -50,5 +49,4 @@ create_ascend_backend: BackendFactory[TorchBackendProvider[NpuStream, NpuEvent]]
     aliases=("ascend_cann", "npu"),
     description="Huawei Ascend NPUs through torch_npu: KV pool in device memory, HCCL "
     "collectives, fused torch_npu kernels where available",
-    install_hint=INSTALL_HINT,
 )

@@ -31,7 +31,7 @@ from typing import NoReturn
 from sagellm_backend.errors import BackendLoadError, BackendUnavailableError
 
 __all__ = [
-    "INSTALL_HINT",
+    "UNAVAILABLE_HINT",
     "cann_missing",
     "cuda_build",
     "diagnose",
@@ -42,10 +42,11 @@ __all__ = [
     "versions_unpaired",
 ]
 
-INSTALL_HINT = (
-    "install torch-npu built for your torch and CANN versions (see the install matrix in "
-    "docs/ascend.md), then run 'source <CANN install path>/set_env.sh'"
+UNAVAILABLE_HINT = (
+    "do what the reason says; `sagellm-backend doctor` shows the torch, torch-npu and driver "
+    "versions and the devices it found"
 )
+"""Every reason names its own fix; the hint points at it and at the report that shows why."""
 
 _CANN_MARKERS = ("libhccl", "libascendcl", "libascend_hal", "libacl", "set_env.sh")
 _RELEASE = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
@@ -107,7 +108,11 @@ def release(version: str | None) -> str:
 def probe() -> str | None:
     """Why the backend cannot run here, from installed metadata only; imports nothing."""
     if importlib.util.find_spec("torch") is None:
-        return "torch is not installed; pip install isagellm-backend-ascend installs it"
+        return (
+            "torch is not installed; install torch and the torch-npu release built for it and "
+            "your CANN: pip install 'torch==X.Y.Z' 'torch-npu==X.Y.Z' (torch-npu's releases "
+            "name the torch and CANN versions each needs)"
+        )
     torch_version = _dist_version("torch")
     if importlib.util.find_spec("torch_npu") is None:
         return torch_npu_missing(torch_version)
@@ -172,7 +177,7 @@ def _raise_for(exc: Exception, torch_version: str) -> NoReturn:
 
 def _unavailable(reason: str) -> BackendUnavailableError:
     return BackendUnavailableError(
-        f"backend 'ascend' is unavailable: {reason}", hint="see docs/ascend.md"
+        f"backend 'ascend' is unavailable: {reason}", hint=UNAVAILABLE_HINT
     )
 
 

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from sagellm_backend.factory import BackendFactory
 from sagellm_backend.torch_backend.options import torch_options
-from sagellm_backend_cuda.probe import INSTALL_HINT
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from sagellm_backend.torch_backend.provider import TorchBackendProvider
     from sagellm_backend_cuda.adapter import PooledEvent
 
-__all__ = ["INSTALL_HINT", "create_cuda_backend"]
+__all__ = ["create_cuda_backend"]
 
 CUDA_KV_MEMORY_MB = 1024
 """Default device KV pool: 1 GiB; set ``num_blocks`` or ``kv_memory_mb`` for a real model."""
@@ -43,6 +42,5 @@ create_cuda_backend: BackendFactory[TorchBackendProvider[torch.cuda.Stream, Pool
         priority=100,
         description="NVIDIA GPUs through PyTorch: KV pool in device memory, Triton KV movement, "
         "NCCL collectives, CUDA graphs",
-        install_hint=INSTALL_HINT,
     )
 )

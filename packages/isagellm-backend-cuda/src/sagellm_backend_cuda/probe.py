@@ -5,6 +5,8 @@ processes that may fork workers afterwards. It therefore never initialises CUDA:
 is read from ``torch/version.py`` (or from ``torch.version`` when torch is already imported), and
 the devices are counted through NVML, which needs the driver but creates no CUDA context.
 ``CUDA_VISIBLE_DEVICES`` is applied to that count as the CUDA runtime applies it.
+
+Every reason ends with the one step that fixes it, for this machine.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 from typing import Protocol
 
 __all__ = [
-    "INSTALL_HINT",
     "Nvml",
     "NvmlError",
     "SystemNvml",
@@ -31,7 +32,11 @@ __all__ = [
     "visible_device_count",
 ]
 
-INSTALL_HINT = "pip install isagellm-backend-cuda (it brings torch; use a CUDA build of torch)"
+CUDA_WHEELS = (
+    "https://download.pytorch.org/whl/cuXYZ, XYZ being a CUDA version the driver supports "
+    "(nvidia-smi shows the highest), such as 128"
+)
+"""PyTorch's index of CUDA builds of torch, as a reason names it."""
 
 
 @dataclass(frozen=True)
@@ -65,17 +70,26 @@ class SystemNvml:
         try:
             nvml = ctypes.CDLL(self.library)
         except OSError as exc:
-            raise NvmlError(f"no NVIDIA driver: {self.library} cannot be loaded ({exc})") from None
+            raise NvmlError(
+                f"no NVIDIA driver: {self.library} cannot be loaded ({exc}); install the NVIDIA "
+                "driver until nvidia-smi lists the GPUs (in a container: start it with the GPUs, "
+                "such as docker run --gpus all)"
+            ) from None
         status = nvml.nvmlInit_v2()
         if status != 0:
             raise NvmlError(
-                f"the NVIDIA driver is not usable: nvmlInit failed ({_nvml_text(nvml, status)})"
+                f"the NVIDIA driver is not usable: nvmlInit failed ({_nvml_text(nvml, status)}); "
+                "run nvidia-smi, which names the cause (a driver and library version mismatch "
+                "is fixed by a reboot or by reinstalling the driver)"
             )
         try:
             count = ctypes.c_uint(0)
             status = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count))
             if status != 0:
-                raise NvmlError(f"NVML cannot count devices ({_nvml_text(nvml, status)})")
+                raise NvmlError(
+                    f"NVML cannot count devices ({_nvml_text(nvml, status)}); run nvidia-smi, "
+                    "which names the cause"
+                )
             return int(count.value)
         finally:
             nvml.nvmlShutdown()
@@ -162,29 +176,47 @@ def visible_device_count(physical: int, environ: Mapping[str, str]) -> int:
 def unavailable_reason(
     build: TorchBuild | None, nvml: Nvml, environ: Mapping[str, str]
 ) -> str | None:
-    """None if a CUDA device can be used here, else why not, most basic reason first."""
+    """None if a CUDA device can be used here, else why not (most basic reason first) and the
+    step that fixes it."""
     if build is None:
-        return "torch is not installed"
+        return (
+            "torch is not installed; install a CUDA build of torch: pip install torch (on Linux "
+            f"x86_64 its default build is one), or from {CUDA_WHEELS}"
+        )
     if build.hip is not None:
         return (
             f"torch {build.version} is a ROCm build (HIP {build.hip}); its 'cuda' devices are "
-            "AMD GPUs, which this backend does not drive"
+            f"AMD GPUs, which this backend does not drive; {_reinstall_for_cuda(build)}"
         )
     if build.cuda is None:
-        return f"torch {build.version} is not a CUDA build of torch (torch.version.cuda is None)"
+        return (
+            f"torch {build.version} is not a CUDA build of torch (torch.version.cuda is None); "
+            + _reinstall_for_cuda(build)
+        )
     try:
         physical = nvml.device_count()
     except NvmlError as exc:
         return str(exc)
     if physical == 0:
-        return "the NVIDIA driver sees no device"
+        return (
+            "the NVIDIA driver sees no device; check that nvidia-smi lists the GPUs (in a "
+            "container: start it with the GPUs, such as docker run --gpus all)"
+        )
     if visible_device_count(physical, environ) == 0:
         shown = environ.get("CUDA_VISIBLE_DEVICES", "")
         return (
-            f"CUDA_VISIBLE_DEVICES={shown!r} hides all {physical} device(s)"
-            " (unset it, or list device indices such as 0,1)"
+            f"CUDA_VISIBLE_DEVICES={shown!r} hides all {physical} device(s); unset it, or list "
+            "device indices such as 0,1"
         )
     return None
+
+
+def _reinstall_for_cuda(build: TorchBuild) -> str:
+    version = build.version.split("+")[0]
+    return (
+        f"replace it with a CUDA build of the same version: pip install --force-reinstall "
+        f"'torch=={version}' --index-url {CUDA_WHEELS}"
+    )
 
 
 def probe() -> str | None:

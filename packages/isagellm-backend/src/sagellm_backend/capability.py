@@ -21,7 +21,7 @@ from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
-from sagellm_backend.ops import STANDARD_OPS
+from sagellm_backend.ops import op_names
 
 __all__ = ["CapabilityDescriptor"]
 
@@ -145,7 +145,7 @@ class CapabilityDescriptor:
                 f"device_type must be a string, got {device_type!r}",
                 hint="pass the device family as text, such as 'cuda'",
             )
-        values["supported_ops"] = _op_names(supported_ops)
+        values["supported_ops"] = op_names(supported_ops)
         values["extra"] = _frozen_extra(extra)
         if has_collective and not values["supported_collectives"]:
             values["supported_collectives"] = tuple(CollectiveOp)
@@ -343,23 +343,6 @@ def _frozen_extra(extra: object) -> Mapping[str, str]:
             hint="encode other values as strings, such as {'cores': '8'}",
         )
     return MappingProxyType(dict(extra))
-
-
-def _op_names(names: Iterable[str]) -> tuple[str, ...]:
-    """Standard op names, in catalogue order; an unknown name is refused."""
-    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
-        raise InvalidArgumentError(
-            f"supported_ops must be a sequence of op names, got {type(names).__name__}",
-            hint="pass a list such as ['rms_norm', 'sample']",
-        )
-    wanted = list(names)
-    unknown = [n for n in wanted if not isinstance(n, str) or n not in STANDARD_OPS]
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown standard ops {unknown!r}",
-            hint=f"standard ops: {', '.join(STANDARD_OPS)}",
-        )
-    return tuple(name for name in STANDARD_OPS if name in wanted)
 
 
 def _values(members: Iterable[DType | KernelKind | CollectiveOp | ReduceOp]) -> str:

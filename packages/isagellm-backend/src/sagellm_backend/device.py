@@ -9,7 +9,8 @@ from sagellm_backend.errors import InvalidArgumentError
 
 __all__ = ["HOST", "DeviceRef", "MemoryStats"]
 
-_DEVICE_RE = re.compile(r"^(?P<kind>[a-z][a-z0-9_]*)(?::(?P<index>\d+))?$")
+_DEVICE_RE = re.compile(r"(?P<kind>[a-z][a-z0-9_]*)(?::(?P<index>[0-9]+))?")
+"""ASCII only, matched in full: no other script's digits, no trailing newline."""
 
 HOST = "host"
 """Device name of host memory, a valid migration target for every backend."""
@@ -25,7 +26,7 @@ class DeviceRef:
     @classmethod
     def parse(cls, text: object) -> DeviceRef:
         """Parse ``"kind"`` or ``"kind:N"``; anything else raises InvalidArgumentError."""
-        match = _DEVICE_RE.match(text) if isinstance(text, str) else None
+        match = _DEVICE_RE.fullmatch(text) if isinstance(text, str) else None
         if match is None:
             raise InvalidArgumentError(
                 f"malformed device {text!r}",

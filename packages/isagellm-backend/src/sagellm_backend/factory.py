@@ -75,6 +75,11 @@ class Option:
             return "finite float"
         return self.type.__name__
 
+    def to_dict(self) -> dict[str, object]:
+        """Name, type, default and help as JSON types (a list default as a list)."""
+        default = list(self.default) if isinstance(self.default, tuple) else self.default
+        return {"name": self.name, "type": self._type_name, "default": default, "help": self.help}
+
     def _convert(self, value: object) -> OptionValue:
         if self.type is bool:
             if isinstance(value, bool):

@@ -1,7 +1,10 @@
-"""Kernel registry: named device kernels with their reference implementations.
+"""Kernel registry: named device kernels with their reference implementations, and the typed
+lookup of the standard ops among them.
 
 A kernel registered with a reference and an input generator can be checked against that
 reference on fresh random inputs by anyone (the conformance kit does so for every backend).
+A kernel registered under a standard op name (:mod:`sagellm_backend.ops`) is what
+``get_op(name)`` returns where the backend's capability claims that op.
 """
 
 from __future__ import annotations
@@ -19,16 +22,9 @@ from sagellm_backend.errors import (
     KernelExistsError,
     KernelNotFoundError,
 )
-from sagellm_backend.ops import KERNEL_OPS
+from sagellm_backend.ops import STANDARD_OPS
 
-__all__ = [
-    "Comparator",
-    "InputMaker",
-    "KernelInputs",
-    "KernelSpec",
-    "KernelTable",
-    "find_standard_op",
-]
+__all__ = ["Comparator", "InputMaker", "KernelInputs", "KernelSpec", "KernelTable"]
 
 KernelInputs = tuple[tuple[Any, ...], dict[str, Any]]
 """Positional and keyword arguments for one kernel call."""
@@ -37,7 +33,10 @@ InputMaker = Callable[[int, DType], KernelInputs]
 """``make_inputs(seed, dtype)``: fresh random inputs; the same seed gives equal inputs."""
 
 Comparator = Callable[[Any, Any, DType], None]
-"""``compare(result, expected, dtype)``: raises AssertionError if they differ beyond tolerance."""
+"""``compare(result, expected, dtype)``: raises AssertionError if they differ beyond tolerance.
+
+For a standard op that writes into its arguments, ``result`` and ``expected`` are tuples: the
+return value, then each argument the op writes (``StandardOp.writes``), after the call."""
 
 
 def _assert_equal(result: Any, expected: Any, dtype: DType) -> None:
@@ -62,10 +61,11 @@ class KernelSpec:
         return self.reference is not None and self.make_inputs is not None
 
     def check(self, seed: int, dtype: DType) -> None:
-        """Run the kernel and its reference on the same fresh inputs and compare the results.
+        """Run the kernel and its reference on the same fresh inputs and compare what they made.
 
         Each side gets its own inputs (generated twice from ``seed``), so a kernel that writes
-        into its arguments cannot affect the reference.
+        into its arguments cannot affect the reference. For a standard op that writes into its
+        arguments, those arguments are compared too, after the call.
         """
         if self.reference is None or self.make_inputs is None:
             raise InvalidArgumentError(
@@ -73,7 +73,24 @@ class KernelSpec:
             )
         args, kwargs = self.make_inputs(seed, dtype)
         ref_args, ref_kwargs = self.make_inputs(seed, dtype)
-        self.compare(self.impl(*args, **kwargs), self.reference(*ref_args, **ref_kwargs), dtype)
+        result = self.impl(*args, **kwargs)
+        expected = self.reference(*ref_args, **ref_kwargs)
+        self.compare(
+            self._produced(result, args, kwargs),
+            self._produced(expected, ref_args, ref_kwargs),
+            dtype,
+        )
+
+    def _produced(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        op = STANDARD_OPS.get(self.name)
+        if op is None or not op.writes:
+            return result
+        written = [
+            args[w] if isinstance(w, int) else kwargs[w]
+            for w in op.writes
+            if (w in kwargs if isinstance(w, str) else w < len(args))
+        ]
+        return (result, *written)
 
 
 class KernelTable:
@@ -145,30 +162,41 @@ class KernelTable:
     def get(self, name: str) -> Callable[..., Any]:
         return self.spec(name).impl
 
+    def get_op(self, name: str, capability: CapabilityDescriptor) -> Callable[..., Any]:
+        """The kernel of the standard op ``name``, which ``capability`` must claim.
+
+        InvalidArgumentError if ``name`` is not a standard kernel op, CapabilityError if the
+        capability does not claim it, KernelNotFoundError if it is claimed but not registered.
+        """
+        self._check_op_name(name)
+        capability.require_op(name)
+        return self.get(name)
+
+    def find_op(self, name: str, capability: CapabilityDescriptor) -> Callable[..., Any] | None:
+        """As :meth:`get_op`, but None where ``capability`` does not claim the op."""
+        self._check_op_name(name)
+        return self.get(name) if capability.supports_op(name) else None
+
+    @staticmethod
+    def _check_op_name(name: str) -> None:
+        op = STANDARD_OPS.get(name) if isinstance(name, str) else None
+        if op is None:
+            kernels = [n for n, o in STANDARD_OPS.items() if o.kind is not None]
+            near = difflib.get_close_matches(str(name), kernels, n=1)
+            raise InvalidArgumentError(
+                f"{name!r} is not a standard kernel op",
+                hint=f"did you mean {near[0]!r}?"
+                if near
+                else f"standard ops: {', '.join(kernels)}; other kernels: get_kernel()",
+            )
+        if op.kind is None:
+            raise InvalidArgumentError(
+                f"{name!r} is not a standard kernel op but a provider method",
+                hint=f"call it on the provider: {op.signature}",
+            )
+
     def list(self, kind: KernelKind | str | None = None) -> list[KernelSpec]:
         wanted = None if kind is None else coerce(KernelKind, kind, "kernel kind")
         with self._lock:
             specs = sorted(self._specs.values(), key=lambda s: s.name)
         return [s for s in specs if wanted is None or s.kind == wanted]
-
-
-_KERNEL_OP_NAMES = frozenset(op.name for op in KERNEL_OPS)
-
-
-def find_standard_op(
-    table: KernelTable, capability: CapabilityDescriptor, name: str, *, required: bool
-) -> Callable[..., Any] | None:
-    """The implementation of the standard kernel op ``name``, as ``get_op`` (``required``) and
-    ``find_op`` look it up: a name outside the catalogue is InvalidArgumentError; an op the
-    capability does not claim is CapabilityError if ``required``, else None."""
-    if name not in _KERNEL_OP_NAMES:
-        raise InvalidArgumentError(
-            f"{name!r} is not a standard kernel op",
-            hint=f"standard ops: {', '.join(sorted(_KERNEL_OP_NAMES))}; look other kernels up "
-            "with get_kernel()",
-        )
-    if not capability.supports_op(name):
-        if required:
-            capability.require_op(name)
-        return None
-    return table.get(name)

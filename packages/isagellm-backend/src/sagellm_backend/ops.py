@@ -15,12 +15,14 @@ Two families:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from sagellm_backend.dtypes import KernelKind
+from sagellm_backend.errors import InvalidArgumentError
 
-__all__ = ["KERNEL_OPS", "PROVIDER_OPS", "STANDARD_OPS", "OpName", "StandardOp"]
+__all__ = ["KERNEL_OPS", "PROVIDER_OPS", "STANDARD_OPS", "OpName", "StandardOp", "op_names"]
 
 OpName = Literal[
     "kv_cache_write",
@@ -38,12 +40,17 @@ OpName = Literal[
 
 @dataclass(frozen=True)
 class StandardOp:
-    """One standard name: a kernel (``kind`` set) or a provider method (``kind`` None)."""
+    """One standard name: a kernel (``kind`` set) or a provider method (``kind`` None).
+
+    ``writes`` names the arguments a kernel writes into, by position (or by name where the
+    parameter is keyword-only); checks compare them as well as the return value.
+    """
 
     name: str
     summary: str
     signature: str
     kind: KernelKind | None = None
+    writes: tuple[int | str, ...] = ()
 
 
 PROVIDER_OPS: tuple[StandardOp, ...] = (
@@ -70,6 +77,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "write new K and V into cache slots given a slot mapping (slot -1: skipped)",
         "(key[n, kv_heads, d], value[n, kv_heads, d], kv_cache, slot_mapping[n]) -> None",
         KernelKind.ATTENTION,
+        writes=(2,),
     ),
     StandardOp(
         "paged_attention_decode",
@@ -77,6 +85,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "(query[b, heads, d], kv_cache, block_tables[b, w], seq_lens[b], scale, *, out=None) "
         "-> T[b, heads, d]",
         KernelKind.ATTENTION,
+        writes=("out",),
     ),
     StandardOp(
         "paged_attention_prefill",
@@ -85,6 +94,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "(query[n, heads, d], kv_cache, block_tables[b, w], seq_lens[b], query_start_loc[b + 1], "
         "max_query_len, scale, *, out=None) -> T[n, heads, d]",
         KernelKind.ATTENTION,
+        writes=("out",),
     ),
     StandardOp(
         "rotary_cos_sin_cache",
@@ -99,6 +109,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "(positions[n], query[n, heads, d], key[n, kv_heads, d], cos_sin_cache, *, "
         "is_neox=True) -> (query, key)",
         KernelKind.FUSION,
+        writes=(1, 2),
     ),
     StandardOp(
         "rms_norm",
@@ -111,6 +122,7 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
         "residual += x, then x = rms_norm(residual), both in place",
         "(x[..., h], residual[..., h], weight[h], eps=1e-6) -> (x, residual)",
         KernelKind.LAYERNORM,
+        writes=(0, 1),
     ),
     StandardOp(
         "silu_and_mul",
@@ -129,3 +141,20 @@ KERNEL_OPS: tuple[StandardOp, ...] = (
 
 STANDARD_OPS: dict[str, StandardOp] = {op.name: op for op in (*PROVIDER_OPS, *KERNEL_OPS)}
 """Every standard name, provider methods first, in catalogue order."""
+
+
+def op_names(names: Iterable[str], what: str = "supported_ops") -> tuple[str, ...]:
+    """Standard op names, deduplicated, in catalogue order; an unknown name is refused."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise InvalidArgumentError(
+            f"{what} must be a sequence of op names, got {type(names).__name__}",
+            hint="pass a list such as ['rms_norm', 'sample']",
+        )
+    wanted = list(names)
+    unknown = [n for n in wanted if not isinstance(n, str) or n not in STANDARD_OPS]
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown standard ops {unknown!r}",
+            hint=f"standard ops: {', '.join(STANDARD_OPS)}",
+        )
+    return tuple(name for name in STANDARD_OPS if name in wanted)

@@ -5,8 +5,8 @@ It is optional: it ships for Python 3.11 only, as bytecode without type informat
 installed with ``pip install 'isagellm-backend[protocol]'`` and imported on the first
 conversion, never by ``import sagellm_backend``.
 
-Descriptors. The protocol descriptor has no place for ``supported_reduce_ops``, ``kv_dtypes``
-and ``extra``.
+Descriptors. The protocol descriptor has no place for ``supported_reduce_ops``, ``kv_dtypes``,
+``supported_ops`` and ``extra``.
 :func:`capability_to_protocol` returns them beside it as a :class:`CapabilityRemainder`, and
 :func:`capability_from_protocol` takes that back, so ours -> theirs -> ours loses nothing.
 
@@ -58,6 +58,7 @@ from sagellm_backend.errors import (
     ResourceExhaustedError,
     UnknownOptionError,
 )
+from sagellm_backend.ops import op_names
 
 __all__ = [
     "CLASS_FOR_CODE",
@@ -259,12 +260,14 @@ class CapabilityRemainder:
     supported_reduce_ops: tuple[ReduceOp, ...]
     extra: Mapping[str, str]
     kv_dtypes: tuple[DType, ...] | None
+    supported_ops: tuple[str, ...]
 
     def __init__(
         self,
         supported_reduce_ops: Sequence[ReduceOp | str] = (),
         extra: Mapping[str, str] | None = None,
         kv_dtypes: Sequence[DType | str] | None = None,
+        supported_ops: Sequence[str] = (),
     ) -> None:
         ops = tuple(
             coerce(ReduceOp, op, "reduce op")
@@ -288,6 +291,7 @@ class CapabilityRemainder:
         object.__setattr__(self, "supported_reduce_ops", tuple(dict.fromkeys(ops)))
         object.__setattr__(self, "extra", dict(extra or {}))
         object.__setattr__(self, "kv_dtypes", None if kv is None else tuple(dict.fromkeys(kv)))
+        object.__setattr__(self, "supported_ops", op_names(supported_ops))
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -298,6 +302,7 @@ class CapabilityRemainder:
             "supported_reduce_ops": [op.value for op in self.supported_reduce_ops],
             "extra": dict(self.extra),
             "kv_dtypes": None if self.kv_dtypes is None else [d.value for d in self.kv_dtypes],
+            "supported_ops": list(self.supported_ops),
         }
 
     @classmethod
@@ -464,7 +469,9 @@ def capability_to_protocol(capability: CapabilityDescriptor) -> ProtocolCapabili
     kv_dtypes = (
         None if capability.kv_dtypes == capability.supported_dtypes else capability.kv_dtypes
     )
-    remainder = CapabilityRemainder(capability.supported_reduce_ops, capability.extra, kv_dtypes)
+    remainder = CapabilityRemainder(
+        capability.supported_reduce_ops, capability.extra, kv_dtypes, capability.supported_ops
+    )
     return ProtocolCapability(cast(ProtocolCapabilityDescriptor, descriptor), remainder)
 
 
@@ -473,10 +480,11 @@ def capability_from_protocol(
 ) -> CapabilityDescriptor:
     """Our descriptor for a protocol one (and the remainder :func:`capability_to_protocol` gave).
 
-    Without a remainder, ``extra`` is empty and ``supported_reduce_ops`` takes our default (every
-    op where collectives are listed). Duplicates in the protocol's lists are dropped. A
-    descriptor with ``has_collective=True`` and no ``supported_collectives`` is refused: the
-    protocol package reads it as "no collective", ours as "every collective".
+    Without a remainder, ``extra`` and ``supported_ops`` are empty and ``supported_reduce_ops``
+    takes our default (every op where collectives are listed). Duplicates in the protocol's
+    lists are dropped. A descriptor with ``has_collective=True`` and no
+    ``supported_collectives`` is refused: the protocol package reads it as "no collective",
+    ours as "every collective".
     """
     proto = _protocol()
     _check_descriptor_fields(proto)
@@ -528,6 +536,7 @@ def capability_from_protocol(
         supported_reduce_ops=rest.supported_reduce_ops,
         extra=rest.extra,
         kv_dtypes=rest.kv_dtypes,
+        supported_ops=rest.supported_ops,
     )
 
 

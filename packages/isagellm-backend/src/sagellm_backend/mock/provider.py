@@ -34,7 +34,6 @@ from sagellm_backend.kernels import (
     InputMaker,
     KernelSpec,
     KernelTable,
-    find_standard_op,
 )
 from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.mock.batch import MockBatchMetadata
@@ -390,14 +389,12 @@ class MockBackendProvider(Unique):
     def get_op(self, name: str) -> Callable[..., Any]:
         """The standard kernel op ``name``; CapabilityError if the mock does not claim it."""
         self._streams.check_open()
-        op = find_standard_op(self._kernels, self._capability, name, required=True)
-        assert op is not None
-        return op
+        return self._kernels.get_op(name, self._capability)
 
     def find_op(self, name: str) -> Callable[..., Any] | None:
         """The standard kernel op ``name``, or None if the mock does not claim it."""
         self._streams.check_open()
-        return find_standard_op(self._kernels, self._capability, name, required=False)
+        return self._kernels.find_op(name, self._capability)
 
     # Collectives.
 

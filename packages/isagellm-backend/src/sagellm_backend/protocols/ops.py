@@ -78,7 +78,9 @@ class PagedAttentionPrefill(Protocol[T]):
         the last of its ``seq_lens[i]`` tokens, whose K and V are already in the cache; new
         token ``j`` of ``q`` attends to positions ``0 .. seq_lens[i] - q + j``. Decode (one new
         token), prefill (no cached prefix) and chunked prefill are the same call.
-        ``max_query_len`` bounds every ``q``. Returns ``out`` or a new ``[n, heads, d]`` tensor.
+        ``max_query_len`` bounds every ``q``. Returns ``out`` or a new ``[n, heads, d]`` tensor,
+        every row of a sequence's new tokens written; rows past ``query_start_loc[-1]`` are
+        padding, and what they get is unspecified.
         """
         ...
 

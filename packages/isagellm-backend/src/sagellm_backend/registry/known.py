@@ -1,5 +1,8 @@
 """Kinds this project ships, and the distribution and ``pip install`` that provide each.
 
+The wheels are built from a checkout of this project, so each install names the package folders
+(a plugin next to the core, which it pins exactly), run in that checkout.
+
 The table lets "a kind of ours whose wheel is not installed" be told apart from "a kind nobody
 provides", and lets the registry rank a distribution of this project above a foreign one that
 claims the same kind.
@@ -19,6 +22,7 @@ __all__ = [
     "OUR_DISTRIBUTIONS",
     "KnownKind",
     "is_ours",
+    "known_aliases",
     "normalize_dist_name",
 ]
 
@@ -44,15 +48,21 @@ class KnownKind:
     alias_of: str | None = None
 
 
+_IN_CHECKOUT = "in a sagellm-backend checkout: "
+_CUDA = f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"
+_ASCEND = (
+    f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend ./packages/isagellm-backend-ascend"
+)
+
 _ENTRIES = (
-    KnownKind("mock", CORE_DISTRIBUTION, "pip install isagellm-backend"),
-    KnownKind("cpu", CORE_DISTRIBUTION, "pip install 'isagellm-backend[torch]'"),
-    KnownKind("cuda", "isagellm-backend-cuda", "pip install isagellm-backend-cuda"),
-    KnownKind("ascend", "isagellm-backend-ascend", "pip install isagellm-backend-ascend"),
+    KnownKind("mock", CORE_DISTRIBUTION, f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend"),
     KnownKind(
-        "ascend_cann", "isagellm-backend-ascend", "pip install isagellm-backend-ascend", "ascend"
+        "cpu", CORE_DISTRIBUTION, f"{_IN_CHECKOUT}pip install './packages/isagellm-backend[torch]'"
     ),
-    KnownKind("npu", "isagellm-backend-ascend", "pip install isagellm-backend-ascend", "ascend"),
+    KnownKind("cuda", "isagellm-backend-cuda", _CUDA),
+    KnownKind("ascend", "isagellm-backend-ascend", _ASCEND),
+    KnownKind("ascend_cann", "isagellm-backend-ascend", _ASCEND, "ascend"),
+    KnownKind("npu", "isagellm-backend-ascend", _ASCEND, "ascend"),
 )
 
 KNOWN_KINDS: Mapping[str, KnownKind] = MappingProxyType({k.kind: k for k in _ENTRIES})
@@ -65,6 +75,11 @@ OUR_DISTRIBUTIONS = frozenset(k.distribution for k in _ENTRIES)
 def normalize_dist_name(name: str) -> str:
     """Distribution name in its normalised form (PEP 503): lower case, runs of -_. as '-'."""
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def known_aliases(kind: str) -> tuple[str, ...]:
+    """The aliases of one of our kinds, as its wheel declares them, known without loading it."""
+    return tuple(k.kind for k in _ENTRIES if k.alias_of == kind)
 
 
 def is_ours(distribution: str | None) -> bool:

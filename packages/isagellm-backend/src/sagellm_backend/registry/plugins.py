@@ -25,7 +25,12 @@ from sagellm_backend.factory import API_VERSION, BackendFactory, Option
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.registry.compat import api_mismatch, requirement_mismatch
 from sagellm_backend.registry.isolation import Outcome, is_plugins_own, isolated_call
-from sagellm_backend.registry.known import KnownKind, is_ours
+from sagellm_backend.registry.known import (
+    KnownKind,
+    is_ours,
+    known_aliases,
+    normalize_dist_name,
+)
 from sagellm_backend.registry.records import BackendRecord, RecordSource, RecordStatus
 from sagellm_backend.registry.spec import BackendConfig, is_valid_kind
 
@@ -215,6 +220,14 @@ class Plugin:
 
     # Options and creation.
 
+    def options(self) -> tuple[Option, ...]:
+        """The options the factory declares; a plain factory's are those its defaults type."""
+        factory = self.load()
+        if isinstance(factory, BackendFactory):
+            return tuple(factory.options.values())
+        declared, _ = _signature_options(factory)
+        return tuple(option for option in declared.values() if option is not None)
+
     def validate_options(self, options: Mapping[str, object]) -> dict[str, object]:
         """Options converted to their declared types; an undeclared name is refused."""
         factory = self.load()
@@ -275,7 +288,7 @@ class Plugin:
             distribution=self.distribution or (self.known.distribution if self.known else None),
             version=self.version,
             target=self.entry.target if self.entry is not None else _qualname(factory),
-            aliases=factory.aliases if isinstance(factory, BackendFactory) else (),
+            aliases=self._aliases(),
             alias_of=self.alias_of,
             priority=self.priority,
             api_version=factory.api_version if isinstance(factory, BackendFactory) else None,
@@ -287,6 +300,16 @@ class Plugin:
             chosen=self.chosen,
             output=self._output or None,
         )
+
+    def _aliases(self) -> tuple[str, ...]:
+        """The other names of this kind, on its own record only: an alias's names its kind."""
+        if self.alias_of is not None:
+            return ()
+        if isinstance(self._factory, BackendFactory):
+            return self._factory.aliases
+        if self.known is not None and (self.entry is None or self.is_ours):
+            return known_aliases(self.kind)
+        return ()
 
     def _status(self) -> RecordStatus:
         if self.source is RecordSource.KNOWN:
@@ -337,7 +360,8 @@ class Plugin:
     def _incompatible(self, reason: str) -> IncompatiblePluginError:
         dist = self.distribution or "the plugin"
         fix = (
-            f"pip install '{dist}=={__version__}'"
+            f"reinstall it from the sagellm-backend checkout of version {__version__}: "
+            f"pip install ./packages/{normalize_dist_name(dist)}"
             if self.is_ours
             else f"install a release of {dist} built for isagellm-backend {__version__} "
             f"(backend API {API_VERSION})"

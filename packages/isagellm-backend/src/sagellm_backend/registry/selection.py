@@ -82,7 +82,7 @@ DEFAULT_SPEC = "mock"
 SIMULATED_KINDS = frozenset({"mock"})
 """Kinds ``auto`` never chooses."""
 
-DEVICE_IDS = "device_ids"
+DEVICE_IDS = Option("device_ids", tuple, None, "device indices, joined with '+'")
 """Option every spec accepts: it travels in the config object, not as a keyword option."""
 
 logger = logging.getLogger("sagellm_backend.registry")
@@ -147,6 +147,14 @@ class BackendRegistry:
         return sorted(
             records, key=lambda r: (r.kind, r.status is RecordStatus.SHADOWED, r.distribution or "")
         )
+
+    def options(self, kind: str) -> tuple[Option, ...]:
+        """Every option a spec of ``kind`` accepts: the backend's own, then ``device_ids``."""
+        with self._lock:
+            declared = self._lookup(kind).options()
+        if any(option.name == DEVICE_IDS.name for option in declared):
+            return declared
+        return (*declared, DEVICE_IDS)
 
     def record(self, kind: str) -> BackendRecord:
         """The record of the candidate that ``kind`` resolves to."""
@@ -302,11 +310,20 @@ class BackendRegistry:
                 passed.append((plugin.kind, exc.message))
         if broken:
             raise broken[0][1]
-        hints = sorted({k.install for k in self._known.values() if k.kind not in SIMULATED_KINDS})
+        with self._lock:
+            missing = sorted(
+                {p.known.install for p in self._not_installed() if p.known and not p.alias_of}
+                - {self._known[k].install for k in SIMULATED_KINDS if k in self._known}
+            )
+        steps = [
+            *(["fix a reason above"] if any(k not in SIMULATED_KINDS for k, _ in passed) else []),
+            *([f"install a backend ({'; '.join(missing)})"] if missing else []),
+            "ask for 'mock' explicitly",
+        ]
         raise BackendUnavailableError(
             "auto found no available backend other than the mock"
             + (": " + "; ".join(f"{k}: {r}" for k, r in passed) if passed else ""),
-            hint=f"install a backend ({'; '.join(hints)}) or ask for 'mock' explicitly",
+            hint=", or ".join(steps),
         )
 
     def _create(
@@ -490,12 +507,10 @@ def _config_for(
     Keyword options override those written in the spec; ``device_ids`` moves into the config.
     """
     merged: dict[str, object] = {**candidate.option_dict, **options}
-    raw_ids = merged.pop(DEVICE_IDS, None)
+    raw_ids = merged.pop(DEVICE_IDS.name, None)
     ids = None
     if raw_ids is not None:
-        converted = Option(DEVICE_IDS, tuple, None, "device indices, joined with '+'").convert(
-            raw_ids
-        )
+        converted = DEVICE_IDS.convert(raw_ids)
         assert isinstance(converted, tuple)
         ids = converted
     device = None if candidate.index is None else str(candidate.index)

@@ -9,6 +9,8 @@
     option    := name "=" value
     value     := (letter | digit | "_" | "." | "-" | "/" | "+")+
 
+Spaces may surround a whole candidate (``" mock , cpu "``); a space inside one is malformed.
+
 Examples: ``mock``, ``cuda:1``, ``mock?max_memory_mb=1024&num_layers=4``, ``cuda,cpu``,
 ``cuda?device_ids=0+1``. List-valued options join their items with ``+``
 (:data:`sagellm_backend.factory.LIST_SEPARATOR`), so they never collide with the ``,`` of a
@@ -32,12 +34,15 @@ AUTO = "auto"
 MAX_SPEC_LENGTH = 4096
 
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
+_KIND_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+"""A kind as written: ASCII only, checked before lower-casing (which maps some other letters
+to ASCII ones, such as the Kelvin sign to 'k')."""
 _INDEX_RE = re.compile(r"[0-9]+\Z")
 _NAME_RE = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _VALUE_RE = re.compile(r"[A-Za-z0-9_.\-/+]+\Z")
 _HINT = (
     "write 'kind', 'kind:N', 'kind?option=value&option=value', a fallback list 'cuda,cpu' "
-    f"or 'auto'; join list values with {LIST_SEPARATOR!r} (docs/config-strings.md)"
+    f"or 'auto', with no space inside a candidate; join list values with {LIST_SEPARATOR!r}"
 )
 
 
@@ -118,11 +123,16 @@ def is_valid_kind(text: object) -> bool:
 def _parse_candidate(part: str, position: int, text: str) -> Candidate:
     if not part:
         _fail(text, f"entry {position} of the fallback list is empty")
+    if any(char.isspace() for char in part):
+        _fail(
+            text,
+            f"entry {part!r} has a space inside it; spaces may only surround a whole entry",
+        )
     head, has_query, query = part.partition("?")
     kind_text, has_index, index_text = head.partition(":")
-    kind = kind_text.strip().lower()
-    if not _KIND_RE.match(kind):
-        _fail(text, f"{kind_text.strip()!r} is not a backend kind (letters, digits and '_')")
+    if not _KIND_TEXT_RE.match(kind_text):
+        _fail(text, f"{kind_text!r} is not a backend kind (letters, digits and '_')")
+    kind = kind_text.lower()
     index: int | None = None
     if has_index:
         if not _INDEX_RE.match(index_text):

@@ -52,6 +52,7 @@ class Area(str, Enum):
     KV = "kv"
     COLLECTIVES = "collectives"
     KERNELS = "kernels"
+    OPS = "ops"
     GRAPH = "graph"
     THREADS = "threads"
     INPUTS = "inputs"

@@ -62,7 +62,7 @@ class TorchBaselines(Generic[S, E]):
         return torch.tensor(values, dtype=dtype, device=self._provider.torch_device)
 
     def paged_copy(self, src_pages: list[int], dst_pages: list[int]) -> Callable[[], None]:
-        pool = self._provider.kv_cache()
+        pool = self._provider.kv_pool()
         src = torch.tensor(src_pages, dtype=torch.int64, device=pool.device)
         dst = torch.tensor(dst_pages, dtype=torch.int64, device=pool.device)
 
@@ -72,7 +72,7 @@ class TorchBaselines(Generic[S, E]):
         return copy
 
     def paged_swap(self, pages: list[int]) -> Callable[[], None]:
-        pool, host = self._provider.kv_cache(), self._provider.kv_cache(HOST)
+        pool, host = self._provider.kv_pool(), self._provider.kv_pool(HOST)
         on_device = torch.tensor(pages, dtype=torch.int64, device=pool.device)
         on_host = torch.arange(len(pages), dtype=torch.int64)
 

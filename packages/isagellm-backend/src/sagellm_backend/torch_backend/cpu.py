@@ -1,7 +1,8 @@
 """The ``cpu`` backend's entry point: a factory that imports torch only when a backend is made.
 
-``pip install 'isagellm-backend[torch]'`` makes it available; without torch, ``sagellm-backend
-list`` shows it as unavailable with that command. The provider is the shared torch layer on
+The core's ``[torch]`` extra (torch and numpy) makes it available; without torch,
+``sagellm-backend list`` shows it as unavailable with the command that installs them. The
+provider is the shared torch layer on
 :class:`~sagellm_backend.torch_backend.cpu_device.CpuAdapter`: real tensors, a real KV pool,
 collectives over gloo, synchronous streams and host-timestamped events.
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["INSTALL_HINT", "create_cpu_backend"]
 
-INSTALL_HINT = "pip install 'isagellm-backend[torch]'"
+INSTALL_HINT = "pip install torch numpy (the core's [torch] extra; any build of torch will do)"
 
 CPU_KV_MEMORY_MB = 64
 """Default device and host KV pools: 64 MiB each, so several ranks fit on a small machine."""

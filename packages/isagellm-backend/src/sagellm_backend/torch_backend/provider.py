@@ -31,6 +31,7 @@ from sagellm_backend.errors import (
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
 from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.ops import PROVIDER_OPS, STANDARD_OPS
 from sagellm_backend.protocols import Event, Graph, Stream
 from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
 from sagellm_backend.torch_backend.batch import TorchBatchMetadata
@@ -138,6 +139,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         kernels = self._kernels.list()
         kinds = {s.kind for s in kernels if s.kind is not None}
         computed = {d for s in kernels for d in s.dtypes}
+        ops = [s.name for s in kernels if s.name in STANDARD_OPS]
         layout = self._pool.layout
         return device.replace(
             supported_dtypes=tuple(d for d in DType if d in computed),
@@ -145,7 +147,6 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             supported_kernels=tuple(
                 k for k in KernelKind if k in kinds or device.supports_kernel(k)
             ),
-            supported_ops=(*device.supported_ops, "batch_metadata", "kv_grow"),
             has_collective=True,
             has_graph_exec=self._graphs is not None,
             supported_collectives=spec.collectives,
@@ -153,6 +154,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             has_kv_block_copy=True,
             has_kv_block_migrate=True,
             max_memory_mb=pool_bytes // MIB,
+            supported_ops=(*ops, *(op.name for op in PROVIDER_OPS)),
             extra={
                 **device.extra,
                 "dist_backend": spec.backend,
@@ -407,23 +409,24 @@ class TorchBackendProvider(Unique, Generic[S, E]):
 
     # What engines and kernels read: the pools and block tables.
 
-    def kv_cache(self, device: str | None = None) -> torch.Tensor:
-        """The whole KV pool of ``device`` (default: this provider's device).
-
-        Shape ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``.
+    def kv_cache(self, layer: int, device: str | None = None) -> torch.Tensor:
+        """Layer ``layer``'s pages on ``device`` (default: this provider's device), a view
+        ``[num_pages, 2, tokens_per_block, num_kv_heads, head_size]`` (``KVLayout.cache_shape``).
         """
-        self._live()
-        where = self._device if device is None else self._blocks.check_device(device)
-        return self._pool.pools[where].tensor
-
-    def kv_cache_layer(self, layer: int, device: str | None = None) -> torch.Tensor:
-        """One layer's pages, ``[num_pages, 2, tokens, kv_heads, head_size]`` (a view)."""
         layers = self.kv_layout.num_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
             raise InvalidArgumentError(
                 f"layer must be an int in 0..{layers - 1}, got {layer!r}",
+                hint="pass the index of one of the model's layers",
             )
-        return self.kv_cache(device)[layer]
+        return self.kv_pool(device)[layer]
+
+    def kv_pool(self, device: str | None = None) -> torch.Tensor:
+        """Every layer's pages on ``device`` (default: this provider's device), one tensor
+        ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``."""
+        self._live()
+        where = self._device if device is None else self._blocks.check_device(device)
+        return self._pool.pools[where].tensor
 
     def block_table(self, blocks: Sequence[KVBlock], *, width: int | None = None) -> torch.Tensor:
         """``[len(blocks), width]`` int32 page indices, padded with 0, on the blocks' device.
@@ -512,6 +515,16 @@ class TorchBackendProvider(Unique, Generic[S, E]):
 
     def get_kernel(self, name: str) -> Callable[..., Any]:
         return self._kernels.get(name)
+
+    def get_op(self, name: str) -> Any:
+        """The standard kernel op ``name`` (typed by the protocols' ``OpLookup``)."""
+        self._live()
+        return self._kernels.get_op(name, self._capability)
+
+    def find_op(self, name: str) -> Any:
+        """As :meth:`get_op`, but None where the capability does not claim the op."""
+        self._live()
+        return self._kernels.find_op(name, self._capability)
 
     def kernel_spec(self, name: str) -> KernelSpec:
         return self._kernels.spec(name)
