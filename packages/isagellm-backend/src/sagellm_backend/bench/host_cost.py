@@ -96,7 +96,7 @@ def host_cost_cases(
     except ResourceExhaustedError as exc:
         raise InvalidArgumentError(
             f"the host-cost cases need {2 * batch} free KV pages on {provider.device}",
-            hint="pass a smaller --batch-blocks, or a larger pool in the spec (num_blocks=...)",
+            hint="pass a smaller --host-batch, or a larger pool in the spec (num_blocks=...)",
         ) from exc
     try:
         chosen = random.Random(seed).sample(blocks, 2 * batch)
@@ -163,13 +163,20 @@ def _alloc_free(
             batch,
         )
     rows = []
-    for label, contenders, call, statement in (
-        ("batch 1", single, "kv_block_alloc + kv_block_free", "free.append(free.pop())"),
+    for label, contenders, call, statement, path in (
+        (
+            "batch 1",
+            single,
+            "kv_block_alloc + kv_block_free",
+            "free.append(free.pop())",
+            "the single-block path",
+        ),
         (
             f"batch {batch}",
             batched,
             "kv_blocks_alloc + kv_blocks_free",
             "t = free[-n:]; del free[-n:]; free.extend(t)",
+            "the batch path",
         ),
     ):
         times = interleaved(contenders, rounds, lambda: None)
@@ -180,7 +187,8 @@ def _alloc_free(
                 f"list as a free list: {statement}",
                 times["ours"],
                 times["list"],
-                "the price of the checks, the lock and the handle over the plainest free list",
+                f"the price of the checks, the lock and the handle over the plainest free "
+                f"list, on {path}",
             )
         )
         if against is not None:
@@ -191,7 +199,8 @@ def _alloc_free(
                     f"{against.kind}: the same calls",
                     times["ours"],
                     times["other"],
-                    f"the {provider.kind} backend's bookkeeping against the {against.kind} one's",
+                    f"the {provider.kind} backend's bookkeeping against the {against.kind} "
+                    f"one's, on {path}",
                 )
             )
     return rows
