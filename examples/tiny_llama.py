@@ -340,7 +340,7 @@ def generate(
             (graph_ms if captured is not None else step_ms).append(
                 (time.perf_counter() - start) * 1e3
             )
-            step_logits.append(logits_out.detach().cpu())
+            step_logits.append(logits_out.detach().to("cpu", copy=True))
             for row, token in zip(out, sampled.tolist(), strict=True):
                 row.append(int(token))
     finally:
