@@ -49,7 +49,7 @@ def hf_model(example: ModuleType, weights: dict[str, Any], dtype: Any) -> Any:
         num_key_value_heads=c.num_key_value_heads,
         head_dim=c.head_dim,
         rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
         max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=c.tie_word_embeddings,
         hidden_act="silu",
