@@ -20,7 +20,7 @@ from sagellm_backend import DType
 from sagellm_backend.kernels import InputMaker, KernelInputs
 from sagellm_backend.ops import KERNEL_OPS
 from sagellm_backend.protocols import BackendProvider
-from sagellm_backend.testing import Outcome, run_conformance
+from sagellm_backend.testing import ConformanceTarget, Outcome, run_conformance
 from sagellm_backend.torch_backend.attention import paged_attention_decode
 from sagellm_backend.torch_backend.conformance import CpuTarget
 from sagellm_backend.torch_backend.norms import rms_norm
@@ -323,22 +323,27 @@ def test_a_kernel_registered_without_a_reference_is_checked_against_the_oracle()
     assert result.message == "3 dtypes x 4 seeds"
 
 
-class WithoutAdapter(CpuTarget):
-    tensors = None
+class WithoutAdapter(ConformanceTarget[torch.Tensor]):
+    """The providers ``make`` makes, with no tensor adapter (so no oracles)."""
 
+    name = "cpu"
 
-class BareWithoutAdapter(BareKernel):
-    tensors = None
+    def __init__(self, make: Callable[[], BackendProvider[torch.Tensor]]) -> None:
+        self._make = make
+
+    def make_provider(self) -> BackendProvider[torch.Tensor]:
+        return self._make()
 
 
 def test_without_an_oracle_the_report_says_only_the_own_reference_was_run() -> None:
-    report = run_conformance(WithoutAdapter(**OPTIONS), select=["ops.rms_norm"], seed=7)
+    target = WithoutAdapter(CpuTarget(**OPTIONS).make_provider)
+    report = run_conformance(target, select=["ops.rms_norm"], seed=7)
     result = report.result("ops.rms_norm")
     assert result.outcome is Outcome.PASSED, report.format_table()
     assert "against the backend's own reference only: target 'cpu' supplies no tensor adapter" in (
         result.message
     )
-    bare = BareWithoutAdapter(**OPTIONS)
+    bare = WithoutAdapter(BareKernel(**OPTIONS).make_provider)
     result = run_conformance(bare, select=["ops.rms_norm"], seed=7).result("ops.rms_norm")
     assert result.outcome is Outcome.FAILED
     assert "kernel_spec('rms_norm') carries no reference or input generator" in result.message
