@@ -70,7 +70,7 @@ RULES: list[tuple[re.Pattern[str], str | None]] = [
     (re.compile(r"\./packages/|^python3 -m venv|--find-links dist"), INSTALL),
     (re.compile(r"^pip install$"), REFERENCE),
     (re.compile(r"benchmarks/plot_cuda_kv\.py"), PLOT),
-    (re.compile(r"\bcuda\b|cuda_device_run|tune_cuda_attention"), GPU),
+    (re.compile(r"\bcuda\b|cuda_device_run|tune_cuda_attention|cuda_model_kernels"), GPU),
     (re.compile(r"my_engine\.py|^torchrun --nproc-per-node N$"), ENGINE),
     (re.compile(r"benchmarks/import_cost\.py"), BENCHMARK),
     (re.compile(r"^(sagellm-backend|python3? -m sagellm_backend|python3? -c pass$)"), None),

@@ -111,7 +111,8 @@ def test_device_suite_without_a_gpu_says_why(capsys: pytest.CaptureFixture[str])
 
 
 def test_device_suite_table_prints_each_size_and_each_target_once() -> None:
-    """On the KV-movement figures of the H200 run that docs/cuda.md shows (no attention rows)."""
+    """On the KV-movement figures of the H200 run that docs/cuda.md shows (no attention or model
+    kernel rows)."""
     pytest.importorskip("torch", reason="the suite's module needs torch (any build)")
     from sagellm_backend_cuda.bench import TARGETS, format_table
 
@@ -119,6 +120,13 @@ def test_device_suite_table_prints_each_size_and_each_target_once() -> None:
     figures = {
         **json.loads((docs / "cuda-kv-movement.json").read_text()),
         "attention": {"decode": [], "prefill": []},
+        "model_kernels": {
+            "tokens": 16384,
+            "hidden": 4096,
+            "dtype": "bf16",
+            "kernels": [],
+            "sampling": [],
+        },
     }
     rows = format_table(figures).splitlines()
     for size in (r["blocks"] for r in figures["rows"]):

@@ -13,7 +13,10 @@ indices as a random permutation of the pool, and for each batch size times:
 - the host cost of an event pair with elapsed_ms through the provider against raw
   ``torch.cuda.Event``, and pool alloc+free in batches;
 - the paged attention kernels (:mod:`sagellm_backend_cuda.bench_attention`): decode against the
-  roofline, prefill against SDPA's flash kernel, both against the torch layer's reference.
+  roofline, prefill against SDPA's flash kernel, both against the torch layer's reference;
+- the model's other kernels and sampling (:mod:`sagellm_backend_cuda.bench_model`): KV slot
+  write, fused add + rms_norm, rotary and silu_and_mul against the roofline and torch; greedy
+  sampling against one read of the logits, top-k / top-p against a torch sort.
 
 Device times are CUDA-event medians after a warm-up. Before each timed region the GPU is kept
 busy (``torch.cuda._sleep``) for longer than the host needs to issue the operation, so the
@@ -41,6 +44,7 @@ from sagellm_backend.registry import get_backend
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend_cuda.adapter import PooledEvent, new_cuda_event
 from sagellm_backend_cuda.bench_attention import attention_suite, format_attention
+from sagellm_backend_cuda.bench_model import format_model_kernels, model_kernels
 
 __all__ = ["LLAMA_3_8B", "KVMovementReport", "device_suite", "format_table", "run"]
 
@@ -191,6 +195,7 @@ def _run(
         "events": events,
         "alloc_free": alloc,
         "attention": attention,
+        "model_kernels": model_kernels(provider, timer.time, roofline, seed=seed, say=say),
     }
     figures["checks"] = _verdicts(figures)
     return figures
@@ -403,7 +408,8 @@ def _verdicts(f: dict[str, Any]) -> list[dict[str, Any]]:
         met = value <= target if name == "event_cost_ratio" else value >= target
         out.append({"target": name, "goal": target, "measured": value, "met": met})
     attention: list[dict[str, Any]] = f["attention"]["checks"]
-    return out + attention
+    model: list[dict[str, Any]] = f["model_kernels"]["checks"]
+    return out + attention + model
 
 
 def format_table(f: dict[str, Any]) -> str:
@@ -434,6 +440,8 @@ def format_table(f: dict[str, Any]) -> str:
         f"{a['device_bytes_allocated']} device bytes allocated",
         "",
         *format_attention(f["attention"]),
+        "",
+        *format_model_kernels(f["model_kernels"]),
         "",
         "| target | goal | measured | met |",
         "|---|---:|---:|---|",

@@ -1,9 +1,9 @@
 # Triton kernels take untyped parameters (Triton reads their annotations itself) and triton.jit
 # is untyped, so these two checks cannot apply to the kernel bodies in this module.
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
-"""Triton kernels of the cuda backend: one-launch KV page movement and a fused rms_norm.
+"""Triton kernels of the cuda backend's KV page movement: every page pair in one launch.
 
-Both run on the GPU and, for development without one, under Triton's interpreter
+They run on the GPU and, for development without one, under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before this module is imported) on CPU tensors.
 
 :func:`copy_pages` moves whole pages between two page pools of the torch layer's layout
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from sagellm_backend.errors import InvalidArgumentError
 
-__all__ = ["copy_pages", "rms_norm"]
+__all__ = ["copy_pages"]
 
 _WORDS_PER_PROGRAM = 4096
 """32-bit words one program copies: 16 KiB, four programs per 64 KiB Llama-sized chunk."""
@@ -94,53 +94,3 @@ def copy_pages(src: torch.Tensor, dst: torch.Tensor, pages: torch.Tensor) -> Non
 
 def _words(pool: torch.Tensor) -> torch.Tensor:
     return pool.view(-1).view(torch.int32)
-
-
-@triton.jit
-def _rms_norm_kernel(x, weight, out, hidden, row_stride, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    columns = tl.arange(0, BLOCK)
-    mask = columns < hidden
-    values = tl.load(x + row * row_stride + columns, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.rsqrt(tl.sum(values * values, axis=0) / hidden + eps)
-    w = tl.load(weight + columns, mask=mask, other=0.0).to(tl.float32)
-    result = values * scale * w
-    tl.store(out + row * hidden + columns, result.to(out.dtype.element_ty), mask=mask)
-
-
-_MAX_HIDDEN = 1 << 16
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, in fp32, one launch.
-
-    The same contract as the torch layer's reference ``rms_norm``: ``x[..., hidden]``,
-    ``weight[hidden]``, the result in ``x``'s dtype.
-    """
-    if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise InvalidArgumentError(
-            f"rms_norm needs x[..., hidden] and weight[hidden], got {tuple(x.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    if x.device != weight.device:
-        raise InvalidArgumentError(f"x is on {x.device} and weight on {weight.device}")
-    hidden = x.shape[-1]
-    if not 0 < hidden <= _MAX_HIDDEN:
-        raise InvalidArgumentError(f"rms_norm supports hidden sizes 1..{_MAX_HIDDEN}, got {hidden}")
-    rows = x.reshape(-1, hidden)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty((rows.shape[0], hidden), dtype=x.dtype, device=x.device)
-    if rows.shape[0]:
-        block = triton.next_power_of_2(hidden)
-        _rms_norm_kernel[(rows.shape[0],)](
-            rows,
-            weight.contiguous(),
-            out,
-            hidden,
-            rows.stride(0),
-            eps,
-            BLOCK=block,
-            num_warps=min(16, max(1, block // 256)),
-        )
-    return out.view(x.shape)

@@ -2,8 +2,8 @@
 
 What the cuda backend adds to the torch layer, and nothing else: the :class:`CudaAdapter`, the
 one-launch KV page movement (:class:`TritonPageMover`), CUDA graph capture
-(:class:`CudaGraphs`) and the Triton kernels registered over the reference kernels of the same
-names (``rms_norm``, ``paged_attention_decode``, ``paged_attention_prefill``).
+(:class:`CudaGraphs`) and the Triton kernels of the standard ops (:data:`KERNELS`), registered
+over the torch layer's reference kernels of the same names.
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ from typing import Any
 
 import torch
 
-from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.ops import STANDARD_OPS
+from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES
 from sagellm_backend.torch_backend.provider import TorchBackendProvider, create_torch_provider
 from sagellm_backend_cuda.adapter import CudaAdapter, PooledEvent, visible_devices_text
 from sagellm_backend_cuda.attention import paged_attention_decode, paged_attention_prefill
 from sagellm_backend_cuda.graphs import CudaGraphs
-from sagellm_backend_cuda.kernels import rms_norm
+from sagellm_backend_cuda.kv_write import kv_cache_write
+from sagellm_backend_cuda.layers import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from sagellm_backend_cuda.movement import TritonPageMover
+from sagellm_backend_cuda.sampling import sample
 
-__all__ = ["CUDA", "create_cuda_provider"]
+__all__ = ["CUDA", "KERNELS", "create_cuda_provider", "register_triton_kernels"]
 
 CUDA = CudaAdapter()
 """The process's GPUs; every cuda provider shares it (and so its event pool)."""
@@ -45,40 +47,43 @@ def create_cuda_provider(
     provider = create_torch_provider(
         CUDA, device, options, os.environ, mover=mover, graphs=CudaGraphs(CUDA, mover)
     )
-    for name, impl in KERNELS:
-        _register_over_reference(provider, name, impl)
+    register_triton_kernels(provider)
     return provider
 
 
 KERNELS: tuple[tuple[str, Callable[..., Any]], ...] = (
-    ("rms_norm", rms_norm),
+    ("kv_cache_write", kv_cache_write),
     ("paged_attention_decode", paged_attention_decode),
     ("paged_attention_prefill", paged_attention_prefill),
+    ("rotary_embedding", rotary_embedding),
+    ("rms_norm", rms_norm),
+    ("fused_add_rms_norm", fused_add_rms_norm),
+    ("silu_and_mul", silu_and_mul),
+    ("sample", sample),
 )
 """The Triton kernels, each registered under the name of the reference kernel it replaces."""
 
 
-def _register_over_reference(
-    provider: TorchBackendProvider[torch.cuda.Stream, PooledEvent],
-    name: str,
-    impl: Callable[..., Any],
-) -> None:
-    """Register ``impl`` with the reference, inputs and tolerance of the kernel it replaces;
-    a standard op the torch layer has no reference for is registered bare."""
+def register_triton_kernels(provider: TorchBackendProvider[Any, Any]) -> None:
+    """Register :data:`KERNELS` over the provider's reference kernels of the same names.
+
+    Each keeps its reference's checks (reference, input generator, tolerance), so
+    ``kernel_spec(name).check(seed, dtype)`` compares the Triton kernel with the reference; a
+    standard op the torch layer has no reference for is registered bare.
+    """
     known = {spec.name: spec for spec in provider.list_kernels()}
-    reference = known.get(name)
-    if reference is None:
+    for name, impl in KERNELS:
+        reference = known.get(name)
+        if reference is None:
+            provider.register_kernel(name, impl, kind=STANDARD_OPS[name].kind, dtypes=KERNEL_DTYPES)
+            continue
         provider.register_kernel(
-            name, impl, kind=STANDARD_OPS[name].kind, dtypes=(DType.FP32, DType.FP16, DType.BF16)
+            name,
+            impl,
+            kind=reference.kind,
+            dtypes=reference.dtypes,
+            reference=reference.reference,
+            make_inputs=reference.make_inputs,
+            compare=reference.compare,
+            override=True,
         )
-        return
-    provider.register_kernel(
-        name,
-        impl,
-        kind=reference.kind,
-        dtypes=reference.dtypes,
-        reference=reference.reference,
-        make_inputs=reference.make_inputs,
-        compare=reference.compare,
-        override=True,
-    )
