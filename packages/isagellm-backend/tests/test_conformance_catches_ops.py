@@ -21,8 +21,9 @@ from sagellm_backend.kernels import InputMaker, KernelInputs
 from sagellm_backend.ops import KERNEL_OPS
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.testing import ConformanceTarget, Outcome, run_conformance
+from sagellm_backend.testing.spec_target import target_for_spec
 from sagellm_backend.torch_backend.attention import paged_attention_decode
-from sagellm_backend.torch_backend.conformance import CpuTarget
+from sagellm_backend.torch_backend.conformance import CpuTarget, TorchTensors
 from sagellm_backend.torch_backend.norms import rms_norm
 from sagellm_backend.torch_backend.op_inputs import SHAPES
 from sagellm_backend.torch_backend.rotary import rotary_cos_sin_cache, rotary_embedding
@@ -357,3 +358,11 @@ def test_the_faithful_cpu_provider_passes_each_op_check_in_every_dtype(check: st
     assert report.capability.supported_dtypes == (DType.FP32, DType.FP16, DType.BF16)
     if check != "ops.lookup":
         assert result.message.startswith("3 dtypes x 4 seeds; the registered reference agrees")
+
+
+def test_check_cpu_runs_the_ops_against_the_torch_layers_oracles() -> None:
+    target = target_for_spec("cpu?num_blocks=8&host_num_blocks=8")
+    assert isinstance(target.tensors, TorchTensors)
+    result = run_conformance(target, select=["ops.rms_norm"], seed=7).result("ops.rms_norm")
+    assert result.outcome is Outcome.PASSED, result.message
+    assert result.message.startswith("3 dtypes x 4 seeds; the registered reference agrees")
