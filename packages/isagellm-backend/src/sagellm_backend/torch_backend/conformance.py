@@ -6,8 +6,9 @@ rank reports its outcome through a pipe, then stays connected until every rank h
 so a rank that skips a collective leaves the others to time out rather than to see it leave.
 
 ``TorchTensors``, the tensor adapter of every torch backend's target (cpu, cuda, ascend), also
-gives the kit its oracles for the standard ops: the torch layer's float64 references and input
-generators (:func:`.kernels.standard_kernels`), whatever the provider has registered.
+gives the kit its oracles for the standard ops (:func:`standard_oracle`): the torch layer's
+float64 references and input generators (:func:`.kernels.standard_kernels`), whatever the
+provider has registered.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from sagellm_backend.torch_backend.dtypes import KV_DTYPES, to_torch_dtype
 from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, compare, standard_kernels
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 
-__all__ = ["CpuTarget", "TorchTensors"]
+__all__ = ["CpuTarget", "TorchTensors", "standard_oracle"]
 
 _RELEASE_TIMEOUT_S = 120.0
 
@@ -58,14 +59,18 @@ class TorchTensors:
         return [float(v) for v in tensor.tolist()]
 
     def oracle(self, provider: BackendProvider[torch.Tensor], name: str) -> OpOracle | None:
-        """The torch layer's float64 reference and input generator of ``name`` (head sizes 64
-        and 128, GQA and MQA, variable lengths, NaN in every unused slot), with inputs on the
-        provider's device."""
-        row = standard_kernels(_device(provider)).get(name)
-        if row is None:
-            return None
-        _, reference, make_inputs = row
-        return OpOracle(name, reference, make_inputs, compare, frozenset(KERNEL_DTYPES))
+        return standard_oracle(name, _device(provider))
+
+
+def standard_oracle(name: str, device: torch.device) -> OpOracle | None:
+    """The torch layer's float64 reference and input generator of the standard op ``name``
+    (head sizes 64 and 128, GQA and MQA, variable lengths, NaN in every unused slot), with
+    inputs on ``device``; None for a name that is not a standard kernel op."""
+    row = standard_kernels(device).get(name)
+    if row is None:
+        return None
+    _, reference, make_inputs = row
+    return OpOracle(name, reference, make_inputs, compare, frozenset(KERNEL_DTYPES))
 
 
 def _device(provider: BackendProvider[torch.Tensor]) -> torch.device:
