@@ -61,7 +61,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 def dtype_of(p: Any) -> DType:
-    return p.capability().supported_dtypes[0]  # type: ignore[no-any-return]
+    return p.capability().kv_dtypes[0]  # type: ignore[no-any-return]
 
 
 def read(p: Any, tensor: Any) -> list[int]:
@@ -281,9 +281,9 @@ def test_the_mock_refuses_slots_beyond_exact_fp32() -> None:
         supported_dtypes=["fp8"], num_layers=1, num_kv_heads=1, head_size=1, tokens_per_block=huge
     )
     md = p.create_batch_metadata(1, 1, 1)
-    for _ in range(15):  # the mock never reuses page ids: page 15 is the last exact one
-        p.kv_block_free(p.kv_block_alloc(1, "fp8"))
+    held = p.kv_blocks_alloc([1] * 15, "fp8")  # pages 0 to 14: page 15 is the last exact one
     last = p.kv_block_alloc(1, "fp8")
+    assert last.pages == (15,) and len(held) == 15
     md.plan([last], [huge])
     p.synchronize()
     assert md.slot_mapping.tolist() == [EXACT_LIMIT - 1]

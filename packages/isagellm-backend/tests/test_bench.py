@@ -14,23 +14,47 @@ from sagellm_backend.bench import baselines_for, register_baselines, run_benchma
 from sagellm_backend.bench.mock_baselines import MockBaselines
 from sagellm_backend.mock import MockBackendProvider
 
-CASES = [
+BATCH_METADATA = ("batch metadata per decode step, 4 seqs x 4 pages", "new tensors from lists")
+
+
+def host_cost(batch: int) -> list[tuple[str, str]]:
+    return [
+        ("alloc+free per block, batch 1", "list as a free list: free.append(free.pop())"),
+        (
+            f"alloc+free per block, batch {batch}",
+            "list as a free list: t = free[-n:]; del free[-n:]; free.extend(t)",
+        ),
+        (f"kv_blocks_copy, {batch} blocks", "plain indexed copy of the same pages"),
+        (
+            f"kv_blocks_migrate out and in, {batch} blocks",
+            "plain indexed copies between the pools",
+        ),
+    ]
+
+
+DEVICE = [
     ("kv copy", "per-block loop"),
     ("kv copy", "one contiguous copy"),
     ("kv swap", "per-block loop"),
     ("kv swap", "contiguous out + in"),
-    ("alloc+free per block", "list pop + append"),
     ("event record + elapsed_ms", "raw device events"),
-    ("batch metadata per decode step, 4 seqs x 4 pages", "new tensors from lists"),
 ]
-QUICK_CASES = [*CASES[:-1], ("batch metadata per decode step, 8 seqs x 16 pages", CASES[-1][1])]
+CASES = [*DEVICE, BATCH_METADATA, *host_cost(8)]
+QUICK_CASES = [
+    *DEVICE,
+    ("batch metadata per decode step, 8 seqs x 16 pages", BATCH_METADATA[1]),
+    *host_cost(64),
+    ("start-up", "python -c pass"),
+]
 
 
 def test_every_case_runs_and_leaves_the_pool_as_it_was() -> None:
     provider = MockBackendProvider()
     steps: list[str] = []
     try:
-        report = run_benchmarks(provider, blocks=8, repeats=2, batch=(4, 4), progress=steps.append)
+        report = run_benchmarks(
+            provider, blocks=8, repeats=2, batch=(4, 4), host_batch=8, progress=steps.append
+        )
         assert provider.memory_stats().kv_blocks_in_use == 0
     finally:
         provider.close()
@@ -43,7 +67,8 @@ def test_every_case_runs_and_leaves_the_pool_as_it_was() -> None:
     assert table.count("\n| ") == len(CASES) + 1
     assert "| kv copy | batched | per-block loop | what batching saves" in table
     alloc = next(line for line in table.splitlines() if line.startswith("| alloc+free"))
-    assert "the floor of any free list in Python" in alloc and " us per block |" in alloc
+    assert "over the plainest free list, on the single-block path" in alloc
+    assert " us per block |" in alloc
     step = next(line for line in table.splitlines() if line.startswith("| batch metadata"))
     assert " us per decode step |" in step
 
@@ -59,7 +84,7 @@ def test_a_device_registers_its_own_baselines() -> None:
         assert type(inherited) is type(baselines_for(plain))
         register_baselines(Faster, lambda _: MockBaselines(faster))
         assert isinstance(baselines_for(faster), MockBaselines)
-        report = run_benchmarks(faster, blocks=4, repeats=1, batch=(4, 4))
+        report = run_benchmarks(faster, blocks=4, repeats=1, batch=(4, 4), host_batch=8)
         assert len(report.rows) == len(CASES)
     finally:
         plain.close()
@@ -85,8 +110,8 @@ def test_bad_sizes_are_refused() -> None:
 def test_batch_metadata_is_skipped_where_it_is_not_claimed() -> None:
     provider = MockBackendProvider(supported_ops=["sample"])
     try:
-        report = run_benchmarks(provider, blocks=4, repeats=1)
-        assert [(r.case, r.baseline) for r in report.rows] == CASES[:-1]
+        report = run_benchmarks(provider, blocks=4, repeats=1, host_batch=8)
+        assert [(r.case, r.baseline) for r in report.rows] == [*DEVICE, *host_cost(8)]
         assert report.skipped == ["batch metadata: the backend does not claim batch_metadata"]
     finally:
         provider.close()
@@ -104,3 +129,30 @@ def test_the_command_prints_json() -> None:
     report = json.loads(out.stdout)
     assert [[r["case"], r["baseline"]] for r in report["rows"]] == [list(c) for c in QUICK_CASES]
     assert "bench: kv swap: batched" in out.stderr
+
+
+def test_host_cost_rows_are_per_block_and_say_what_the_baseline_shows() -> None:
+    provider, other = MockBackendProvider(), MockBackendProvider(max_memory_mb=64)
+    try:
+        report = run_benchmarks(
+            provider, blocks=4, repeats=3, batch=(4, 4), host_batch=16, against=other, startup=2
+        )
+        assert provider.memory_stats().kv_blocks_in_use == 0
+        assert other.memory_stats().kv_blocks_in_use == 0
+    finally:
+        provider.close()
+        other.close()
+    rows = {(r.case, r.baseline): r for r in report.rows}
+    against = [r for r in report.rows if r.baseline == "mock: the same calls"]
+    assert [r.case for r in against] == [
+        "alloc+free per block, batch 1",
+        "alloc+free per block, batch 16",
+    ]
+    for case, baseline in [*host_cost(16), ("start-up", "python -c pass")]:
+        row = rows[case, baseline]
+        assert row.measures and row.count == 1
+        assert row.ours_s > row.baseline_s > 0, "the plain baseline is the faster one"
+    startup = rows["start-up", "python -c pass"]
+    assert startup.item == "process" and 0.001 < startup.baseline_s < startup.ours_s < 30
+    table = report.format_table()
+    assert "us per block" in table and "us per process" in table

@@ -30,9 +30,9 @@ from sagellm_backend.testing.checks.long_run import LONG_RUN_OPS
 
 
 class AcceptsDoubleFree(MockBackendProvider):
-    def kv_block_free(self, block: KVBlock) -> None:
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         with contextlib.suppress(BlockNotFoundError):
-            super().kv_block_free(block)
+            super().kv_block_free(block, after=after)
 
 
 class CopyMovesNothing(MockBackendProvider):
@@ -149,9 +149,9 @@ class BarrierDoesNotWait(MockBackendProvider):
 
 
 class BatchFreeIsNotAtomic(MockBackendProvider):
-    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+    def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
         for block in blocks:
-            self.kv_block_free(block)
+            self.kv_block_free(block, after=after)
 
 
 class GatherOutOfOrder(MockBackendProvider):
@@ -210,10 +210,10 @@ class LosesAFreeUnderLoad(MockBackendProvider):
 
     frees = 0
 
-    def kv_block_free(self, block: KVBlock) -> None:
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         self.frees += 1
         if self.frees % 300:
-            super().kv_block_free(block)
+            super().kv_block_free(block, after=after)
 
 
 class StaleEvent(MockEvent):

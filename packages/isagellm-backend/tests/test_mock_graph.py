@@ -17,6 +17,7 @@ from sagellm_backend import (
     MockBackendProvider,
     MockTensor,
 )
+from sagellm_backend.mock.pool import POISON
 
 
 def page_bytes(p: MockBackendProvider, byte: int) -> bytes:
@@ -40,7 +41,9 @@ def test_replay_gives_the_same_result_as_running_eagerly() -> None:
     with p.capture_graph() as graph:
         workload(p, a, b, c)
     assert isinstance(graph, Graph)
-    assert [p.kv_block_read(x) for x in (a, b, c)] == [page_bytes(p, 0)] * 3, "captured, not run"
+    assert [p.kv_block_read(x) for x in (a, b, c)] == [page_bytes(p, POISON)] * 3, (
+        "captured, not run"
+    )
     graph.replay()
     assert [p.kv_block_read(x) for x in (a, b, c)] == expected
     p.kv_block_write(c, page_bytes(p, 9))
@@ -56,7 +59,9 @@ def test_capture_on_a_side_stream_replays_there() -> None:
         p.kv_block_write(a, page_bytes(p, 3))
         p.kv_block_copy(a, b)
     graph.replay()
-    assert p.kv_block_read(b) == page_bytes(p, 0), "replayed on the side stream, not waited for"
+    assert p.kv_block_read(b) == page_bytes(p, POISON), (
+        "replayed on the side stream, not waited for"
+    )
     side.synchronize()
     assert p.kv_block_read(b) == page_bytes(p, 3)
 
@@ -88,7 +93,7 @@ def test_host_side_operations_during_capture_are_refused_and_change_nothing() ->
                 call()
             assert info.value.code is ErrorCode.GRAPH_CAPTURE_VIOLATION and info.value.hint
     assert (p.memory_stats(), p.live_blocks()) == before
-    assert p.kv_block_read(b) == page_bytes(p, 0)
+    assert p.kv_block_read(b) == page_bytes(p, POISON)
 
 
 def test_capture_needs_the_capability() -> None:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import pickle
 import random
 import subprocess
 import sys
 import threading
+import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from sagellm_backend import (
+    BackendUnavailableError,
     BlockNotFoundError,
     CapabilityError,
     DType,
@@ -25,6 +31,8 @@ from sagellm_backend import (
     MockBackendProvider,
     ResourceExhaustedError,
 )
+from sagellm_backend.mock.pool import MAX_PAGES, POISON
+from sagellm_backend.mock.provider import MAX_DEVICES
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SEED_EXAMPLE = """\
@@ -77,13 +85,17 @@ def test_blocks_are_allocated_on_demand_and_accounted_exactly() -> None:
     assert p.memory_stats().used_bytes == 0 and p.live_blocks() == []
 
 
-def test_new_blocks_read_as_zeros_and_writes_read_back() -> None:
+def test_new_blocks_read_as_poison_and_writes_read_back() -> None:
     p = MockBackendProvider()
     block = p.kv_block_alloc(20, DType.FP16)
-    assert p.kv_block_read(block) == bytes(2 * p.kv_layout.page_bytes(DType.FP16))
+    assert p.kv_block_read(block) == bytes([POISON]) * (2 * p.kv_layout.page_bytes(DType.FP16))
     data = pattern(p, block, 1)
     p.kv_block_write(block, data)
     assert p.kv_block_read(block) == data
+    p.kv_block_free(block)
+    (again,) = p.kv_blocks_alloc([20], DType.FP16)
+    assert set(again.pages) == set(block.pages), "the freed pages are handed out again"
+    assert p.kv_block_read(again) == bytes([POISON]) * len(data), "poisoned, not the old bytes"
 
 
 def test_copy_and_batched_copy_move_the_bytes() -> None:
@@ -237,9 +249,17 @@ def test_mismatched_copies_are_refused_and_change_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("target", "match"),
-    [("mock:2", "unknown device 'mock:2'"), ("cuda:0", "unknown device"), ("mock:", "malformed"),
-     ("host\n", "malformed"), ("mock:\u0661", "malformed"), ("mock:0\n", "malformed")],
-)  # fmt: skip
+    [
+        ("mock:2", "unknown device 'mock:2'"),
+        ("cuda:0", "unknown device"),
+        ("mock:", "malformed"),
+        ("host\n", "malformed"),
+        ("mock:\u0661", "malformed"),
+        ("mock:0\n", "malformed"),
+        (" mock:1", "malformed"),
+        ("mock:01", "malformed"),
+    ],
+)
 def test_migrate_to_a_bad_device_is_refused_and_changes_nothing(target: str, match: str) -> None:
     p = MockBackendProvider()
     block = p.kv_block_alloc(16, DType.FP16)
@@ -305,3 +325,101 @@ def test_threads_on_one_provider_end_with_exact_accounting() -> None:
     stats = p.memory_stats()
     assert (stats.kv_blocks_in_use, stats.used_bytes) == (8, 8 * page)
     assert len({b.handle for b in p.live_blocks()}) == 8
+
+
+def test_growth_appends_pages_keeps_the_bytes_and_the_handle_number() -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    assert p.capability().supports_op("kv_grow")
+    page = p.kv_layout.page_bytes(DType.FP16)
+    block = p.kv_block_alloc(16, DType.FP16)
+    data = pattern(p, block, 11)
+    p.kv_block_write(block, data)
+    grown = p.kv_block_grow(block, 40)
+    assert (grown.handle, grown.num_tokens, grown.pages[:1]) == (block.handle, 40, block.pages)
+    assert p.kv_block_read(grown) == data + bytes([POISON]) * (2 * page), "new pages: poison"
+    assert p.memory_stats().used_bytes == 3 * page
+    with pytest.raises(BlockNotFoundError, match="grown"):
+        p.kv_block_read(block)
+    other = p.kv_block_alloc(16, DType.BF16)
+    before = snapshot(p)
+    pages = (1 << 20) // page
+    with pytest.raises(ResourceExhaustedError):
+        p.kv_blocks_grow([grown, other], [16 * pages, 32])
+    with pytest.raises(InvalidArgumentError, match="cannot grow"):
+        p.kv_blocks_grow([grown, other], [48, 8])
+    assert snapshot(p) == before, "a refused growth changes nothing"
+    assert p.kv_blocks_grow([grown, other], [48, 16]) == [
+        p.live_blocks()[0],
+        other,
+    ]
+
+
+def test_write_counts_the_bytes_of_any_buffer() -> None:
+    p = MockBackendProvider()
+    block = p.kv_block_alloc(16, DType.FP16)
+    size = p.kv_layout.page_bytes(DType.FP16)
+    values = array("H", random.Random(4).choices(range(1 << 16), k=size // 2))
+    p.kv_block_write(block, cast(bytes, memoryview(values)))  # any buffer, at run time
+    assert p.kv_block_read(block) == values.tobytes()
+    with pytest.raises(InvalidArgumentError, match=f"{2 * size} bytes"):
+        p.kv_block_write(block, cast(bytes, memoryview(array("H", bytes(2 * size)))))
+
+
+def test_too_many_devices_are_refused_at_once() -> None:
+    started = time.perf_counter()
+    with pytest.raises(InvalidArgumentError, match="num_devices") as info:
+        MockBackendProvider(num_devices=1_000_000_000)
+    assert time.perf_counter() - started < 1.0 and info.value.hint
+    many = MockBackendProvider(num_devices=MAX_DEVICES)
+    moved = many.kv_block_migrate(many.kv_block_alloc(16, DType.FP16), f"mock:{MAX_DEVICES - 1}")
+    assert moved.device == f"mock:{MAX_DEVICES - 1}"
+
+
+def test_a_huge_allocation_is_resource_exhausted_not_a_memory_error() -> None:
+    p = MockBackendProvider(max_memory_mb=100_000_000)
+    before = snapshot(p)
+    for call in (
+        lambda: p.kv_block_alloc(10**10, DType.FP16),
+        lambda: p.kv_blocks_alloc([10**9] * 3, DType.FP16),
+        lambda: p.kv_blocks_alloc([16] * (MAX_PAGES + 1), DType.FP16),
+    ):
+        with pytest.raises(ResourceExhaustedError, match="pages") as info:
+            call()
+        assert info.value.hint
+    with pytest.raises(InvalidArgumentError, match="could ever hold"):
+        p.kv_block_alloc(10**20, DType.FP16)
+    assert snapshot(p) == before
+
+
+@pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_a_provider_cannot_be_copied_or_pickled(copier: Callable[[object], object]) -> None:
+    p = MockBackendProvider()
+    with pytest.raises(InvalidArgumentError) as info:
+        copier(p)
+    assert info.value.hint and "get_backend" in info.value.hint
+    p.kv_block_alloc(16, DType.FP16)
+    assert p.memory_stats().kv_blocks_in_use == 1, "the provider is untouched"
+
+
+def allocate_until_closed(p: MockBackendProvider, go: threading.Event) -> None:
+    go.wait()
+    with contextlib.suppress(BackendUnavailableError):
+        while True:
+            p.kv_block_alloc(16, DType.FP16)
+            p.kv_blocks_alloc([16, 40], DType.FP16)
+
+
+def test_blocks_allocated_by_threads_racing_close_are_not_left_accounted() -> None:
+    for _ in range(5):
+        p = MockBackendProvider()
+        memory = p._memory.device(p.device)
+        go = threading.Event()
+        threads = [threading.Thread(target=allocate_until_closed, args=(p, go)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        go.set()
+        time.sleep(0.02)
+        p.close()
+        for t in threads:
+            t.join(timeout=10)
+        assert (memory.used, len(memory.sizes)) == (0, 0), "every block freed by close"

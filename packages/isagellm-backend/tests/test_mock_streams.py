@@ -16,6 +16,7 @@ from sagellm_backend import (
     MockBackendProvider,
     Stream,
 )
+from sagellm_backend.mock.pool import POISON
 
 
 def fill(provider: MockBackendProvider, block: KVBlock, byte: int) -> bytes:
@@ -40,7 +41,9 @@ def test_work_runs_only_when_waited_for(p: MockBackendProvider) -> None:
     with side:
         data = fill(p, block, 7)
     assert side.queued == 1 and side.done == 0, "issuing does not run the work"
-    assert p.kv_block_read(block) == bytes(len(data)), "stale: the read waits for its own stream"
+    assert p.kv_block_read(block) == bytes([POISON]) * len(data), (
+        "stale: the read waits for its own stream"
+    )
     assert side.query() is True and side.done == 1
     assert p.kv_block_read(block) == data
 
@@ -89,7 +92,7 @@ def test_without_wait_event_the_copy_reads_the_old_data(p: MockBackendProvider) 
         data = fill(p, a, 1)
         side.record_event()
     p.kv_block_copy(a, b)
-    assert p.kv_block_read(b) == bytes(len(data))
+    assert p.kv_block_read(b) == bytes([POISON]) * len(data)
 
 
 def test_wait_stream_waits_for_work_queued_so_far(p: MockBackendProvider) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
@@ -315,3 +319,56 @@ def test_a_closed_provider_refuses_calls(p: Provider) -> None:
         p.kv_block_alloc(4, "fp16")
     with pytest.raises(BackendUnavailableError):
         p.get_op("rms_norm")
+
+
+def test_growth_appends_pages_in_place_without_copying(p: Provider) -> None:
+    assert p.capability().supports_op("kv_grow")
+    block = p.kv_block_alloc(4, "fp16")
+    data = fill(p, block)
+    pool = p.kv_pool()
+    grown = p.kv_block_grow(block, 10)
+    assert (grown.handle, grown.pages[:1], grown.num_pages) == (block.handle, block.pages, 3)
+    head = pool[:, grown.pages[0]].contiguous().view(torch.uint8).flatten().numpy().tobytes()
+    assert head == data, "the first page stays where it was, with its bytes"
+    assert counts(p) == (1, 3)
+    with pytest.raises(BlockNotFoundError, match="grown"):
+        p.kv_block_free(block)
+    with pytest.raises(InvalidArgumentError, match="cannot grow"):
+        p.kv_block_grow(grown, 3)
+    other = p.kv_block_alloc(4, "fp16")
+    with pytest.raises(ResourceExhaustedError):
+        p.kv_blocks_grow([grown], [4 * 16])
+    assert counts(p) == (2, 4)
+    p.kv_blocks_free([grown, other])
+
+
+def test_write_counts_the_bytes_of_any_buffer(p: Provider) -> None:
+    block = p.kv_block_alloc(4, "fp16")
+    size = p.kv_layout.page_bytes(DType.FP16)
+    values = array("H", os.urandom(size))
+    p.kv_block_write(block, cast(bytes, memoryview(values)))  # any buffer, at run time
+    assert p.kv_block_read(block) == values.tobytes()
+    with pytest.raises(InvalidArgumentError, match=f"got {2 * size}"):
+        p.kv_block_write(block, cast(bytes, memoryview(array("H", bytes(2 * size)))))
+
+
+@pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_a_provider_cannot_be_copied_or_pickled(
+    p: Provider, copier: Callable[[object], object]
+) -> None:
+    with pytest.raises(InvalidArgumentError, match="cannot be"):
+        copier(p)
+    block = p.kv_block_alloc(4, "fp16")
+    assert pickle.loads(pickle.dumps(block)) == block, "handles still pickle"
+
+
+def test_free_after_an_event_of_this_provider_only(p: Provider) -> None:
+    a, b = p.kv_blocks_alloc([4, 4], "fp16")
+    event = p.create_event()
+    event.record()
+    p.kv_block_free(a, after=event)
+    with pytest.raises(InvalidArgumentError, match="not an event"):
+        p.kv_blocks_free([b], after=object())  # type: ignore[arg-type]  # deliberately wrong
+    assert counts(p)[0] == 1
+    p.kv_blocks_free([b], after=p.current_stream().record_event())
+    assert counts(p) == (0, 0)

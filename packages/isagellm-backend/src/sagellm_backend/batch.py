@@ -29,10 +29,9 @@ from __future__ import annotations
 import itertools
 import operator
 from array import array
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from sagellm_backend.blocks import BlockTable
 from sagellm_backend.errors import InvalidArgumentError
@@ -149,7 +148,7 @@ class BatchPlanner:
         sections: BatchSections,
         buffer: memoryview,
         *,
-        table: BlockTable[Any],
+        table: BlockTable,
         layout: KVLayout,
         device: str,
         check: BlockCheck | None = None,
@@ -265,7 +264,7 @@ class BatchPlanner:
                 f"blocks must be KVBlock handles, got {type(bad).__name__}",
                 hint="pass the handles kv_block_alloc or kv_blocks_grow returned",
             )
-        deque(map(self._table.slot, blocks), maxlen=0)  # each live and ours, or refused
+        self._table.lookup_all(blocks)  # each live and ours, or refused
         if set(map(_device, blocks)) != {self._device}:
             stray = next(b for b in blocks if b.device != self._device)
             raise InvalidArgumentError(

@@ -33,6 +33,16 @@ class Baselines(Protocol):
         """An operation that records two raw device events and returns their elapsed_ms."""
         ...
 
+    def paged_copy(self, src_pages: list[int], dst_pages: list[int]) -> Callable[[], None]:
+        """An operation that copies page ``src_pages[i]`` of the device's KV pool to
+        ``dst_pages[i]``, the plainest way the device can (indices prepared once)."""
+        ...
+
+    def paged_swap(self, pages: list[int]) -> Callable[[], None]:
+        """An operation that copies ``pages`` of the device's KV pool to as many host pages and
+        back, the plainest way the device can (indices prepared once)."""
+        ...
+
     def index_tensor(self, values: list[Any], *, wide: bool) -> object:
         """A new device tensor of int32 (int64 if ``wide``) from a Python list (a list of
         lists: 2-D), built the straightforward way, as ``torch.tensor(values, device=...)``."""

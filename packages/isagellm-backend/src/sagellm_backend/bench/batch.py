@@ -40,7 +40,7 @@ def batch_metadata_case(
     layout = provider.kv_layout
     tokens = layout.tokens_per_block
     capacity = pages * tokens
-    dtype = provider.capability().supported_dtypes[0]
+    dtype = provider.capability().kv_dtypes[0]
     rng = random.Random(seed)
     try:
         blocks = provider.kv_blocks_alloc([capacity] * seqs, dtype)

@@ -7,14 +7,15 @@ Every row compares two ways of doing the same work, timed in the same run on the
   the per-block ``kv_block_copy`` loop and against one contiguous copy of the same bytes;
 - ``kv swap``: a batched swap out to "host" and back in, against the per-block migrate loop and
   against two contiguous copies of the same bytes;
-- ``alloc+free``: ``kv_block_alloc`` + ``kv_block_free`` per block, against a plain Python list
-  ``pop`` + ``append`` of a page index;
 - ``event``: ``record`` twice plus ``elapsed_ms`` through the protocol, against the raw events;
 - ``batch metadata``: a decode step's ``BatchMetadata.plan`` against building the same tensors
-  from Python lists (:mod:`.batch`), where the backend claims ``batch_metadata``.
+  from Python lists (:mod:`.batch`), where the backend claims ``batch_metadata``;
+- host cost per block of alloc + free, ``kv_blocks_copy`` and ``kv_blocks_migrate`` against the
+  plainest code doing the same work (:mod:`.host_cost`, medians of interleaved rounds);
+- start-up: ``get_backend("mock")`` in a fresh interpreter against a bare one (:mod:`.startup`).
 
-Each row says what its baseline shows, and our time per item (block, event pair, decode step)
-next to the ratio.
+Each row says what its baseline shows, and our time per item (block, event pair, decode step,
+process) next to the ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 from sagellm_backend.bench.baselines import baselines_for
 from sagellm_backend.bench.batch import batch_metadata_case
+from sagellm_backend.bench.host_cost import host_cost_cases
+from sagellm_backend.bench.startup import startup_case
 from sagellm_backend.device import HOST
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlock
@@ -73,6 +76,7 @@ class Comparison:
             "measures": self.measures,
             "count": self.count,
             "item": self.item,
+            "excess_per_item_s": (self.ours_s - self.baseline_s) / self.count,
         }
 
 
@@ -103,16 +107,17 @@ class BenchReport:
         lines = [
             head,
             "",
-            "| case | ours | baseline | the baseline shows | ours per item | ours / baseline "
-            "time | ours is |",
-            "|---|---|---|---|---|---|---|",
+            "| case | ours | baseline | the baseline shows | ours per item | ours - baseline "
+            "per item | ours / baseline time | ours is |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             verdict = f"{r.ratio:.2f}x faster" if r.ratio >= 1 else f"{1 / r.ratio:.2f}x slower"
             share = r.ours_s / r.baseline_s
-            per_item = f"{r.ours_s / r.count * 1e6:.2f} us per {r.item}"
+            per_item = f"{r.ours_s / r.count * 1e6:.3f} us per {r.item}"
+            excess = f"{(r.ours_s - r.baseline_s) / r.count * 1e6:+.3f} us"
             lines.append(
-                f"| {r.case} | {r.ours} | {r.baseline} | {r.measures} | {per_item} | "
+                f"| {r.case} | {r.ours} | {r.baseline} | {r.measures} | {per_item} | {excess} | "
                 f"{share:.3f} | {verdict} |"
             )
         lines += [f"skipped: {reason}" for reason in self.skipped]
@@ -126,13 +131,24 @@ def run_benchmarks(
     repeats: int = 7,
     seed: int = 0,
     batch: tuple[int, int] = (64, 128),
+    host_batch: int = 1024,
+    startup: int = 0,
+    against: BackendProvider[Any] | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages, and
-    ``batch`` (sequences, pages each: the batch metadata case) as many pages as their product.
+    """Run every case on ``provider``; its device pool must hold ``2 * blocks`` pages, ``batch``
+    (sequences, pages each: the batch metadata case) as many pages as their product, and
+    ``2 * host_batch`` pages for the host-cost cases (alloc + free also on ``against``, where
+    given). ``startup`` fresh processes time the start-up case (0: skipped).
     """
     seqs, pages = batch
-    sizes = {"blocks": blocks, "repeats": repeats, "batch seqs": seqs, "batch pages": pages}
+    sizes = {
+        "blocks": blocks,
+        "repeats": repeats,
+        "batch seqs": seqs,
+        "batch pages": pages,
+        "host batch": host_batch,
+    }
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(
@@ -223,30 +239,6 @@ def run_benchmarks(
         swapped = {b.handle for b in chosen[:blocks]} if swapping else set()
         provider.kv_blocks_free([b for b in pool if b.handle not in swapped] + swapping)
 
-    say("alloc+free")
-    free_list = list(range(blocks))
-
-    def ours_alloc() -> None:
-        for _ in range(blocks):
-            provider.kv_block_free(provider.kv_block_alloc(layout.tokens_per_block, dtype))
-
-    def list_alloc() -> None:
-        for _ in range(blocks):
-            free_list.append(free_list.pop())
-
-    report.rows.append(
-        Comparison(
-            "alloc+free per block",
-            "kv_block_alloc + kv_block_free",
-            "list pop + append",
-            timed(ours_alloc),
-            timed(list_alloc),
-            measures="the floor of any free list in Python: the price of the checks and the "
-            "lock, per block",
-            count=blocks,
-        )
-    )
-
     say("events")
     if baselines is not None:
 
@@ -292,6 +284,29 @@ def run_benchmarks(
                 measures="what planning into persistent buffers saves over building the "
                 "step's tensors anew",
                 item="decode step",
+            )
+        )
+    say("host cost")
+    measured, skipped = host_cost_cases(
+        provider, baselines, batch=host_batch, rounds=repeats, seed=seed, against=against
+    )
+    report.rows += [
+        Comparison(case, ours, base, ours_s, base_s, measures=shows)
+        for case, ours, base, ours_s, base_s, shows in measured
+    ]
+    report.skipped += skipped
+    if startup:
+        say("start-up")
+        ours_s, bare_s = startup_case(startup)
+        report.rows.append(
+            Comparison(
+                "start-up",
+                "get_backend('mock') in a fresh interpreter",
+                "python -c pass",
+                ours_s,
+                bare_s,
+                measures="the package's share of a start: its import, discovery, a provider",
+                item="process",
             )
         )
     return report

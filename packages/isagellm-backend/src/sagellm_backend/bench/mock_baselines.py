@@ -45,6 +45,31 @@ class MockBaselines:
 
         return pair
 
+    def paged_copy(self, src_pages: list[int], dst_pages: list[int]) -> Callable[[], None]:
+        """Page by page between the bytes of a dict, as the mock's memory keeps them."""
+        size = self._provider.kv_layout.page_bytes(self._provider.capability().kv_dtypes[0])
+        pages = dict.fromkeys(src_pages + dst_pages, b"\x5a" * size)
+
+        def copy() -> None:
+            for src, dst in zip(src_pages, dst_pages, strict=True):
+                pages[dst] = pages[src]
+
+        return copy
+
+    def paged_swap(self, pages: list[int]) -> Callable[[], None]:
+        size = self._provider.kv_layout.page_bytes(self._provider.capability().kv_dtypes[0])
+        device = dict.fromkeys(pages, b"\x5a" * size)
+        host: dict[int, bytes] = {}
+        slots = range(len(pages))
+
+        def swap() -> None:
+            for page, slot in zip(pages, slots, strict=True):
+                host[slot] = device[page]
+            for page, slot in zip(pages, slots, strict=True):
+                device[page] = host[slot]
+
+        return swap
+
     def index_tensor(self, values: list[Any], *, wide: bool) -> MockTensor:
         nested = bool(values) and isinstance(values[0], list)
         return MockTensor([v for row in values for v in row] if nested else values, DType.FP32)

@@ -1,7 +1,10 @@
 """``sagellm-backend bench [SPEC]``: the benchmarks that apply to any backend, as ratios.
 
-Every row compares the backend with a baseline timed in the same run (see
-:mod:`sagellm_backend.bench.cases`). Progress goes to stderr, the table to stdout.
+Every row compares the backend with a baseline timed in the same run and says what the
+baseline is for (see :mod:`sagellm_backend.bench.cases`): the host cost of alloc + free, copies
+and migrations against a Python list and plain indexed copies, start-up against a bare
+interpreter, ``--against cpu`` the mock's alloc + free against the cpu backend's. Progress goes
+to stderr, the table to stdout.
 
 ``--device-suite`` runs instead the suite a backend's own wheel declares in the entry-point group
 ``sagellm.bench`` (name = kind, value = ``suite(spec, *, repeats, seed, quick, progress)``
@@ -48,7 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pages per sequence of the batch metadata case (default: 128)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="16 blocks, 8 x 16 pages and 3 repeats: a smoke run"
+        "--host-batch",
+        type=int,
+        default=1024,
+        help="blocks per batch of the host-cost cases (default: 1024)",
+    )
+    parser.add_argument(
+        "--startup",
+        type=int,
+        default=21,
+        help="fresh processes of the start-up case, each side (default: 21; 0 skips it)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="SPEC",
+        help="also time alloc + free on this backend in the same rounds (such as cpu)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="16 blocks, 8 x 16 pages, 3 repeats, 64-block host batches, 3 start-ups: a smoke run",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random block choice")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -64,18 +86,27 @@ def run(args: argparse.Namespace) -> int:
         return _device_suite(args)
     blocks, repeats = (16, 3) if args.quick else (args.blocks, args.repeats)
     batch = (8, 16) if args.quick else (args.batch_seqs, args.batch_pages)
+    host_batch, startup = (64, 3) if args.quick else (args.host_batch, args.startup)
     provider = get_backend(args.spec)
+    against = None
     try:
+        if args.against is not None:
+            against = get_backend(args.against)
         report = run_benchmarks(
             provider,
             blocks=blocks,
             repeats=repeats,
             seed=args.seed,
             batch=batch,
+            host_batch=host_batch,
+            startup=startup,
+            against=against,
             progress=lambda step: print(f"bench: {step}", file=sys.stderr, flush=True),
         )
     finally:
         provider.close()
+        if against is not None:
+            against.close()
     if args.json:
         print_json(report.to_dict())
     else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from sagellm_backend.batch import BatchPlanner, BatchSections, Plan, Section
 from sagellm_backend.blocks import BlockTable
@@ -48,7 +47,7 @@ class MockBatchMetadata:
         self,
         streams: StreamScheduler,
         *,
-        table: BlockTable[Any],
+        table: BlockTable,
         layout: KVLayout,
         device: str,
         max_seqs: int,

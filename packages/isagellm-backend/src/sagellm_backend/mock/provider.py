@@ -1,7 +1,8 @@
 """MockBackendProvider: a faithful, pure-Python fake device satisfying BackendProvider[MockTensor].
 
-- KV blocks are real bytes, allocated per block and counted against ``max_memory_mb``
-  (:mod:`.pool`), with the shared bookkeeping and checks of :mod:`sagellm_backend.blocks`.
+- KV blocks are pages counted exactly against ``max_memory_mb`` whose bytes exist once written
+  (:mod:`.pool`); fresh blocks read as poison, as a device's would hold garbage. The shared
+  bookkeeping, checks and stream-ordered page reuse are :mod:`sagellm_backend.blocks`'s.
 - Device data operations (``kv_block_write``, copies, the data movement of a migrate) are queued
   on the current stream, or on ``stream=``, and run when something waits for them
   (:mod:`.streams`). ``kv_block_read`` waits for the current stream only.
@@ -19,13 +20,11 @@
 from __future__ import annotations
 
 import functools
-import uuid
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from typing_extensions import TypedDict, Unpack
-
-from sagellm_backend.blocks import BlockTable, check_block, check_pairs
+from sagellm_backend.blocks import BlockTable, check_block
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
@@ -40,7 +39,7 @@ from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.mock.batch import MockBatchMetadata
 from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
 from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
-from sagellm_backend.mock.pool import BlockBytes, MockMemory
+from sagellm_backend.mock.pool import MockMemory
 from sagellm_backend.mock.sampling import (
     SAMPLE_DTYPES,
     SampleComparison,
@@ -50,7 +49,11 @@ from sagellm_backend.mock.sampling import (
 )
 from sagellm_backend.mock.streams import MockEvent, MockStream, StreamScheduler
 from sagellm_backend.mock.tensor import MockTensor
-from sagellm_backend.protocols import Stream
+from sagellm_backend.protocols import Event, Stream
+from sagellm_backend.unique import Unique
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -67,9 +70,11 @@ MOCK_OPS = ("kv_grow", "batch_metadata", "sample")
 """The standard ops the mock implements, and claims unless ``supported_ops`` says otherwise."""
 _LAYOUT = KVLayout()
 _MIB = 1 << 20
+MAX_DEVICES = 1024
+"""The most mock devices one provider simulates."""
 
 
-class MockBackendProvider:
+class MockBackendProvider(Unique):
     """A mock device with a configurable, enforced capability matrix.
 
     The first five parameters are the original package's (``None`` means fp16 and bf16, and
@@ -127,6 +132,11 @@ class MockBackendProvider:
                 raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
         _positive_int(max_memory_mb, "max_memory_mb")
         _positive_int(num_devices, "num_devices")
+        if num_devices > MAX_DEVICES:
+            raise InvalidArgumentError(
+                f"num_devices={num_devices} is more than the mock simulates ({MAX_DEVICES})",
+                hint=f"use at most {MAX_DEVICES} mock devices",
+            )
         if (
             isinstance(device_index, bool)
             or not isinstance(device_index, int)
@@ -174,15 +184,19 @@ class MockBackendProvider:
         communicator = MockCommunicator(
             world, rank, validate=validate_collectives, default_timeout=collective_timeout
         )
-        devices = [f"mock:{i}" for i in range(num_devices)] + [HOST]
-        self._memory = MockMemory(self._layout, devices, max_memory_mb * _MIB)
-        self._table: BlockTable[BlockBytes] = BlockTable(
+        self._memory = MockMemory(self._layout, max_memory_mb * _MIB)
+        self._table = BlockTable(
             self._memory,
             layout=self._layout,
-            capability=self._capability,
-            devices=devices,
+            dtypes=self._capability.supported_dtypes,
+            devices={f"mock:{i}" for i in range(num_devices)} | {HOST},
             default_device=self._device,
-            owner=f"{self._device}#{uuid.uuid4().hex}",
+            owner=f"{self._device}#{os.urandom(16).hex()}",
+            devices_hint=(
+                f"use one of {', '.join(f'mock:{i}' for i in range(num_devices))}, {HOST}"
+                if num_devices <= 8
+                else f"use mock:0 to mock:{num_devices - 1}, or {HOST}"
+            ),
         )
         name = self._device if world.world_size == 1 else f"{self._device} (rank {rank})"
         world.join(rank, name)
@@ -221,12 +235,14 @@ class MockBackendProvider:
         return self._capability
 
     def close(self) -> None:
-        """Free every block and leave the world; every later operation is refused. Idempotent."""
+        """Free every block and leave the world; every later operation is refused. Idempotent.
+
+        Stream work that still uses freed pages runs first."""
         if self._streams.closed:
             return
         self._streams.check_host("close")
+        self._table.close(f"provider {self._streams.name} is closed")
         self._streams.closed = True
-        self._table.release_all()
         self._comm.world.leave(self._comm.rank)
 
     # Streams, events, memory.
@@ -256,85 +272,93 @@ class MockBackendProvider:
     def memory_stats(self) -> MemoryStats:
         """Memory of this provider's own device (blocks migrated elsewhere are not counted)."""
         self._streams.check_open()
-        return self._memory.stats(self._device)
+        self._table.reclaim()
+        return self._memory.stats(self._device, self._table.blocks_on(self._device))
 
     # KV blocks.
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
         self._streams.check_host("kv_block_alloc")
-        return self._table.alloc([num_tokens], dtype)[0]
+        return self._table.alloc_one(num_tokens, dtype)
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
         self._streams.check_host("kv_blocks_alloc")
         return self._table.alloc(num_tokens, dtype)
 
-    def kv_block_free(self, block: KVBlock) -> None:
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         self._streams.check_host("kv_block_free")
-        self._table.free([check_block(block)])
+        self._table.free_one(block, None if after is None else self._streams.own_event(after))
 
-    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+    def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
         self._streams.check_host("kv_blocks_free")
-        self._table.free(blocks)
+        self._table.free(blocks, None if after is None else self._streams.own_event(after))
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
-        self._capability.require("has_kv_block_copy", "kv_block_copy")
-        stream = self.current_stream()
-        [(source, target)] = self._table.copy_pairs([(check_block(src), check_block(dst))])
-        stream.launch(lambda: _copy_bytes(source, target), (src, dst))
+        self.kv_blocks_copy([(check_block(src, "src"), check_block(dst, "dst"))])
 
     def kv_blocks_copy(
         self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
     ) -> MockEvent:
         self._capability.require("has_kv_block_copy", "kv_blocks_copy")
-        on = self._stream_arg(stream)
-        listed = check_pairs(pairs)
-        slots = self._table.copy_pairs(listed)
-        blocks = [b for pair in listed for b in pair]
-        on.launch(lambda: _copy_all(slots), blocks)
-        return on.record_event(MockEvent(self._streams))
+        work = _Work(self._streams, self._memory, self._stream_arg(stream))
+        self._table.copy(pairs, work)
+        return work.event
 
     def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
-        self._capability.require("has_kv_block_migrate", "kv_block_migrate")
-        self._streams.check_host("kv_block_migrate")
-        stream = self._streams.current()
-        [move] = self._table.migrate([check_block(block)], target_device)
-        stream.launch(lambda: _copy_bytes(move.src_slot, move.dst_slot), (move.dst,))
-        return move.dst
+        return self.kv_blocks_migrate([check_block(block)], target_device)[0][0]
 
     def kv_blocks_migrate(
         self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
     ) -> tuple[list[KVBlock], MockEvent]:
         self._capability.require("has_kv_block_migrate", "kv_blocks_migrate")
         self._streams.check_host("kv_blocks_migrate")
-        on = self._stream_arg(stream)
-        moves = self._table.migrate(blocks, target_device)
-        pairs = [(m.src_slot, m.dst_slot) for m in moves]
-        on.launch(lambda: _copy_all(pairs), [m.dst for m in moves])
-        return [m.dst for m in moves], on.record_event(MockEvent(self._streams))
+        work = _Work(self._streams, self._memory, self._stream_arg(stream))
+        moved = self._table.migrate(blocks, target_device, work)
+        return moved, work.event
+
+    def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
+        return self.kv_blocks_grow([check_block(block)], [num_tokens])[0]
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        """Grow blocks by appending pages (capability op ``kv_grow``), all or none."""
+        self._capability.require_op("kv_grow")
+        self._streams.check_host("kv_blocks_grow")
+        return self._table.grow(blocks, num_tokens)
 
     def kv_block_write(self, block: KVBlock, data: bytes) -> None:
-        """Fill ``block`` with ``data`` (exactly its size), queued on the current stream."""
+        """Fill ``block`` with ``data`` (exactly its size in bytes), queued on the current
+        stream."""
         stream = self.current_stream()
-        slot = self._table.slot(check_block(block))
+        check_block(block)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
                 f"data must be bytes, got {type(data).__name__}", hint="pass a bytes object"
             )
-        payload = bytes(data)
-        if len(payload) != len(slot.data):
-            raise InvalidArgumentError(
-                f"data is {len(payload)} bytes but KV block {block.handle} holds {len(slot.data)}",
-                hint="write exactly num_pages * kv_layout.page_bytes(dtype) bytes",
-            )
-        stream.launch(lambda: _fill(slot, payload), (block,))
+        payload = bytes(data)  # a memoryview of any item size counts its bytes
+        memory = self._memory
+
+        def write(live: KVBlock) -> None:
+            size = live.num_pages * self._layout.page_bytes(live.dtype)
+            if len(payload) != size:
+                raise InvalidArgumentError(
+                    f"data is {len(payload)} bytes but KV block {live.handle} holds {size}",
+                    hint="write exactly num_pages * kv_layout.page_bytes(dtype) bytes",
+                )
+            stream.launch(lambda: memory.write(live, payload), (live,))
+
+        self._table.use(block, write)
 
     def kv_block_read(self, block: KVBlock) -> bytes:
-        """The block's bytes once the current stream's queued work has run."""
+        """The block's bytes once the current stream's queued work has run; pages never
+        written read as poison (:data:`~sagellm_backend.mock.pool.POISON`)."""
         self._streams.check_host("kv_block_read")
-        slot = self._table.slot(check_block(block))
         stream = self._streams.current()
-        stream.run_to(stream.queued)
-        return bytes(slot.data)
+
+        def read(live: KVBlock) -> bytes:
+            stream.run_to(stream.queued)
+            return self._memory.read(live)
+
+        return self._table.use(check_block(block), read)
 
     # The data path's bookkeeping.
 
@@ -475,8 +499,7 @@ class MockBackendProvider:
         return self._streams.own_stream(stream)
 
     def _check_live(self, blocks: Sequence[KVBlock]) -> None:
-        for block in blocks:
-            self._table.slot(block)
+        self._table.lookup_all(blocks)
 
     def _before_collective(self, op: CollectiveOp, tensor: object) -> MockTensor:
         """Capability and tensor checks shared by the collectives that move a tensor."""
@@ -558,14 +581,31 @@ def _positive_int(value: object, what: str) -> None:
         raise InvalidArgumentError(f"{what} must be a positive int, got {value!r}")
 
 
-def _copy_bytes(src: BlockBytes, dst: BlockBytes) -> None:
-    dst.data[:] = src.data
+class _Work:
+    """The stream work of one copy or migration, queued by the block table under its lock.
 
+    On a stream other than the calling thread's current one, the work first waits for the
+    current stream, and its event is returned to the table, which reuses the pages it touches
+    only once the event is reached.
+    """
 
-def _copy_all(pairs: Sequence[tuple[BlockBytes, BlockBytes]]) -> None:
-    for src, dst in pairs:
-        dst.data[:] = src.data
+    def __init__(self, streams: StreamScheduler, memory: MockMemory, stream: MockStream) -> None:
+        self._memory = memory
+        self._stream = stream
+        current = streams.current()
+        capture = streams.capture
+        self._after = (
+            None
+            if stream is current or (capture is not None and capture.stream is stream)
+            else current
+        )
+        self.event = MockEvent(streams)
 
-
-def _fill(slot: BlockBytes, payload: bytes) -> None:
-    slot.data[:] = payload
+    def __call__(self, sources: list[KVBlock], destinations: list[KVBlock]) -> MockEvent | None:
+        memory, stream = self._memory, self._stream
+        if self._after is not None:
+            stream.wait_stream(self._after)
+        if sources:
+            stream.launch(lambda: memory.move(sources, destinations), sources + destinations)
+        stream.record_event(self.event)
+        return None if self._after is None else self.event

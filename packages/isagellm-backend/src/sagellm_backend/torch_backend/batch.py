@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
@@ -47,7 +47,7 @@ class TorchBatchMetadata(Generic[S, E]):
         adapter: DeviceAdapter[S, E],
         index: int,
         *,
-        table: BlockTable[Any],
+        table: BlockTable,
         layout: KVLayout,
         device: str,
         max_seqs: int,

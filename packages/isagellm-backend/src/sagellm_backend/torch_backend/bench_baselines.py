@@ -7,6 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from sagellm_backend.device import HOST
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 
 __all__ = ["TorchBaselines"]
@@ -59,3 +60,24 @@ class TorchBaselines(Generic[S, E]):
     def index_tensor(self, values: list[Any], *, wide: bool) -> torch.Tensor:
         dtype = torch.int64 if wide else torch.int32
         return torch.tensor(values, dtype=dtype, device=self._provider.torch_device)
+
+    def paged_copy(self, src_pages: list[int], dst_pages: list[int]) -> Callable[[], None]:
+        pool = self._provider.kv_pool()
+        src = torch.tensor(src_pages, dtype=torch.int64, device=pool.device)
+        dst = torch.tensor(dst_pages, dtype=torch.int64, device=pool.device)
+
+        def copy() -> None:
+            pool.index_copy_(1, dst, pool.index_select(1, src))
+
+        return copy
+
+    def paged_swap(self, pages: list[int]) -> Callable[[], None]:
+        pool, host = self._provider.kv_pool(), self._provider.kv_pool(HOST)
+        on_device = torch.tensor(pages, dtype=torch.int64, device=pool.device)
+        on_host = torch.arange(len(pages), dtype=torch.int64)
+
+        def swap() -> None:
+            host.index_copy_(1, on_host, pool.index_select(1, on_device).to(host.device))
+            pool.index_copy_(1, on_device, host.index_select(1, on_host).to(pool.device))
+
+        return swap

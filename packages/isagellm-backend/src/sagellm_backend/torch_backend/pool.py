@@ -4,8 +4,9 @@ Each device of a provider (its accelerator devices and ``"host"``) has one tenso
 ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``: one page of one
 layer is contiguous, K at index 0 and V at index 1, as paged-attention kernels read it. A block
 is a tuple of page indices; allocating and freeing only moves indices, never device memory.
-A block's handle says where its data is (``device`` and ``pages``), so the handle is the slot
-and the pool keeps nothing per block.
+A block's handle says where its data is (``device`` and ``pages``), so the pool keeps nothing
+per block. When a freed page may be reused is the block table's concern
+(:mod:`sagellm_backend.blocks`): the pool gets pages back only once reusing them is safe.
 
 Data moves as one indexed gather and one indexed scatter per (source device, target device)
 pair and batch, over every layer at once, never one copy per block.
@@ -14,11 +15,14 @@ pair and batch, over every layer at once, never one copy per block.
 from __future__ import annotations
 
 import itertools
+import operator
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
+from sagellm_backend.blocks import Give, Take
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlock, KVLayout
@@ -55,18 +59,19 @@ class DevicePages:
         self.pinned = pin
         self.tensor = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.num_pages = num_pages
-        self._free: list[tuple[int, ...]] = [(page,) for page in range(num_pages - 1, -1, -1)]
+        self.free: list[tuple[int, ...]] = [(page,) for page in range(num_pages - 1, -1, -1)]
+        """The free list; ``free.pop`` and ``free.append`` are the single-block path."""
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return len(self.free)
 
     def take(self, counts: Sequence[int], total: int) -> list[tuple[int, ...]]:
         """The pages of one block per entry of ``counts`` (each at least 1, ``total`` in all).
 
         The caller has checked that ``total`` pages are free.
         """
-        free = self._free
+        free = self.free
         taken = free[len(free) - total :]
         del free[len(free) - total :]
         taken.reverse()
@@ -79,14 +84,15 @@ class DevicePages:
     def give_back(self, pages: Sequence[tuple[int, ...]]) -> None:
         """Put the pages of released blocks (each at least one page) back on the free list."""
         if sum(map(len, pages)) == len(pages):
-            self._free.extend(pages)
+            self.free.extend(pages)
         else:
             # zip over one iterable yields one-tuples: (index,) per page.
-            self._free.extend(zip(itertools.chain.from_iterable(pages)))
+            self.free.extend(zip(itertools.chain.from_iterable(pages)))
 
     def index(self, pages: Sequence[int]) -> torch.Tensor:
         """Page indices as an int64 tensor on this device."""
-        return torch.tensor(pages, dtype=torch.int64, device=self.device)
+        host = torch.frombuffer(array("q", pages), dtype=torch.int64) if pages else _NO_PAGES
+        return host if self.device.type == "cpu" else host.to(self.device)
 
 
 class PageMover(Protocol):
@@ -112,12 +118,13 @@ class KVPagePool:
         self, layout: KVLayout, pools: dict[str, DevicePages], mover: PageMover | None = None
     ) -> None:
         if layout.dtype is None:
-            raise InvalidArgumentError("a torch KV pool needs a layout with a dtype")
+            raise InvalidArgumentError(
+                "a torch KV pool needs a layout with a dtype", hint="set KVLayout(dtype=...)"
+            )
         self.layout = layout
         self.dtype: DType = layout.dtype
         self.pools = pools
         self._mover = mover
-        self._blocks = dict.fromkeys(pools, 0)
 
     # BlockStorage.
 
@@ -125,11 +132,7 @@ class KVPagePool:
         return self.pools[device].num_pages
 
     def allocate(
-        self,
-        device: str,
-        dtypes: Sequence[DType],
-        page_counts: Sequence[int],
-        handles: Sequence[int],
+        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
     ) -> list[tuple[int, ...]]:
         """Pages for new blocks on ``device``; every dtype is the pool's (the table checks)."""
         pool = self.pools[device]
@@ -141,26 +144,21 @@ class KVPagePool:
                 hint="free or migrate blocks first, or configure a larger pool "
                 "(num_blocks, kv_memory_mb)",
             )
-        taken = pool.take(page_counts, total)
-        self._blocks[device] += len(page_counts)
-        return taken
+        return pool.take(page_counts, total)
 
-    def release(self, blocks: Sequence[KVBlock]) -> None:
-        devices = {block.device for block in blocks}
-        for device in devices:
-            mine = blocks if len(devices) == 1 else [b for b in blocks if b.device == device]
-            self.pools[device].give_back([block.pages for block in mine])
-            self._blocks[device] -= len(mine)
+    def release(self, device: str, pages: Sequence[tuple[int, ...]]) -> None:
+        self.pools[device].give_back(pages)
 
-    def slot(self, block: KVBlock) -> KVBlock:
-        return block
+    def taker(self, device: str, dtype: DType) -> Take:
+        return self.pools[device].free.pop
+
+    def giver(self, device: str) -> Give:
+        return self.pools[device].free.append
 
     # Accounting.
 
-    def blocks_in_use(self, device: str) -> int:
-        return self._blocks[device]
-
     def pages_in_use(self, device: str) -> int:
+        """Pages not on the free list: those of live blocks and those waiting to be reused."""
         pool = self.pools[device]
         return pool.num_pages - pool.free_pages
 
@@ -168,23 +166,33 @@ class KVPagePool:
 
     def move(
         self,
-        pairs: Sequence[tuple[KVBlock, KVBlock]],
+        sources: Sequence[KVBlock],
+        destinations: Sequence[KVBlock],
         *,
         non_blocking: bool,
         wait_for_host: Callable[[], None],
     ) -> None:
-        """Copy the pages of every (src, dst) pair: one gather and one scatter per device pair.
+        """Copy the pages of ``sources[i]`` to ``destinations[i]``: one gather and one scatter
+        per (source device, target device) pair, over every layer.
 
         Runs on the current stream. A device's :class:`PageMover`, where one is plugged in, gets
         each pair of pools first. Between devices the gathered pages cross in one copy, staged
         in pinned memory when ``non_blocking``; a device-to-host move then calls
         ``wait_for_host`` before scattering on the host, which cannot wait on a stream itself.
         """
-        groups: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-        for src, dst in pairs:
-            src_pages, dst_pages = groups.setdefault((src.device, dst.device), ([], []))
-            src_pages.extend(src.pages)
-            dst_pages.extend(dst.pages)
+        if not sources:
+            return
+        from_devices, to_devices = set(map(_device, sources)), set(map(_device, destinations))
+        groups: dict[tuple[str, str], tuple[list[int], list[int]]]
+        if len(from_devices) == len(to_devices) == 1:
+            route = (from_devices.pop(), to_devices.pop())
+            groups = {route: (_flat_pages(sources), _flat_pages(destinations))}
+        else:
+            groups = {}
+            for src, dst in zip(sources, destinations, strict=True):
+                src_pages, dst_pages = groups.setdefault((src.device, dst.device), ([], []))
+                src_pages.extend(src.pages)
+                dst_pages.extend(dst.pages)
         for (src_device, dst_device), (src_pages, dst_pages) in groups.items():
             source, target = self.pools[src_device], self.pools[dst_device]
             if self._mover is not None and self._mover.move_pages(
@@ -229,3 +237,12 @@ class KVPagePool:
             layout.num_kv_heads,
             layout.head_size,
         )
+
+
+_device = operator.attrgetter("device")
+_pages = operator.attrgetter("pages")
+_NO_PAGES = torch.empty(0, dtype=torch.int64)
+
+
+def _flat_pages(blocks: Sequence[KVBlock]) -> list[int]:
+    return list(itertools.chain.from_iterable(map(_pages, blocks)))

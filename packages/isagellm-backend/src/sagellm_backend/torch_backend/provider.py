@@ -1,8 +1,9 @@
 """TorchBackendProvider: the protocols' BackendProvider[torch.Tensor] over a device adapter.
 
-Block validation and bookkeeping are the shared :class:`~sagellm_backend.blocks.BlockTable`'s;
-where the data lives is the :class:`~sagellm_backend.torch_backend.pool.KVPagePool`'s. Data ops
-(writes, copies, migrations) are issued on the current stream, or on the ``stream=`` given, and
+Block validation, bookkeeping and stream-ordered page reuse are the shared
+:class:`~sagellm_backend.blocks.BlockTable`'s; where the data lives is the
+:class:`~sagellm_backend.torch_backend.pool.KVPagePool`'s. Data ops (writes, copies, migrations)
+are issued on the current stream, or on the ``stream=`` given, under the table's lock, and
 batched ones return an event recorded after them; host-side calls run at once.
 """
 
@@ -31,14 +32,15 @@ from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
 from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.ops import PROVIDER_OPS, STANDARD_OPS
-from sagellm_backend.protocols import Graph, Stream
+from sagellm_backend.protocols import Event, Graph, Stream
 from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
 from sagellm_backend.torch_backend.batch import TorchBatchMetadata
 from sagellm_backend.torch_backend.collectives import ProcessGroup, WorldConfig
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
 from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, register_reference_kernels
 from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, PageMover
-from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_stream
+from sagellm_backend.torch_backend.streams import TorchEvent, TorchStream, own_event, own_stream
+from sagellm_backend.unique import Unique
 
 __all__ = ["TorchBackendProvider", "create_torch_provider"]
 
@@ -49,7 +51,7 @@ R = TypeVar("R")
 MIB = 1 << 20
 
 
-class TorchBackendProvider(Generic[S, E]):
+class TorchBackendProvider(Unique, Generic[S, E]):
     """One torch device: its KV pools, streams, process group and kernels.
 
     Construct it with :func:`create_torch_provider` (which reads options and the launcher's
@@ -117,14 +119,16 @@ class TorchBackendProvider(Generic[S, E]):
             validate=validate_collectives,
         )
         self._capability = self._describe(device, num_pages * layout.page_bytes(layout.dtype))
-        self._blocks: BlockTable[KVBlock] = BlockTable(
+        self._blocks = BlockTable(
             self._pool,
             layout=layout,
-            # The table checks block dtypes against supported_dtypes: give it the KV dtypes.
-            capability=self._capability.replace(supported_dtypes=self._capability.kv_dtypes),
+            dtypes=self._capability.kv_dtypes,
             devices=(self._device, HOST),
             default_device=self._device,
             owner=f"{self._device}/{os.getpid()}/{uuid.uuid4().hex[:12]}",
+            devices_hint=f"use {self._device} or {HOST}",
+            dtype_hint=f"allocate {layout.dtype.value} blocks, or create the backend with "
+            "kv_dtype={dtype}",
         )
         self._peak_used = 0
         self._closed = False
@@ -191,11 +195,14 @@ class TorchBackendProvider(Generic[S, E]):
         return self._capability
 
     def close(self) -> None:
+        """Wait for the device work that still uses freed pages, release every block and the
+        process group; later calls are refused. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return
+            self._live("close")
             self._closed = True
-        self._blocks.release_all()
+        self._blocks.close(f"the {self._device} backend is closed")
         self._group.close()
 
     def __repr__(self) -> str:
@@ -208,10 +215,13 @@ class TorchBackendProvider(Generic[S, E]):
                 f"the {self._device} backend is closed", hint="create a new backend"
             )
         if host_side is not None and self._graphs is not None and self._graphs.capturing:
-            raise GraphCaptureError(
-                f"{host_side} is a host-side call, refused while a graph is being captured",
-                hint="call it before or after the capture_graph block",
-            )
+            self._refuse_in_capture(host_side)
+
+    def _refuse_in_capture(self, host_side: str) -> None:
+        raise GraphCaptureError(
+            f"{host_side} is a host-side call, refused while a graph is being captured",
+            hint="call it before or after the capture_graph block",
+        )
 
     # Streams, events, memory.
 
@@ -234,6 +244,7 @@ class TorchBackendProvider(Generic[S, E]):
     def memory_stats(self) -> MemoryStats:
         """Device-wide memory (from the adapter) and this provider's KV page accounting."""
         self._live()
+        self._blocks.reclaim()
         free, total = self._adapter.mem_get_info(self._index)
         used = total - free
         self._peak_used = max(self._peak_used, used)
@@ -241,7 +252,7 @@ class TorchBackendProvider(Generic[S, E]):
             total_bytes=total,
             used_bytes=used,
             peak_used_bytes=self._peak_used,
-            kv_blocks_in_use=self._pool.blocks_in_use(self._device),
+            kv_blocks_in_use=self._blocks.blocks_on(self._device),
             kv_pages_in_use=self._pool.pages_in_use(self._device),
             kv_pages_total=self._pool.pools[self._device].num_pages,
         )
@@ -305,26 +316,24 @@ class TorchBackendProvider(Generic[S, E]):
         return self._pool.layout
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
-        return self.kv_blocks_alloc([num_tokens], dtype)[0]
+        if self._graphs is not None and self._graphs.capturing:
+            self._refuse_in_capture("kv_block_alloc")
+        return self._blocks.alloc_one(num_tokens, dtype)
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
         self._live("kv_blocks_alloc")
-        member = coerce(DType, dtype, "dtype")
-        if member is not self._pool.dtype:
-            raise CapabilityError(
-                f"this KV pool holds {self._pool.dtype.value}; a {member.value} block was "
-                "asked for",
-                hint=f"allocate {self._pool.dtype.value} blocks, or create the backend with "
-                f"kv_dtype={member.value}",
-            )
-        return self._blocks.alloc(num_tokens, member)
+        return self._blocks.alloc(num_tokens, dtype)
 
-    def kv_block_free(self, block: KVBlock) -> None:
-        self.kv_blocks_free([check_block(block)])
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
+        """Free ``block``; with ``after``, its pages are reused only once that event is reached
+        (for work queued on the cache tensors on another stream)."""
+        if self._graphs is not None and self._graphs.capturing:
+            self._refuse_in_capture("kv_block_free")
+        self._blocks.free_one(block, None if after is None else own_event(self._adapter, after))
 
-    def kv_blocks_free(self, blocks: Iterable[KVBlock]) -> None:
+    def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
         self._live("kv_blocks_free")
-        self._blocks.free(blocks)
+        self._blocks.free(blocks, None if after is None else own_event(self._adapter, after))
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         self.kv_blocks_copy([(check_block(src, "src"), check_block(dst, "dst"))])
@@ -334,9 +343,10 @@ class TorchBackendProvider(Generic[S, E]):
     ) -> TorchEvent[S, E]:
         """Copy every (src, dst) pair with one gather and one scatter per device pair."""
         self._live()
-        target = self._stream(stream)
-        slots = self._blocks.copy_pairs(pairs)
-        return self._on(target, lambda: self._move(slots))
+        work = _Work(self, stream)
+        self._blocks.copy(pairs, work)
+        assert work.event is not None
+        return work.event
 
     def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
         return self.kv_blocks_migrate([check_block(block)], target_device)[0][0]
@@ -350,26 +360,39 @@ class TorchBackendProvider(Generic[S, E]):
         compute, and the returned event marks its completion.
         """
         self._live("kv_blocks_migrate")
-        target = self._stream(stream)
-        moves = self._blocks.migrate(blocks, target_device)
-        event = self._on(target, lambda: self._move([(m.src_slot, m.dst_slot) for m in moves]))
-        return [m.dst for m in moves], event
+        work = _Work(self, stream)
+        moved = self._blocks.migrate(blocks, target_device, work)
+        assert work.event is not None
+        return moved, work.event
+
+    def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
+        return self.kv_blocks_grow([check_block(block)], [num_tokens])[0]
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        """Grow blocks by appending pages, never copying (capability op ``kv_grow``)."""
+        self._live("kv_blocks_grow")
+        return self._blocks.grow(blocks, num_tokens)
 
     def kv_block_write(self, block: KVBlock, data: bytes) -> None:
         """Fill ``block`` with ``data`` in the layout :meth:`kv_block_read` returns."""
         self._live("kv_block_write")
-        live = self._blocks.slot(check_block(block))
+        check_block(block)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
                 f"data must be bytes, got {type(data).__name__}", hint="pass bytes or bytearray"
             )
-        size = self.kv_layout.page_bytes(block.dtype) * block.num_pages
-        if len(data) != size:
-            raise InvalidArgumentError(
-                f"KV block {block.handle} holds {size} bytes, got {len(data)}",
-                hint="write exactly the block's size: page_bytes(dtype) * num_pages",
-            )
-        self._pool.write(live, bytes(data))
+        payload = bytes(data)  # a memoryview of any item size counts its bytes
+
+        def write(live: KVBlock) -> None:
+            size = self.kv_layout.page_bytes(live.dtype) * live.num_pages
+            if len(payload) != size:
+                raise InvalidArgumentError(
+                    f"KV block {live.handle} holds {size} bytes, got {len(payload)}",
+                    hint="write exactly the block's size: page_bytes(dtype) * num_pages",
+                )
+            self._pool.write(live, payload)
+
+        self._blocks.use(block, write)
 
     def kv_block_read(self, block: KVBlock) -> bytes:
         """The block's bytes, layer-major: ``[num_layers, pages, 2, tokens, kv_heads, head_size]``.
@@ -377,9 +400,12 @@ class TorchBackendProvider(Generic[S, E]):
         Waits for the current stream first, as the protocol says.
         """
         self._live("kv_block_read")
-        live = self._blocks.slot(check_block(block))
-        self._adapter.stream_synchronize(self._adapter.current_stream(self._index))
-        return self._pool.read(live)
+
+        def read(live: KVBlock) -> bytes:
+            self._adapter.stream_synchronize(self._adapter.current_stream(self._index))
+            return self._pool.read(live)
+
+        return self._blocks.use(check_block(block), read)
 
     # What engines and kernels read: the pools and block tables.
 
@@ -409,8 +435,7 @@ class TorchBackendProvider(Generic[S, E]):
         on one device.
         """
         self._live()
-        items = [check_block(b, "each of blocks") for b in blocks]
-        live = [self._blocks.slot(b) for b in items]
+        live = self._blocks.lookup_all(blocks)
         devices = {b.device for b in live}
         if len(devices) > 1:
             raise InvalidArgumentError(
@@ -449,15 +474,11 @@ class TorchBackendProvider(Generic[S, E]):
             return self.current_stream()
         return own_stream(self._adapter, stream)
 
-    def _on(self, stream: TorchStream[S, E], work: Callable[[], None]) -> TorchEvent[S, E]:
-        with stream:
-            work()
-        return stream.record_event()
-
-    def _move(self, pairs: Sequence[tuple[KVBlock, KVBlock]]) -> None:
+    def _move(self, sources: Sequence[KVBlock], destinations: Sequence[KVBlock]) -> None:
         current = self._adapter.current_stream(self._index)
         self._pool.move(
-            pairs,
+            sources,
+            destinations,
             non_blocking=self._adapter.pins_host_memory,
             wait_for_host=lambda: self._adapter.stream_synchronize(current),
         )
@@ -525,6 +546,35 @@ class TorchBackendProvider(Generic[S, E]):
             f"{self._device} cannot capture graphs (has_graph_exec=False)",
             hint="run the operations eagerly",
         )
+
+
+class _Work(Generic[S, E]):
+    """The device work of one copy or migration, queued by the block table under its lock.
+
+    On a stream other than the calling thread's current one, the work first waits for the
+    current stream (whose queued work may still use the pages it writes), and its event is
+    returned to the table, which reuses the pages it touches only once the event is reached.
+    """
+
+    def __init__(self, provider: TorchBackendProvider[S, E], stream: Stream | None) -> None:
+        self._provider = provider
+        adapter = provider.adapter
+        current = adapter.current_stream(provider.index)
+        self._stream = provider._stream(stream)
+        raw = self._stream.raw
+        self._current: S | None = None if raw is current or raw == current else current
+        self.event: TorchEvent[S, E] | None = None
+
+    def __call__(
+        self, sources: list[KVBlock], destinations: list[KVBlock]
+    ) -> TorchEvent[S, E] | None:
+        adapter = self._provider.adapter
+        if self._current is not None:
+            adapter.stream_wait_stream(self._stream.raw, self._current)
+        with self._stream:
+            self._provider._move(sources, destinations)
+        self.event = self._stream.record_event()
+        return None if self._current is None else self.event
 
 
 def create_torch_provider(
