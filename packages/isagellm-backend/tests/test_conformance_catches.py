@@ -23,6 +23,7 @@ from sagellm_backend import (
     ReduceOp,
 )
 from sagellm_backend.mock import MockBackendProvider, MockEvent, MockStream, MockTensor
+from sagellm_backend.mock.sampling import reference_sample
 from sagellm_backend.protocols import Event, Stream
 from sagellm_backend.testing import MockTarget, Outcome, run_conformance
 from sagellm_backend.testing.checks.long_run import LONG_RUN_OPS
@@ -175,6 +176,30 @@ class FindOpRaises(MockBackendProvider):
         return self.get_op(name)
 
 
+class SamplesWithoutTopK(MockBackendProvider):
+    """``sample`` ignores top-k, and registers a reference that ignores it too."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        spec = self.kernel_spec("sample")
+
+        def no_top_k(draw: Callable[..., MockTensor]) -> Callable[..., MockTensor]:
+            def sample(*args: MockTensor) -> MockTensor:
+                logits, temperature, top_k, top_p, seeds = args
+                return draw(logits, temperature, MockTensor([0.0] * len(top_k)), top_p, seeds)
+
+            return sample
+
+        self.register_kernel(
+            "sample",
+            no_top_k(spec.impl),
+            reference=no_top_k(reference_sample),
+            make_inputs=spec.make_inputs,
+            compare=spec.compare,
+            override=True,
+        )
+
+
 # Faults that show only after many operations, on a re-recorded event, with negative values, in
 # a dtype that is not the first, when memory runs out midway through a batch, or on blocks of
 # many pages.
@@ -278,6 +303,9 @@ FAULTS = [
     Fault(MigratesLaterDtypesWrong, "kv.migrate", "kv_block_migrate of a bf16 block", {}),
     Fault(AllocatesBatchesOneByOne, "kv.exhaustion", "ran out of memory midway changed", {}),
     Fault(CopiesAtMostEightPages, "kv.copy", "the first at byte", {}),
+    Fault(
+        SamplesWithoutTopK, "ops.sample", "sample does not match the kit's float64 reference", {}
+    ),
 ]
 
 

@@ -1,6 +1,7 @@
 """The kit's op checks catch real mistakes: a cpu provider with one standard kernel replaced by a
-plausible broken version fails that op's check, and the faithful provider passes every op check
-in every dtype it computes in."""
+plausible broken version fails that op's check, also where the provider registers a reference
+or inputs that agree with its bug (the kit checks against its own oracle), and the faithful
+provider passes every op check in every dtype it computes in."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ pytest.importorskip("torch", reason="needs torch: pip install 'isagellm-backend[
 import torch
 
 from sagellm_backend import DType
+from sagellm_backend.kernels import InputMaker, KernelInputs
 from sagellm_backend.ops import KERNEL_OPS
 from sagellm_backend.protocols import BackendProvider
-from sagellm_backend.testing import Outcome, run_conformance
+from sagellm_backend.testing import ConformanceTarget, Outcome, run_conformance
+from sagellm_backend.testing.spec_target import target_for_spec
 from sagellm_backend.torch_backend.attention import paged_attention_decode
-from sagellm_backend.torch_backend.conformance import CpuTarget
+from sagellm_backend.torch_backend.conformance import CpuTarget, TorchTensors
 from sagellm_backend.torch_backend.norms import rms_norm
+from sagellm_backend.torch_backend.op_inputs import SHAPES
 from sagellm_backend.torch_backend.rotary import rotary_cos_sin_cache, rotary_embedding
 from sagellm_backend.torch_backend.sampling import sample
 
@@ -34,11 +38,12 @@ OPTIONS: dict[str, Any] = {"world_sizes": (1,), "num_blocks": 8, "host_num_block
 def writes_padding(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Slot -1 wraps around to the cache's last slot instead of being skipped."""
+    """Slot -1 wraps around to the cache's last slot instead of being skipped (the last padding
+    token wins)."""
     tokens = kv_cache.shape[2]
-    slots = slot_mapping.long() % (kv_cache.shape[0] * tokens)
-    kv_cache[:, 0].index_put_((slots // tokens, slots % tokens), key)
-    kv_cache[:, 1].index_put_((slots // tokens, slots % tokens), value)
+    for i, slot in enumerate(slot_mapping.long() % (kv_cache.shape[0] * tokens)):
+        kv_cache[slot // tokens, 0, slot % tokens] = key[i]
+        kv_cache[slot // tokens, 1, slot % tokens] = value[i]
 
 
 def reads_whole_rows(
@@ -50,8 +55,8 @@ def reads_whole_rows(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gathers every page of each row (padding included) and zeroes masked weights, so a NaN
-    past a length or in a padding page leaks through ``0 * NaN``."""
+    """Gathers every page of each row (padding included) and zeroes masked weights (an empty
+    row's too), so a NaN past a length or in a padding page leaks through ``0 * NaN``."""
     batch, heads, d = query.shape
     tokens, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     pages = kv_cache[block_tables.long()]
@@ -61,7 +66,7 @@ def reads_whole_rows(
     values = values.repeat_interleave(heads // kv_heads, 2)
     scores = torch.einsum("bhd,bshd->bhs", query.float(), keys.float()) * scale
     live = torch.arange(span)[None, :] < seq_lens[:, None]
-    weights = scores.masked_fill(~live[:, None, :], float("-inf")).softmax(-1)
+    weights = scores.masked_fill(~live[:, None, :], float("-inf")).softmax(-1).nan_to_num()
     result = torch.einsum("bhs,bshd->bhd", weights, values.float()).to(query.dtype)
     return result if out is None else out.copy_(result)
 
@@ -146,23 +151,70 @@ def draws_its_own_noise(
     return sample(logits, temperature, top_k, top_p, seeds + 1)
 
 
-class WithBrokenOp(CpuTarget):
-    """cpu providers whose kernel ``op`` is ``impl``, registered over the reference."""
+def scores_on_64_dims(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A 64-wide head tile: the scores see only each head's first 64 dims."""
+    tile = query.clone()
+    tile[..., 64:] = 0
+    return paged_attention_decode(tile, kv_cache, block_tables, seq_lens, scale, out=out)
 
-    def __init__(self, op: str, impl: Callable[..., Any]) -> None:
+
+# Inputs a backend could register that miss its bug.
+
+
+def without_nan(make_inputs: InputMaker) -> InputMaker:
+    """``make_inputs`` with every NaN (the unused slots and pages, ``out=``) zeroed."""
+
+    def make(seed: int, dtype: DType) -> KernelInputs:
+        args, kwargs = make_inputs(seed, dtype)
+        clean = [torch.nan_to_num(a, nan=0.0) if isinstance(a, torch.Tensor) else a for a in args]
+        return tuple(clean), {
+            k: torch.nan_to_num(v, nan=0.0) if isinstance(v, torch.Tensor) else v
+            for k, v in kwargs.items()
+        }
+
+    return make
+
+
+def first_shape_only(make_inputs: InputMaker) -> InputMaker:
+    """``make_inputs`` on seeds that all give the first shape (head size 64)."""
+    return lambda seed, dtype: make_inputs(len(SHAPES) * seed, dtype)
+
+
+class WithBrokenOp(CpuTarget):
+    """cpu providers whose kernel ``op`` is ``impl``, registered with ``reference`` and the input
+    generator ``inputs`` makes of the torch layer's (by default: those of the kernel replaced)."""
+
+    def __init__(
+        self,
+        op: str,
+        impl: Callable[..., Any],
+        *,
+        reference: Callable[..., Any] | None = None,
+        inputs: Callable[[InputMaker], InputMaker] | None = None,
+    ) -> None:
         super().__init__(kv_dtype="fp32", **OPTIONS)
         self.op, self.impl = op, impl
+        self.reference, self.inputs = reference, inputs
 
     def make_provider(self) -> BackendProvider[torch.Tensor]:
         provider = super().make_provider()
         spec = provider.kernel_spec(self.op)
+        assert spec.make_inputs is not None
         provider.register_kernel(
             self.op,
             self.impl,
             kind=spec.kind,
             dtypes=spec.dtypes,
-            reference=spec.reference,
-            make_inputs=spec.make_inputs,
+            reference=self.reference or spec.reference,
+            make_inputs=self.inputs(spec.make_inputs) if self.inputs else spec.make_inputs,
             compare=spec.compare,
             override=True,
         )
@@ -201,7 +253,101 @@ def test_the_op_check_fails_a_broken_kernel(fault: Fault, reliability_counts: Co
     reliability_counts["faults injected into providers"] += 1
     assert result.outcome is Outcome.FAILED, report.format_table()
     assert result.message.startswith(f"broken promise: {result.check.promise}")
-    assert f"{fault.op} does not match its float64 reference in fp32" in result.message
+    assert f"{fault.op} does not match the kit's float64 reference in fp32" in result.message
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.impl.__name__)
+def test_a_broken_kernel_fails_though_it_registers_itself_as_its_reference(
+    fault: Fault, reliability_counts: Counter[str]
+) -> None:
+    target = WithBrokenOp(fault.op, fault.impl, reference=fault.impl)
+    provider = target.make_provider()
+    provider.kernel_spec(fault.op).check(7, DType.FP32)  # its own reference agrees with it
+    provider.close()
+    report = run_conformance(target, select=[f"ops.{fault.op}"], seed=7)
+    result = report.result(f"ops.{fault.op}")
+    reliability_counts["faults injected into providers"] += 1
+    assert result.outcome is Outcome.FAILED, report.format_table()
+    assert f"{fault.op} does not match the kit's float64 reference in fp32" in result.message
+
+
+@pytest.mark.parametrize(
+    ("op", "impl", "inputs"),
+    [
+        ("paged_attention_decode", reads_whole_rows, without_nan),
+        ("paged_attention_decode", scores_on_64_dims, first_shape_only),
+    ],
+    ids=["no-nan-poisoning", "one-head-size"],
+)
+def test_a_broken_kernel_fails_though_its_registered_inputs_miss_the_bug(
+    op: str,
+    impl: Callable[..., Any],
+    inputs: Callable[[InputMaker], InputMaker],
+    reliability_counts: Counter[str],
+) -> None:
+    target = WithBrokenOp(op, impl, inputs=inputs)
+    provider = target.make_provider()
+    for seed in range(7, 7 + 8):
+        provider.kernel_spec(op).check(seed, DType.FP32)  # its own check is blind to the bug
+    provider.close()
+    report = run_conformance(target, select=[f"ops.{op}"], seed=7)
+    result = report.result(f"ops.{op}")
+    reliability_counts["faults injected into providers"] += 1
+    assert result.outcome is Outcome.FAILED, report.format_table()
+    assert f"{op} does not match the kit's float64 reference in fp32" in result.message
+
+
+def test_a_faithful_kernel_with_a_wrong_registered_reference_fails() -> None:
+    target = WithBrokenOp("rms_norm", rms_norm, reference=centres_like_layer_norm)
+    report = run_conformance(target, select=["ops.rms_norm"], seed=7)
+    result = report.result("ops.rms_norm")
+    assert result.outcome is Outcome.FAILED, report.format_table()
+    assert (
+        "rms_norm matches the kit's reference but not the reference kernel_spec('rms_norm') "
+        "registers in fp32" in result.message
+    )
+
+
+class BareKernel(CpuTarget):
+    """cpu providers whose ``rms_norm`` is registered without a reference or inputs."""
+
+    def make_provider(self) -> BackendProvider[torch.Tensor]:
+        provider = super().make_provider()
+        provider.register_kernel("rms_norm", rms_norm, kind="layernorm", override=True)
+        return provider
+
+
+def test_a_kernel_registered_without_a_reference_is_checked_against_the_oracle() -> None:
+    report = run_conformance(BareKernel(**OPTIONS), select=["ops.rms_norm"], seed=7)
+    result = report.result("ops.rms_norm")
+    assert result.outcome is Outcome.PASSED, report.format_table()
+    assert result.message == "3 dtypes x 4 seeds"
+
+
+class WithoutAdapter(ConformanceTarget[torch.Tensor]):
+    """The providers ``make`` makes, with no tensor adapter (so no oracles)."""
+
+    name = "cpu"
+
+    def __init__(self, make: Callable[[], BackendProvider[torch.Tensor]]) -> None:
+        self._make = make
+
+    def make_provider(self) -> BackendProvider[torch.Tensor]:
+        return self._make()
+
+
+def test_without_an_oracle_the_report_says_only_the_own_reference_was_run() -> None:
+    target = WithoutAdapter(CpuTarget(**OPTIONS).make_provider)
+    report = run_conformance(target, select=["ops.rms_norm"], seed=7)
+    result = report.result("ops.rms_norm")
+    assert result.outcome is Outcome.PASSED, report.format_table()
+    assert "against the backend's own reference only: target 'cpu' supplies no tensor adapter" in (
+        result.message
+    )
+    bare = WithoutAdapter(BareKernel(**OPTIONS).make_provider)
+    result = run_conformance(bare, select=["ops.rms_norm"], seed=7).result("ops.rms_norm")
+    assert result.outcome is Outcome.FAILED
+    assert "kernel_spec('rms_norm') carries no reference or input generator" in result.message
 
 
 @pytest.mark.parametrize("check", ["ops.lookup", *(f"ops.{op.name}" for op in KERNEL_OPS)])
@@ -211,4 +357,12 @@ def test_the_faithful_cpu_provider_passes_each_op_check_in_every_dtype(check: st
     assert result.outcome is Outcome.PASSED, report.format_table()
     assert report.capability.supported_dtypes == (DType.FP32, DType.FP16, DType.BF16)
     if check != "ops.lookup":
-        assert "3 dtypes x 4 seeds" in result.message
+        assert result.message.startswith("3 dtypes x 4 seeds; the registered reference agrees")
+
+
+def test_check_cpu_runs_the_ops_against_the_torch_layers_oracles() -> None:
+    target = target_for_spec("cpu?num_blocks=8&host_num_blocks=8")
+    assert isinstance(target.tensors, TorchTensors)
+    result = run_conformance(target, select=["ops.rms_norm"], seed=7).result("ops.rms_norm")
+    assert result.outcome is Outcome.PASSED, result.message
+    assert result.message.startswith("3 dtypes x 4 seeds; the registered reference agrees")

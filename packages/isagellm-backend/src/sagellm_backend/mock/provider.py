@@ -210,7 +210,7 @@ class MockBackendProvider(Unique):
                 dtypes=SAMPLE_DTYPES,
                 reference=reference_sample,
                 make_inputs=SampleInputs(),
-                compare=SampleComparison(self._streams),
+                compare=SampleComparison(self._streams.synchronize),
             )
 
     def __repr__(self) -> str:

@@ -14,14 +14,14 @@ MockTensor has no int64; token ids below 2**24 are exact) holds the tokens once 
 
 :func:`reference_sample` computes the same draw another way (a Gumbel-max in log space, the
 filters written anew), and :class:`SampleInputs` makes fresh inputs: the kernel spec the mock
-registers, so the conformance kit checks ``sample`` against it.
+registers, and the oracle the conformance kit's mock target checks ``sample`` against.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
@@ -207,12 +207,13 @@ class SampleInputs:
 
 
 class SampleComparison:
-    """Compares sampled tokens with the reference's once the provider's streams have run."""
+    """Compares sampled tokens with the reference's once ``synchronize`` (of the provider that
+    drew them) has run its streams' work."""
 
-    def __init__(self, streams: StreamScheduler) -> None:
-        self._streams = streams
+    def __init__(self, synchronize: Callable[[], None]) -> None:
+        self._synchronize = synchronize
 
     def __call__(self, result: object, expected: object, dtype: DType) -> None:
-        self._streams.synchronize()
+        self._synchronize()
         if result != expected:
             raise AssertionError(f"{dtype.value}: sampled {result!r}, reference {expected!r}")

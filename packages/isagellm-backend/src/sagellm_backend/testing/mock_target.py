@@ -11,8 +11,20 @@ from typing_extensions import Unpack
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import DeadlineExceededError, InvalidArgumentError
 from sagellm_backend.mock import MockBackendProvider, MockOptions, MockTensor, MockWorld
+from sagellm_backend.mock.sampling import (
+    SAMPLE_DTYPES,
+    SampleComparison,
+    SampleInputs,
+    reference_sample,
+)
 from sagellm_backend.protocols import BackendProvider
-from sagellm_backend.testing.target import ConformanceTarget, RankFn, RankOutcome, run_rank
+from sagellm_backend.testing.target import (
+    ConformanceTarget,
+    OpOracle,
+    RankFn,
+    RankOutcome,
+    run_rank,
+)
 
 __all__ = ["MockTarget", "MockTensors", "mock_options_of"]
 
@@ -21,7 +33,7 @@ DEFAULT_MAX_MEMORY_MB = 64
 
 
 class MockTensors:
-    """Builds and reads MockTensors."""
+    """Builds and reads MockTensors; the oracle of the mock's one kernel op, ``sample``."""
 
     dtypes = frozenset(DType)
 
@@ -32,6 +44,19 @@ class MockTensors:
 
     def values(self, tensor: MockTensor) -> list[float]:
         return tensor.tolist()
+
+    def oracle(self, provider: BackendProvider[MockTensor], name: str) -> OpOracle | None:
+        """``sample``'s pure-Python reference (a Gumbel-max in log space) and inputs; tokens are
+        compared once ``provider`` has synchronized."""
+        if name != "sample":
+            return None
+        return OpOracle(
+            name,
+            reference_sample,
+            SampleInputs(),
+            SampleComparison(provider.synchronize),
+            frozenset(SAMPLE_DTYPES),
+        )
 
 
 class MockTarget(ConformanceTarget[MockTensor]):

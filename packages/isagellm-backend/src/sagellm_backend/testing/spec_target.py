@@ -2,8 +2,9 @@
 
 A plugin ships its own target by an entry point in the ``sagellm.conformance`` group: name =
 kind, value = a callable taking the config string and returning a ConformanceTarget. Without
-one, the kit runs against providers from :func:`get_backend` with no tensor adapter, and
-collectives run on the provider's own world.
+one, the kit runs against providers from :func:`get_backend`, and collectives run on the
+provider's own world; the core's own kinds get their tensor adapters (the mock's, and the torch
+layer's for cpu, which carries the oracles of the standard ops), any other kind none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sagellm_backend.mock import MockBackendProvider
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.registry import get_backend
 from sagellm_backend.testing.mock_target import MockTarget
-from sagellm_backend.testing.target import ConformanceTarget
+from sagellm_backend.testing.target import ConformanceTarget, TensorAdapter
 
 __all__ = ["TARGET_GROUP", "SpecTarget", "target_for_spec"]
 
@@ -24,11 +25,14 @@ TARGET_GROUP = "sagellm.conformance"
 
 
 class SpecTarget(ConformanceTarget[Any]):
-    """Providers made by ``get_backend(spec)``."""
+    """Providers made by ``get_backend(spec)``, whose tensors ``tensors`` adapts (if given)."""
 
-    def __init__(self, spec: str | None, kind: str) -> None:
+    def __init__(
+        self, spec: str | None, kind: str, tensors: TensorAdapter[Any] | None = None
+    ) -> None:
         self.spec = spec
         self.name = spec or kind
+        self.tensors = tensors
 
     def make_provider(self) -> BackendProvider[Any]:
         return get_backend(self.spec)
@@ -56,6 +60,11 @@ def target_for_spec(spec: str | None) -> ConformanceTarget[Any]:
             return target
     if kind == "mock":
         return MockTarget.from_provider(lambda: _mock(spec), name=spec or kind)
+    if kind == "cpu":
+        # torch is installed: it has just made a cpu provider.
+        from sagellm_backend.torch_backend.conformance import TorchTensors
+
+        return SpecTarget(spec, kind, TorchTensors())
     return SpecTarget(spec, kind)
 
 

@@ -1,7 +1,8 @@
 """What a backend author supplies to the kit: a ConformanceTarget.
 
-A target makes providers, optionally builds tensors of its tensor type (for collectives), and
-runs a function on every rank of a world. The kit is generic in the tensor type ``T`` and in how
+A target makes providers, optionally adapts its tensor type (builds tensors for the collective
+checks, and supplies the kit's own oracles for the standard ops), and runs a function on every
+rank of a world. The kit is generic in the tensor type ``T`` and in how
 ranks are launched: the mock runs ranks as threads in one process, a torch backend as processes.
 Rank functions the kit passes to :meth:`ConformanceTarget.run_world` are module-level functions
 (or ``functools.partial`` of them) with picklable arguments, so a process launcher can ship them.
@@ -13,13 +14,21 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec
 from sagellm_backend.protocols import BackendProvider
 
-__all__ = ["ConformanceTarget", "RankFn", "RankOutcome", "TensorAdapter", "run_rank"]
+__all__ = [
+    "ConformanceTarget",
+    "OpOracle",
+    "RankFn",
+    "RankOutcome",
+    "TensorAdapter",
+    "run_rank",
+]
 
 T = TypeVar("T")
 
@@ -37,8 +46,34 @@ class RankOutcome:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class OpOracle:
+    """The kit's own check of the standard op ``name``: a reference, an input generator and a
+    comparator that come from the target, never from the backend under test."""
+
+    name: str
+    reference: Callable[..., Any]
+    make_inputs: InputMaker
+    compare: Comparator
+    dtypes: frozenset[DType]
+    """The dtypes the input generator makes inputs in."""
+
+    def check(self, kernel: Callable[..., Any], seed: int, dtype: DType) -> None:
+        """AssertionError unless ``kernel`` matches the reference on the inputs of ``seed``
+        (arguments the op writes into compared too, as :meth:`KernelSpec.check` does)."""
+        spec = KernelSpec(
+            self.name,
+            kernel,
+            reference=self.reference,
+            make_inputs=self.make_inputs,
+            compare=self.compare,
+        )
+        spec.check(seed, dtype)
+
+
 class TensorAdapter(Protocol[T]):
-    """Builds and reads 1-D tensors of a backend's tensor type, for the collective checks."""
+    """A backend's tensor type as the kit sees it: 1-D tensors for the collective checks, and
+    the oracles the standard-op checks compare each claimed op with."""
 
     @property
     def dtypes(self) -> frozenset[DType]:
@@ -53,12 +88,18 @@ class TensorAdapter(Protocol[T]):
         """The elements of a 1-D tensor, as host numbers."""
         ...
 
+    def oracle(self, provider: BackendProvider[T], name: str) -> OpOracle | None:
+        """The kit's oracle for the standard kernel op ``name`` on ``provider``'s device, or
+        None where there is none (the op is then checked against the backend's own reference)."""
+        ...
+
 
 class ConformanceTarget(ABC, Generic[T]):
     """A backend under test, as the kit sees it. Subclass and implement :meth:`make_provider`.
 
     Without :attr:`tensors` the checks that move tensor data through collectives are skipped
-    (with that reason). Without a :meth:`run_world` override, collectives run on the world the
+    (with that reason), and the standard ops are checked against the backend's own references
+    only. Without a :meth:`run_world` override, collectives run on the world the
     provider already belongs to: one rank here, or every rank of a job whose processes all run
     the kit at once (``torchrun ... sagellm-backend check SPEC``).
     """

@@ -4,6 +4,11 @@
 world of spawned processes, one per rank, that meet over a TCP rendezvous on 127.0.0.1. Each
 rank reports its outcome through a pipe, then stays connected until every rank has reported,
 so a rank that skips a collective leaves the others to time out rather than to see it leave.
+
+``TorchTensors``, the tensor adapter of every torch backend's target (cpu, cuda, ascend), also
+gives the kit its oracles for the standard ops (:func:`standard_oracle`): the torch layer's
+float64 references and input generators (:func:`.kernels.standard_kernels`), whatever the
+provider has registered.
 """
 
 from __future__ import annotations
@@ -22,30 +27,59 @@ from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import DeadlineExceededError, InvalidArgumentError
 from sagellm_backend.factory import OptionValue
 from sagellm_backend.protocols import BackendProvider
-from sagellm_backend.testing.target import ConformanceTarget, RankFn, RankOutcome, run_rank
+from sagellm_backend.testing.target import (
+    ConformanceTarget,
+    OpOracle,
+    RankFn,
+    RankOutcome,
+    run_rank,
+)
 from sagellm_backend.torch_backend.cpu import create_cpu_backend
 from sagellm_backend.torch_backend.dtypes import KV_DTYPES, to_torch_dtype
+from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES, compare, standard_kernels
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 
-__all__ = ["CpuTarget", "TorchTensors"]
+__all__ = ["CpuTarget", "TorchTensors", "standard_oracle"]
 
 _RELEASE_TIMEOUT_S = 120.0
 
 
 class TorchTensors:
-    """Builds 1-D torch tensors on a provider's device and reads them back."""
+    """Builds 1-D torch tensors on a provider's device and reads them back; the oracles of the
+    standard ops, on that device."""
 
     dtypes = frozenset(KV_DTYPES)
 
     def tensor(
         self, provider: BackendProvider[torch.Tensor], values: Sequence[float], dtype: DType
     ) -> torch.Tensor:
-        if not isinstance(provider, TorchBackendProvider):
-            raise InvalidArgumentError(f"{provider!r} is not a torch backend")
-        return torch.tensor(list(values), dtype=to_torch_dtype(dtype), device=provider.torch_device)
+        return torch.tensor(list(values), dtype=to_torch_dtype(dtype), device=_device(provider))
 
     def values(self, tensor: torch.Tensor) -> list[float]:
         return [float(v) for v in tensor.tolist()]
+
+    def oracle(self, provider: BackendProvider[torch.Tensor], name: str) -> OpOracle | None:
+        return standard_oracle(name, _device(provider))
+
+
+def standard_oracle(name: str, device: torch.device) -> OpOracle | None:
+    """The torch layer's float64 reference and input generator of the standard op ``name``
+    (head sizes 64 and 128, GQA and MQA, variable lengths, NaN in every unused slot), with
+    inputs on ``device``; None for a name that is not a standard kernel op."""
+    row = standard_kernels(device).get(name)
+    if row is None:
+        return None
+    _, reference, make_inputs = row
+    return OpOracle(name, reference, make_inputs, compare, frozenset(KERNEL_DTYPES))
+
+
+def _device(provider: BackendProvider[torch.Tensor]) -> torch.device:
+    if not isinstance(provider, TorchBackendProvider):
+        raise InvalidArgumentError(
+            f"{provider!r} is not a torch backend",
+            hint="give a target of another tensor type its own TensorAdapter",
+        )
+    return provider.torch_device
 
 
 class CpuTarget(ConformanceTarget[torch.Tensor]):

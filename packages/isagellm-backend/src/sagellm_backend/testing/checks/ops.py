@@ -1,12 +1,18 @@
-"""Standard ops: the typed lookup, and each claimed kernel op against its float64 reference.
+"""Standard ops: the typed lookup, and each claimed kernel op against the kit's own oracle.
 
-A claimed op is looked up with ``get_op`` and must be the kernel ``kernel_spec`` describes, with
-a reference and an input generator to check it against. It runs on fresh inputs of
-:data:`SEEDS_PER_DTYPE` consecutive seeds in every dtype the backend claims; the torch layer's
-generators cycle head sizes 64 and 128 and GQA, MQA and multi-head shapes over consecutive
-seeds, and make variable-length batches over caches whose unused slots and pages are NaN. An
-unclaimed op is CapabilityError from ``get_op`` and None from ``find_op``; a name that is not a
-standard kernel op is InvalidArgumentError from both.
+A claimed op is looked up with ``get_op`` and must be the kernel ``kernel_spec`` describes. It
+is checked against the oracle of the target's tensor adapter (``TensorAdapter.oracle``): a
+float64 reference, an input generator and a comparator that the backend under test does not
+supply, so a backend cannot pass by registering a wrong reference or inputs that miss its bug.
+It runs on fresh inputs of :data:`SEEDS_PER_DTYPE` consecutive seeds in every dtype the backend
+computes in that the oracle covers; the torch layer's generators cycle head sizes 64 and 128
+and GQA, MQA and multi-head shapes over consecutive seeds, and make variable-length batches over
+caches whose unused slots and pages are NaN. The reference the backend registers, if any, must
+agree with the kernel too, on the first seed of each dtype. A target without an oracle for an op
+has it checked against the backend's registered reference alone, and the report says so.
+
+An unclaimed op is CapabilityError from ``get_op`` and None from ``find_op``; a name that is not
+a standard kernel op is InvalidArgumentError from both.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sagellm_backend.capability import CapabilityDescriptor
+from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
+from sagellm_backend.kernels import KernelSpec
 from sagellm_backend.ops import KERNEL_OPS, PROVIDER_OPS
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.testing.check import (
@@ -27,6 +35,7 @@ from sagellm_backend.testing.check import (
     Requirement,
     expect_refusal,
 )
+from sagellm_backend.testing.target import OpOracle
 
 __all__ = ["CHECKS", "SEEDS_PER_DTYPE"]
 
@@ -98,29 +107,94 @@ def _against_reference(name: str) -> Callable[[CheckContext[Any]], None]:
             raise ConformanceFailure(
                 f"get_op({name!r}) is not the kernel kernel_spec({name!r}) describes"
             )
-        if not spec.checkable:
-            raise ConformanceFailure(
-                f"the claimed op {name!r} has no reference or input generator to check it against"
-            )
-        dtypes = [d for d in ctx.capability.supported_dtypes if not spec.dtypes or d in spec.dtypes]
-        if not dtypes:
-            raise ConformanceFailure(
-                f"{name!r} is claimed, but for none of the backend's dtypes "
-                f"({', '.join(d.value for d in ctx.capability.supported_dtypes)})"
-            )
         first = ctx.rng.randrange(2**31)
-        for dtype in dtypes:
-            for seed in range(first, first + SEEDS_PER_DTYPE):
-                try:
-                    spec.check(seed, dtype)
-                except AssertionError as exc:
-                    raise ConformanceFailure(
-                        f"{name} does not match its float64 reference in {dtype.value} "
-                        f"(seed {seed}): {exc}"
-                    ) from exc
-        ctx.note(f"{len(dtypes)} dtypes x {SEEDS_PER_DTYPE} seeds")
+        seeds = range(first, first + SEEDS_PER_DTYPE)
+        oracle, missing = _oracle(ctx, name)
+        if oracle is None:
+            _against_own_reference(ctx, spec, seeds, missing)
+            return
+        dtypes = _dtypes(ctx, name, oracle.dtypes, "the kit's oracle")
+        _run(
+            functools.partial(oracle.check, kernel),
+            dtypes,
+            seeds,
+            f"{name} does not match the kit's float64 reference",
+        )
+        detail = f"{len(dtypes)} dtypes x {len(seeds)} seeds"
+        if spec.checkable:
+            own = [d for d in dtypes if not spec.dtypes or d in spec.dtypes]
+            _run(
+                spec.check,
+                own,
+                seeds[:1],
+                f"{name} matches the kit's reference but not the reference "
+                f"kernel_spec({name!r}) registers",
+            )
+            detail += f"; the registered reference agrees in {len(own)} dtypes x 1 seed"
+        ctx.note(detail)
 
     return body
+
+
+def _against_own_reference(
+    ctx: CheckContext[Any], spec: KernelSpec, seeds: range, missing: str
+) -> None:
+    """Where the target has no oracle: the kernel against the reference it registered."""
+    name = spec.name
+    if not spec.checkable:
+        raise ConformanceFailure(
+            f"the claimed op {name!r} has nothing to check it against: {missing}, and "
+            f"kernel_spec({name!r}) carries no reference or input generator"
+        )
+    dtypes = _dtypes(ctx, name, spec.dtypes, f"kernel_spec({name!r})")
+    _run(
+        spec.check,
+        dtypes,
+        seeds,
+        f"{name} does not match the float64 reference kernel_spec({name!r}) registers",
+    )
+    ctx.note(
+        f"{len(dtypes)} dtypes x {len(seeds)} seeds against the backend's own reference only: "
+        f"{missing}"
+    )
+
+
+def _oracle(ctx: CheckContext[Any], name: str) -> tuple[OpOracle | None, str]:
+    """The target's oracle of ``name``, or None and why there is none."""
+    adapter = ctx.target.tensors
+    if adapter is None:
+        return None, f"target {ctx.target.name!r} supplies no tensor adapter"
+    oracle = adapter.oracle(ctx.provider, name)
+    if oracle is None:
+        return None, f"the tensor adapter of target {ctx.target.name!r} has no oracle for it"
+    return oracle, ""
+
+
+def _dtypes(
+    ctx: CheckContext[Any], name: str, covered: frozenset[DType], source: str
+) -> list[DType]:
+    """The dtypes the backend computes in that ``source`` covers (all where it lists none)."""
+    dtypes = [d for d in ctx.capability.supported_dtypes if not covered or d in covered]
+    if not dtypes:
+        raise ConformanceFailure(
+            f"{name!r} is claimed, but none of the backend's dtypes "
+            f"({', '.join(d.value for d in ctx.capability.supported_dtypes)}) is one "
+            f"{source} covers ({', '.join(sorted(d.value for d in covered))})"
+        )
+    return dtypes
+
+
+def _run(
+    check: Callable[[int, DType], None], dtypes: list[DType], seeds: range, mismatch: str
+) -> None:
+    for dtype in dtypes:
+        for seed in seeds:
+            try:
+                check(seed, dtype)
+            except AssertionError as exc:
+                raise ConformanceFailure(
+                    f"{mismatch} in {dtype.value} (seed {seed}): {exc}"
+                ) from exc
 
 
 CHECKS = (
@@ -135,8 +209,8 @@ CHECKS = (
         Check(
             f"ops.{op.name}",
             Area.OPS,
-            f"the claimed {op.name} matches its float64 reference on fresh inputs of "
-            f"{SEEDS_PER_DTYPE} consecutive seeds in every claimed dtype",
+            f"the claimed {op.name} matches the kit's float64 reference on fresh inputs of "
+            f"{SEEDS_PER_DTYPE} consecutive seeds in every dtype the backend computes in",
             _against_reference(op.name),
             requires=_claims_op(op.name),
         )
