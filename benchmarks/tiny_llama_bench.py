@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             floor_bytes=floor_bytes,
             floor_ms=floor_ms,
             ratio_to_floor=step_ms / floor_ms,
+            graph_replay_ms=result.graph_replay_ms,
+            replay_ratio_to_floor=(
+                None if result.graph_replay_ms is None else result.graph_replay_ms / floor_ms
+            ),
             ops_called=result.ops_called,
         )
     print(json.dumps(report))

@@ -243,13 +243,19 @@ class _SamplingBuffers:
 
 @dataclass
 class RunResult:
-    """What one run produced: tokens, the logits of every generated step, timings, op calls."""
+    """What one run produced: tokens, the logits of every generated step, timings, op calls.
+
+    ``graph_step_ms`` is a whole replayed step on the host's clock (planning, the replay,
+    sampling, waiting for the device); ``graph_replay_ms`` the replay alone, between two events
+    on the device.
+    """
 
     tokens: list[list[int]]
     step_logits: list[torch.Tensor] = field(repr=False)
     prefill_ms: float
     decode_step_ms: float
     graph_step_ms: float | None
+    graph_replay_ms: float | None
     ops_called: dict[str, int]
 
 
@@ -303,9 +309,11 @@ def generate(
             logits_out.copy_(model.forward(tokens_in, batch, decode=True))
 
         side = backend.create_stream() if graph else None
+        began, ended = backend.create_event(), backend.create_event()
         captured = None
         step_ms: list[float] = []
         graph_ms: list[float] = []
+        replay_ms: list[float] = []
         for t in range(1, new_tokens):
             feed = [f[t - 1] for f in forced] if forced is not None else [o[-1] for o in out]
             seq_lens = [n + 1 for n in seq_lens]
@@ -333,13 +341,17 @@ def generate(
                 # The graph replays on the stream it was captured on: order it after this
                 # step's planned metadata and input tokens, and the sampling after it.
                 side.wait_stream(backend.current_stream())
+                began.record(side)
                 captured.replay()
+                ended.record(side)
                 backend.current_stream().wait_stream(side)
             sampled = model.sample(logits_out, sampling)
             sync()
             (graph_ms if captured is not None else step_ms).append(
                 (time.perf_counter() - start) * 1e3
             )
+            if captured is not None:
+                replay_ms.append(ended.elapsed_ms(began))
             step_logits.append(logits_out.detach().to("cpu", copy=True))
             for row, token in zip(out, sampled.tolist(), strict=True):
                 row.append(int(token))
@@ -351,6 +363,7 @@ def generate(
         prefill_ms=prefill_ms,
         decode_step_ms=statistics.median(step_ms) if step_ms else math.nan,
         graph_step_ms=statistics.median(graph_ms) if graph_ms else None,
+        graph_replay_ms=statistics.median(replay_ms) if replay_ms else None,
         ops_called=dict(sorted(model.calls.items())),
     )
 
@@ -477,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prefill_ms": round(result.prefill_ms, 3),
         "decode_step_ms": round(result.decode_step_ms, 3),
         "graph_step_ms": None if result.graph_step_ms is None else round(result.graph_step_ms, 3),
+        "graph_replay_ms": result.graph_replay_ms,
         "ops_called": result.ops_called,
         "step_bytes": step_bytes(config, args.dtype, [n + args.new_tokens - 1 for n in lengths]),
         "config": asdict(config),
