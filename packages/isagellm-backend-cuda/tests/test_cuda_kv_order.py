@@ -36,6 +36,12 @@ def provider() -> Iterator[Provider]:
     made: Provider = create_cuda_backend(
         None, kv_dtype="bf16", num_blocks=8, host_num_blocks=8, **LAYOUT
     )
+    # Compile the movement kernels first: a compile inside a test outlasts the held-back work.
+    a, b = made.kv_blocks_alloc([16, 16], "bf16")
+    made.kv_blocks_copy([(a, b)])
+    (c,), _ = made.kv_blocks_migrate([a], HOST)
+    made.kv_blocks_free([b, c])
+    made.synchronize()
     yield made
     made.close()
 
