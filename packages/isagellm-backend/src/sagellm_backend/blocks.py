@@ -101,8 +101,15 @@ Issue = Callable[[list[KVBlock], list[KVBlock]], Fence | None]
 went to the calling thread's current stream, else the event recorded after it on the other
 stream."""
 
-_new_block: Callable[[tuple[object, ...]], KVBlock] = functools.partial(tuple.__new__, KVBlock)
-"""``KVBlock`` from a tuple of its fields, without the Python-level ``__new__`` of a NamedTuple."""
+_tuple_new = tuple.__new__
+"""``_tuple_new(KVBlock, fields)`` makes a ``KVBlock`` from a tuple of its fields without the
+Python-level ``__new__`` of a NamedTuple; ``map(_tuple_new, repeat(KVBlock), rows)`` makes many."""
+
+
+def _new_blocks(rows: Iterable[tuple[object, ...]]) -> list[KVBlock]:
+    """``KVBlock``s from tuples of their fields, in one C-level pass."""
+    return cast("list[KVBlock]", list(map(_tuple_new, repeat(KVBlock), rows)))
+
 
 _handle = operator.attrgetter("handle")
 _pages = operator.attrgetter("pages")
@@ -253,8 +260,8 @@ class BlockTable:
                 pages = take()
                 handle = self._next_handle
                 self._next_handle = handle + 1
-                block = _new_block(
-                    (handle, num_tokens, member, self._default_device, pages, self._owner)
+                block: KVBlock = _tuple_new(
+                    KVBlock, (handle, num_tokens, member, self._default_device, pages, self._owner)
                 )
                 self._live[handle] = block
                 return block
@@ -289,7 +296,7 @@ class BlockTable:
             handles = range(self._next_handle, self._next_handle + len(counts))
             self._next_handle = handles.stop
             fields = zip(handles, counts, repeat(member), repeat(where), taken, repeat(self._owner))
-            blocks = list(map(_new_block, fields))
+            blocks = _new_blocks(fields)
             self._live.update(zip(handles, blocks, strict=True))
         return blocks
 
@@ -444,7 +451,7 @@ class BlockTable:
                 taken,
                 repeat(self._owner),
             )
-            replacements = list(map(_new_block, fields))
+            replacements = _new_blocks(fields)
             try:
                 event = issue(items, replacements)
             except BaseException:
@@ -630,17 +637,18 @@ class BlockTable:
         srcs, dsts = list(map(_first, pairs)), list(map(_second, pairs))
         get, same = self._live.get, operator.is_
         try:
-            mine = all(map(same, map(get, map(_handle, srcs)), srcs)) and all(
-                map(same, map(get, map(_handle, dsts)), dsts)
+            read, written_handles = list(map(_handle, srcs)), list(map(_handle, dsts))
+            mine = all(map(same, map(get, read), srcs)) and all(
+                map(same, map(get, written_handles), dsts)
             )
         except Exception:  # not all KVBlocks: the full check says what is wrong
             mine = False
         if mine:
             n = len(dsts)
-            written = set(map(_handle, dsts))
+            written = set(written_handles)
             if (
                 len(written) == n
-                and written.isdisjoint(map(_handle, srcs))
+                and written.isdisjoint(read)
                 and (
                     sum(map(len, map(_pages, srcs))) == n == sum(map(len, map(_pages, dsts)))
                     or list(map(len, map(_pages, srcs))) == list(map(len, map(_pages, dsts)))
