@@ -13,7 +13,6 @@ read-only mapping, so a descriptor, and its hash, never change after it is built
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -308,10 +307,14 @@ class CapabilityDescriptor:
         return cls(**data)
 
     def to_json(self) -> str:
+        import json  # deferred: a start-up that never serialises a capability skips it
+
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CapabilityDescriptor:
+        import json
+
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

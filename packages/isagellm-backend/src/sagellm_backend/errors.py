@@ -260,3 +260,11 @@ class CommBackendNotSupportedError(CommError, CapabilityError):
     """The communication backend cannot do this op or dtype; refused before anything is sent."""
 
     default_code = ErrorCode.COMM_BACKEND_NOT_SUPPORTED
+
+
+def close_match(word: str, choices: list[str]) -> list[str]:
+    """The choice closest to ``word``, for a "did you mean" hint (at most one; ``difflib`` is
+    imported only when a name is unknown, so a start-up does not pay for it)."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=1)

@@ -9,7 +9,6 @@ A kernel registered under a standard op name (:mod:`sagellm_backend.ops`) is wha
 
 from __future__ import annotations
 
-import difflib
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from sagellm_backend.errors import (
     InvalidArgumentError,
     KernelExistsError,
     KernelNotFoundError,
+    close_match,
 )
 from sagellm_backend.ops import STANDARD_OPS
 
@@ -153,7 +153,7 @@ class KernelTable:
             if spec is not None:
                 return spec
             known = sorted(self._specs)
-        near = difflib.get_close_matches(str(name), known, n=1)
+        near = close_match(str(name), known)
         raise KernelNotFoundError(
             f"no kernel named {name!r}; registered: {', '.join(known) or '(none)'}",
             hint=f"did you mean {near[0]!r}?" if near else "register it with register_kernel()",
@@ -182,7 +182,7 @@ class KernelTable:
         op = STANDARD_OPS.get(name) if isinstance(name, str) else None
         if op is None:
             kernels = [n for n, o in STANDARD_OPS.items() if o.kind is not None]
-            near = difflib.get_close_matches(str(name), kernels, n=1)
+            near = close_match(str(name), kernels)
             raise InvalidArgumentError(
                 f"{name!r} is not a standard kernel op",
                 hint=f"did you mean {near[0]!r}?"

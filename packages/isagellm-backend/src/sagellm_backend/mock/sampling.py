@@ -20,7 +20,6 @@ registers, and the oracle the conformance kit's mock target checks ``sample`` ag
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
 
 from sagellm_backend.dtypes import DType
@@ -195,6 +194,8 @@ class SampleInputs:
     """Fresh sampling inputs from a seed: rows of every kind (greedy, top-k, top-p, both)."""
 
     def __call__(self, seed: int, dtype: DType) -> KernelInputs:
+        import random  # deferred: only the conformance kit makes sampling inputs
+
         rng = random.Random(seed)
         rows, vocab = 8, rng.randint(2, 48)
         logits = MockTensor([rng.gauss(0, 3) for _ in range(rows * vocab)], dtype)

@@ -24,13 +24,12 @@ Selection rules (docs/selection.md):
 
 from __future__ import annotations
 
-import difflib
-import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.errors import (
     BackendLoadError,
@@ -40,6 +39,7 @@ from sagellm_backend.errors import (
     IncompatiblePluginError,
     InvalidArgumentError,
     InvalidSpecError,
+    close_match,
 )
 from sagellm_backend.factory import BackendFactory, Option
 from sagellm_backend.protocols import BackendProvider
@@ -60,6 +60,9 @@ from sagellm_backend.registry.spec import (
     is_valid_kind,
     parse_spec,
 )
+
+if TYPE_CHECKING:
+    import logging
 
 __all__ = [
     "DEFAULT_IMPORT_TIMEOUT",
@@ -85,7 +88,33 @@ SIMULATED_KINDS = frozenset({"mock"})
 DEVICE_IDS = Option("device_ids", tuple, None, "device indices, joined with '+'")
 """Option every spec accepts: it travels in the config object, not as a keyword option."""
 
-logger = logging.getLogger("sagellm_backend.registry")
+
+class _Logger:
+    """The ``sagellm_backend.registry`` logger, importing ``logging`` on first use that can show.
+
+    An INFO record is dropped while ``logging`` is not imported: nothing can have configured a
+    handler or a level that would show it, so a start-up need not import ``logging`` for it.
+    """
+
+    name = "sagellm_backend.registry"
+
+    def info(self, message: str, *args: object) -> None:
+        if "logging" in sys.modules:
+            self._get().info(message, *args)
+
+    def warning(self, message: str, *args: object) -> None:
+        self._get().warning(message, *args)
+
+    def error(self, message: str, *args: object) -> None:
+        self._get().error(message, *args)
+
+    def _get(self) -> logging.Logger:
+        import logging
+
+        return logging.getLogger(self.name)
+
+
+logger = _Logger()
 
 
 class BackendRegistry:
@@ -362,7 +391,7 @@ class BackendRegistry:
             return plugin
         kinds = sorted(table)
         misnamed = [p for p in self._entries or () if p.invalid_name and p.kind.lower() == kind]
-        near = difflib.get_close_matches(kind, [*kinds, AUTO], n=1)
+        near = close_match(kind, [*kinds, AUTO])
         if misnamed:
             hint = (
                 f"the entry point {misnamed[0].kind!r} of {misnamed[0].distribution} has an "
