@@ -36,7 +36,6 @@ from sagellm_backend.kernels import (
     KernelTable,
 )
 from sagellm_backend.kv import KVBlock, KVLayout
-from sagellm_backend.mock.batch import MockBatchMetadata
 from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
 from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
 from sagellm_backend.mock.pool import MockMemory
@@ -54,6 +53,8 @@ from sagellm_backend.unique import Unique
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from sagellm_backend.mock.batch import MockBatchMetadata
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -376,6 +377,8 @@ class MockBackendProvider(Unique):
         """Persistent batch metadata buffers (MockTensors), planned on the host."""
         self._capability.require_op("batch_metadata")
         self._streams.check_host("create_batch_metadata")
+        from sagellm_backend.mock.batch import MockBatchMetadata  # deferred: not every start plans
+
         return MockBatchMetadata(
             self._streams,
             table=self._table,
