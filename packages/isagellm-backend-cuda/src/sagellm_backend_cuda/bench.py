@@ -124,9 +124,15 @@ def run(
 ) -> dict[str, Any]:
     """Every figure of the benchmark on the device ``spec`` selects, as a JSON-ready dict."""
     if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-        raise InvalidArgumentError(f"sizes must be positive ints, got {sizes!r}")
+        raise InvalidArgumentError(
+            f"sizes must be positive ints, got {sizes!r}",
+            hint="pass a non-empty sequence of block counts of at least 1",
+        )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise InvalidArgumentError(f"repeats must be a positive int, got {repeats!r}")
+        raise InvalidArgumentError(
+            f"repeats must be a positive int, got {repeats!r}",
+            hint="pass repeats as an int of at least 1",
+        )
     most = max(sizes)
     provider = get_backend(
         spec or "cuda",

@@ -65,17 +65,25 @@ def copy_pages(src: torch.Tensor, dst: torch.Tensor, pages: torch.Tensor) -> Non
             hint="copy between pools of one KV layout",
         )
     if not (src.is_contiguous() and dst.is_contiguous()):
-        raise InvalidArgumentError("page pools must be contiguous tensors")
+        raise InvalidArgumentError(
+            "page pools must be contiguous tensors",
+            hint="pass the pools kv_cache() returns, not a slice or view of them",
+        )
     if pages.dim() != 2 or pages.shape[0] != 2 or pages.dtype != torch.int32:
         raise InvalidArgumentError(
-            f"pages must be a [2, n] int32 tensor, got {tuple(pages.shape)} {pages.dtype}"
+            f"pages must be a [2, n] int32 tensor, got {tuple(pages.shape)} {pages.dtype}",
+            hint="stack the source and destination page indices: torch.tensor([src, dst], "
+            "dtype=torch.int32)",
         )
     num_layers, num_pairs = src.shape[0], pages.shape[1]
     if num_pairs == 0:
         return
     page_bytes = src[0, 0].numel() * src.element_size()
     if page_bytes % 4:
-        raise InvalidArgumentError(f"a page of one layer is {page_bytes} bytes, not whole words")
+        raise InvalidArgumentError(
+            f"a page of one layer is {page_bytes} bytes, not whole words",
+            hint="use a KV layout whose page of one layer is a multiple of 4 bytes",
+        )
     words = page_bytes // 4
     src_words, dst_words = _words(src), _words(dst)
     grid = (num_pairs * num_layers, triton.cdiv(words, _WORDS_PER_PROGRAM))

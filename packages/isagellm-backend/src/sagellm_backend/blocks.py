@@ -743,7 +743,7 @@ def _pair_list(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, 
         if not isinstance(pair, tuple) or len(pair) != 2:
             raise InvalidArgumentError(
                 f"each copy must be a (src, dst) tuple of KVBlock, got {pair!r}",
-                hint="pass pairs such as [(src, dst)]",
+                hint="pass (src, dst) tuples of KVBlock handles returned by kv_block_alloc",
             )
     return cast("list[tuple[KVBlock, KVBlock]]", items)
 

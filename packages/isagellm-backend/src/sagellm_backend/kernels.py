@@ -69,7 +69,8 @@ class KernelSpec:
         """
         if self.reference is None or self.make_inputs is None:
             raise InvalidArgumentError(
-                f"kernel {self.name!r} has no reference or input generator to check against"
+                f"kernel {self.name!r} has no reference or input generator to check against",
+                hint="register the kernel with reference= and make_inputs= to check it",
             )
         args, kwargs = self.make_inputs(seed, dtype)
         ref_args, ref_kwargs = self.make_inputs(seed, dtype)
@@ -119,9 +120,15 @@ class KernelTable:
             )
         for what, fn in (("impl", impl), ("reference", reference), ("make_inputs", make_inputs)):
             if fn is not None and not callable(fn):
-                raise InvalidArgumentError(f"kernel {name!r}: {what} must be callable")
+                raise InvalidArgumentError(
+                    f"kernel {name!r}: {what} must be callable, got {type(fn).__name__}",
+                    hint=f"pass a function as {what}=",
+                )
         if impl is None:
-            raise InvalidArgumentError(f"kernel {name!r}: impl must be callable")
+            raise InvalidArgumentError(
+                f"kernel {name!r}: impl must be callable, got None",
+                hint="pass the function that implements the kernel as impl=",
+            )
         if isinstance(dtypes, str):
             dtypes = (dtypes,)
         spec = KernelSpec(

@@ -40,7 +40,8 @@ class KVLayout:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidArgumentError(
-                    f"KV layout {name} must be a positive int, got {value!r}"
+                    f"KV layout {name} must be a positive int, got {value!r}",
+                    hint=f"set {name} from the model config (an int of at least 1)",
                 )
         if self.dtype is not None:
             object.__setattr__(self, "dtype", coerce(DType, self.dtype, "KV dtype"))

@@ -501,12 +501,16 @@ def capability_from_protocol(
     for name in _FLAGS:
         value = getattr(descriptor, name)
         if not isinstance(value, bool):
-            raise InvalidArgumentError(f"protocol descriptor {name} must be a bool, got {value!r}")
+            raise InvalidArgumentError(
+                f"protocol descriptor {name} must be a bool, got {value!r}",
+                hint=f"set {name} to True or False",
+            )
     for name in _LISTS:
         value = getattr(descriptor, name)
         if not isinstance(value, (list, tuple)):
             raise InvalidArgumentError(
-                f"protocol descriptor {name} must be a list, got {type(value).__name__}"
+                f"protocol descriptor {name} must be a list, got {type(value).__name__}",
+                hint=f"set {name} to a list of names (empty for none)",
             )
     if descriptor.has_collective and not descriptor.supported_collectives:
         raise InvalidArgumentError(

@@ -130,7 +130,10 @@ class MockBackendProvider(Unique):
         }
         for name, value in flags.items():
             if not isinstance(value, bool):
-                raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
+                raise InvalidArgumentError(
+                    f"{name} must be a bool, got {value!r}",
+                    hint=f"pass {name}=True or {name}=False",
+                )
         _positive_int(max_memory_mb, "max_memory_mb")
         _positive_int(num_devices, "num_devices")
         if num_devices > MAX_DEVICES:
@@ -581,7 +584,10 @@ def _mock_ops(names: Sequence[str]) -> tuple[str, ...]:
 
 def _positive_int(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidArgumentError(f"{what} must be a positive int, got {value!r}")
+        raise InvalidArgumentError(
+            f"{what} must be a positive int, got {value!r}",
+            hint=f"set {what} to an int of at least 1",
+        )
 
 
 class _Work:

@@ -246,7 +246,10 @@ class MockEvent:
 
     def __init__(self, scheduler: StreamScheduler, enable_timing: bool = True) -> None:
         if not isinstance(enable_timing, bool):
-            raise InvalidArgumentError(f"enable_timing must be a bool, got {enable_timing!r}")
+            raise InvalidArgumentError(
+                f"enable_timing must be a bool, got {enable_timing!r}",
+                hint="pass enable_timing=True or enable_timing=False",
+            )
         self.scheduler = scheduler
         self._enable_timing = enable_timing
         self.mark: _Mark | None = None

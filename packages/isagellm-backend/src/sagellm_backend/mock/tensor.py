@@ -35,7 +35,10 @@ class MockTensor:
     @classmethod
     def zeros(cls, numel: int, dtype: DType | str = DType.FP32) -> MockTensor:
         if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-            raise InvalidArgumentError(f"numel must be a non-negative int, got {numel!r}")
+            raise InvalidArgumentError(
+                f"numel must be a non-negative int, got {numel!r}",
+                hint="pass the element count as an int, e.g. zeros(8)",
+            )
         return cls([0] * numel, dtype)
 
     @classmethod
@@ -49,11 +52,17 @@ class MockTensor:
         """Inverse of :meth:`to_bytes`. ``numel`` is needed only for int4 with an odd count."""
         member = coerce(DType, dtype, "dtype")
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"data must be bytes, got {type(data).__name__}")
+            raise InvalidArgumentError(
+                f"data must be bytes, got {type(data).__name__}",
+                hint="pass the bytes to_bytes() returned",
+            )
         raw = bytes(data)
         count = _numel_of(member, len(raw)) if numel is None else numel
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise InvalidArgumentError(f"numel must be a non-negative int, got {count!r}")
+            raise InvalidArgumentError(
+                f"numel must be a non-negative int, got {count!r}",
+                hint="pass numel=tensor.numel() of the tensor the bytes came from, or leave it out",
+            )
         if _nbytes(member, count) != len(raw):
             raise InvalidArgumentError(
                 f"{len(raw)} bytes do not hold {count} {member.value} values",
@@ -99,7 +108,10 @@ class MockTensor:
     def copy_(self, src: MockTensor) -> MockTensor:
         """Overwrite this tensor with ``src`` (same dtype and shape); returns self."""
         if not isinstance(src, MockTensor):
-            raise InvalidArgumentError(f"src must be a MockTensor, got {type(src).__name__}")
+            raise InvalidArgumentError(
+                f"src must be a MockTensor, got {type(src).__name__}",
+                hint="wrap the values first: MockTensor(values, dtype)",
+            )
         if src.dtype != self._dtype or src.shape != self.shape:
             raise InvalidArgumentError(
                 f"cannot copy a {src.dtype.value}{list(src.shape)} tensor into a "
@@ -113,10 +125,15 @@ class MockTensor:
     def cat(tensors: Sequence[MockTensor]) -> MockTensor:
         """Concatenation of tensors of one dtype."""
         if not tensors:
-            raise InvalidArgumentError("cat needs at least one tensor")
+            raise InvalidArgumentError(
+                "cat needs at least one tensor", hint="pass a non-empty list of MockTensors"
+            )
         dtype = tensors[0].dtype
         if any(t.dtype != dtype for t in tensors):
-            raise InvalidArgumentError("cat needs tensors of one dtype")
+            raise InvalidArgumentError(
+                f"cat needs tensors of one dtype, got {sorted({t.dtype.value for t in tensors})}",
+                hint="convert the tensors to one dtype before cat",
+            )
         out = MockTensor((), dtype)
         out._values = [v for t in tensors for v in t._values]
         return out
@@ -124,11 +141,15 @@ class MockTensor:
     def chunk(self, parts: int) -> list[MockTensor]:
         """``parts`` equal consecutive pieces; the length must divide evenly."""
         if isinstance(parts, bool) or not isinstance(parts, int) or parts <= 0:
-            raise InvalidArgumentError(f"parts must be a positive int, got {parts!r}")
+            raise InvalidArgumentError(
+                f"parts must be a positive int, got {parts!r}",
+                hint="pass parts as an int of at least 1",
+            )
         size, rest = divmod(len(self._values), parts)
         if rest:
             raise InvalidArgumentError(
-                f"a tensor of {len(self._values)} elements does not split into {parts} equal parts"
+                f"a tensor of {len(self._values)} elements does not split into {parts} equal parts",
+                hint=f"pass a parts that divides {len(self._values)}",
             )
         out = []
         for i in range(parts):
@@ -158,7 +179,10 @@ def _numbers(values: Iterable[float]) -> list[float]:
     out = list(values)
     for v in out:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidArgumentError(f"tensor values must be numbers, got {v!r}")
+            raise InvalidArgumentError(
+                f"tensor values must be numbers, got {v!r}",
+                hint="pass ints or floats only (bools and strings are refused)",
+            )
     return out
 
 

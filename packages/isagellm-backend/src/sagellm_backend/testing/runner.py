@@ -96,7 +96,10 @@ class ConformanceReport:
         for result in self.results:
             if result.check.id == check_id:
                 return result
-        raise InvalidArgumentError(f"no check {check_id!r} ran in this report")
+        raise InvalidArgumentError(
+            f"no check {check_id!r} ran in this report",
+            hint="pass one of the ids in [r.check.id for r in report.results]",
+        )
 
     def summary(self) -> str:
         counts = self.counts

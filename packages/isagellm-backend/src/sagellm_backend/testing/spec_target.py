@@ -71,5 +71,8 @@ def target_for_spec(spec: str | None) -> ConformanceTarget[Any]:
 def _mock(spec: str | None) -> MockBackendProvider:
     provider = get_backend(spec)
     if not isinstance(provider, MockBackendProvider):
-        raise BackendLoadError(f"{spec!r} gave a {type(provider).__name__} for kind 'mock'")
+        raise BackendLoadError(
+            f"{spec!r} gave a {type(provider).__name__} for kind 'mock'",
+            hint="pass a spec that selects the built-in mock, e.g. 'mock'",
+        )
     return provider

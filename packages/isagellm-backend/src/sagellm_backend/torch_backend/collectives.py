@@ -153,7 +153,10 @@ class WorldConfig:
         size = world_size if world_size is not None else _env_int(environ, "WORLD_SIZE", 1)
         me = rank if rank is not None else _env_int(environ, "RANK", 0)
         if size < 1:
-            raise InvalidArgumentError(f"world_size must be at least 1, got {size}")
+            raise InvalidArgumentError(
+                f"world_size must be at least 1, got {size}",
+                hint="pass world_size >= 1, or set WORLD_SIZE in the launcher's environment",
+            )
         if not 0 <= me < size:
             raise InvalidArgumentError(
                 f"rank {me} is outside a world of {size}", hint=f"use a rank in 0..{size - 1}"
@@ -334,7 +337,8 @@ class ProcessGroup:
     def _check_tensor(self, op: CollectiveOp, tensor: object) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             raise InvalidArgumentError(
-                f"{op.value} needs a torch.Tensor, got {type(tensor).__name__}"
+                f"{op.value} needs a torch.Tensor, got {type(tensor).__name__}",
+                hint="pass a torch.Tensor on this provider's device",
             )
         if tensor.device != self._device:
             raise InvalidArgumentError(
@@ -351,7 +355,10 @@ class ProcessGroup:
 
     def _check_rank(self, rank: object, what: str, *, allow_self: bool) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int):
-            raise InvalidArgumentError(f"{what} must be an int rank, got {rank!r}")
+            raise InvalidArgumentError(
+                f"{what} must be an int rank, got {rank!r}",
+                hint=f"pass {what} as an int in 0..{self._world_size - 1}",
+            )
         if not 0 <= rank < self._world_size or (rank == self._rank and not allow_self):
             others = "any rank" if allow_self else "another rank"
             raise InvalidArgumentError(

@@ -92,7 +92,10 @@ class CpuTarget(ConformanceTarget[torch.Tensor]):
     ) -> None:
         sizes = tuple(world_sizes)
         if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-            raise InvalidArgumentError(f"world_sizes must be positive ints, got {world_sizes!r}")
+            raise InvalidArgumentError(
+                f"world_sizes must be positive ints, got {world_sizes!r}",
+                hint="pass a non-empty tuple of ints of at least 1, e.g. world_sizes=(2, 4)",
+            )
         self.name = name
         self.options = {"num_blocks": 256, "host_num_blocks": 256, **options}
         self._world_sizes = sizes
@@ -166,7 +169,12 @@ def _receive(conn: Connection, rank: int, deadline: float, timeout: float) -> Ra
     except (EOFError, OSError):
         return RankOutcome(rank, error=RuntimeError(f"rank {rank} died before reporting"))
     return RankOutcome(
-        rank, error=DeadlineExceededError(f"rank {rank} was still running after {timeout} s")
+        rank,
+        error=DeadlineExceededError(
+            f"rank {rank} was still running after {timeout} s",
+            hint="find the collective that rank waits in and make every rank reach it, "
+            "or raise the check's timeout",
+        ),
     )
 
 

@@ -446,7 +446,8 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         columns = longest if width is None else width
         if isinstance(columns, bool) or not isinstance(columns, int) or columns < longest:
             raise InvalidArgumentError(
-                f"width must be an int of at least {longest} (the longest block), got {width!r}"
+                f"width must be an int of at least {longest} (the longest block), got {width!r}",
+                hint=f"pass width >= {longest}, or leave it out to use {longest}",
             )
         rows = [list(b.pages) + [0] * (columns - b.num_pages) for b in live]
         where = self._pool.pools[devices.pop()].device if devices else self._torch_device
@@ -658,7 +659,10 @@ def _optional_str(options: Mapping[str, OptionValue], name: str) -> str | None:
 def _pages(options: Mapping[str, OptionValue], count: str, budget: str, page_bytes: int) -> int:
     explicit, megabytes = _int(options, count), _int(options, budget)
     if explicit < 0 or megabytes < 0:
-        raise InvalidArgumentError(f"{count} and {budget} must not be negative")
+        raise InvalidArgumentError(
+            f"{count} and {budget} must not be negative, got {explicit} and {megabytes}",
+            hint=f"set {count} (pages) or {budget} (MiB) to a positive int",
+        )
     pages = explicit or megabytes * MIB // page_bytes
     if pages < 1:
         raise InvalidArgumentError(

@@ -39,7 +39,10 @@ def kv_cache_write_reference(
     tokens = kv_cache.shape[2]
     slots = [int(s) for s in slot_mapping.tolist()]
     if any(not -1 <= s < kv_cache.shape[0] * tokens for s in slots):
-        raise InvalidArgumentError("kv_cache_write: a slot is outside the cache")
+        raise InvalidArgumentError(
+            "kv_cache_write: a slot is outside the cache",
+            hint=f"pass slots in 0..{kv_cache.shape[0] * tokens - 1}, or -1 to skip a token",
+        )
     for i, slot in enumerate(slots):
         if slot != -1:
             kv_cache[slot // tokens, 0, slot % tokens] = key[i]

@@ -87,7 +87,10 @@ class TorchEvent(Generic[S, E]):
 
     def __init__(self, adapter: DeviceAdapter[S, E], index: int, *, enable_timing: bool) -> None:
         if not isinstance(enable_timing, bool):
-            raise InvalidArgumentError(f"enable_timing must be a bool, got {enable_timing!r}")
+            raise InvalidArgumentError(
+                f"enable_timing must be a bool, got {enable_timing!r}",
+                hint="pass enable_timing=True or enable_timing=False",
+            )
         self._adapter = adapter
         self._index = index
         self._enable_timing = enable_timing
