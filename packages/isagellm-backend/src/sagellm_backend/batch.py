@@ -37,7 +37,15 @@ from sagellm_backend.blocks import BlockTable
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.kv import KVBlock, KVLayout
 
-__all__ = ["BatchPlanner", "BatchSections", "BlockCheck", "Plan", "Section", "Typecode"]
+__all__ = [
+    "BatchPlanner",
+    "BatchSections",
+    "BlockCheck",
+    "Plan",
+    "PlannedSizes",
+    "Section",
+    "Typecode",
+]
 
 _ALIGN = 64
 _INT32 = 4
@@ -340,3 +348,34 @@ def _prefill_positions_and_slots(
             base = p[k] * t - k * t
             slots.extend(range(base + max(first, k * t), base + min(end, k * t + t)))
     return positions, slots
+
+
+class PlannedSizes:
+    """The size properties of a ``BatchMetadata``: its maxima and what the last plan held."""
+
+    _sections: BatchSections
+    _planner: BatchPlanner
+
+    @property
+    def max_seqs(self) -> int:
+        return self._sections.max_seqs
+
+    @property
+    def max_tokens(self) -> int:
+        return self._sections.max_tokens
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return self._sections.max_pages_per_seq
+
+    @property
+    def num_seqs(self) -> int:
+        return self._planner.plan_state.num_seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return self._planner.plan_state.num_tokens
+
+    @property
+    def max_query_len(self) -> int:
+        return self._planner.plan_state.max_query_len

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from sagellm_backend.batch import BatchPlanner, BatchSections, Plan, Section
+from sagellm_backend.batch import BatchPlanner, BatchSections, Plan, PlannedSizes, Section
 from sagellm_backend.blocks import BlockTable
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError
@@ -40,7 +40,7 @@ _NAMES = (
 )
 
 
-class MockBatchMetadata:
+class MockBatchMetadata(PlannedSizes):
     """``BatchMetadata[MockTensor]`` of a mock provider."""
 
     def __init__(
@@ -76,30 +76,6 @@ class MockBatchMetadata:
             f"MockBatchMetadata(max {s.max_seqs} seqs, {s.max_tokens} tokens, "
             f"{s.max_pages_per_seq} pages per seq)"
         )
-
-    @property
-    def max_seqs(self) -> int:
-        return self._sections.max_seqs
-
-    @property
-    def max_tokens(self) -> int:
-        return self._sections.max_tokens
-
-    @property
-    def max_pages_per_seq(self) -> int:
-        return self._sections.max_pages_per_seq
-
-    @property
-    def num_seqs(self) -> int:
-        return self._planner.plan_state.num_seqs
-
-    @property
-    def num_tokens(self) -> int:
-        return self._planner.plan_state.num_tokens
-
-    @property
-    def max_query_len(self) -> int:
-        return self._planner.plan_state.max_query_len
 
     @property
     def block_tables(self) -> MockTensor:

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from sagellm_backend.batch import BatchPlanner, BatchSections, Section
+from sagellm_backend.batch import BatchPlanner, BatchSections, PlannedSizes, Section
 from sagellm_backend.blocks import BlockTable
 from sagellm_backend.kv import KVBlock, KVLayout
 from sagellm_backend.torch_backend.adapter import DeviceAdapter
@@ -35,7 +35,7 @@ _DTYPES = {"i": torch.int32, "q": torch.int64}
 _CACHED_VIEWS = 256
 
 
-class TorchBatchMetadata(Generic[S, E]):
+class TorchBatchMetadata(PlannedSizes, Generic[S, E]):
     """``BatchMetadata[torch.Tensor]`` on one device of a torch provider.
 
     ``check(operation)`` is the provider's guard: it refuses a plan on a closed provider or
@@ -95,32 +95,6 @@ class TorchBatchMetadata(Generic[S, E]):
             f"TorchBatchMetadata({self._buffer.device}, max {s.max_seqs} seqs, "
             f"{s.max_tokens} tokens, {s.max_pages_per_seq} pages per seq)"
         )
-
-    # Sizes.
-
-    @property
-    def max_seqs(self) -> int:
-        return self._sections.max_seqs
-
-    @property
-    def max_tokens(self) -> int:
-        return self._sections.max_tokens
-
-    @property
-    def max_pages_per_seq(self) -> int:
-        return self._sections.max_pages_per_seq
-
-    @property
-    def num_seqs(self) -> int:
-        return self._planner.plan_state.num_seqs
-
-    @property
-    def num_tokens(self) -> int:
-        return self._planner.plan_state.num_tokens
-
-    @property
-    def max_query_len(self) -> int:
-        return self._planner.plan_state.max_query_len
 
     # Views of the planned part of each buffer.
 
