@@ -58,6 +58,10 @@ SYNOPSIS = "a synopsis with placeholders; its forms are run from the other docum
 ENGINE = "an engine's own script under a launcher"
 BENCHMARK = "a benchmark of repeated fresh interpreters; tests/test_import_cost.py tests it"
 PLOT = "needs matplotlib and the JSON of a GPU run"
+MODEL_BENCH = (
+    "rounds of a model against transformers; tests/test_tiny_llama.py checks the same model "
+    "against transformers in the torch session"
+)
 REFERENCE = "names the install an error message gives, not a command of its own"
 INSTALL = f"installs into a fresh environment: runs in `nox -s install` ({INSTALLS}=1)"
 
@@ -73,6 +77,7 @@ RULES: list[tuple[re.Pattern[str], str | None]] = [
     (re.compile(r"\bcuda\b|cuda_device_run|tune_cuda_attention|cuda_model_kernels"), GPU),
     (re.compile(r"my_engine\.py|^torchrun --nproc-per-node N$"), ENGINE),
     (re.compile(r"benchmarks/import_cost\.py"), BENCHMARK),
+    (re.compile(r"benchmarks/tiny_llama_bench\.py --spec cpu"), MODEL_BENCH),
     (re.compile(r"^(sagellm-backend|python3? -m sagellm_backend|python3? -c pass$)"), None),
 ]
 """First match wins: a skip reason, or None for a command that runs here."""
