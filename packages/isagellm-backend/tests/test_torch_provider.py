@@ -121,19 +121,6 @@ def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> N
     assert counts(p) == (0, 0)
 
 
-def test_block_table_lists_pages_padded(p: Provider) -> None:
-    a, b = p.kv_blocks_alloc([9, 4], DType.FP16)
-    table = p.block_table([a, b])
-    assert table.dtype == torch.int32
-    assert table.tolist() == [list(a.pages), [b.pages[0], 0, 0]]
-    assert p.block_table([b], width=5).shape == (1, 5)
-    with pytest.raises(InvalidArgumentError):
-        p.block_table([a], width=1)
-    host = p.kv_block_migrate(b, HOST)
-    with pytest.raises(InvalidArgumentError, match="one device"):
-        p.block_table([a, host])
-
-
 def test_copy_and_migrate_preserve_bytes_both_ways(p: Provider) -> None:
     src, dst = p.kv_blocks_alloc([8, 7], "fp16")
     data = fill(p, src)

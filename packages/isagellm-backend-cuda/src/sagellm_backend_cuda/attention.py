@@ -566,7 +566,7 @@ def _check_cache_args(
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
         raise InvalidArgumentError(
             f"{op}: block_tables must be int32 [sequences, pages], got {_describe(block_tables)}",
-            hint="build it with the provider's block_table() or the batch metadata",
+            hint="pass the block_tables of the batch metadata (create_batch_metadata, then plan)",
         )
     if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
         raise InvalidArgumentError(

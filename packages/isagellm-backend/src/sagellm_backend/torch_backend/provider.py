@@ -428,31 +428,6 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         where = self._device if device is None else self._blocks.check_device(device)
         return self._pool.pools[where].tensor
 
-    def block_table(self, blocks: Sequence[KVBlock], *, width: int | None = None) -> torch.Tensor:
-        """``[len(blocks), width]`` int32 page indices, padded with 0, on the blocks' device.
-
-        ``width`` defaults to the most pages any of the blocks has; every block must be live and
-        on one device.
-        """
-        self._live()
-        live = self._blocks.lookup_all(blocks)
-        devices = {b.device for b in live}
-        if len(devices) > 1:
-            raise InvalidArgumentError(
-                f"a block table needs blocks of one device, got {sorted(devices)}",
-                hint="migrate the blocks to one device first",
-            )
-        longest = max((b.num_pages for b in live), default=0)
-        columns = longest if width is None else width
-        if isinstance(columns, bool) or not isinstance(columns, int) or columns < longest:
-            raise InvalidArgumentError(
-                f"width must be an int of at least {longest} (the longest block), got {width!r}",
-                hint=f"pass width >= {longest}, or leave it out to use {longest}",
-            )
-        rows = [list(b.pages) + [0] * (columns - b.num_pages) for b in live]
-        where = self._pool.pools[devices.pop()].device if devices else self._torch_device
-        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), columns).to(where)
-
     def create_batch_metadata(
         self, max_seqs: int, max_tokens: int, max_pages_per_seq: int
     ) -> TorchBatchMetadata[S, E]:
