@@ -50,13 +50,12 @@ __all__ = [
 _ALIGN = 64
 _INT32 = 4
 _INT64 = 8
-_device = operator.attrgetter("device")
 
 
 Typecode = Literal["i", "q"]
 """``array`` typecodes of the sections: int32 and int64."""
 
-BlockCheck = Callable[[Sequence[KVBlock]], None]
+BlockCheck = Callable[[list[tuple[int, ...]]], None]
 
 
 class Section(NamedTuple):
@@ -147,8 +146,8 @@ class BatchPlanner:
     """Validates steps and writes their arrays into ``buffer`` (``sections.nbytes`` bytes).
 
     ``table`` is the provider's block table: every block of a plan must be live in it and on
-    ``device``; ``check`` is the backend's own check of the blocks, if it has one, run after
-    these. Not thread-safe: its owner serialises plans, together with their upload.
+    ``device``; ``check`` is the backend's own check of the blocks' pages, if it has one, run
+    after these. Not thread-safe: its owner serialises plans, together with their upload.
     """
 
     def __init__(
@@ -193,7 +192,7 @@ class BatchPlanner:
         """Validate a step in full, then write it into the buffer; see ``BatchMetadata.plan``."""
         s = self.sections
         t = self._tokens_per_block
-        if isinstance(blocks, KVBlock) or not isinstance(blocks, Sequence):
+        if isinstance(blocks, int) or not isinstance(blocks, Sequence):
             raise InvalidArgumentError(
                 f"blocks must be a sequence of KVBlock, got {type(blocks).__name__}",
                 hint="pass a list with one block per sequence",
@@ -205,13 +204,14 @@ class BatchPlanner:
                 hint="split the batch, or create the metadata with a larger max_seqs",
             )
         lens = _int32s(seq_lens, "seq_lens", n)
-        self._check_blocks(blocks)
-        pages = [b.pages for b in blocks]
+        pages = self._table.pages_on(blocks, self._device)
+        if self._check is not None:
+            self._check(pages)
         widest = max(map(len, pages))
         if widest > s.max_pages_per_seq:
             i = next(i for i, p in enumerate(pages) if len(p) > s.max_pages_per_seq)
             raise InvalidArgumentError(
-                f"KV block {blocks[i].handle} has {widest} pages, more than the "
+                f"KV block {blocks[i]:#x} has {widest} pages, more than the "
                 f"{s.max_pages_per_seq} of a block-table row",
                 hint="create the metadata with a larger max_pages_per_seq",
             )
@@ -232,14 +232,14 @@ class BatchPlanner:
                     p[q // t] * t + q % t for p, q in zip(pages, positions, strict=True)
                 ]
             except IndexError:
-                raise self._capacity_error(blocks, lens) from None
+                raise self._capacity_error(blocks, pages, lens) from None
             planned = Plan(n, n, 1)
         else:
             if min(qlens) < 1 or any(map(operator.gt, qlens, lens)):
                 raise _query_len_error(qlens, lens)
             capacities = [len(p) * t for p in pages]
             if any(map(operator.gt, lens, capacities)):
-                raise self._capacity_error(blocks, lens)
+                raise self._capacity_error(blocks, pages, lens)
             starts = array("i", itertools.accumulate(qlens, initial=0))
             if starts[-1] > s.max_tokens:
                 raise _tokens_error(starts[-1], s.max_tokens)
@@ -265,30 +265,14 @@ class BatchPlanner:
         self.plan_state = planned
         return planned
 
-    def _check_blocks(self, blocks: Sequence[KVBlock]) -> None:
-        if set(map(type, blocks)) != {KVBlock}:
-            bad = next(b for b in blocks if not isinstance(b, KVBlock))
-            raise InvalidArgumentError(
-                f"blocks must be KVBlock handles, got {type(bad).__name__}",
-                hint="pass the handles kv_block_alloc or kv_blocks_grow returned",
-            )
-        self._table.lookup_all(blocks)  # each live and ours, or refused
-        if set(map(_device, blocks)) != {self._device}:
-            stray = next(b for b in blocks if b.device != self._device)
-            raise InvalidArgumentError(
-                f"KV block {stray.handle} is on {stray.device}, not on {self._device}",
-                hint=f"migrate it to {self._device} (kv_blocks_migrate) before planning",
-            )
-        if self._check is not None:
-            self._check(blocks)
-
-    def _capacity_error(self, blocks: Sequence[KVBlock], lens: array[int]) -> Exception:
+    def _capacity_error(
+        self, blocks: Sequence[KVBlock], pages: list[tuple[int, ...]], lens: array[int]
+    ) -> Exception:
         t = self._tokens_per_block
-        i = next(i for i, b in enumerate(blocks) if lens[i] > b.num_pages * t)
-        block = blocks[i]
+        i = next(i for i, p in enumerate(pages) if lens[i] > len(p) * t)
         return InvalidArgumentError(
-            f"seq_lens[{i}] is {lens[i]} but KV block {block.handle} has {block.num_pages} "
-            f"pages ({block.num_pages * t} tokens)",
+            f"seq_lens[{i}] is {lens[i]} but KV block {blocks[i]:#x} has {len(pages[i])} "
+            f"pages ({len(pages[i]) * t} tokens)",
             hint="grow the block first (kv_blocks_grow) so that it holds every token",
         )
 

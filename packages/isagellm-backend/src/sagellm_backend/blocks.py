@@ -3,24 +3,29 @@ batches, growth, and stream-ordered reuse of pages.
 
 A :class:`BlockTable` decides *whether* an operation on KV blocks is valid and keeps the table of
 live handles; a :class:`BlockStorage` decides *which pages* a block gets (a torch pool's free
-list of preallocated pages; the mock's budgeted page ids). A handle says where its data is
-(``device`` and ``pages``), so the table keeps nothing per block but the handle it gave out.
-Both backends get the same checks and the same errors:
+list of preallocated pages; the mock's budgeted page ids). Both backends get the same checks and
+the same errors:
 
 - ``num_tokens`` that is not an int, not positive, or more than the storage could ever hold:
   InvalidArgumentError; a dtype string that is unknown: InvalidArgumentError; a dtype the
   backend's KV blocks do not hold: CapabilityError.
-- A block that was freed, migrated away or grown (double free, use after free, a handle
-  replaced by the one ``grow`` returned): BlockNotFoundError. Handles are never reused, so a
-  stale handle can always be told apart from a live one.
-- A block of another provider (or a forged handle): InvalidBlockError ``foreign_block``; a copy
-  between blocks of different page counts or dtypes: InvalidBlockError ``kv_block_mismatch``.
-- A batch naming a block twice: InvalidArgumentError. Growing a block to fewer tokens than it
-  holds: InvalidArgumentError.
+- A handle that is not an int: InvalidArgumentError. A block that was freed or migrated away
+  (double free, use after free): BlockNotFoundError. Handles are never reused, so a stale
+  handle can always be told apart from a live one.
+- A block of another provider (or a handle never given out): InvalidBlockError
+  ``foreign_block``; a copy between blocks of different page counts or dtypes:
+  InvalidBlockError ``kv_block_mismatch``.
+- A batch naming a block twice: InvalidArgumentError.
 - Any call after :meth:`BlockTable.close`: BackendUnavailableError.
 
 Every batch is validated in full before anything changes, and the storage allocates a whole
 batch or nothing, so a failed call leaves the table and the storage as they were.
+
+**Handles and pages.** A handle is an int: the table's tag (random per process, distinct per
+table) above :data:`HANDLE_BITS` bits of a serial number that only grows. The table keeps one
+dict entry per live block, handle to page ids. A page id is ``pool << PAGE_BITS | page``: the
+index of the page in the tensor of its *pool*, the (device, dtype) pair the table numbered
+``pool``. Pool 0 is the default device's first dtype, so its page ids are the page indices.
 
 **Stream-ordered reuse.** A freed page may still be read or written by device work queued
 before the free. The table orders its reuse after that work:
@@ -40,22 +45,21 @@ before the free. The table orders its reuse after that work:
 - :meth:`BlockTable.close` waits for every event it still holds before it releases the pages.
 
 **Speed.** An engine allocates and frees blocks from Python while the device runs the previous
-step, so host time per block matters. One-page blocks of the default device have a real
-single-block path (one dict lookup checks the dtype, one lock, one list pop or append in the
-storage, one dict entry per live block); a batch is handled as whole lists with C-level
-builtins, validated by one identity test per block for the handles this table gave out (a copy
-that came through pickle, a forged or stale handle takes the full check).
+step, so host time per block matters. One-page blocks of a default-device pool have a real
+single-block path (one lock, one list pop or append in the storage, one dict entry); a batch is
+handled as whole lists with C-level builtins: one dict operation per block validates it.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Sequence
-from itertools import repeat
-from typing import Protocol, TypeVar, cast
+from typing import NamedTuple, Protocol, TypeVar, cast
 
 from sagellm_backend.device import DeviceRef
 from sagellm_backend.dtypes import DType, coerce
@@ -68,19 +72,30 @@ from sagellm_backend.errors import (
     InvalidBlockError,
     ResourceExhaustedError,
 )
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 
 __all__ = [
+    "HANDLE_BITS",
+    "PAGE_BITS",
     "BlockStorage",
     "BlockTable",
     "Fence",
     "Give",
     "Issue",
+    "Pool",
     "Take",
-    "check_block",
+    "Transfer",
 ]
 
 R = TypeVar("R")
+
+PAGE_BITS = 40
+"""Bits of a page id that hold the page index; the pool number is above them."""
+_PAGE_MASK = (1 << PAGE_BITS) - 1
+HANDLE_BITS = 48
+"""Bits of a handle that hold its serial number; the table's tag is above them."""
+_FIRST_OTHER_POOL = (1 << PAGE_BITS,)
+"""Page tuples below this are pool 0's."""
 
 
 class Fence(Protocol):
@@ -91,69 +106,79 @@ class Fence(Protocol):
     def synchronize(self) -> None: ...
 
 
+class Pool(NamedTuple):
+    """Pages of one dtype on one device: ``number`` is the pool's number in their page ids."""
+
+    number: int
+    device: str
+    dtype: DType
+
+    @property
+    def base(self) -> int:
+        """The page id of the pool's page 0."""
+        return self.number << PAGE_BITS
+
+
+class Transfer(NamedTuple):
+    """Page copies from one pool to another: page ``sources[i]`` (a page index of ``source``)
+    to page ``targets[i]`` of ``target``."""
+
+    source: Pool
+    target: Pool
+    sources: list[int]
+    targets: list[int]
+
+
 Pages = tuple[int, ...]
 Take = Callable[[], Pages]
-"""Takes the page of a new one-page block: ``(index,)``; IndexError when none is free."""
+"""Takes the page id of a new one-page block: ``(id,)``; IndexError when none is free."""
 Give = Callable[[Pages], None]
-"""Gives back the pages of one released block."""
-Issue = Callable[[list[KVBlock], list[KVBlock]], Fence | None]
-"""Queues the data movement of ``sources[i]`` to ``destinations[i]``. Returns None when the work
-went to the calling thread's current stream, else the event recorded after it on the other
-stream."""
+"""Gives back the page ids of one released block."""
+Issue = Callable[[list[Transfer]], Fence | None]
+"""Queues page copies. Returns None when the work went to the calling thread's current stream,
+else the event recorded after it on the other stream."""
 
-_tuple_new = tuple.__new__
-"""``_tuple_new(KVBlock, fields)`` makes a ``KVBlock`` from a tuple of its fields without the
-Python-level ``__new__`` of a NamedTuple; ``map(_tuple_new, repeat(KVBlock), rows)`` makes many."""
-
-
-def _new_blocks(rows: Iterable[tuple[object, ...]]) -> list[KVBlock]:
-    """``KVBlock``s from tuples of their fields, in one C-level pass."""
-    return cast("list[KVBlock]", list(map(_tuple_new, repeat(KVBlock), rows)))
-
-
-_handle = operator.attrgetter("handle")
-_pages = operator.attrgetter("pages")
-_device = operator.attrgetter("device")
-_dtype = operator.attrgetter("dtype")
-_num_tokens = operator.attrgetter("num_tokens")
 _exhaust: Callable[[Iterable[object]], object] = functools.partial(deque, maxlen=0)
 """Runs an iterator to its end, keeping nothing."""
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
+_tags = itertools.count(int.from_bytes(os.urandom(4), "little"))
+"""Table tags: random per process, distinct per table within it."""
 
 
 class BlockStorage(Protocol):
-    """Which pages a block gets. A BlockTable calls it under its own lock, one call at a time."""
+    """Which pages a block gets. A BlockTable calls it under its own lock, one call at a time.
 
-    def max_pages(self, device: str, dtype: DType) -> int:
-        """The most pages one block of ``dtype`` on ``device`` could ever occupy."""
+    Page ids are ``pool.base + page``: the storage hands them out and takes them back so.
+    """
+
+    def max_pages(self, pool: Pool) -> int:
+        """The most pages one block of ``pool`` could ever occupy."""
         ...
 
-    def allocate(
-        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
-    ) -> list[Pages]:
-        """The pages on ``device`` of new blocks, all or none.
+    def allocate(self, pool: Pool, page_counts: Sequence[int]) -> list[Pages]:
+        """The page ids of new blocks of ``pool``, all or none.
 
-        Block ``i`` gets ``page_counts[i]`` pages (at least one) of ``dtypes[i]``. If the batch
-        does not fit, raise ResourceExhaustedError leaving nothing changed.
+        Block ``i`` gets ``page_counts[i]`` pages (at least one). If the batch does not fit,
+        raise ResourceExhaustedError leaving nothing changed.
         """
         ...
 
-    def release(self, device: str, pages: Sequence[Pages]) -> None:
-        """Give back the pages of released blocks of ``device``. Never fails for pages it gave."""
+    def release(self, pool: Pool, pages: Sequence[Pages]) -> None:
+        """Take back the page ids of released blocks of ``pool``. Never fails for ids it gave."""
         ...
 
-    def taker(self, device: str, dtype: DType) -> Take | None:
-        """The single-block path's allocation of one-page blocks of ``dtype`` on ``device``."""
+    def taker(self, pool: Pool) -> Take | None:
+        """The single-block path's allocation of one-page blocks of ``pool``."""
         ...
 
-    def giver(self, device: str) -> Give | None:
-        """The single-block path's release of one-page blocks of ``device``."""
+    def giver(self, pool: Pool) -> Give | None:
+        """The single-block path's release of one-page blocks of ``pool``."""
         ...
 
 
-_Pending = tuple[list[Fence], list[tuple[str, list[Pages]]]]
-"""Pages waiting for events: (events, [(device, pages of each block)])."""
+_Pending = tuple[list[Fence], list[Pages]]
+"""Page ids waiting for events: (events, page ids of each block)."""
 
 
 class BlockTable:
@@ -162,8 +187,7 @@ class BlockTable:
     ``devices`` holds the device names blocks may live on (the provider's devices and usually
     ``"host"``; any container, so a large set need not be listed) and ``devices_hint`` names
     them for an error's hint; ``dtypes`` are the dtypes KV blocks may have, and ``dtype_hint``
-    (where ``{dtype}`` stands for the dtype asked for) says how to get another. ``owner`` is
-    stamped into every handle and must be unique across providers and processes.
+    (where ``{dtype}`` stands for the dtype asked for) says how to get another.
     """
 
     def __init__(
@@ -174,7 +198,6 @@ class BlockTable:
         dtypes: Sequence[DType],
         devices: Container[str],
         default_device: str,
-        owner: str,
         devices_hint: str,
         dtype_hint: str | None = None,
     ) -> None:
@@ -190,29 +213,32 @@ class BlockTable:
         self._devices_hint = devices_hint
         self._dtype_hint = dtype_hint or f"use one of {', '.join(d.value for d in self._dtypes)}"
         self._default_device = default_device
-        self._owner = owner
         self._lock = threading.Lock()
-        self._live: dict[int, KVBlock] = {}
-        self._next_handle = 1
+        self._live: dict[int, Pages] = {}
+        self._tag = next(_tags) & 0xFFFFFFFF
+        self._next_handle = (self._tag << HANDLE_BITS) + 1
         self._tokens_per_page = layout.tokens_per_block
+        self._pools: list[Pool] = []
+        self._pool_of: dict[tuple[str, DType], Pool] = {}
         self._one_page: dict[object, tuple[DType, Take]] = {}
+        self._give: dict[int, Give] = {}
         for dtype in self._dtypes:
-            take = storage.taker(default_device, dtype)
+            pool = self._pool(default_device, dtype)
+            take = storage.taker(pool)
             if take is not None:
                 self._one_page[dtype] = (dtype, take)
-        self._give: dict[str, Give] = {}
-        self._add_giver(default_device)
         self._in_flight: list[Fence] = []
         self._pending: deque[_Pending] = deque()
         self._closed: str | None = None
 
     @property
-    def owner(self) -> str:
-        return self._owner
-
-    @property
     def layout(self) -> KVLayout:
         return self._layout
+
+    @property
+    def pools(self) -> list[Pool]:
+        """The pools blocks have been allocated in so far, by number."""
+        return list(self._pools)
 
     # Validation that needs no lock.
 
@@ -260,11 +286,8 @@ class BlockTable:
                 pages = take()
                 handle = self._next_handle
                 self._next_handle = handle + 1
-                block: KVBlock = _tuple_new(
-                    KVBlock, (handle, num_tokens, member, self._default_device, pages, self._owner)
-                )
-                self._live[handle] = block
-                return block
+                self._live[handle] = pages
+                return cast("KVBlock", handle)
         except IndexError:
             pass  # none free: the batch path waits for pending pages or says it is exhausted
         finally:
@@ -282,65 +305,62 @@ class BlockTable:
             self._check_open()
             if not counts:
                 return []
+            pool = self._pool(where, member)
             tokens_per_page = self._tokens_per_page
             smallest, most = min(counts), max(counts)
-            limit = self._storage.max_pages(where, member)
+            limit = self._storage.max_pages(pool)
             if smallest <= 0 or -(-most // tokens_per_page) > limit:
                 for n in counts:
-                    self._pages_for(n, limit, where, member)
+                    self._pages_for(n, limit, pool)
             if most <= tokens_per_page:
-                pages = [1] * len(counts)  # the usual batch: every block one page
+                page_counts = [1] * len(counts)  # the usual batch: every block one page
             else:
-                pages = [-(-n // tokens_per_page) for n in counts]
-            taken = self._take(where, [member] * len(counts), pages)
+                page_counts = [-(-n // tokens_per_page) for n in counts]
+            taken = self._take(pool, page_counts)
             handles = range(self._next_handle, self._next_handle + len(counts))
             self._next_handle = handles.stop
-            fields = zip(handles, counts, repeat(member), repeat(where), taken, repeat(self._owner))
-            blocks = _new_blocks(fields)
-            self._live.update(zip(handles, blocks, strict=True))
-        return blocks
+            self._live.update(zip(handles, taken))
+        return cast("list[KVBlock]", list(handles))
 
     def free_one(self, block: KVBlock, after: Fence | None = None) -> None:
-        """Free one block; a live one-page block of this table takes the single-block path."""
-        if after is None and not self._in_flight:
+        """Free one block; a live one-page block takes the single-block path."""
+        if after is None and not self._in_flight and type(block) is int:
             lock = self._lock
             lock.acquire()
             try:
                 live = self._live
-                try:
-                    handle = block.handle
-                    mine = live.get(handle) is block
-                except Exception:  # not a KVBlock: the full check below says what is wrong
-                    mine = False
-                if mine:
-                    pages = block.pages
-                    give = self._give.get(block.device)
-                    if give is not None and len(pages) == 1:
-                        del live[handle]
+                pages = live.get(block)
+                if pages is not None and len(pages) == 1:
+                    give = self._give.get(pages[0] >> PAGE_BITS)
+                    if give is not None:
+                        del live[block]
                         give(pages)
                         return
             finally:
                 lock.release()
-        self.free([check_block(block)], after)
+        self.free([block], after)
 
     def free(self, blocks: Iterable[KVBlock], after: Fence | None = None) -> None:
         """Free every block, all or none; a stale, foreign or repeated block is refused.
 
         With ``after``, the pages are reused only once that event is reached.
         """
-        items = _block_list(blocks, "blocks")
+        items = _handle_list(blocks, "blocks")
         with self._lock:
             self._check_open()
-            _exhaust(map(self._live.__delitem__, self._distinct(items, "kv_blocks_free")))
-            self._release(items, [] if after is None else [after])
+            pop = self._live.pop
+            pages = list(map(pop, items, itertools.repeat(None)))
+            if not all(pages):
+                self._live.update((h, p) for h, p in zip(items, pages) if p is not None)
+                self._refuse(items, "kv_blocks_free")
+            self._release(cast("list[Pages]", pages), [] if after is None else [after])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
-        """Each block grown to ``num_tokens[i]`` tokens by appending pages, all or none.
+        """Each block grown to hold ``num_tokens[i]`` tokens by appending pages, all or none.
 
-        A grown block keeps its handle number and its pages; the handle passed in is refused
-        from then on (a block whose count does not change is returned as it is).
+        A grown block keeps its handle and its pages; the handles are returned.
         """
-        items = _block_list(blocks, "blocks")
+        items = _handle_list(blocks, "blocks")
         counts = _int_list(num_tokens, "num_tokens")
         if len(counts) != len(items):
             raise InvalidArgumentError(
@@ -349,44 +369,28 @@ class BlockTable:
             )
         with self._lock:
             self._check_open()
-            self._distinct(items, "kv_blocks_grow")
-            live = list(map(self._live.__getitem__, map(_handle, items)))
-            extra: dict[str, tuple[list[DType], list[int]]] = {}
-            for block, n in zip(live, counts, strict=True):
-                if n < block.num_tokens:
-                    raise InvalidArgumentError(
-                        f"KV block {block.handle} holds {block.num_tokens} tokens; it cannot "
-                        f"grow to {n}",
-                        hint="grow to at least the current count; to shrink, allocate a new "
-                        "block and free this one",
-                    )
-                limit = self._storage.max_pages(block.device, block.dtype)
-                more = self._pages_for(n, limit, block.device, block.dtype) - block.num_pages
+            current = self._distinct(items, "kv_blocks_grow")
+            extra: dict[Pool, tuple[list[int], list[int]]] = {}
+            for i, (pages, n) in enumerate(zip(current, counts, strict=True)):
+                pool = self._pools[pages[0] >> PAGE_BITS]
+                more = self._pages_for(n, self._storage.max_pages(pool), pool) - len(pages)
                 if more > 0:
-                    dtypes, page_counts = extra.setdefault(block.device, ([], []))
-                    dtypes.append(block.dtype)
+                    indices, page_counts = extra.setdefault(pool, ([], []))
+                    indices.append(i)
                     page_counts.append(more)
-            taken: dict[str, list[Pages]] = {}
+            taken: list[tuple[Pool, list[Pages]]] = []
             try:
-                for device, (dtypes, page_counts) in extra.items():
-                    taken[device] = self._take(device, dtypes, page_counts)
+                for pool, (_, page_counts) in extra.items():
+                    taken.append((pool, self._take(pool, page_counts)))
             except BaseException:
-                for device, given in taken.items():
-                    self._storage.release(device, given)
+                for pool, given in taken:
+                    self._storage.release(pool, given)
                 raise
-            appended = {key: iter(given) for key, given in taken.items()}
-            grown = []
-            for block, n in zip(live, counts, strict=True):
-                if n == block.num_tokens:
-                    grown.append(block)
-                    continue
-                pages = block.pages
-                if self._layout.pages_for(n) > len(pages):
-                    pages = pages + next(appended[block.device])
-                new = KVBlock(block.handle, n, block.dtype, block.device, pages, block.owner)
-                self._live[block.handle] = new
-                grown.append(new)
-        return grown
+            live = self._live
+            for (indices, _), (_, given) in zip(extra.values(), taken, strict=True):
+                for i, added in zip(indices, given, strict=True):
+                    live[items[i]] = current[i] + added
+        return items
 
     def close(self, message: str) -> None:
         """Refuse every later call with ``message``; wait for the events the table still holds
@@ -400,13 +404,12 @@ class BlockTable:
             for event in {id(e): e for e in events}.values():
                 event.synchronize()
             self._in_flight.clear()
-            for _, groups in self._pending:
-                for device, pages in groups:
-                    self._storage.release(device, pages)
+            for _, pages in self._pending:
+                self._give_back(pages)
             self._pending.clear()
-            blocks = list(self._live.values())
+            pages = list(self._live.values())
             self._live.clear()
-            self._release(blocks, [])
+            self._release(pages, [])
 
     # Data operations, issued under the lock.
 
@@ -420,96 +423,130 @@ class BlockTable:
         items = _pair_list(pairs)
         with self._lock:
             self._check_open()
-            srcs, dsts = self._check_copy(items)
-            self._track(issue(srcs, dsts))
+            self._track(issue(self._check_copy(items)))
 
     def migrate(self, blocks: Iterable[KVBlock], target: object, issue: Issue) -> list[KVBlock]:
         """Give every block a replacement on ``target``, queue the data movement with ``issue``
         and retire the sources, all or none. Returns the replacements."""
         where = self.check_device(target)
-        items = _block_list(blocks, "blocks")
+        items = _handle_list(blocks, "blocks")
         with self._lock:
             self._check_open()
             if not items:
-                self._track(issue([], []))
+                self._track(issue([]))
                 return []
-            handles = self._distinct(items, "kv_blocks_migrate")
-            if where in set(map(_device, items)):
-                block = next(b for b in items if b.device == where)
-                raise InvalidArgumentError(
-                    f"KV block {block.handle} is already on {where}",
-                    hint="migrate it to another device, or keep using it where it is",
-                )
-            taken = self._take(where, list(map(_dtype, items)), list(map(len, map(_pages, items))))
-            start = self._next_handle
-            new_handles = range(start, start + len(items))
-            fields = zip(
-                new_handles,
-                map(_num_tokens, items),
-                map(_dtype, items),
-                repeat(where),
-                taken,
-                repeat(self._owner),
-            )
-            replacements = _new_blocks(fields)
+            sources = self._distinct(items, "kv_blocks_migrate")
+            groups: dict[int, list[int]] = {}
+            if _first(min(sources)) >> PAGE_BITS == _first(max(sources)) >> PAGE_BITS:
+                groups[sources[0][0] >> PAGE_BITS] = list(range(len(items)))
+            else:
+                for i, pages in enumerate(sources):
+                    groups.setdefault(pages[0] >> PAGE_BITS, []).append(i)
+            plans: list[tuple[Pool, Pool, list[int]]] = []
+            for index, members in groups.items():
+                source = self._pools[index]
+                if source.device == where:
+                    raise InvalidArgumentError(
+                        f"KV block {items[members[0]]:#x} is already on {where}",
+                        hint="migrate it to another device, or keep using it where it is",
+                    )
+                plans.append((source, self._pool(where, source.dtype), members))
+            replaced: list[Pages | None] = [None] * len(items)
+            transfers: list[Transfer] = []
+            taken: list[tuple[Pool, list[Pages]]] = []
             try:
-                event = issue(items, replacements)
+                for source, target_pool, members in plans:
+                    if len(members) == len(items):
+                        moved = sources
+                    else:
+                        moved = [sources[i] for i in members]
+                    given = self._take(target_pool, list(map(len, moved)))
+                    taken.append((target_pool, given))
+                    for i, pages in zip(members, given, strict=True):
+                        replaced[i] = pages
+                    transfers.append(
+                        Transfer(
+                            source, target_pool, _indices(moved, source), _indices(given, target_pool)
+                        )
+                    )
+                event = issue(transfers)
             except BaseException:
-                self._storage.release(where, taken)
+                for pool, given in taken:
+                    self._storage.release(pool, given)
                 raise
-            self._next_handle = new_handles.stop
-            _exhaust(map(self._live.__delitem__, handles))
-            self._live.update(zip(new_handles, replacements, strict=True))
-            self._release(items, [] if event is None else [event])
+            handles = range(self._next_handle, self._next_handle + len(items))
+            self._next_handle = handles.stop
+            _exhaust(map(self._live.__delitem__, items))
+            self._live.update(zip(handles, cast("list[Pages]", replaced)))
+            self._release(sources, [] if event is None else [event])
             self._track(event)
-        return replacements
+        return cast("list[KVBlock]", list(handles))
 
-    def use(self, block: KVBlock, work: Callable[[KVBlock], R]) -> R:
-        """``work(block)`` for a live block of this table, under the lock (writes and reads)."""
-        check_block(block)
+    def use(self, block: KVBlock, work: Callable[[KVBlockInfo], R]) -> R:
+        """``work(info)`` for a live block of this table, under the lock (writes and reads)."""
+        items = _handle_list([block], "block")
         with self._lock:
             self._check_open()
-            return work(self._lookup(block))
+            return work(self._info(items[0], self._lookup(items[0])))
 
     # Lookup.
 
-    def lookup(self, block: KVBlock) -> KVBlock:
-        """The live block of ``block``'s handle, after every check."""
-        check_block(block)
-        with self._lock:
-            self._check_open()
-            return self._lookup(block)
+    def info(self, block: KVBlock) -> KVBlockInfo:
+        """Where the live ``block`` is, after every check."""
+        return self.use(block, _same)
 
-    def lookup_all(self, blocks: Iterable[KVBlock]) -> list[KVBlock]:
-        """The live blocks of ``blocks`` (repeats allowed), after every check."""
-        items = _block_list(blocks, "blocks")
+    def check_live(self, blocks: Sequence[KVBlock]) -> None:
+        """Refuse ``blocks`` (repeats allowed) unless each is a live block of this table."""
+        items = _handle_list(blocks, "blocks")
         with self._lock:
             self._check_open()
-            try:
-                if all(map(operator.is_, map(self._live.get, map(_handle, items)), items)):
-                    return items
-            except TypeError:  # an unhashable handle: the full check refuses it
-                pass
-            return [self._lookup(block) for block in items]
+            if not all(map(self._live.get, items)):
+                _exhaust(map(self._lookup, items))
 
-    def live_blocks(self, device: str | None = None) -> list[KVBlock]:
-        """Live blocks (on ``device`` if given), oldest handle first."""
+    def pages_on(self, blocks: Sequence[KVBlock], device: str) -> list[Pages]:
+        """The pages of live ``blocks`` (repeats allowed), each block on ``device``; refused
+        otherwise."""
+        items = _handle_list(blocks, "blocks")
         with self._lock:
             self._check_open()
-            blocks = sorted(self._live.values(), key=_handle)
-        return blocks if device is None else [b for b in blocks if b.device == device]
+            get = self._live.get
+            pages = list(map(get, items))
+            if not all(pages):
+                pages = [self._lookup(h) for h in items]
+            found = cast("list[Pages]", pages)
+            if not found:
+                return found
+            low, high = min(found)[0] >> PAGE_BITS, max(found)[0] >> PAGE_BITS
+            if low == high == 0 and self._pools[0].device == device:
+                return found
+            for handle, p in zip(items, found, strict=True):
+                on = self._pools[p[0] >> PAGE_BITS].device
+                if on != device:
+                    raise InvalidArgumentError(
+                        f"KV block {handle:#x} is on {on}, not on {device}",
+                        hint=f"migrate it to {device} (kv_blocks_migrate) first",
+                    )
+            return [_local(p) for p in found]
+
+    def live_blocks(self, device: str | None = None) -> list[KVBlockInfo]:
+        """Where the live blocks are (on ``device`` if given), oldest handle first."""
+        with self._lock:
+            self._check_open()
+            infos = [self._info(h, p) for h, p in sorted(self._live.items())]
+        return infos if device is None else [i for i in infos if i.device == device]
 
     def blocks_on(self, device: str) -> int:
         """How many live blocks are on ``device``."""
         with self._lock:
-            return operator.countOf(map(_device, self._live.values()), device)
+            indices = {p.number for p in self._pools if p.device == device}
+            return sum(1 for pages in self._live.values() if pages[0] >> PAGE_BITS in indices)
 
     def reclaim(self) -> int:
         """Return to the storage the pending pages whose events were reached; how many freed
         pages still wait for device work (see the module docstring)."""
         with self._lock:
             self._poll()
-            return sum(len(p) for _, groups in self._pending for _, pages in groups for p in pages)
+            return sum(len(p) for _, groups in self._pending for p in groups)
 
     # Internals; the lock is held.
 
@@ -517,23 +554,36 @@ class BlockTable:
         if self._closed is not None:
             raise BackendUnavailableError(self._closed, hint="create a new backend")
 
-    def _take(
-        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
-    ) -> list[Pages]:
+    def _pool(self, device: str, dtype: DType) -> Pool:
+        pool = self._pool_of.get((device, dtype))
+        if pool is None:
+            pool = Pool(len(self._pools), device, dtype)
+            self._pools.append(pool)
+            self._pool_of[device, dtype] = pool
+            give = self._storage.giver(pool)
+            if give is not None:
+                self._give[pool.number] = give
+        return pool
+
+    def _info(self, handle: int, pages: Pages) -> KVBlockInfo:
+        pool = self._pools[pages[0] >> PAGE_BITS]
+        return KVBlockInfo(cast("KVBlock", handle), pool.device, pool.dtype, _local(pages))
+
+    def _take(self, pool: Pool, page_counts: Sequence[int]) -> list[Pages]:
         """Pages from the storage, after the pending pages whose events were reached; waits for
         the oldest pending events while the storage is short of pages."""
         if self._pending:
             self._poll()
         while True:
             try:
-                return self._storage.allocate(device, dtypes, page_counts)
+                return self._storage.allocate(pool, page_counts)
             except ResourceExhaustedError:
                 if not self._pending:
                     raise
-                events, groups = self._pending.popleft()
+                events, pages = self._pending.popleft()
                 for event in events:
                     event.synchronize()
-                self._give_back(groups)
+                self._give_back(pages)
 
     def _poll(self) -> None:
         """Release pending pages whose events were reached, oldest first."""
@@ -547,140 +597,127 @@ class BlockTable:
             self._in_flight = [e for e in self._in_flight if not e.query()]
             self._in_flight.append(event)
 
-    def _release(self, blocks: list[KVBlock], events: list[Fence]) -> None:
+    def _release(self, pages: list[Pages], events: list[Fence]) -> None:
         """Give back the pages of retired blocks, or keep them pending on the events that
         reusing them must follow: ``events`` and the work still in flight on other streams."""
-        if not blocks:
+        if not pages:
             return
-        devices = set(map(_device, blocks))
-        if len(devices) == 1:
-            groups = [(devices.pop(), list(map(_pages, blocks)))]
-        else:
-            groups = [(d, [b.pages for b in blocks if b.device == d]) for d in devices]
         if self._in_flight:
             self._in_flight = [e for e in self._in_flight if not e.query()]
         waiting = [e for e in events if not e.query()] + self._in_flight
         if waiting:
-            self._pending.append((waiting, groups))
+            self._pending.append((waiting, pages))
         else:
-            self._give_back(groups)
+            self._give_back(pages)
 
-    def _give_back(self, groups: list[tuple[str, list[Pages]]]) -> None:
-        for device, pages in groups:
-            self._storage.release(device, pages)
-            if device not in self._give:
-                self._add_giver(device)
+    def _give_back(self, pages: list[Pages]) -> None:
+        low, high = min(pages)[0] >> PAGE_BITS, max(pages)[0] >> PAGE_BITS
+        if low == high:
+            self._storage.release(self._pools[low], pages)
+            return
+        groups: dict[int, list[Pages]] = {}
+        for p in pages:
+            groups.setdefault(p[0] >> PAGE_BITS, []).append(p)
+        for index, group in groups.items():
+            self._storage.release(self._pools[index], group)
 
-    def _add_giver(self, device: str) -> None:
-        give = self._storage.giver(device)
-        if give is not None:
-            self._give[device] = give
-
-    def _distinct(self, blocks: list[KVBlock], operation: str) -> list[int]:
-        """The handles of ``blocks``, each a live block of this table named once."""
-        handles = list(map(_handle, blocks))
-        try:
-            mine = all(map(operator.is_, map(self._live.get, handles), blocks))
-        except TypeError:  # an unhashable handle: the full check refuses it
-            mine = False
-        if not mine:
-            for block in blocks:
-                self._lookup(block)
+    def _distinct(self, handles: list[KVBlock], operation: str) -> list[Pages]:
+        """The pages of ``handles``, each a live block of this table named once."""
+        pages = list(map(self._live.get, handles))
+        if not all(pages):
+            self._refuse(handles, operation)
         if len(set(handles)) != len(handles):
-            seen: set[int] = set()
-            for handle in handles:
-                if handle in seen:
-                    raise InvalidArgumentError(
-                        f"{operation} names KV block {handle} more than once",
-                        hint="pass each block once per batch",
-                    )
-                seen.add(handle)
-        return handles
+            self._refuse(handles, operation)
+        return cast("list[Pages]", pages)
 
-    def _lookup(self, block: KVBlock) -> KVBlock:
-        """The live block of ``block``'s handle, after every check."""
-        if block.owner != self._owner:
+    def _refuse(self, handles: Sequence[int], operation: str) -> None:
+        """Raise the error of the first handle that is not live, or of a repeated one."""
+        seen: set[int] = set()
+        for handle in handles:
+            self._lookup(handle)
+            if handle in seen:
+                raise InvalidArgumentError(
+                    f"{operation} names KV block {handle:#x} more than once",
+                    hint="pass each block once per batch",
+                )
+            seen.add(handle)
+        raise AssertionError("every handle is live and named once")  # pragma: no cover
+
+    def _lookup(self, handle: int) -> Pages:
+        """The pages of the live block ``handle``, after every check."""
+        pages = self._live.get(handle)
+        if pages is not None:
+            return pages
+        if handle >> HANDLE_BITS != self._tag:
             raise InvalidBlockError(
-                f"KV block {block.handle} belongs to another provider ({block.owner or 'none'})",
+                f"KV block {handle:#x} belongs to another provider",
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        live = self._live.get(block.handle) if type(block.handle) is int else None
-        if live is None:
-            if type(block.handle) is int and 0 < block.handle < self._next_handle:
-                raise BlockNotFoundError(
-                    f"KV block {block.handle} was already freed or migrated away",
-                    hint="drop the handle after kv_block_free; after a migrate, use the "
-                    "handle it returned",
-                )
-            raise InvalidBlockError(
-                f"KV block {block.handle} was never allocated by this provider",
-                hint="use handles returned by kv_block_alloc",
+        if handle < self._next_handle and handle & ((1 << HANDLE_BITS) - 1):
+            raise BlockNotFoundError(
+                f"KV block {handle:#x} was already freed or migrated away",
+                hint="drop the handle after kv_block_free; after a migrate, use the handle it "
+                "returned",
             )
-        if live is not block and live != block:
-            if _grown_from(live, block):
-                raise BlockNotFoundError(
-                    f"KV block {block.handle} was grown to {live.num_tokens} tokens; this "
-                    f"handle ({block.num_tokens} tokens) is stale",
-                    hint="use the handle kv_block_grow returned",
-                )
-            raise InvalidBlockError(
-                f"KV block {block.handle} does not match the live block of that handle",
-                hint="use handles exactly as the provider returned them",
-            )
-        return live
+        raise InvalidBlockError(
+            f"KV block {handle:#x} was never allocated by this provider",
+            hint="use handles returned by kv_block_alloc",
+        )
 
-    def _check_copy(
-        self, pairs: list[tuple[KVBlock, KVBlock]]
-    ) -> tuple[list[KVBlock], list[KVBlock]]:
-        """The sources and destinations of valid copy pairs."""
-        srcs, dsts = list(map(_first, pairs)), list(map(_second, pairs))
-        get, same = self._live.get, operator.is_
-        try:
-            read, written_handles = list(map(_handle, srcs)), list(map(_handle, dsts))
-            mine = all(map(same, map(get, read), srcs)) and all(
-                map(same, map(get, written_handles), dsts)
-            )
-        except Exception:  # not all KVBlocks: the full check says what is wrong
-            mine = False
-        if mine:
-            n = len(dsts)
-            written = set(written_handles)
-            if (
-                len(written) == n
-                and written.isdisjoint(read)
-                and (
-                    sum(map(len, map(_pages, srcs))) == n == sum(map(len, map(_pages, dsts)))
-                    or list(map(len, map(_pages, srcs))) == list(map(len, map(_pages, dsts)))
-                )
-                and (len(self._dtypes) == 1 or list(map(_dtype, srcs)) == list(map(_dtype, dsts)))
-            ):
-                return srcs, dsts
-        for src, dst in pairs:
-            check_block(src, "src")
-            check_block(dst, "dst")
-        sources = {src.handle for src, _ in pairs}
-        destinations: set[int] = set()
-        for src, dst in pairs:
-            src_block, dst_block = self._lookup(src), self._lookup(dst)
-            if dst.handle in destinations or dst.handle in sources:
-                raise InvalidArgumentError(
-                    f"KV block {dst.handle} is written more than once, or both read and "
-                    "written, in one copy",
-                    hint="split the copy into batches whose destinations are distinct",
-                )
-            destinations.add(dst.handle)
-            if src_block.num_pages != dst_block.num_pages or src.dtype != dst.dtype:
+    def _check_copy(self, pairs: list[tuple[KVBlock, KVBlock]]) -> list[Transfer]:
+        """The page copies of valid (src, dst) pairs."""
+        read, written = list(map(_first, pairs)), list(map(_second, pairs))
+        _handle_list(read, "each src")
+        _handle_list(written, "each dst")
+        get = self._live.get
+        src_pages, dst_pages = list(map(get, read)), list(map(get, written))
+        if not (all(src_pages) and all(dst_pages)):
+            self._refuse(read + written, "kv_blocks_copy")
+        srcs, dsts = cast("list[Pages]", src_pages), cast("list[Pages]", dst_pages)
+        n = len(pairs)
+        targets = set(written)
+        if len(targets) != n or not targets.isdisjoint(read):
+            seen: set[int] = set()
+            for handle in written:
+                if handle in seen or handle in read:
+                    raise InvalidArgumentError(
+                        f"KV block {handle:#x} is written more than once, or both read and "
+                        "written, in one copy",
+                        hint="split the copy into batches whose destinations are distinct",
+                    )
+                seen.add(handle)
+        if not srcs:
+            return []
+        same_pages = sum(map(len, srcs)) == n == sum(map(len, dsts)) or list(
+            map(len, srcs)
+        ) == list(map(len, dsts))
+        pools = {p[0] >> PAGE_BITS for p in (min(srcs), max(srcs), min(dsts), max(dsts))}
+        if same_pages and len(pools) == 1:
+            pool = self._pools[pools.pop()]
+            return [Transfer(pool, pool, _indices(srcs, pool), _indices(dsts, pool))]
+        groups: dict[tuple[int, int], tuple[list[Pages], list[Pages]]] = {}
+        for (src, dst), s, d in zip(pairs, srcs, dsts, strict=True):
+            source, target = self._pools[s[0] >> PAGE_BITS], self._pools[d[0] >> PAGE_BITS]
+            if len(s) != len(d) or source.dtype != target.dtype:
                 raise InvalidBlockError(
-                    f"cannot copy KV block {src.handle} ({src_block.num_pages} pages, "
-                    f"{src.dtype.value}) into block {dst.handle} ({dst_block.num_pages} pages, "
-                    f"{dst.dtype.value})",
+                    f"cannot copy KV block {src:#x} ({len(s)} pages, {source.dtype.value}) into "
+                    f"block {dst:#x} ({len(d)} pages, {target.dtype.value})",
                     hint="copy between blocks of the same page count and dtype",
                     code=ErrorCode.KV_BLOCK_MISMATCH,
                 )
-        return srcs, dsts
+            group = groups.setdefault((source.number, target.number), ([], []))
+            group[0].append(s)
+            group[1].append(d)
+        transfers = []
+        for (i, j), (read_pages, written_pages) in groups.items():
+            source, target = self._pools[i], self._pools[j]
+            transfers.append(
+                Transfer(source, target, _indices(read_pages, source), _indices(written_pages, target))
+            )
+        return transfers
 
-    def _pages_for(self, num_tokens: int, limit: int, device: str, dtype: DType) -> int:
+    def _pages_for(self, num_tokens: int, limit: int, pool: Pool) -> int:
         if num_tokens <= 0:
             raise InvalidArgumentError(
                 f"num_tokens must be positive, got {num_tokens}",
@@ -689,45 +726,48 @@ class BlockTable:
         pages = self._layout.pages_for(num_tokens)
         if pages > limit:
             raise InvalidArgumentError(
-                f"a block of {num_tokens} tokens needs {pages} pages, more than {device} could "
-                f"ever hold in {dtype.value} ({limit} pages, "
+                f"a block of {num_tokens} tokens needs {pages} pages, more than {pool.device} "
+                f"could ever hold in {pool.dtype.value} ({limit} pages, "
                 f"{limit * self._layout.tokens_per_block} tokens)",
                 hint="allocate several smaller blocks, or configure more memory",
             )
         return pages
 
 
-def _grown_from(live: KVBlock, block: KVBlock) -> bool:
-    """True if ``live`` is ``block`` after a grow: same identity, more tokens, its pages first."""
-    return (
-        live.owner == block.owner
-        and live.device == block.device
-        and live.dtype == block.dtype
-        and live.num_tokens > block.num_tokens
-        and live.pages[: len(block.pages)] == block.pages
-    )
+def _same(info: KVBlockInfo) -> KVBlockInfo:
+    return info
 
 
-def check_block(value: object, what: str = "block") -> KVBlock:
-    """``value`` if it is a KVBlock, else InvalidArgumentError."""
-    if not isinstance(value, KVBlock):
+def _local(pages: Pages) -> Pages:
+    """Page ids as page indices of their pool."""
+    if pages[0] <= _PAGE_MASK:
+        return pages
+    return tuple(p & _PAGE_MASK for p in pages)
+
+
+def _indices(pages: Sequence[Pages], pool: Pool) -> list[int]:
+    """The page indices in ``pool`` of blocks' page ids, in order, as one list."""
+    ids = itertools.chain.from_iterable(pages)
+    if pool.number:
+        return list(map(operator.sub, ids, itertools.repeat(pool.base)))
+    return list(ids)
+
+
+def _handle_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
+    """``blocks`` as a list of int handles, else InvalidArgumentError."""
+    if isinstance(blocks, int):
         raise InvalidArgumentError(
-            f"{what} must be a KVBlock, got {type(value).__name__}",
-            hint="pass a handle returned by kv_block_alloc",
-        )
-    return value
-
-
-def _block_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
-    if isinstance(blocks, KVBlock):
-        raise InvalidArgumentError(
-            f"{what} must be an iterable of KVBlock, got one KVBlock",
+            f"{what} must be an iterable of KVBlock handles, got one int",
             hint="wrap a single block in a list, or use the single-block call",
         )
     items = _iterable(blocks, what)
-    if not set(map(type, items)) <= {KVBlock}:
+    if not set(map(type, items)) <= {int}:
         for item in items:
-            check_block(item, f"each of {what}")
+            if type(item) is not int:
+                raise InvalidArgumentError(
+                    f"{what} must be a KVBlock handle (an int), got {type(item).__name__}",
+                    hint="pass a handle returned by kv_block_alloc",
+                )
     return cast("list[KVBlock]", items)
 
 

@@ -1,15 +1,16 @@
-"""KV-cache value types: the layout every backend is configured with, and block handles."""
+"""KV-cache value types: the layout every backend is configured with, block handles and where
+a block is."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, NewType
 
 from sagellm_backend.dtypes import DType, coerce
 from sagellm_backend.errors import InvalidArgumentError
 
-__all__ = ["KVBlock", "KVLayout"]
+__all__ = ["KVBlock", "KVBlockInfo", "KVLayout"]
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,23 @@ class KVLayout:
         return math.ceil(num_tokens / self.tokens_per_block)
 
 
-class KVBlock(NamedTuple):
-    """Handle to a live KV block of one provider. Immutable, hashable and picklable.
+KVBlock = NewType("KVBlock", int)
+"""Handle to a live KV block of one provider: an int, so hashable, picklable and cheap.
 
-    ``handle`` is unique within its provider and never reused, so a stale handle is detected.
-    ``pages`` are indices into the provider's page pool. A named tuple, so that allocating
-    and freeing a million blocks a second stays possible in Python.
-    """
+A provider numbers its handles above a tag of its own and never reuses one, so a stale handle
+(freed or migrated away) and another provider's handle are told apart from a live one. Where
+the block is (device, dtype, pages) is :class:`KVBlockInfo`, from ``kv_block_info``.
+"""
 
-    handle: int
-    num_tokens: int
-    dtype: DType
+
+class KVBlockInfo(NamedTuple):
+    """Where a live KV block is: its device, dtype and pages (indices into that device's
+    cache, as ``kv_cache(layer, device)`` is indexed)."""
+
+    block: KVBlock
     device: str
-    pages: tuple[int, ...] = ()
-    owner: str = ""
+    dtype: DType
+    pages: tuple[int, ...]
 
     @property
     def num_pages(self) -> int:

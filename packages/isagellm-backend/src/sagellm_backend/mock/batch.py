@@ -114,8 +114,8 @@ class MockBatchMetadata(PlannedSizes):
             snapshot = bytes(self._staging[: self._sections.used(planned.num_seqs)])
             self._streams.current().launch(lambda: self._upload(snapshot, planned))
 
-    def _check_exact(self, blocks: Sequence[KVBlock]) -> None:
-        pages = [page for block in blocks for page in block.pages]
+    def _check_exact(self, block_pages: list[tuple[int, ...]]) -> None:
+        pages = [page for block in block_pages for page in block]
         if (max(pages) + 1) * self._tokens_per_block > EXACT_LIMIT:
             raise InvalidArgumentError(
                 f"a slot of page {max(pages)} is beyond 2**24, the mock's exact fp32 range",

@@ -1,17 +1,18 @@
 """Memory of the mock devices: budgeted pages whose bytes exist only once written.
 
 Each mock device has a budget of ``max_memory_mb``; host memory is not budgeted. A block gets
-page ids as from a device's pool: freed ids are handed out again, last freed first. Nothing is
-reserved up front and a page keeps no bytes until something writes it. Accounting is exact all
-the same: a page counts ``page_bytes(dtype)`` against its device's budget from allocation to
-release, and a batch that does not fit raises ResourceExhaustedError before anything changes.
+page ids as from a device's pool, one pool per (device, dtype): freed ids are handed out again,
+last freed first. Nothing is reserved up front and a page keeps no bytes until something writes
+it. Accounting is exact all the same: a page counts ``page_bytes(dtype)`` against its device's
+budget from allocation to release, and a batch that does not fit raises ResourceExhaustedError
+before anything changes.
 
-A written page keeps its bytes tagged with the handle of the block that wrote them, until the
-page is written again; stream work reads and writes pages when it runs, as a device does. Fresh
-blocks are poisoned: a page its block has not written reads as :data:`POISON` bytes (``0xFF``:
-NaN in every float dtype, -1 in int8), as a device hands out memory holding whatever was there,
-so engine code that reads KV before writing it fails on the mock too. Device work that wrote a
-page after its block was freed would leave the next owner's page reading as poison.
+Each allocation stamps its pages, and a written page keeps its bytes tagged with the stamp its
+page had when the write was issued; stream work reads and writes pages when it runs, as a device
+does. Fresh blocks are poisoned: a page its block has not written reads as :data:`POISON` bytes
+(``0xFF``: NaN in every float dtype, -1 in int8), as a device hands out memory holding whatever
+was there, so engine code that reads KV before writing it fails on the mock too. Device work
+that wrote a page after its block was freed leaves the next owner's page reading as poison.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
-from sagellm_backend.blocks import Give, Take
+from sagellm_backend.blocks import Give, Pool, Take, Transfer
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import ResourceExhaustedError
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlockInfo, KVLayout
 
 __all__ = ["MAX_PAGES", "POISON", "MockMemory"]
 
@@ -41,73 +44,109 @@ _UNBOUNDED_PAGES = 1 << 62
 
 
 class DeviceMemory:
-    """One mock device: its budget, page ids and the bytes of written pages."""
+    """One mock device: its budget, the stamps of its live pages and the bytes of written
+    pages, by page id."""
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
         self.used = 0
         self.peak = 0
-        self.sizes: dict[int, int] = {}
-        """Bytes of each live page."""
+        self.stamps: dict[int, int] = {}
+        """The allocation stamp of each live page."""
         self.data: dict[int, tuple[int, bytes]] = {}
-        """Each written page: the handle of the block that wrote it, and its bytes."""
-        self._free: list[int] = []
-        self._fresh = itertools.count()
+        """Each written page: the stamp it had when the write was issued, and its bytes."""
+        self._stamps = itertools.count()
 
-    def take_one(self, size: int) -> tuple[int, ...]:
-        """The page of a new one-page block of ``size`` bytes; IndexError if it does not fit."""
-        used = self.used + size
-        if (self.capacity is not None and used > self.capacity) or len(self.sizes) >= MAX_PAGES:
+    def stamp(self) -> int:
+        return next(self._stamps)
+
+
+class PoolPages:
+    """The page ids of one (device, dtype) pool: ``base + n``, freed ones reused first."""
+
+    def __init__(self, memory: DeviceMemory, pool: Pool, size: int) -> None:
+        self.memory = memory
+        self.size = size
+        self.free: list[tuple[int, ...]] = []
+        self._fresh = itertools.count(pool.base)
+
+    def take_one(self) -> tuple[int, ...]:
+        """The page of a new one-page block; IndexError if it does not fit."""
+        memory = self.memory
+        used = memory.used + self.size
+        if (memory.capacity is not None and used > memory.capacity) or len(
+            memory.stamps
+        ) >= MAX_PAGES:
             raise IndexError("no page left")
-        page = self._free.pop() if self._free else next(self._fresh)
-        self.sizes[page] = size
-        self.used = used
-        if used > self.peak:
-            self.peak = used
-        return (page,)
+        page = self.free.pop() if self.free else (next(self._fresh),)
+        memory.stamps[page[0]] = memory.stamp()
+        memory.used = used
+        if used > memory.peak:
+            memory.peak = used
+        return page
 
-    def take(
-        self, device: str, sizes: Sequence[int], page_counts: Sequence[int]
-    ) -> list[tuple[int, ...]]:
-        """The pages of new blocks whose pages are ``sizes[i]`` bytes, all or none."""
+    def take(self, device: str, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
+        """The pages of new blocks, all or none."""
+        memory, free = self.memory, self.free
         total = sum(page_counts)
-        uniform = len(set(sizes)) == 1
-        nbytes = total * sizes[0] if uniform else sum(map(operator.mul, sizes, page_counts))
-        if self.capacity is not None and self.used + nbytes > self.capacity:
+        nbytes = total * self.size
+        if memory.capacity is not None and memory.used + nbytes > memory.capacity:
             raise ResourceExhaustedError(
                 f"{device} is out of KV memory: {nbytes} bytes requested, "
-                f"{self.capacity - self.used} of {self.capacity} free",
+                f"{memory.capacity - memory.used} of {memory.capacity} free",
                 hint="free or migrate blocks first, or raise max_memory_mb",
             )
-        if len(self.sizes) + total > MAX_PAGES:
+        if len(memory.stamps) + total > MAX_PAGES:
             raise ResourceExhaustedError(
-                f"{device} would track {len(self.sizes) + total} pages, more than the mock's "
-                f"{MAX_PAGES}",
+                f"{device} would track {len(memory.stamps) + total} pages, more than the "
+                f"mock's {MAX_PAGES}",
                 hint="allocate fewer or smaller blocks, or raise tokens_per_block",
             )
-        reused = min(total, len(self._free))
-        ids = self._free[len(self._free) - reused :]
-        del self._free[len(self._free) - reused :]
-        ids.reverse()
-        ids.extend(itertools.islice(self._fresh, total - reused))
-        if uniform:
-            self.sizes.update(zip(ids, itertools.repeat(sizes[0])))
-        else:
-            per_page = itertools.chain.from_iterable(map(itertools.repeat, sizes, page_counts))
-            self.sizes.update(zip(ids, per_page, strict=True))
-        self.used += nbytes
-        self.peak = max(self.peak, self.used)
+        reused = min(total, len(free))
+        pages = free[len(free) - reused :]
+        del free[len(free) - reused :]
+        pages.reverse()
+        if reused < total:
+            pages.extend(zip(itertools.islice(self._fresh, total - reused)))
+        memory.stamps.update(zip(map(_first, pages), itertools.repeat(memory.stamp())))
+        memory.used += nbytes
+        memory.peak = max(memory.peak, memory.used)
         if total == len(page_counts):
-            return list(zip(ids))
+            return pages
+        flat = tuple(map(_first, pages))
         ends = itertools.accumulate(page_counts)
-        return [tuple(ids[end - n : end]) for n, end in zip(page_counts, ends, strict=True)]
+        return [flat[end - n : end] for n, end in zip(page_counts, ends, strict=True)]
 
     def give(self, pages: tuple[int, ...]) -> None:
         """Take back the pages of one block."""
-        sizes = self.sizes
+        memory = self.memory
         for page in pages:
-            self.used -= sizes.pop(page)
-        self._free.extend(pages)
+            del memory.stamps[page]
+        memory.used -= self.size * len(pages)
+        if len(pages) == 1:
+            self.free.append(pages)
+        else:
+            self.free.extend(zip(pages))
+
+    def give_all(self, pages: Sequence[tuple[int, ...]]) -> None:
+        """Take back the pages of many blocks."""
+        memory, total = self.memory, sum(map(len, pages))
+        if total == len(pages):
+            _exhaust(map(memory.stamps.__delitem__, map(_first, pages)))
+            self.free.extend(pages)
+        else:
+            flat = list(itertools.chain.from_iterable(pages))
+            _exhaust(map(memory.stamps.__delitem__, flat))
+            self.free.extend(zip(flat))
+        memory.used -= self.size * total
+
+
+class PageCopies(NamedTuple):
+    """Copies from ``source`` to ``target``: (page id, its stamp, target page id, its stamp)."""
+
+    source: str
+    target: str
+    pages: list[tuple[int, int, int, int]]
 
 
 class MockMemory:
@@ -121,6 +160,8 @@ class MockMemory:
         self._layout = layout
         self._capacity = capacity_bytes
         self._devices: dict[str, DeviceMemory] = {}
+        self._pools: dict[int, PoolPages] = {}
+        self._bases: dict[tuple[str, DType], int] = {}
         self._poison: dict[int, bytes] = {}
 
     def device(self, name: str) -> DeviceMemory:
@@ -131,57 +172,87 @@ class MockMemory:
             memory = self._devices.setdefault(name, memory)
         return memory
 
+    def _pages(self, pool: Pool) -> PoolPages:
+        pages = self._pools.get(pool.number)
+        if pages is None:
+            size = self._layout.page_bytes(pool.dtype)
+            pages = PoolPages(self.device(pool.device), pool, size)
+            self._pools[pool.number] = pages
+            self._bases[pool.device, pool.dtype] = pool.base
+        return pages
+
     # BlockStorage.
 
-    def max_pages(self, device: str, dtype: DType) -> int:
-        if device == HOST:
+    def max_pages(self, pool: Pool) -> int:
+        if pool.device == HOST:
             return _UNBOUNDED_PAGES
-        return self._capacity // self._layout.page_bytes(dtype)
+        return self._capacity // self._layout.page_bytes(pool.dtype)
 
-    def allocate(
-        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
-    ) -> list[tuple[int, ...]]:
-        distinct = set(dtypes)
-        if len(distinct) == 1:
-            sizes = [self._layout.page_bytes(distinct.pop())] * len(page_counts)
-        else:
-            sizes = list(map(self._layout.page_bytes, dtypes))
-        return self.device(device).take(device, sizes, page_counts)
+    def allocate(self, pool: Pool, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
+        return self._pages(pool).take(pool.device, page_counts)
 
-    def release(self, device: str, pages: Sequence[tuple[int, ...]]) -> None:
-        give = self.device(device).give
-        for block_pages in pages:
-            give(block_pages)
+    def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
+        self._pages(pool).give_all(pages)
 
-    def taker(self, device: str, dtype: DType) -> Take:
-        return functools.partial(self.device(device).take_one, self._layout.page_bytes(dtype))
+    def taker(self, pool: Pool) -> Take:
+        return self._pages(pool).take_one
 
-    def giver(self, device: str) -> Give:
-        return self.device(device).give
+    def giver(self, pool: Pool) -> Give:
+        return self._pages(pool).give
 
-    # Data, run as stream work.
+    # Data, run as stream work; what it reads and writes is tagged with stamps taken when it
+    # was issued.
 
-    def write(self, block: KVBlock, payload: bytes) -> None:
-        data, size = self.device(block.device).data, self._layout.page_bytes(block.dtype)
-        for i, page in enumerate(block.pages):
-            data[page] = (block.handle, payload[i * size : (i + 1) * size])
+    def page_ids(self, block: KVBlockInfo) -> list[int]:
+        """The page ids of a live block."""
+        base = self._bases[block.device, block.dtype]
+        return [base + page for page in block.pages]
 
-    def read(self, block: KVBlock) -> bytes:
-        data, size = self.device(block.device).data, self._layout.page_bytes(block.dtype)
+    def stamps(self, device: str, ids: Sequence[int]) -> list[int]:
+        """The stamps of live pages of ``device`` now."""
+        return list(map(self.device(device).stamps.__getitem__, ids))
+
+    def write(self, device: str, ids: Sequence[int], stamps: list[int], payload: bytes) -> None:
+        data = self.device(device).data
+        size = len(payload) // len(ids)
+        for i, (page, stamp) in enumerate(zip(ids, stamps, strict=True)):
+            data[page] = (stamp, payload[i * size : (i + 1) * size])
+
+    def read(self, block: KVBlockInfo) -> bytes:
+        memory, size = self.device(block.device), self._layout.page_bytes(block.dtype)
         poison = self._poisoned(size)
-        return b"".join(_content(data.get(page), block.handle, poison) for page in block.pages)
+        return b"".join(
+            _content(memory.data.get(page), memory.stamps.get(page), poison)
+            for page in self.page_ids(block)
+        )
 
-    def move(self, sources: Sequence[KVBlock], destinations: Sequence[KVBlock]) -> None:
-        """Copy the pages of ``sources[i]`` to ``destinations[i]``; a page its block did not
-        write stays so."""
-        for src, dst in zip(sources, destinations, strict=True):
-            source, target = self.device(src.device).data, self.device(dst.device).data
-            for page, to in zip(src.pages, dst.pages, strict=True):
-                entry = source.get(page)
-                if entry is not None and entry[0] == src.handle:
-                    target[to] = (dst.handle, entry[1])
+    def move(self, copies: Sequence[PageCopies]) -> None:
+        """Copy pages; a page its block did not write (by the stamps) stays so."""
+        for source_device, target_device, pages in copies:
+            source = self.device(source_device).data
+            target = self.device(target_device).data
+            for src, src_stamp, dst, dst_stamp in pages:
+                entry = source.get(src)
+                if entry is not None and entry[0] == src_stamp:
+                    target[dst] = (dst_stamp, entry[1])
                 else:
-                    target.pop(to, None)
+                    target.pop(dst, None)
+
+    def copies(self, transfers: Sequence[Transfer]) -> list[PageCopies]:
+        """The page copies of ``transfers`` with the pages' stamps now, to run later."""
+        out = []
+        for t in transfers:
+            src = list(map(operator.add, t.sources, itertools.repeat(t.source.base)))
+            dst = list(map(operator.add, t.targets, itertools.repeat(t.target.base)))
+            stamps = zip(
+                src,
+                self.stamps(t.source.device, src),
+                dst,
+                self.stamps(t.target.device, dst),
+                strict=True,
+            )
+            out.append(PageCopies(t.source.device, t.target.device, list(stamps)))
+        return out
 
     def stats(self, device: str, blocks: int) -> MemoryStats:
         memory = self.device(device)
@@ -190,7 +261,7 @@ class MockMemory:
             used_bytes=memory.used,
             peak_used_bytes=memory.peak,
             kv_blocks_in_use=blocks,
-            kv_pages_in_use=len(memory.sizes),
+            kv_pages_in_use=len(memory.stamps),
         )
 
     def _poisoned(self, size: int) -> bytes:
@@ -200,5 +271,9 @@ class MockMemory:
         return page
 
 
-def _content(entry: tuple[int, bytes] | None, handle: int, poison: bytes) -> bytes:
-    return entry[1] if entry is not None and entry[0] == handle else poison
+_first = operator.itemgetter(0)
+_exhaust: Callable[[Iterable[object]], object] = functools.partial(deque, maxlen=0)
+
+
+def _content(entry: tuple[int, bytes] | None, stamp: int | None, poison: bytes) -> bytes:
+    return entry[1] if entry is not None and entry[0] == stamp else poison

@@ -20,11 +20,10 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from sagellm_backend.blocks import BlockTable, check_block
+from sagellm_backend.blocks import BlockTable, Transfer
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
@@ -35,7 +34,7 @@ from sagellm_backend.kernels import (
     KernelSpec,
     KernelTable,
 )
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
 from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
 from sagellm_backend.mock.pool import MockMemory
@@ -195,7 +194,6 @@ class MockBackendProvider(Unique):
             dtypes=self._capability.supported_dtypes,
             devices={f"mock:{i}" for i in range(num_devices)} | {HOST},
             default_device=self._device,
-            owner=f"{self._device}#{os.urandom(16).hex()}",
             devices_hint=(
                 f"use one of {', '.join(f'mock:{i}' for i in range(num_devices))}, {HOST}"
                 if num_devices <= 8
@@ -268,8 +266,8 @@ class MockBackendProvider(Unique):
     def synchronize(self) -> None:
         self._streams.synchronize()
 
-    def live_blocks(self, device: str | None = None) -> list[KVBlock]:
-        """The live KV blocks (on ``device`` if given), oldest first."""
+    def live_blocks(self, device: str | None = None) -> list[KVBlockInfo]:
+        """Where the live KV blocks are (on ``device`` if given), oldest first."""
         self._streams.check_open()
         return self._table.live_blocks(None if device is None else self._table.check_device(device))
 
@@ -298,30 +296,36 @@ class MockBackendProvider(Unique):
         self._table.free(blocks, None if after is None else self._streams.own_event(after))
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
-        self.kv_blocks_copy([(check_block(src, "src"), check_block(dst, "dst"))])
+        self.kv_blocks_copy([(src, dst)])
 
     def kv_blocks_copy(
         self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
     ) -> MockEvent:
         self._capability.require("has_kv_block_copy", "kv_blocks_copy")
-        work = _Work(self._streams, self._memory, self._stream_arg(stream))
-        self._table.copy(pairs, work)
+        listed = isinstance(pairs, Iterable) and not isinstance(pairs, (str, bytes))
+        items = list(pairs) if listed else pairs
+        work = _Work(self._streams, self._memory, self._stream_arg(stream), items)
+        self._table.copy(items, work)
         return work.event
 
     def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
-        return self.kv_blocks_migrate([check_block(block)], target_device)[0][0]
+        return self.kv_blocks_migrate([block], target_device)[0][0]
 
     def kv_blocks_migrate(
         self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
     ) -> tuple[list[KVBlock], MockEvent]:
         self._capability.require("has_kv_block_migrate", "kv_blocks_migrate")
         self._streams.check_host("kv_blocks_migrate")
-        work = _Work(self._streams, self._memory, self._stream_arg(stream))
+        work = _Work(self._streams, self._memory, self._stream_arg(stream), [])
         moved = self._table.migrate(blocks, target_device, work)
         return moved, work.event
 
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        self._streams.check_open()
+        return self._table.info(block)
+
     def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
-        return self.kv_blocks_grow([check_block(block)], [num_tokens])[0]
+        return self.kv_blocks_grow([block], [num_tokens])[0]
 
     def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         """Grow blocks by appending pages (capability op ``kv_grow``), all or none."""
@@ -333,7 +337,6 @@ class MockBackendProvider(Unique):
         """Fill ``block`` with ``data`` (exactly its size in bytes), queued on the current
         stream."""
         stream = self.current_stream()
-        check_block(block)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
                 f"data must be bytes, got {type(data).__name__}", hint="pass a bytes object"
@@ -341,14 +344,16 @@ class MockBackendProvider(Unique):
         payload = bytes(data)  # a memoryview of any item size counts its bytes
         memory = self._memory
 
-        def write(live: KVBlock) -> None:
+        def write(live: KVBlockInfo) -> None:
             size = live.num_pages * self._layout.page_bytes(live.dtype)
             if len(payload) != size:
                 raise InvalidArgumentError(
-                    f"data is {len(payload)} bytes but KV block {live.handle} holds {size}",
+                    f"data is {len(payload)} bytes but KV block {live.block:#x} holds {size}",
                     hint="write exactly num_pages * kv_layout.page_bytes(dtype) bytes",
                 )
-            stream.launch(lambda: memory.write(live, payload), (live,))
+            ids = memory.page_ids(live)
+            stamps = memory.stamps(live.device, ids)
+            stream.launch(lambda: memory.write(live.device, ids, stamps, payload), (live.block,))
 
         self._table.use(block, write)
 
@@ -358,11 +363,11 @@ class MockBackendProvider(Unique):
         self._streams.check_host("kv_block_read")
         stream = self._streams.current()
 
-        def read(live: KVBlock) -> bytes:
+        def read(live: KVBlockInfo) -> bytes:
             stream.run_to(stream.queued)
             return self._memory.read(live)
 
-        return self._table.use(check_block(block), read)
+        return self._table.use(block, read)
 
     # The data path's bookkeeping.
 
@@ -505,7 +510,7 @@ class MockBackendProvider(Unique):
         return self._streams.own_stream(stream)
 
     def _check_live(self, blocks: Sequence[KVBlock]) -> None:
-        self._table.lookup_all(blocks)
+        self._table.check_live(blocks)
 
     def _before_collective(self, op: CollectiveOp, tensor: object) -> MockTensor:
         """Capability and tensor checks shared by the collectives that move a tensor."""
@@ -598,8 +603,15 @@ class _Work:
     only once the event is reached.
     """
 
-    def __init__(self, streams: StreamScheduler, memory: MockMemory, stream: MockStream) -> None:
+    def __init__(
+        self,
+        streams: StreamScheduler,
+        memory: MockMemory,
+        stream: MockStream,
+        pairs: Iterable[tuple[KVBlock, KVBlock]],
+    ) -> None:
         self._memory = memory
+        self._pairs = pairs
         self._stream = stream
         current = streams.current()
         capture = streams.capture
@@ -610,11 +622,13 @@ class _Work:
         )
         self.event = MockEvent(streams)
 
-    def __call__(self, sources: list[KVBlock], destinations: list[KVBlock]) -> MockEvent | None:
+    def __call__(self, transfers: list[Transfer]) -> MockEvent | None:
         memory, stream = self._memory, self._stream
         if self._after is not None:
             stream.wait_stream(self._after)
-        if sources:
-            stream.launch(lambda: memory.move(sources, destinations), sources + destinations)
+        if transfers:
+            copies = memory.copies(transfers)
+            blocks = [block for pair in self._pairs for block in pair]
+            stream.launch(lambda: memory.move(copies), blocks)
         stream.record_event(self.event)
         return None if self._after is None else self.event

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
 from sagellm_backend.dtypes import DType
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 from sagellm_backend.protocols.streams import Event, Stream
 
 __all__ = ["BatchMetadata", "KVBlockManager", "KVCacheAccess"]
@@ -29,7 +29,8 @@ T_co = TypeVar("T_co", covariant=True)
 class KVBlockManager(Protocol):
     """KV blocks: ceil(num_tokens / tokens_per_block) pages of the provider's KV layout.
 
-    Batched forms do all or nothing: if one item is invalid, none is applied.
+    A block is an int handle (:data:`~sagellm_backend.kv.KVBlock`); :meth:`kv_block_info` says
+    where it is. Batched forms do all or nothing: if one item is invalid, none is applied.
     """
 
     @property
@@ -39,6 +40,10 @@ class KVBlockManager(Protocol):
 
     def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         """Release ``block``; its pages are reused only after ``after`` (if given) is reached."""
+
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        """Where the live ``block`` is: device, dtype and pages."""
+        ...
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         """Copy every page of ``src`` into ``dst`` (same page count and dtype), on the stream."""
@@ -53,9 +58,9 @@ class KVBlockManager(Protocol):
     def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
         """``block`` grown to hold ``num_tokens`` tokens (capability op ``kv_grow``).
 
-        Pages are appended, never copied: the block keeps its handle number and its pages, and
-        the returned handle lists the new pages after them. The handle passed in is refused
-        from then on; use the returned one.
+        Pages are appended, never copied: the block keeps its handle and its pages, the new
+        pages listed after them, and the same handle is returned. A block that already holds
+        ``num_tokens`` tokens is left as it is.
         """
         ...
 
@@ -77,7 +82,7 @@ class KVBlockManager(Protocol):
         ...
 
     def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
-        """Grow each block to ``num_tokens[i]`` tokens (at least its current count), all or none."""
+        """Grow each block to hold ``num_tokens[i]`` tokens, all or none; returns the handles."""
         ...
 
     def kv_block_write(self, block: KVBlock, data: bytes) -> None:

@@ -3,10 +3,10 @@
 Each device of a provider (its accelerator devices and ``"host"``) has one tensor of shape
 ``[num_layers, num_pages, 2, tokens_per_block, num_kv_heads, head_size]``: one page of one
 layer is contiguous, K at index 0 and V at index 1, as paged-attention kernels read it. A block
-is a tuple of page indices; allocating and freeing only moves indices, never device memory.
-A block's handle says where its data is (``device`` and ``pages``), so the pool keeps nothing
-per block. When a freed page may be reused is the block table's concern
-(:mod:`sagellm_backend.blocks`): the pool gets pages back only once reusing them is safe.
+gets page ids (:mod:`sagellm_backend.blocks`: the page index plus its pool's base); allocating
+and freeing only moves ids, never device memory, and the pool keeps nothing per block. When a
+freed page may be reused is the block table's concern: the pool gets pages back only once
+reusing them is safe.
 
 Data moves as one indexed gather and one indexed scatter per (source device, target device)
 pair and batch, over every layer at once, never one copy per block.
@@ -15,17 +15,16 @@ pair and batch, over every layer at once, never one copy per block.
 from __future__ import annotations
 
 import itertools
-import operator
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
-from sagellm_backend.blocks import Give, Take
+from sagellm_backend.blocks import Give, Pool, Take, Transfer
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlockInfo, KVLayout
 
 __all__ = ["DevicePages", "KVPagePool", "PageMover"]
 
@@ -33,9 +32,10 @@ __all__ = ["DevicePages", "KVPagePool", "PageMover"]
 class DevicePages:
     """One device's page tensor and its free list of pages.
 
-    The free list is a LIFO stack, so hot pages are reused first. It holds one-page tuples,
-    ``(index,)``: the ``pages`` of a one-page block are handed out and taken back as they are,
-    so the usual batch, one page per block, creates no tuple per block.
+    The free list is a LIFO stack, so hot pages are reused first. It holds one-page tuples of
+    page ids, ``(base + index,)``: the pages of a one-page block are handed out and taken back
+    as they are, so the usual batch, one page per block, creates no tuple per block. ``base``
+    is set once, by the first pool the block table names for this device.
     """
 
     def __init__(
@@ -59,8 +59,21 @@ class DevicePages:
         self.pinned = pin
         self.tensor = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.num_pages = num_pages
-        self.free: list[tuple[int, ...]] = [(page,) for page in range(num_pages - 1, -1, -1)]
+        self.base: int | None = None
+        self.free: list[tuple[int, ...]] = []
         """The free list; ``free.pop`` and ``free.append`` are the single-block path."""
+
+    def bind(self, base: int) -> DevicePages:
+        """Number this device's page ids from ``base`` (once; the same base again is a no-op)."""
+        if self.base is None:
+            self.base = base
+            self.free = [(base + page,) for page in range(self.num_pages - 1, -1, -1)]
+        elif self.base != base:
+            raise InvalidArgumentError(
+                f"the pages of {self.device} are numbered from {self.base}, not {base}",
+                hint="a torch KV pool holds one dtype per device",
+            )
+        return self
 
     @property
     def free_pages(self) -> int:
@@ -128,32 +141,34 @@ class KVPagePool:
 
     # BlockStorage.
 
-    def max_pages(self, device: str, dtype: DType) -> int:
-        return self.pools[device].num_pages
+    def max_pages(self, pool: Pool) -> int:
+        return self.pools[pool.device].num_pages
 
-    def allocate(
-        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
-    ) -> list[tuple[int, ...]]:
-        """Pages for new blocks on ``device``; every dtype is the pool's (the table checks)."""
-        pool = self.pools[device]
+    def allocate(self, pool: Pool, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
+        """Page ids for new blocks of ``pool``; its dtype is the pool's (the table checks)."""
+        pages = self._pages(pool)
         total = sum(page_counts)
-        if total > pool.free_pages:
+        if total > pages.free_pages:
             raise ResourceExhaustedError(
-                f"{device} is out of KV pages: {total} requested, {pool.free_pages} of "
-                f"{pool.num_pages} free",
+                f"{pool.device} is out of KV pages: {total} requested, {pages.free_pages} of "
+                f"{pages.num_pages} free",
                 hint="free or migrate blocks first, or configure a larger pool "
                 "(num_blocks, kv_memory_mb)",
             )
-        return pool.take(page_counts, total)
+        return pages.take(page_counts, total)
 
-    def release(self, device: str, pages: Sequence[tuple[int, ...]]) -> None:
-        self.pools[device].give_back(pages)
+    def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
+        self._pages(pool).give_back(pages)
 
-    def taker(self, device: str, dtype: DType) -> Take:
-        return self.pools[device].free.pop
+    def taker(self, pool: Pool) -> Take:
+        return self._pages(pool).free.pop
 
-    def giver(self, device: str) -> Give:
-        return self.pools[device].free.append
+    def giver(self, pool: Pool) -> Give:
+        return self._pages(pool).free.append
+
+    def _pages(self, pool: Pool) -> DevicePages:
+        pages = self.pools[pool.device]
+        return pages if pages.base == pool.base else pages.bind(pool.base)
 
     # Accounting.
 
@@ -166,35 +181,25 @@ class KVPagePool:
 
     def move(
         self,
-        sources: Sequence[KVBlock],
-        destinations: Sequence[KVBlock],
+        transfers: Sequence[Transfer],
         *,
         non_blocking: bool,
         wait_for_host: Callable[[], None],
     ) -> None:
-        """Copy the pages of ``sources[i]`` to ``destinations[i]``: one gather and one scatter
-        per (source device, target device) pair, over every layer.
+        """Copy pages: one gather and one scatter per transfer (a pair of devices), over every
+        layer.
 
         Runs on the current stream. A device's :class:`PageMover`, where one is plugged in, gets
         each pair of pools first. Between devices the gathered pages cross in one copy, staged
         in pinned memory when ``non_blocking``; a device-to-host move then calls
         ``wait_for_host`` before scattering on the host, which cannot wait on a stream itself.
         """
-        if not sources:
-            return
-        from_devices, to_devices = set(map(_device, sources)), set(map(_device, destinations))
-        groups: dict[tuple[str, str], tuple[list[int], list[int]]]
-        if len(from_devices) == len(to_devices) == 1:
-            route = (from_devices.pop(), to_devices.pop())
-            groups = {route: (_flat_pages(sources), _flat_pages(destinations))}
-        else:
-            groups = {}
-            for src, dst in zip(sources, destinations, strict=True):
-                src_pages, dst_pages = groups.setdefault((src.device, dst.device), ([], []))
-                src_pages.extend(src.pages)
-                dst_pages.extend(dst.pages)
-        for (src_device, dst_device), (src_pages, dst_pages) in groups.items():
-            source, target = self.pools[src_device], self.pools[dst_device]
+        for transfer in transfers:
+            if not transfer.sources:
+                continue
+            source = self.pools[transfer.source.device]
+            target = self.pools[transfer.target.device]
+            src_pages, dst_pages = transfer.sources, transfer.targets
             if self._mover is not None and self._mover.move_pages(
                 source, target, src_pages, dst_pages
             ):
@@ -212,14 +217,14 @@ class KVPagePool:
                     wait_for_host()
             target.tensor.index_copy_(1, target.index(dst_pages), gathered)
 
-    def write(self, block: KVBlock, data: bytes) -> None:
+    def write(self, block: KVBlockInfo, data: bytes) -> None:
         """Fill the pages of ``block`` from ``data`` (layer-major, as :meth:`read` returns them)."""
         pool = self.pools[block.device]
         host = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         pages = host.view(pool.tensor.dtype).view(self._block_shape(len(block.pages)))
         pool.tensor.index_copy_(1, pool.index(block.pages), pages.to(pool.device))
 
-    def read(self, block: KVBlock) -> bytes:
+    def read(self, block: KVBlockInfo) -> bytes:
         """The pages of ``block`` as bytes: ``[num_layers, pages, 2, tokens, heads, head_size]``."""
         pool = self.pools[block.device]
         pages = pool.tensor.index_select(1, pool.index(block.pages)).cpu()
@@ -239,10 +244,4 @@ class KVPagePool:
         )
 
 
-_device = operator.attrgetter("device")
-_pages = operator.attrgetter("pages")
 _NO_PAGES = torch.empty(0, dtype=torch.int64)
-
-
-def _flat_pages(blocks: Sequence[KVBlock]) -> list[int]:
-    return list(itertools.chain.from_iterable(map(_pages, blocks)))

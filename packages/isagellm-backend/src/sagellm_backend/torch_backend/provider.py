@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
 import torch
 
-from sagellm_backend.blocks import BlockTable, check_block
+from sagellm_backend.blocks import BlockTable, Transfer
 from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import DType, KernelKind, ReduceOp, coerce
@@ -30,7 +29,7 @@ from sagellm_backend.errors import (
 )
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.kernels import Comparator, InputMaker, KernelSpec, KernelTable
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 from sagellm_backend.ops import PROVIDER_OPS, STANDARD_OPS
 from sagellm_backend.protocols import Event, Graph, Stream
 from sagellm_backend.torch_backend.adapter import DeviceAdapter, GraphHook
@@ -125,7 +124,6 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             dtypes=self._capability.kv_dtypes,
             devices=(self._device, HOST),
             default_device=self._device,
-            owner=f"{self._device}/{os.getpid()}/{uuid.uuid4().hex[:12]}",
             devices_hint=f"use {self._device} or {HOST}",
             dtype_hint=f"allocate {layout.dtype.value} blocks, or create the backend with "
             "kv_dtype={dtype}",
@@ -336,7 +334,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         self._blocks.free(blocks, None if after is None else own_event(self._adapter, after))
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
-        self.kv_blocks_copy([(check_block(src, "src"), check_block(dst, "dst"))])
+        self.kv_blocks_copy([(src, dst)])
 
     def kv_blocks_copy(
         self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
@@ -349,7 +347,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         return work.event
 
     def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
-        return self.kv_blocks_migrate([check_block(block)], target_device)[0][0]
+        return self.kv_blocks_migrate([block], target_device)[0][0]
 
     def kv_blocks_migrate(
         self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
@@ -365,8 +363,12 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         assert work.event is not None
         return moved, work.event
 
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        self._live("kv_block_info")
+        return self._blocks.info(block)
+
     def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
-        return self.kv_blocks_grow([check_block(block)], [num_tokens])[0]
+        return self.kv_blocks_grow([block], [num_tokens])[0]
 
     def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         """Grow blocks by appending pages, never copying (capability op ``kv_grow``)."""
@@ -376,18 +378,17 @@ class TorchBackendProvider(Unique, Generic[S, E]):
     def kv_block_write(self, block: KVBlock, data: bytes) -> None:
         """Fill ``block`` with ``data`` in the layout :meth:`kv_block_read` returns."""
         self._live("kv_block_write")
-        check_block(block)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(
                 f"data must be bytes, got {type(data).__name__}", hint="pass bytes or bytearray"
             )
         payload = bytes(data)  # a memoryview of any item size counts its bytes
 
-        def write(live: KVBlock) -> None:
+        def write(live: KVBlockInfo) -> None:
             size = self.kv_layout.page_bytes(live.dtype) * live.num_pages
             if len(payload) != size:
                 raise InvalidArgumentError(
-                    f"KV block {live.handle} holds {size} bytes, got {len(payload)}",
+                    f"KV block {live.block:#x} holds {size} bytes, got {len(payload)}",
                     hint="write exactly the block's size: page_bytes(dtype) * num_pages",
                 )
             self._pool.write(live, payload)
@@ -401,11 +402,11 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         """
         self._live("kv_block_read")
 
-        def read(live: KVBlock) -> bytes:
+        def read(live: KVBlockInfo) -> bytes:
             self._adapter.stream_synchronize(self._adapter.current_stream(self._index))
             return self._pool.read(live)
 
-        return self._blocks.use(check_block(block), read)
+        return self._blocks.use(block, read)
 
     # What engines and kernels read: the pools and block tables.
 
@@ -442,7 +443,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             max_seqs=max_seqs,
             max_tokens=max_tokens,
             max_pages_per_seq=max_pages_per_seq,
-            check=self._live,
+            check=lambda pages: self._live(),
         )
 
     def _stream(self, stream: Stream | None) -> TorchStream[S, E]:
@@ -450,11 +451,10 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             return self.current_stream()
         return own_stream(self._adapter, stream)
 
-    def _move(self, sources: Sequence[KVBlock], destinations: Sequence[KVBlock]) -> None:
+    def _move(self, transfers: list[Transfer]) -> None:
         current = self._adapter.current_stream(self._index)
         self._pool.move(
-            sources,
-            destinations,
+            transfers,
             non_blocking=self._adapter.pins_host_memory,
             wait_for_host=lambda: self._adapter.stream_synchronize(current),
         )
@@ -541,14 +541,12 @@ class _Work(Generic[S, E]):
         self._current: S | None = None if raw is current or raw == current else current
         self.event: TorchEvent[S, E] | None = None
 
-    def __call__(
-        self, sources: list[KVBlock], destinations: list[KVBlock]
-    ) -> TorchEvent[S, E] | None:
+    def __call__(self, transfers: list[Transfer]) -> TorchEvent[S, E] | None:
         adapter = self._provider.adapter
         if self._current is not None:
             adapter.stream_wait_stream(self._stream.raw, self._current)
         with self._stream:
-            self._provider._move(sources, destinations)
+            self._provider._move(transfers)
         self.event = self._stream.record_event()
         return None if self._current is None else self.event
 
