@@ -58,7 +58,7 @@ import operator
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol, TypeVar, cast
 
 from sagellm_backend.device import DeviceRef
@@ -177,8 +177,10 @@ class BlockStorage(Protocol):
         ...
 
 
-_Pending = tuple[list[Fence], list[Pages]]
-"""Page ids waiting for events: (events, page ids of each block)."""
+_Groups = list[tuple[int, list[Pages]]]
+"""Page ids of blocks, by pool number: [(pool, page ids of each block)]."""
+_Pending = tuple[list[Fence], _Groups]
+"""Page ids waiting for events: (events, their groups)."""
 
 
 class BlockTable:
@@ -215,8 +217,11 @@ class BlockTable:
         self._default_device = default_device
         self._lock = threading.Lock()
         self._live: dict[int, Pages] = {}
+        self._elsewhere = 0
+        """Live blocks outside pool 0: while there are none, a batch needs no grouping."""
         self._tag = next(_tags) & 0xFFFFFFFF
-        self._next_handle = (self._tag << HANDLE_BITS) + 1
+        self._handles = cast("Iterator[KVBlock]", itertools.count((self._tag << HANDLE_BITS) + 1))
+        """Handles to give out, in order; one taken to compare with is never given out."""
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
         self._pool_of: dict[tuple[str, DType], Pool] = {}
@@ -284,10 +289,9 @@ class BlockTable:
         try:
             if self._closed is None:
                 pages = take()
-                handle = self._next_handle
-                self._next_handle = handle + 1
+                handle = next(self._handles)
                 self._live[handle] = pages
-                return cast("KVBlock", handle)
+                return handle
         except IndexError:
             pass  # none free: the batch path waits for pending pages or says it is exhausted
         finally:
@@ -317,10 +321,11 @@ class BlockTable:
             else:
                 page_counts = [-(-n // tokens_per_page) for n in counts]
             taken = self._take(pool, page_counts)
-            handles = range(self._next_handle, self._next_handle + len(counts))
-            self._next_handle = handles.stop
+            handles = list(itertools.islice(self._handles, len(counts)))
             self._live.update(zip(handles, taken))
-        return cast("list[KVBlock]", list(handles))
+            if pool.number:
+                self._elsewhere += len(counts)
+        return handles
 
     def free_one(self, block: KVBlock, after: Fence | None = None) -> None:
         """Free one block; a live one-page block takes the single-block path."""
@@ -353,7 +358,8 @@ class BlockTable:
             if not all(pages):
                 self._live.update((h, p) for h, p in zip(items, pages) if p is not None)
                 self._refuse(items, "kv_blocks_free")
-            self._release(cast("list[Pages]", pages), [] if after is None else [after])
+            groups = self._groups(cast("list[Pages]", pages))
+            self._release(groups, [] if after is None else [after])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         """Each block grown to hold ``num_tokens[i]`` tokens by appending pages, all or none.
@@ -404,12 +410,13 @@ class BlockTable:
             for event in {id(e): e for e in events}.values():
                 event.synchronize()
             self._in_flight.clear()
-            for _, pages in self._pending:
-                self._give_back(pages)
+            for _, groups in self._pending:
+                self._give_back(groups)
             self._pending.clear()
-            pages = list(self._live.values())
+            if self._live:
+                self._give_back(self._groups(list(self._live.values())))
             self._live.clear()
-            self._release(pages, [])
+            self._elsewhere = 0
 
     # Data operations, issued under the lock.
 
@@ -437,11 +444,12 @@ class BlockTable:
                 return []
             sources = self._distinct(items, "kv_blocks_migrate")
             groups: dict[int, list[int]] = {}
-            if _first(min(sources)) >> PAGE_BITS == _first(max(sources)) >> PAGE_BITS:
-                groups[sources[0][0] >> PAGE_BITS] = list(range(len(items)))
+            firsts = list(map(_first, sources))
+            if min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
+                groups[firsts[0] >> PAGE_BITS] = list(range(len(items)))
             else:
-                for i, pages in enumerate(sources):
-                    groups.setdefault(pages[0] >> PAGE_BITS, []).append(i)
+                for i, first in enumerate(firsts):
+                    groups.setdefault(first >> PAGE_BITS, []).append(i)
             plans: list[tuple[Pool, Pool, list[int]]] = []
             for index, members in groups.items():
                 source = self._pools[index]
@@ -466,7 +474,10 @@ class BlockTable:
                         replaced[i] = pages
                     transfers.append(
                         Transfer(
-                            source, target_pool, _indices(moved, source), _indices(given, target_pool)
+                            source,
+                            target_pool,
+                            _indices(moved, source),
+                            _indices(given, target_pool),
                         )
                     )
                 event = issue(transfers)
@@ -474,13 +485,14 @@ class BlockTable:
                 for pool, given in taken:
                     self._storage.release(pool, given)
                 raise
-            handles = range(self._next_handle, self._next_handle + len(items))
-            self._next_handle = handles.stop
+            handles = list(itertools.islice(self._handles, len(items)))
             _exhaust(map(self._live.__delitem__, items))
             self._live.update(zip(handles, cast("list[Pages]", replaced)))
-            self._release(sources, [] if event is None else [event])
+            released = self._groups(sources)
+            self._elsewhere += sum(len(m) for _, pool, m in plans if pool.number)
+            self._release(released, [] if event is None else [event])
             self._track(event)
-        return cast("list[KVBlock]", list(handles))
+        return handles
 
     def use(self, block: KVBlock, work: Callable[[KVBlockInfo], R]) -> R:
         """``work(info)`` for a live block of this table, under the lock (writes and reads)."""
@@ -514,10 +526,7 @@ class BlockTable:
             if not all(pages):
                 pages = [self._lookup(h) for h in items]
             found = cast("list[Pages]", pages)
-            if not found:
-                return found
-            low, high = min(found)[0] >> PAGE_BITS, max(found)[0] >> PAGE_BITS
-            if low == high == 0 and self._pools[0].device == device:
+            if not self._elsewhere and self._pools[0].device == device:
                 return found
             for handle, p in zip(items, found, strict=True):
                 on = self._pools[p[0] >> PAGE_BITS].device
@@ -546,7 +555,7 @@ class BlockTable:
         pages still wait for device work (see the module docstring)."""
         with self._lock:
             self._poll()
-            return sum(len(p) for _, groups in self._pending for p in groups)
+            return sum(len(p) for _, groups in self._pending for _, g in groups for p in g)
 
     # Internals; the lock is held.
 
@@ -580,10 +589,10 @@ class BlockTable:
             except ResourceExhaustedError:
                 if not self._pending:
                     raise
-                events, pages = self._pending.popleft()
+                events, groups = self._pending.popleft()
                 for event in events:
                     event.synchronize()
-                self._give_back(pages)
+                self._give_back(groups)
 
     def _poll(self) -> None:
         """Release pending pages whose events were reached, oldest first."""
@@ -597,29 +606,39 @@ class BlockTable:
             self._in_flight = [e for e in self._in_flight if not e.query()]
             self._in_flight.append(event)
 
-    def _release(self, pages: list[Pages], events: list[Fence]) -> None:
+    def _groups(self, pages: list[Pages]) -> _Groups:
+        """The page ids of retired blocks by pool; counts those outside pool 0 out."""
+        if not self._elsewhere or not pages:
+            return [(0, pages)]
+        firsts = list(map(_first, pages))
+        low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
+        if low == high:
+            groups = [(low, pages)]
+        else:
+            by_pool: dict[int, list[Pages]] = {}
+            for first, p in zip(firsts, pages, strict=True):
+                by_pool.setdefault(first >> PAGE_BITS, []).append(p)
+            groups = list(by_pool.items())
+        self._elsewhere -= sum(len(group) for number, group in groups if number)
+        return groups
+
+    def _release(self, groups: _Groups, events: list[Fence]) -> None:
         """Give back the pages of retired blocks, or keep them pending on the events that
         reusing them must follow: ``events`` and the work still in flight on other streams."""
-        if not pages:
+        if not any(group for _, group in groups):
             return
         if self._in_flight:
             self._in_flight = [e for e in self._in_flight if not e.query()]
         waiting = [e for e in events if not e.query()] + self._in_flight
         if waiting:
-            self._pending.append((waiting, pages))
+            self._pending.append((waiting, groups))
         else:
-            self._give_back(pages)
+            self._give_back(groups)
 
-    def _give_back(self, pages: list[Pages]) -> None:
-        low, high = min(pages)[0] >> PAGE_BITS, max(pages)[0] >> PAGE_BITS
-        if low == high:
-            self._storage.release(self._pools[low], pages)
-            return
-        groups: dict[int, list[Pages]] = {}
-        for p in pages:
-            groups.setdefault(p[0] >> PAGE_BITS, []).append(p)
-        for index, group in groups.items():
-            self._storage.release(self._pools[index], group)
+    def _give_back(self, groups: _Groups) -> None:
+        for number, pages in groups:
+            if pages:
+                self._storage.release(self._pools[number], pages)
 
     def _distinct(self, handles: list[KVBlock], operation: str) -> list[Pages]:
         """The pages of ``handles``, each a live block of this table named once."""
@@ -654,7 +673,7 @@ class BlockTable:
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        if handle < self._next_handle and handle & ((1 << HANDLE_BITS) - 1):
+        if handle < next(self._handles) and handle & ((1 << HANDLE_BITS) - 1):
             raise BlockNotFoundError(
                 f"KV block {handle:#x} was already freed or migrated away",
                 hint="drop the handle after kv_block_free; after a migrate, use the handle it "
@@ -692,7 +711,8 @@ class BlockTable:
         same_pages = sum(map(len, srcs)) == n == sum(map(len, dsts)) or list(
             map(len, srcs)
         ) == list(map(len, dsts))
-        pools = {p[0] >> PAGE_BITS for p in (min(srcs), max(srcs), min(dsts), max(dsts))}
+        firsts = list(map(_first, srcs)) + list(map(_first, dsts))
+        pools = {min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS}
         if same_pages and len(pools) == 1:
             pool = self._pools[pools.pop()]
             return [Transfer(pool, pool, _indices(srcs, pool), _indices(dsts, pool))]
@@ -713,7 +733,9 @@ class BlockTable:
         for (i, j), (read_pages, written_pages) in groups.items():
             source, target = self._pools[i], self._pools[j]
             transfers.append(
-                Transfer(source, target, _indices(read_pages, source), _indices(written_pages, target))
+                Transfer(
+                    source, target, _indices(read_pages, source), _indices(written_pages, target)
+                )
             )
         return transfers
 

@@ -236,8 +236,8 @@ def run_benchmarks(
         else:
             report.skipped.append("kv swap: the backend does not migrate (has_kv_block_migrate)")
     finally:
-        swapped = {b.handle for b in chosen[:blocks]} if swapping else set()
-        provider.kv_blocks_free([b for b in pool if b.handle not in swapped] + swapping)
+        swapped = set(chosen[:blocks]) if swapping else set()
+        provider.kv_blocks_free([b for b in pool if b not in swapped] + swapping)
 
     say("events")
     if baselines is not None:
@@ -333,7 +333,9 @@ def _swap(
     say("kv swap: batched")
     ours = timed(batched)
     say("kv swap: per-block loop")
-    nbytes = 2 * len(blocks) * provider.kv_layout.page_bytes(blocks[0].dtype)
+    nbytes = (
+        2 * len(blocks) * provider.kv_layout.page_bytes(provider.kv_block_info(blocks[0]).dtype)
+    )
     report.rows.append(
         Comparison(
             "kv swap",

@@ -102,7 +102,9 @@ def host_cost_cases(
         chosen = random.Random(seed).sample(blocks, 2 * batch)
         srcs, dsts = chosen[:batch], chosen[batch:]
         pairs = list(zip(srcs, dsts, strict=True))
-        plain_copy = baselines.paged_copy([b.pages[0] for b in srcs], [b.pages[0] for b in dsts])
+        plain_copy = baselines.paged_copy(
+            _first_pages(provider, srcs), _first_pages(provider, dsts)
+        )
         times = interleaved(
             {
                 "ours": ("copy(pairs)", {"copy": provider.kv_blocks_copy, "pairs": pairs}, batch),
@@ -234,7 +236,7 @@ def _migrate(
         out, _ = provider.kv_blocks_migrate(blocks, HOST)
         blocks[:], _ = provider.kv_blocks_migrate(out, device)
 
-    plain = baselines.paged_swap([b.pages[0] for b in blocks])
+    plain = baselines.paged_swap(_first_pages(provider, blocks))
     times = interleaved(
         {"ours": (ours, {}, len(blocks)), "plain": (plain, {}, len(blocks))},
         rounds,
@@ -248,3 +250,8 @@ def _migrate(
         times["plain"],
         "the host cost per block of two migrations: new handles, validation, issuing",
     )
+
+
+def _first_pages(provider: BackendProvider[Any], blocks: list[Any]) -> list[int]:
+    """The first page of each block."""
+    return [provider.kv_block_info(b).pages[0] for b in blocks]

@@ -109,7 +109,7 @@ def _allocate_fill(provider: Provider, rng: random.Random) -> str:
         for block in blocks:
             data = _pattern(provider, block, rng)
             provider.kv_block_write(block, data)
-            assert provider.kv_block_read(block) == data, f"block {block.handle} reads back wrong"
+            assert provider.kv_block_read(block) == data, f"block {block:#x} reads back wrong"
             written += len(data)
     finally:
         provider.kv_blocks_free(blocks)
@@ -282,8 +282,8 @@ def _dtype(provider: Provider) -> DType:
 
 
 def _pattern(provider: Provider, block: KVBlock, rng: random.Random) -> bytes:
-    layout = provider.kv_layout
-    return rng.randbytes(layout.pages_for(block.num_tokens) * layout.page_bytes(block.dtype))
+    info = provider.kv_block_info(block)
+    return rng.randbytes(info.num_pages * provider.kv_layout.page_bytes(info.dtype))
 
 
 def _require(provider: Provider, flag: str) -> None:
@@ -296,4 +296,4 @@ def _assert_released(provider: Provider, block: KVBlock) -> None:
         provider.kv_block_read(block)
     except BlockNotFoundError:
         return
-    raise AssertionError(f"block {block.handle} is still readable after it was released")
+    raise AssertionError(f"block {block:#x} is still readable after it was released")
