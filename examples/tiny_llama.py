@@ -288,6 +288,7 @@ def generate(
         max_pages_per_seq=layout.pages_for(max(final)),
     )
     blocks = backend.kv_blocks_alloc(lengths, layout.dtype or "fp16")
+    capacity = [backend.kv_block_info(b).num_pages * layout.tokens_per_block for b in blocks]
     sampling = _SamplingBuffers.greedy(num_seqs, device)
     try:
         sync = backend.synchronize
@@ -317,15 +318,13 @@ def generate(
         for t in range(1, new_tokens):
             feed = [f[t - 1] for f in forced] if forced is not None else [o[-1] for o in out]
             seq_lens = [n + 1 for n in seq_lens]
-            grown = [
-                (i, n)
-                for i, n in enumerate(seq_lens)
-                if n > blocks[i].num_pages * layout.tokens_per_block
-            ]
+            grown = [(i, n) for i, n in enumerate(seq_lens) if n > capacity[i]]
             if grown:
-                new = backend.kv_blocks_grow([blocks[i] for i, _ in grown], [n for _, n in grown])
-                for (i, _), block in zip(grown, new, strict=True):
-                    blocks[i] = block
+                # Grown in place: each block keeps its handle, its new pages appended.
+                backend.kv_blocks_grow([blocks[i] for i, _ in grown], [n for _, n in grown])
+                for i, _ in grown:
+                    pages = backend.kv_block_info(blocks[i]).num_pages
+                    capacity[i] = pages * layout.tokens_per_block
             start = time.perf_counter()
             batch.plan(blocks, seq_lens)
             tokens_in.copy_(torch.tensor(feed, dtype=torch.int64), non_blocking=True)

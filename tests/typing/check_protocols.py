@@ -2,7 +2,9 @@
 
 A correct third-party provider, written without importing or subclassing anything of ours but
 the value types, satisfies ``BackendProvider[Buffer]``; providers with a wrong signature are
-rejected, and so are calls of a standard op with a wrong signature, which the deliberate
+rejected (a KV handle that is a plain ``int`` rather than a ``KVBlock``, a missing
+``kv_block_info``), and so are calls of a standard op with a wrong signature and engine code
+that treats a handle as anything but an opaque ``KVBlock``, which the deliberate
 ``# type: ignore[...]`` lines prove (an unneeded one is an error).
 """
 
@@ -26,6 +28,7 @@ from sagellm_backend import (
     KernelKind,
     KernelSpec,
     KVBlock,
+    KVBlockInfo,
     KVBlockManager,
     KVLayout,
     MemoryStats,
@@ -122,6 +125,9 @@ class AcmeProvider:
     world_size = 1
     kv_layout = KVLayout()
 
+    def __init__(self) -> None:
+        self._pages: dict[KVBlock, tuple[DType, tuple[int, ...]]] = {}
+
     def capability(self) -> CapabilityDescriptor:
         return CapabilityDescriptor()
 
@@ -165,9 +171,17 @@ class AcmeProvider:
     def barrier(self, *, timeout: float | None = None) -> None: ...
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
-        return KVBlock(1, num_tokens, DType(dtype), self.device)
+        block = KVBlock(len(self._pages) + 1)
+        pages = tuple(range(self.kv_layout.pages_for(num_tokens)))
+        self._pages[block] = (DType(dtype), pages)
+        return block
 
-    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None: ...
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
+        del self._pages[block]
+
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        dtype, pages = self._pages[block]
+        return KVBlockInfo(block, self.device, dtype, pages)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None: ...
 
@@ -246,6 +260,22 @@ class AcmeProvider:
 def engine_step(backend: BackendProvider[Buffer], x: Buffer) -> Buffer:
     """Engine code written against the protocol only."""
     block = backend.kv_block_alloc(64, "fp16")
+    assert_type(block, KVBlock)
+    info = backend.kv_block_info(block)
+    assert_type(info, KVBlockInfo)
+    assert_type(info.block, KVBlock)
+    assert_type(info.pages, tuple[int, ...])
+    assert_type(info.num_pages, int)
+    assert_type(backend.kv_block_grow(block, 128), KVBlock)
+    assert_type(backend.kv_blocks_grow([block], [128]), list[KVBlock])
+    assert_type(backend.kv_block_migrate(block, "host"), KVBlock)
+    assert_type(f"{block:#x}", str)
+    _pages = block.pages  # type: ignore[attr-defined]
+    _tokens = block.num_tokens  # type: ignore[attr-defined]
+    backend.kv_block_free(3)  # type: ignore[arg-type]
+    backend.kv_block_free(info)  # type: ignore[arg-type]
+    backend.kv_blocks_free([block, 3])  # type: ignore[list-item]
+    backend.kv_block_grow(info, 128)  # type: ignore[arg-type]
     backend.kv_block_free(block)
     return backend.all_reduce(x, ReduceOp.SUM, timeout=5.0)
 
@@ -300,7 +330,26 @@ engine_step(AcmeProvider(), 3)  # type: ignore[arg-type]
 
 class TakesTokensAsText(AcmeProvider):
     def kv_block_alloc(self, num_tokens: str, dtype: DType | str) -> KVBlock:  # type: ignore[override]
-        return KVBlock(1, 1, DType.FP16, self.device)
+        return KVBlock(1)
+
+
+class AllocatesPlainInts(AcmeProvider):
+    """Hands out plain ints: a handle must be a KVBlock, made with ``KVBlock(n)``."""
+
+    def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> int:  # type: ignore[override]
+        return 1
+
+
+class GrowsToPlainInts(AcmeProvider):
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[int]:  # type: ignore[override]
+        return [int(b) for b in blocks]
+
+
+class InfoIsThePages(AcmeProvider):
+    """The pages alone are not a KVBlockInfo."""
+
+    def kv_block_info(self, block: KVBlock) -> tuple[int, ...]:  # type: ignore[override]
+        return (0,)
 
 
 class ForgetsTimeouts(AcmeProvider):
@@ -313,9 +362,63 @@ class NoMigrate:
     kv_layout = KVLayout()
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
-        return KVBlock(1, num_tokens, DType(dtype), "x")
+        return KVBlock(1)
+
+
+class NoBlockInfo:
+    """A KV manager of the API before ``kv_block_info``: every other method, but not that."""
+
+    kv_layout = KVLayout()
+
+    def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
+        return KVBlock(1)
+
+    def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None: ...
+
+    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None: ...
+
+    def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
+        return block
+
+    def kv_block_grow(self, block: KVBlock, num_tokens: int) -> KVBlock:
+        return block
+
+    def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
+        return [KVBlock(1) for _ in num_tokens]
+
+    def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None: ...
+
+    def kv_blocks_copy(
+        self, pairs: Iterable[tuple[KVBlock, KVBlock]], *, stream: Stream | None = None
+    ) -> Event:
+        return AcmeEvent()
+
+    def kv_blocks_migrate(
+        self, blocks: Iterable[KVBlock], target_device: str, *, stream: Stream | None = None
+    ) -> tuple[list[KVBlock], Event]:
+        return list(blocks), AcmeEvent()
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        return list(blocks)
+
+    def kv_block_write(self, block: KVBlock, data: bytes) -> None: ...
+
+    def kv_block_read(self, block: KVBlock) -> bytes:
+        return b""
+
+
+class WithBlockInfo(NoBlockInfo):
+    """The same with ``kv_block_info`` added: a KVBlockManager (the control for NoBlockInfo)."""
+
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        return KVBlockInfo(block, "x", DType.FP16, (0,))
 
 
 wrong_signature: BackendProvider[Buffer] = TakesTokensAsText()  # type: ignore[assignment]
 no_timeout: BackendProvider[Buffer] = ForgetsTimeouts()  # type: ignore[assignment]
 incomplete: KVBlockManager = NoMigrate()  # type: ignore[assignment]
+plain_int_handles: BackendProvider[Buffer] = AllocatesPlainInts()  # type: ignore[assignment]
+plain_int_growth: KVBlockManager = GrowsToPlainInts()  # type: ignore[assignment]
+pages_for_info: KVBlockManager = InfoIsThePages()  # type: ignore[assignment]
+old_api: KVBlockManager = NoBlockInfo()  # type: ignore[assignment]
+new_api: KVBlockManager = WithBlockInfo()

@@ -44,7 +44,10 @@ def test_queued_work_sees_each_steps_plan(backend: Provider) -> None:
     backend.synchronize()
     layout = backend.kv_layout
     for k, lens in enumerate(steps):
-        slots = [layout.slot(b.pages, s - 1) for b, s in zip(blocks, lens, strict=True)]
+        slots = [
+            layout.slot(backend.kv_block_info(b).pages, s - 1)
+            for b, s in zip(blocks, lens, strict=True)
+        ]
         assert seen[k].cpu().tolist() == [lens, slots]
 
 

@@ -42,7 +42,7 @@ def _chain(provider: Provider, blocks: list[KVBlock]) -> None:
 
 def _fill(provider: Provider, blocks: list[KVBlock], rng: random.Random) -> None:
     for block in blocks:
-        size = provider.kv_layout.page_bytes(DType.FP16) * block.num_pages
+        size = provider.kv_layout.page_bytes(DType.FP16) * provider.kv_block_info(block).num_pages
         provider.kv_block_write(block, rng.randbytes(size))
     provider.synchronize()
 

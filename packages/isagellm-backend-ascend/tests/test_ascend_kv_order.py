@@ -40,7 +40,8 @@ def p() -> Iterator[Provider]:
 
 
 def fill(p: Provider, block: KVBlock) -> bytes:
-    data = os.urandom(block.num_pages * p.kv_layout.page_bytes(block.dtype))
+    info = p.kv_block_info(block)
+    data = os.urandom(info.num_pages * p.kv_layout.page_bytes(info.dtype))
     p.kv_block_write(block, data)
     return data
 
@@ -69,7 +70,8 @@ def test_threads_moving_blocks_never_see_each_others_bytes(p: Provider) -> None:
                     expect("migrated to host", p.kv_block_read(block), data)
                 back, _ = p.kv_blocks_migrate(moved, p.device)
                 if grows:
-                    back[0] = p.kv_block_grow(back[0], 2 * tokens)
+                    assert p.kv_block_grow(back[0], 2 * tokens) == back[0], "grown in place"
+                    assert p.kv_block_info(back[0]).num_pages == 2
                 copied = p.kv_blocks_copy([(back[1], back[2])], stream=side)
                 p.kv_block_free(back[1])
                 copied.synchronize()
@@ -109,11 +111,12 @@ def test_a_swap_in_on_a_side_stream_lands_after_the_old_owners_write(p: Provider
     on_host = p.kv_block_migrate(p.kv_block_alloc(4, DType.FP16), HOST)
     data = fill(p, on_host)
     old = p.kv_block_alloc(4, DType.FP16)
+    old_pages = p.kv_block_info(old).pages
     fill(p, old)  # queued on the current stream, not run yet
     p.kv_block_free(old)
     side = p.create_stream()
     (swapped,), done = p.kv_blocks_migrate([on_host], p.device, stream=side)
-    assert swapped.pages == old.pages, "the freed page is reused at once"
+    assert p.kv_block_info(swapped).pages == old_pages, "the freed page is reused at once"
     done.synchronize()
     assert p.kv_block_read(swapped) == data
 

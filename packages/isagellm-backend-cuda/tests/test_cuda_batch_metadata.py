@@ -36,8 +36,14 @@ def provider() -> Iterator[Provider]:
     made.close()
 
 
+def _pages(p: Provider, block: KVBlock) -> tuple[int, ...]:
+    info = p.kv_block_info(block)
+    assert info.device == p.device
+    return info.pages
+
+
 def _slots(p: Provider, blocks: Sequence[KVBlock], lens: Sequence[int]) -> list[int]:
-    return [p.kv_layout.slot(b.pages, s - 1) for b, s in zip(blocks, lens, strict=True)]
+    return [p.kv_layout.slot(_pages(p, b), s - 1) for b, s in zip(blocks, lens, strict=True)]
 
 
 def test_plans_reach_the_device(provider: Provider) -> None:
@@ -45,14 +51,15 @@ def test_plans_reach_the_device(provider: Provider) -> None:
     md = provider.create_batch_metadata(16, 64, 8)
     blocks = provider.kv_blocks_alloc([rng.randint(1, 8 * TOKENS) for _ in range(16)], "bf16")
     for _ in range(3):
-        lens = [rng.randint(1, b.num_pages * TOKENS) for b in blocks]
+        lens = [rng.randint(1, len(_pages(provider, b)) * TOKENS) for b in blocks]
         md.plan(blocks, lens)
         assert md.seq_lens.device.type == "cuda"
         assert md.seq_lens.tolist() == lens
         assert md.positions.tolist() == [s - 1 for s in lens]
         assert md.slot_mapping.tolist() == _slots(provider, blocks, lens)
         for i, block in enumerate(blocks):
-            assert md.block_tables[i, : block.num_pages].tolist() == list(block.pages)
+            pages = _pages(provider, block)
+            assert md.block_tables[i, : len(pages)].tolist() == list(pages)
 
 
 def test_a_captured_graph_replays_over_the_planned_buffers(provider: Provider) -> None:
@@ -75,7 +82,7 @@ def test_a_captured_graph_replays_over_the_planned_buffers(provider: Provider) -
         md.plan(order, lens)
         graph.replay()
         provider.synchronize()
-        table = sum(sum(b.pages) for b in order)
+        table = sum(sum(_pages(provider, b)) for b in order)
         assert out.tolist() == [sum(lens), sum(_slots(provider, order, lens)), table]
 
 

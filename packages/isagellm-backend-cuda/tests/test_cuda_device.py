@@ -54,7 +54,7 @@ def _filled(provider: Provider, g: torch.Generator, blocks: list[KVBlock]) -> li
     size = provider.kv_layout.page_bytes("bf16")
     data = []
     for block in blocks:
-        payload = _random_bytes(g, size * block.num_pages)
+        payload = _random_bytes(g, size * provider.kv_block_info(block).num_pages)
         provider.kv_block_write(block, payload)
         data.append(payload)
     return data
@@ -99,7 +99,7 @@ def test_swap_out_and_in_on_a_side_stream_while_compute_runs(provider: Provider,
     side.wait_stream(provider.current_stream())
     out, done = provider.kv_blocks_migrate(chosen, HOST, stream=side)
     done.synchronize()
-    assert all(b.device == HOST for b in out)
+    assert all(provider.kv_block_info(b).device == HOST for b in out)
     _poison(provider, provider.device)
     side.wait_stream(provider.current_stream())
     back, done = provider.kv_blocks_migrate(out, provider.device, stream=side)

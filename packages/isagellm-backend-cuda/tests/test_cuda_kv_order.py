@@ -48,7 +48,8 @@ def provider() -> Iterator[Provider]:
 
 def fill(p: Provider, block: KVBlock, seed: int) -> bytes:
     g = torch.Generator().manual_seed(seed)
-    size = p.kv_layout.page_bytes(block.dtype) * block.num_pages
+    info = p.kv_block_info(block)
+    size = p.kv_layout.page_bytes(info.dtype) * info.num_pages
     data = bytes(torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8).tolist())
     p.kv_block_write(block, data)
     return data
@@ -83,6 +84,7 @@ def test_a_short_pool_waits_for_the_copy_before_handing_its_source_out(
     provider: Provider,
 ) -> None:
     blocks = provider.kv_blocks_alloc([16] * 8, "bf16")
+    freed = provider.kv_block_info(blocks[0]).pages
     data = fill(provider, blocks[0], 3)
     torch.cuda.synchronize()
     side = provider.create_stream()
@@ -93,7 +95,7 @@ def test_a_short_pool_waits_for_the_copy_before_handing_its_source_out(
     with other:
         reused = provider.kv_block_alloc(16, "bf16")  # the only page: waits for the copy
         assert done.query(), "the allocation waited for the copy that reads the page"
-        assert reused.pages == blocks[0].pages
+        assert provider.kv_block_info(reused).pages == freed
         fill(provider, reused, 4)
     torch.cuda.synchronize()
     assert provider.kv_block_read(blocks[1]) == data
@@ -107,9 +109,10 @@ def test_a_free_after_the_engines_event_keeps_the_page_for_its_kernel(
     torch.cuda.synchronize()
     engine = provider.create_stream()
     cache = provider.kv_pool()
+    (page,) = provider.kv_block_info(block).pages
     hold(engine.raw)
     with engine:
-        kept = cache[:, block.pages[0]].clone()  # the engine's own read of the page
+        kept = cache[:, page].clone()  # the engine's own read of the page
     provider.kv_blocks_free([block], after=engine.record_event())
     other = provider.create_stream()
     with other:
@@ -129,11 +132,12 @@ def test_a_swap_in_on_a_side_stream_lands_after_the_old_owners_queued_write(
     torch.cuda.synchronize()
     current = torch.cuda.current_stream()
     hold(current)
-    provider.kv_pool()[:, old.pages[0]].fill_(3.0)  # queued behind the hold
+    old_pages = provider.kv_block_info(old).pages
+    provider.kv_pool()[:, old_pages[0]].fill_(3.0)  # queued behind the hold
     provider.kv_block_free(old)
     side = provider.create_stream()
     (swapped,), done = provider.kv_blocks_migrate([on_host], provider.device, stream=side)
-    assert swapped.pages == old.pages
+    assert provider.kv_block_info(swapped).pages == old_pages
     done.synchronize()
     torch.cuda.synchronize()
     assert provider.kv_block_read(swapped) == data

@@ -7,6 +7,8 @@ the planner's per-sequence and per-page arithmetic.
 
 from __future__ import annotations
 
+import operator
+import pickle
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -72,6 +74,16 @@ def read(p: Any, tensor: Any) -> list[int]:
     return [int(v) for v in tensor.reshape(-1).tolist()]
 
 
+def pages(p: Any, block: KVBlock) -> tuple[int, ...]:
+    """The block's pages, as ``kv_block_info`` gives them."""
+    return p.kv_block_info(block).pages  # type: ignore[no-any-return]
+
+
+def capacity(p: Any, block: KVBlock) -> int:
+    """Tokens the block's pages hold."""
+    return len(pages(p, block)) * TOKENS
+
+
 def state(p: Any, md: Any) -> dict[str, list[int]]:
     return {name: read(p, getattr(md, name)) for name in FIELDS}
 
@@ -81,7 +93,7 @@ def expected(
 ) -> dict[str, list[int]]:
     layout = p.kv_layout
     positions = [t for s, q in zip(seq_lens, query_lens, strict=True) for t in range(s - q, s)]
-    owners = [b for b, q in zip(blocks, query_lens, strict=True) for _ in range(q)]
+    owners = [pages(p, b) for b, q in zip(blocks, query_lens, strict=True) for _ in range(q)]
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
@@ -89,7 +101,7 @@ def expected(
         "seq_lens": list(seq_lens),
         "query_start_loc": starts,
         "positions": positions,
-        "slot_mapping": [layout.slot(b.pages, t) for b, t in zip(owners, positions, strict=True)],
+        "slot_mapping": [layout.slot(o, t) for o, t in zip(owners, positions, strict=True)],
         "last_token_indices": [end - 1 for end in starts[1:]],
     }
 
@@ -110,7 +122,8 @@ def check_plan(
     width = md.max_pages_per_seq
     for i, block in enumerate(blocks):
         row = got["block_tables"][i * width : (i + 1) * width]
-        assert row[: block.num_pages] == list(block.pages)
+        held = pages(p, block)
+        assert row[: len(held)] == list(held)
     assert (md.num_seqs, md.num_tokens, md.max_query_len) == (
         len(blocks),
         sum(queries),
@@ -129,13 +142,13 @@ def test_decode_and_prefill_plans_write_every_array(backend: Any, seed: int) -> 
     rng = random.Random(seed)
     md = backend.create_batch_metadata(8, 64, 6)
     blocks = random_blocks(backend, rng, 8, 6)
-    capacity = [b.num_pages * TOKENS for b in blocks]
+    capacities = [capacity(backend, b) for b in blocks]
     for _ in range(3):  # decode steps of random lengths
-        lens = [rng.randint(1, c) for c in capacity]
+        lens = [rng.randint(1, c) for c in capacities]
         check_plan(backend, md, blocks, lens)
     count = rng.randint(1, 8)
     chosen = rng.sample(blocks, count)
-    lens = [rng.randint(1, b.num_pages * TOKENS) for b in chosen]
+    lens = [rng.randint(1, capacity(backend, b)) for b in chosen]
     queries = [rng.randint(1, min(s, 64 // count)) for s in lens]
     check_plan(backend, md, chosen, lens, queries)  # prefill and chunked prefill
     check_plan(backend, md, chosen, lens, [1] * count)  # decode, spelled out
@@ -145,16 +158,23 @@ def test_rows_follow_their_blocks_through_growth_and_reordering(backend: Any) ->
     rng = random.Random(7)
     md = backend.create_batch_metadata(4, 16, 8)
     blocks = random_blocks(backend, rng, 4, 4)
-    check_plan(backend, md, blocks, [b.num_pages * TOKENS for b in blocks])
-    # A longer block in row 1 (as growth gives), then the rows in another order.
-    longer = backend.kv_block_alloc(8 * TOKENS, dtype_of(backend))
-    backend.kv_block_free(blocks[1])
-    blocks[1] = longer
-    check_plan(backend, md, blocks, [b.num_pages * TOKENS for b in blocks])
+    check_plan(backend, md, blocks, [capacity(backend, b) for b in blocks])
+    # Row 1's block grown in place: the same handle, more pages; the row follows.
+    before = pages(backend, blocks[1])
+    assert backend.kv_block_grow(blocks[1], 8 * TOKENS) == blocks[1]
+    assert pages(backend, blocks[1])[: len(before)] == before
+    check_plan(backend, md, blocks, [1, 8 * TOKENS, 1, 1], [1, TOKENS + 3, 1, 1])
+    check_plan(backend, md, blocks, [capacity(backend, b) for b in blocks])
+    # Another block in row 2, then the rows in another order.
+    longer = backend.kv_block_alloc(6 * TOKENS, dtype_of(backend))
+    backend.kv_block_free(blocks[2])
+    blocks[2] = longer
+    check_plan(backend, md, blocks, [capacity(backend, b) for b in blocks])
     blocks.reverse()
     check_plan(backend, md, blocks, [TOKENS] * 4, [2, 1, 3, 1])
     # Equal handles that are not the same objects (as after pickling) are accepted too.
-    copies = [KVBlock(*b) for b in blocks]
+    copies = [pickle.loads(pickle.dumps(b)) for b in blocks]
+    assert copies == blocks and not any(map(operator.is_, copies, blocks))
     check_plan(backend, md, copies, [1] * 4)
 
 
@@ -172,7 +192,7 @@ def test_the_buffers_stay_the_same_memory() -> None:
             assert getattr(md, name).data_ptr() == pointer
         # A view taken before the plan sees its values, as a captured graph would.
         assert views["seq_lens"].tolist() == [9, 10, 11, 12]
-        assert torch.equal(views["block_tables"][0, :4], torch.tensor(blocks[3].pages).int())
+        assert torch.equal(views["block_tables"][0, :4], torch.tensor(pages(p, blocks[3])).int())
         assert views["positions"].dtype == torch.int64 and views["seq_lens"].dtype == torch.int32
     finally:
         p.close()
@@ -252,7 +272,7 @@ def test_the_mock_uploads_on_the_stream() -> None:
     first = md.seq_lens
     md.plan(blocks[:1], [4])
     assert md.seq_lens.tolist() == [5.0, 8.0]  # the previous step's values until it runs
-    last_slots = [blocks[0].pages[1] * TOKENS, blocks[1].pages[1] * TOKENS + 3]
+    last_slots = [pages(p, blocks[0])[1] * TOKENS, pages(p, blocks[1])[1] * TOKENS + 3]
     assert md.slot_mapping.tolist() == last_slots
     p.current_stream().synchronize()
     assert md.seq_lens is first and first.tolist() == [4.0]
@@ -283,7 +303,7 @@ def test_the_mock_refuses_slots_beyond_exact_fp32() -> None:
     md = p.create_batch_metadata(1, 1, 1)
     held = p.kv_blocks_alloc([1] * 15, "fp8")  # pages 0 to 14: page 15 is the last exact one
     last = p.kv_block_alloc(1, "fp8")
-    assert last.pages == (15,) and len(held) == 15
+    assert pages(p, last) == (15,) and len(held) == 15
     md.plan([last], [huge])
     p.synchronize()
     assert md.slot_mapping.tolist() == [EXACT_LIMIT - 1]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from sagellm_backend.blocks import BlockTable, Give, Take
+from sagellm_backend.blocks import HANDLE_BITS, BlockTable, Give, Pool, Take, Transfer
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
     BackendUnavailableError,
@@ -19,61 +19,82 @@ from sagellm_backend.errors import (
     InvalidBlockError,
     ResourceExhaustedError,
 )
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 
 LAYOUT = KVLayout(tokens_per_block=16)
 DTYPES = (DType.FP16, DType.BF16)
+DEV0 = Pool(0, "dev:0", DType.FP16)
+"""Pool 0: the default device's first dtype (the table numbers it at construction)."""
 
 
 class PageListStorage:
     """A fixed pool of pages per device with a free-list: what a preallocated torch pool does.
 
-    It has no single-block path, so every call takes the table's batch path."""
+    Page ``i`` of a device is page id ``pool.base + i`` in every pool (dtype) of that device.
+    With ``single_block``, one-page blocks of the default device take the table's single-block
+    path (:meth:`taker`, :meth:`giver`); without it every call takes the batch path.
+    """
 
-    def __init__(self, pages_per_device: dict[str, int]) -> None:
+    def __init__(self, pages_per_device: dict[str, int], *, single_block: bool = False) -> None:
         self.free = {d: list(range(n)) for d, n in pages_per_device.items()}
         self.size = dict(pages_per_device)
+        self.single_block = single_block
 
-    def max_pages(self, device: str, dtype: DType) -> int:
-        return self.size[device]
+    def max_pages(self, pool: Pool) -> int:
+        return self.size[pool.device]
 
     def allocate(
-        self, device: str, dtypes: Sequence[DType], page_counts: Sequence[int]
-    ) -> list[tuple[int, ...]]:
-        assert len(dtypes) == len(page_counts) and min(page_counts) >= 1
-        if sum(page_counts) > len(self.free[device]):
-            raise ResourceExhaustedError(
-                f"{device}: {sum(page_counts)} pages needed", hint="free some"
-            )
-        free = self.free[device]
-        return [tuple(free.pop(0) for _ in range(n)) for n in page_counts]
+        self, requests: Sequence[tuple[Pool, Sequence[int]]]
+    ) -> list[list[tuple[int, ...]]]:
+        needed: dict[str, int] = {}
+        for pool, page_counts in requests:
+            assert page_counts and min(page_counts) >= 1
+            needed[pool.device] = needed.get(pool.device, 0) + sum(page_counts)
+        for device, total in needed.items():
+            if total > len(self.free[device]):
+                raise ResourceExhaustedError(f"{device}: {total} pages needed", hint="free some")
+        return [
+            [tuple(pool.base + self.free[pool.device].pop(0) for _ in range(n)) for n in counts]
+            for pool, counts in requests
+        ]
 
-    def release(self, device: str, pages: Sequence[tuple[int, ...]]) -> None:
+    def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
         for block_pages in pages:
-            self.free[device].extend(block_pages)
+            local = [p - pool.base for p in block_pages]
+            assert all(0 <= i < self.size[pool.device] for i in local), "page ids of this pool"
+            self.free[pool.device].extend(local)
 
-    def taker(self, device: str, dtype: DType) -> Take | None:
-        return None
+    def taker(self, pool: Pool) -> Take | None:
+        if not self.single_block:
+            return None
+        free = self.free[pool.device]
+        return lambda: (pool.base + free.pop(0),)
 
-    def giver(self, device: str) -> Give | None:
-        return None
+    def giver(self, pool: Pool) -> Give | None:
+        if not self.single_block:
+            return None
+        free = self.free[pool.device]
+        return lambda pages: free.extend(p - pool.base for p in pages)
 
 
-def make_table(pages: int = 16, owner: str = "p1") -> tuple[BlockTable, PageListStorage]:
-    storage = PageListStorage({"dev:0": pages, "dev:1": pages, "host": 4 * pages})
+def make_table(
+    pages: int = 16, *, single_block: bool = False
+) -> tuple[BlockTable, PageListStorage]:
+    storage = PageListStorage(
+        {"dev:0": pages, "dev:1": pages, "host": 4 * pages}, single_block=single_block
+    )
     table = BlockTable(
         storage,
         layout=LAYOUT,
         dtypes=DTYPES,
         devices={"dev:0", "dev:1", "host"},
         default_device="dev:0",
-        owner=owner,
         devices_hint="use one of dev:0, dev:1, host",
     )
     return table, storage
 
 
-def no_work(sources: list[KVBlock], destinations: list[KVBlock]) -> None:
+def no_work(transfers: list[Transfer]) -> None:
     """The data movement of a table without data: nothing, on the current stream."""
 
 
@@ -81,17 +102,33 @@ def state(table: BlockTable, storage: PageListStorage) -> object:
     return table.live_blocks(), {d: sorted(f) for d, f in storage.free.items()}
 
 
-def test_alloc_hands_out_pages_and_monotonic_handles() -> None:
+def pages(table: BlockTable, block: KVBlock) -> tuple[int, ...]:
+    return table.info(block).pages
+
+
+def test_alloc_hands_out_pages_and_monotonic_int_handles() -> None:
     table, _ = make_table()
     a, b = table.alloc([16, 17], DType.FP16)
-    assert (a.num_pages, b.num_pages) == (1, 2)
-    assert a.pages == (0,) and b.pages == (1, 2)
-    assert a.owner == b.owner == "p1" and a.device == "dev:0"
+    assert type(a) is int and type(b) is int
+    ia, ib = table.info(a), table.info(b)
+    assert (ia.num_pages, ib.num_pages) == (1, 2)
+    assert ia == KVBlockInfo(a, "dev:0", DType.FP16, (0,))
+    assert ib == KVBlockInfo(b, "dev:0", DType.FP16, (1, 2))
     table.free([a])
     (c,) = table.alloc([1], "bf16")
-    assert c.handle > b.handle, "handles are never reused"
-    assert c.pages == (3,) and c.dtype is DType.BF16
-    assert table.live_blocks() == [b, c]
+    assert c > b > a, "handles are never reused"
+    ic = table.info(c)
+    assert ic.pages == (3,) and ic.dtype is DType.BF16 and ic.device == "dev:0"
+    assert table.live_blocks() == [ib, ic]
+    assert table.live_blocks() == [table.info(b), table.info(c)], "info is stable"
+
+
+def test_handles_of_two_tables_never_collide() -> None:
+    table, _ = make_table(pages=64)
+    other, _ = make_table(pages=64)
+    mine, theirs = table.alloc([16] * 50, DType.FP16), other.alloc([16] * 50, DType.FP16)
+    assert not set(mine) & set(theirs)
+    assert {h >> HANDLE_BITS for h in mine} != {h >> HANDLE_BITS for h in theirs}
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "16", None])
@@ -101,6 +138,8 @@ def test_num_tokens_that_is_not_a_positive_int_is_refused(bad: object) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         table.alloc([16, bad], DType.FP16)  # type: ignore[list-item]  # deliberately wrong type
     assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+    with pytest.raises(InvalidArgumentError):
+        table.alloc_one(bad, DType.FP16)  # type: ignore[arg-type]  # deliberately wrong type
     assert state(table, storage) == before
 
 
@@ -109,7 +148,7 @@ def test_num_tokens_beyond_what_the_storage_could_ever_hold_is_invalid_not_exhau
     with pytest.raises(InvalidArgumentError, match="could ever hold") as info:
         table.alloc([4 * 16 + 1], DType.FP16)
     assert not isinstance(info.value, ResourceExhaustedError)
-    assert table.alloc([4 * 16], DType.FP16)[0].num_pages == 4
+    assert table.info(table.alloc([4 * 16], DType.FP16)[0]).num_pages == 4
 
 
 def test_dtype_outside_capability_is_a_capability_error_as_enum_or_string() -> None:
@@ -132,26 +171,75 @@ def test_double_free_and_use_after_free_are_block_not_found() -> None:
     with pytest.raises(BlockNotFoundError) as info:
         table.free([a])
     assert info.value.code is ErrorCode.BLOCK_NOT_FOUND and isinstance(info.value, LookupError)
-    with pytest.raises(BlockNotFoundError):
-        table.lookup(a)
+    assert f"{a:#x}" in str(info.value)
+    for call in (
+        lambda: table.info(a),
+        lambda: table.free_one(a),
+        lambda: table.check_live([a]),
+        lambda: table.pages_on([a], "dev:0"),
+        lambda: table.grow([a], [32]),
+        lambda: table.migrate([a], "host", no_work),
+        lambda: table.copy([(a, a)], no_work),
+    ):
+        with pytest.raises(BlockNotFoundError):
+            call()
     assert state(table, storage) == before
 
 
-def test_foreign_forged_and_altered_blocks_are_refused() -> None:
-    table, storage = make_table(owner="p1")
-    other, _ = make_table(owner="p2")
+def test_foreign_and_never_given_handles_are_invalid_blocks() -> None:
+    table, storage = make_table()
+    other, _ = make_table()
     (mine,) = table.alloc([16], DType.FP16)
     (theirs,) = other.alloc([16], DType.FP16)
     before = state(table, storage)
-    with pytest.raises(InvalidBlockError) as info:
-        table.free([theirs])
-    assert info.value.code is ErrorCode.FOREIGN_BLOCK
-    forged = KVBlock(99, 16, DType.FP16, "dev:0", (0,), "p1")
+    for call in (
+        lambda: table.free([theirs]),
+        lambda: table.free_one(theirs),
+        lambda: table.info(theirs),
+        lambda: table.grow([mine, theirs], [32, 32]),
+        lambda: table.copy([(mine, theirs)], no_work),
+        lambda: table.migrate([mine, theirs], "host", no_work),
+        lambda: table.pages_on([mine, theirs], "dev:0"),
+    ):
+        with pytest.raises(InvalidBlockError) as info:
+            call()
+        assert info.value.code is ErrorCode.FOREIGN_BLOCK, call
+        assert "another provider" in str(info.value)
+    tag = mine >> HANDLE_BITS << HANDLE_BITS
+    never = [mine + 1000, tag, -1, 0, 1 << 200]
+    for forged in never:
+        with pytest.raises(InvalidBlockError) as info:
+            table.free([KVBlock(forged)])
+        assert info.value.code is ErrorCode.FOREIGN_BLOCK
     with pytest.raises(InvalidBlockError, match="never allocated"):
-        table.lookup(forged)
-    altered = KVBlock(mine.handle, 32, mine.dtype, mine.device, mine.pages, mine.owner)
-    with pytest.raises(InvalidBlockError, match="does not match"):
-        table.free([altered])
+        table.info(KVBlock(mine + 1000))
+    assert state(table, storage) == before
+    assert other.info(theirs).pages == (0,), "the other table is untouched"
+
+
+@pytest.mark.parametrize("bad", [True, False, 1.0, "1", None, b"\x01", (1,)])
+def test_a_handle_that_is_not_an_int_is_an_invalid_argument(bad: object) -> None:
+    table, storage = make_table()
+    a, b = table.alloc([16, 16], DType.FP16)
+    before = state(table, storage)
+    handle = KVBlock(bad)  # type: ignore[arg-type]  # deliberately not an int
+    for call in (
+        lambda: table.free([a, handle]),
+        lambda: table.free_one(handle),
+        lambda: table.info(handle),
+        lambda: table.check_live([a, handle]),
+        lambda: table.pages_on([a, handle], "dev:0"),
+        lambda: table.grow([a, handle], [32, 32]),
+        lambda: table.copy([(a, handle)], no_work),
+        lambda: table.copy([(handle, b)], no_work),
+        lambda: table.migrate([a, handle], "host", no_work),
+    ):
+        with pytest.raises(InvalidArgumentError) as info:
+            call()
+        assert type(info.value) is InvalidArgumentError, "not a block error: not a handle at all"
+        assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+    with pytest.raises(InvalidArgumentError, match="one int"):
+        table.free(a)  # type: ignore[arg-type]  # deliberately one handle, not a list
     assert state(table, storage) == before
 
 
@@ -161,60 +249,132 @@ def test_batch_free_is_all_or_nothing_and_refuses_duplicates() -> None:
     before = state(table, storage)
     with pytest.raises(InvalidArgumentError, match="more than once"):
         table.free([a, b, a])
+    assert state(table, storage) == before
     table.free([a])
     with pytest.raises(BlockNotFoundError):
         table.free([b, a])
-    assert table.live_blocks() == [b]
+    assert table.live_blocks() == [table.info(b)]
     table.free([b])
     assert state(table, storage) != before and table.live_blocks() == []
 
 
-def test_exhaustion_allocates_nothing() -> None:
-    table, storage = make_table(pages=4)
-    table.alloc([16], DType.FP16)
+@pytest.mark.parametrize("single_block", [False, True])
+def test_exhaustion_allocates_nothing(single_block: bool) -> None:
+    table, storage = make_table(pages=4, single_block=single_block)
+    table.alloc_one(16, DType.FP16)
     before = state(table, storage)
     with pytest.raises(ResourceExhaustedError) as info:
         table.alloc([16, 16, 32], DType.FP16)
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED and isinstance(info.value, MemoryError)
     assert state(table, storage) == before
-    assert len(table.alloc([16, 16, 16], DType.FP16)) == 3
+    blocks = [table.alloc_one(16, DType.FP16) for _ in range(3)]
+    with pytest.raises(ResourceExhaustedError):
+        table.alloc_one(16, DType.FP16)
+    assert state(table, storage) != before
+    assert sorted(p for b in blocks for p in pages(table, b)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("single_block", [False, True])
+def test_single_blocks_free_and_reuse_their_pages(single_block: bool) -> None:
+    table, storage = make_table(pages=2, single_block=single_block)
+    a, b = table.alloc_one(16, DType.FP16), table.alloc_one(16, DType.FP16)
+    assert {pages(table, a), pages(table, b)} == {(0,), (1,)}
+    table.free_one(a)
+    c = table.alloc_one(16, DType.FP16)
+    assert c not in (a, b) and pages(table, c) == table.live_blocks()[-1].pages
+    with pytest.raises(BlockNotFoundError):
+        table.free_one(a)
+    table.free_one(b)
+    table.free_one(c)
+    assert table.live_blocks() == [] and sorted(storage.free["dev:0"]) == [0, 1]
+
+
+@pytest.mark.parametrize("single_block", [False, True])
+@pytest.mark.parametrize("release", ["free_one", "free", "migrate"])
+def test_a_block_of_the_second_dtype_stays_in_its_pool(single_block: bool, release: str) -> None:
+    table, storage = make_table(pages=4, single_block=single_block)
+    b = table.alloc_one(16, DType.BF16)  # pool 1: the default device's second dtype
+    assert table.info(b) == KVBlockInfo(b, "dev:0", DType.BF16, (0,))
+    assert table.pages_on([b], "dev:0") == [(0,)], "page indices, not page ids"
+    with pytest.raises(InvalidArgumentError, match="is on dev:0, not on dev:1"):
+        table.pages_on([b], "dev:1")
+    if release == "free_one":
+        table.free_one(b)
+    elif release == "free":
+        table.free([b])
+    else:
+        (moved,) = table.migrate([b], "host", no_work)
+        assert table.info(moved).dtype is DType.BF16
+        table.free([moved])
+    assert sorted(storage.free["dev:0"]) == [0, 1, 2, 3], "given back to the pool it came from"
+    a = table.alloc_one(16, DType.FP16)
+    assert table.info(a) == KVBlockInfo(a, "dev:0", DType.FP16, table.info(a).pages)
+    assert table.pages_on([a], "dev:0") == [table.info(a).pages]
 
 
 def test_copy_checks_shape_dtype_and_distinct_destinations_before_issuing() -> None:
     table, _ = make_table()
     a, b, c, d = table.alloc([16, 16, 32, 16], DType.FP16)
     (h,) = table.alloc([16], DType.BF16)
-    issued: list[tuple[list[KVBlock], list[KVBlock]]] = []
-    table.copy([(a, b), (a, d)], lambda srcs, dsts: issued.append((srcs, dsts)))
-    assert issued == [([a, a], [b, d])]
+    issued: list[list[Transfer]] = []
+
+    def issue(transfers: list[Transfer]) -> None:
+        issued.append(transfers)
+
+    table.copy([(a, b), (a, d)], issue)
+    assert issued == [[Transfer(DEV0, DEV0, [0, 0], [1, 4])]]
     with pytest.raises(InvalidBlockError) as info:
-        table.copy([(a, c)], no_work)
+        table.copy([(a, c)], issue)
     assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
     with pytest.raises(InvalidBlockError) as info:
-        table.copy([(a, h)], no_work)
+        table.copy([(a, h)], issue)
     assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH
+    with pytest.raises(InvalidBlockError) as info:
+        table.copy([(a, b), (c, d)], issue)
+    assert info.value.code is ErrorCode.KV_BLOCK_MISMATCH, "the whole batch is checked"
     with pytest.raises(InvalidArgumentError, match="more than once"):
-        table.copy([(a, b), (h, b)], no_work)
+        table.copy([(a, b), (h, b)], issue)
     with pytest.raises(InvalidArgumentError, match="more than once"):
-        table.copy([(a, a)], no_work)
+        table.copy([(a, a)], issue)
     with pytest.raises(InvalidArgumentError, match="tuple"):
-        table.copy([a], no_work)  # type: ignore[list-item]  # deliberately not a pair
+        table.copy([a], issue)  # type: ignore[list-item]  # deliberately not a pair
     assert len(issued) == 1, "nothing refused was issued"
 
 
-def test_migrate_moves_to_a_device_retires_the_source_and_keeps_pages_count() -> None:
+def test_copy_between_pools_issues_one_transfer_per_pool_pair() -> None:
+    table, _ = make_table()
+    a, b, c = table.alloc([16, 16, 40], DType.FP16)
+    (moved,) = table.migrate([c], "host", no_work)
+    (d,) = table.alloc([40], DType.FP16)
+    issued: list[list[Transfer]] = []
+    table.copy([(a, b), (moved, d)], lambda t: issued.append(t))
+    host = Pool(2, "host", DType.FP16)
+    assert issued == [
+        [
+            Transfer(DEV0, DEV0, [0], [1]),
+            Transfer(host, DEV0, list(pages(table, moved)), list(pages(table, d))),
+        ]
+    ]
+
+
+def test_migrate_moves_to_a_device_retires_the_source_and_keeps_the_page_count() -> None:
     table, storage = make_table()
     a, b = table.alloc([16, 40], DType.FP16)
-    issued: list[tuple[list[KVBlock], list[KVBlock]]] = []
-    moved = table.migrate([a, b], "host", lambda srcs, dsts: issued.append((srcs, dsts)))
-    assert issued == [([a, b], moved)]
-    assert [m.device for m in moved] == ["host", "host"]
-    assert [m.num_pages for m in moved] == [1, 3]
-    assert moved[1].num_tokens == 40
+    issued: list[list[Transfer]] = []
+    moved = table.migrate([a, b], "host", lambda t: issued.append(t))
+    host = Pool(2, "host", DType.FP16)
+    assert issued == [[Transfer(DEV0, host, [0, 1, 2, 3], [0, 1, 2, 3])]]
+    assert min(moved) > b and len(set(moved)) == 2, "new handles"
+    infos = [table.info(m) for m in moved]
+    assert [i.device for i in infos] == ["host", "host"]
+    assert [i.pages for i in infos] == [(0,), (1, 2, 3)], "page indices of the host pool"
     assert sorted(storage.free["dev:0"]) == list(range(16)), "source pages given back"
-    with pytest.raises(BlockNotFoundError):
-        table.lookup(a)
-    assert table.live_blocks() == moved
+    for stale in (a, b):
+        with pytest.raises(BlockNotFoundError):
+            table.info(stale)
+    assert table.live_blocks() == infos
+    assert table.live_blocks("host") == infos and table.live_blocks("dev:0") == []
+    assert table.blocks_on("host") == 2 and table.blocks_on("dev:0") == 0
 
 
 @pytest.mark.parametrize(
@@ -250,21 +410,44 @@ def test_migrate_is_all_or_nothing() -> None:
     with pytest.raises(InvalidArgumentError, match="more than once"):
         table.migrate([blocks[0], blocks[0]], "host", no_work)
 
-    def failing(sources: list[KVBlock], destinations: list[KVBlock]) -> None:
+    def failing(transfers: list[Transfer]) -> None:
         raise RuntimeError("the device refused the copy")
 
     with pytest.raises(RuntimeError, match="refused the copy"):
         table.migrate(blocks, "host", failing)
     assert state(table, storage) == before
+    assert [table.info(b).device for b in blocks] == ["dev:0", "dev:0"], (
+        "still live where they were"
+    )
+
+
+def test_pages_on_gives_each_blocks_pages_and_refuses_another_device() -> None:
+    table, _ = make_table()
+    a, b = table.alloc([16, 40], DType.FP16)
+    assert table.pages_on([a, b, a], "dev:0") == [(0,), (1, 2, 3), (0,)], "repeats allowed"
+    assert table.pages_on([], "dev:0") == []
+    (h,) = table.migrate([b], "host", no_work)
+    assert table.pages_on([h], "host") == [(0, 1, 2)]
+    with pytest.raises(InvalidArgumentError, match="is on host, not on dev:0") as info:
+        table.pages_on([a, h], "dev:0")
+    assert type(info.value) is InvalidArgumentError and "kv_blocks_migrate" in (
+        info.value.hint or ""
+    )
+    table.check_live([a, h, a])
+    with pytest.raises(BlockNotFoundError):
+        table.check_live([a, b])
 
 
 def test_blocks_pickle_and_stay_valid() -> None:
     table, _ = make_table()
     (a,) = table.alloc([16], DType.FP16)
-    clone = pickle.loads(pickle.dumps(a))
-    assert clone == a
+    clone: KVBlock = pickle.loads(pickle.dumps(a))
+    assert clone == a and type(pickle.loads(pickle.dumps(a))) is int
+    assert table.info(clone) == table.info(a)
     table.free([clone])
     assert table.live_blocks() == []
+    with pytest.raises(BlockNotFoundError):
+        table.free([a])
 
 
 def test_a_batch_mixing_given_handles_and_copies_takes_the_full_check() -> None:
@@ -273,24 +456,26 @@ def test_a_batch_mixing_given_handles_and_copies_takes_the_full_check() -> None:
     before = state(table, storage)
     with pytest.raises(InvalidArgumentError, match="more than once"):
         table.free([a, pickle.loads(pickle.dumps(a))])
-    forged = KVBlock(c.handle, c.num_tokens, c.dtype, c.device, (15,), c.owner)
-    with pytest.raises(InvalidBlockError, match="does not match"):
-        table.free([a, b, forged])
+    with pytest.raises(InvalidBlockError, match="never allocated"):
+        table.free([a, b, KVBlock(c + 1)])
     assert state(table, storage) == before
     table.free([a, pickle.loads(pickle.dumps(b))])
-    assert table.live_blocks() == [c]
-    assert sorted(storage.free["dev:0"]) == [p for p in range(16) if p not in c.pages]
+    assert table.live_blocks() == [table.info(c)]
+    assert sorted(storage.free["dev:0"]) == [p for p in range(16) if p not in pages(table, c)]
 
 
-def test_threads_end_with_exact_accounting() -> None:
-    table, storage = make_table(pages=10_000)
+@pytest.mark.parametrize("single_block", [False, True])
+def test_threads_end_with_exact_accounting(single_block: bool) -> None:
+    table, storage = make_table(pages=10_000, single_block=single_block)
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
             for _ in range(200):
                 blocks = table.alloc([16, 33], DType.FP16)
+                one = table.alloc_one(16, DType.FP16)
                 table.free(blocks)
+                table.free_one(one)
             table.alloc([16], DType.FP16)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -303,7 +488,7 @@ def test_threads_end_with_exact_accounting() -> None:
     assert not errors
     live = table.live_blocks()
     assert len(live) == 8
-    assert len({b.handle for b in live}) == 8
+    assert len({b.block for b in live}) == 8
     assert len(storage.free["dev:0"]) == 10_000 - 8
     assert len({p for b in live for p in b.pages}) == 8, "no page handed out twice"
 
@@ -333,13 +518,13 @@ def free_pages(storage: PageListStorage, device: str = "dev:0") -> set[int]:
 def test_sources_of_a_migration_on_another_stream_wait_for_its_event() -> None:
     table, storage = make_table(pages=4)
     blocks = table.alloc([16, 16], DType.FP16)
+    sources = {pages(table, b)[0] for b in blocks}
     work = DeviceWork()
-    table.migrate(blocks, "host", lambda srcs, dsts: work)
-    sources = {b.pages[0] for b in blocks}
+    table.migrate(blocks, "host", lambda transfers: work)
     assert not sources & free_pages(storage), "pending while the copy out of them runs"
     assert table.reclaim() == 2
     fresh = table.alloc([16, 16], DType.FP16)
-    assert not {b.pages[0] for b in fresh} & sources and not work.waited, "other pages first"
+    assert not {pages(table, b)[0] for b in fresh} & sources and not work.waited, "others first"
     work.finish()
     assert table.reclaim() == 0 and sources <= free_pages(storage)
 
@@ -347,12 +532,13 @@ def test_sources_of_a_migration_on_another_stream_wait_for_its_event() -> None:
 def test_a_free_with_after_waits_only_when_the_storage_is_short() -> None:
     table, storage = make_table(pages=3)
     a, b, c = table.alloc([16, 16, 16], DType.FP16)
+    freed = {pages(table, a)[0], pages(table, b)[0]}
     work = DeviceWork()
     table.free([a, b], after=work)
     assert free_pages(storage) == set() and table.reclaim() == 2
     (d,) = table.alloc([16], DType.FP16)
     assert work.waited == 1, "nothing else free: the allocation waited for the event"
-    assert d.pages[0] in {a.pages[0], b.pages[0]} and table.reclaim() == 0
+    assert pages(table, d)[0] in freed and table.reclaim() == 0
     table.free([c, d], after=DeviceWork())
     with pytest.raises(BlockNotFoundError):
         table.free([c], after=DeviceWork())  # c is already freed: refused, not pending again
@@ -362,66 +548,87 @@ def test_a_free_with_after_waits_only_when_the_storage_is_short() -> None:
 def test_frees_while_work_on_another_stream_is_in_flight_wait_for_it() -> None:
     table, storage = make_table(pages=4)
     a, b, c = table.alloc([16, 16, 16], DType.FP16)
+    pa, pb, pc = (pages(table, x)[0] for x in (a, b, c))
     copy = DeviceWork()
-    table.copy([(a, b)], lambda srcs, dsts: copy)
+    table.copy([(a, b)], lambda transfers: copy)
     table.free_one(c)
     table.free([a])
-    assert not {a.pages[0], c.pages[0]} & free_pages(storage)
+    assert not {pa, pc} & free_pages(storage)
     copy.finish()
     table.free_one(b)
-    assert b.pages[0] in free_pages(storage), "nothing in flight any more: released at once"
-    assert table.reclaim() == 0 and {a.pages[0], c.pages[0]} <= free_pages(storage)
+    assert pb in free_pages(storage), "nothing in flight any more: released at once"
+    assert table.reclaim() == 0 and {pa, pc} <= free_pages(storage)
 
 
 def test_work_on_the_current_stream_releases_at_once() -> None:
     table, storage = make_table(pages=2)
     a, b = table.alloc([16, 16], DType.FP16)
+    pa = pages(table, a)[0]
     table.copy([(a, b)], no_work)
     table.migrate([a], "host", no_work)
-    assert a.pages[0] in free_pages(storage) and table.reclaim() == 0
+    assert pa in free_pages(storage) and table.reclaim() == 0
 
 
 def test_close_waits_for_every_event_and_refuses_later_calls() -> None:
     table, storage = make_table(pages=4)
     a, b, c = table.alloc([16, 16, 16], DType.FP16)
     in_flight, after = DeviceWork(), DeviceWork()
-    table.copy([(a, b)], lambda srcs, dsts: in_flight)
+    table.copy([(a, b)], lambda transfers: in_flight)
     table.free([c], after=after)
     table.close("closed for the test")
     assert in_flight.waited == 1 and after.waited == 1
     assert free_pages(storage) == set(range(4)) and free_pages(storage, "host") == set(range(16))
+    table.close("again")  # idempotent
     for call in (
         lambda: table.alloc([16], DType.FP16),
         lambda: table.alloc_one(16, DType.FP16),
         lambda: table.free([a]),
         lambda: table.free_one(a),
+        lambda: table.info(a),
+        lambda: table.grow([a], [32]),
         lambda: table.live_blocks(),
     ):
         with pytest.raises(BackendUnavailableError, match="closed for the test"):
             call()
 
 
-def test_grow_appends_pages_keeps_the_handle_and_refuses_the_old_value() -> None:
+def test_grow_appends_pages_in_place_and_keeps_the_handle() -> None:
     table, storage = make_table(pages=8)
     a, b = table.alloc([10, 16], DType.FP16)
-    same, grown = table.grow([a, b], [10, 40])
-    assert same is a, "an unchanged count keeps the block as it is"
-    assert grown.handle == b.handle and grown.pages[:1] == b.pages and grown.num_pages == 3
-    assert grown.num_tokens == 40 and table.lookup(grown) is grown
-    with pytest.raises(BlockNotFoundError, match="was grown") as info:
-        table.free([b])
-    assert "kv_block_grow" in (info.value.hint or "")
-    (within,) = table.grow([a], [16])
-    assert within.pages == a.pages and within.num_tokens == 16
+    assert table.grow([a, b], [10, 40]) == [a, b], "the same handles come back"
+    assert pages(table, a) == (0,), "an unchanged count keeps the block as it is"
+    assert pages(table, b) == (1, 2, 3), "the old page first, the new ones appended"
+    assert table.info(b).num_pages == 3
+    assert table.grow([a], [16]) == [a] and pages(table, a) == (0,), "fits in its page already"
     before = state(table, storage)
-    with pytest.raises(InvalidArgumentError, match="cannot grow to 8"):
-        table.grow([within], [8])
-    with pytest.raises(InvalidArgumentError, match="more than once"):
-        table.grow([within, within], [32, 32])
-    with pytest.raises(InvalidArgumentError, match="one token count per block"):
-        table.grow([within], [32, 48])
-    with pytest.raises(ResourceExhaustedError):
-        table.grow([within, grown], [16 * 4, 16 * 6])  # 3 + 3 more pages, 4 free
-    with pytest.raises(InvalidArgumentError, match="could ever hold"):
-        table.grow([within], [16 * 9])
-    assert state(table, storage) == before, "refused growth changes nothing"
+    assert table.grow([b], [8]) == [b], "growing to fewer tokens is a no-op, not an error"
+    assert table.grow([b, a], [33, 1]) == [b, a]
+    assert state(table, storage) == before and pages(table, b) == (1, 2, 3)
+    table.free([b])  # the handle from before the growth is the live one
+    assert sorted(storage.free["dev:0"]) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_refused_growth_changes_nothing() -> None:
+    table, storage = make_table(pages=8)
+    a, b = table.alloc([16, 40], DType.FP16)
+    (h,) = table.migrate(table.alloc([16], DType.FP16), "host", no_work)
+    dead = table.alloc_one(16, DType.FP16)
+    table.free_one(dead)
+    before = state(table, storage)
+    refusals: list[tuple[list[KVBlock], list[int], type[Exception], str]] = [
+        ([a], [0], InvalidArgumentError, "positive"),
+        ([a, b], [32, -16], InvalidArgumentError, "positive"),
+        ([a], [True], InvalidArgumentError, "must be an int"),
+        ([a, a], [32, 32], InvalidArgumentError, "more than once"),
+        ([a], [32, 48], InvalidArgumentError, "one token count per block"),
+        ([a, b], [16 * 4, 16 * 5], ResourceExhaustedError, "dev:0"),  # 3 + 2 more, 4 free
+        ([a], [16 * 9], InvalidArgumentError, "could ever hold"),
+        ([h, a], [16 * 20, 16 * 7], ResourceExhaustedError, "dev:0"),  # host fits, dev:0 not
+        ([a, dead], [32, 32], BlockNotFoundError, "freed"),
+    ]
+    for blocks, counts, error, match in refusals:
+        with pytest.raises(error, match=match):
+            table.grow(blocks, counts)
+        assert state(table, storage) == before, (blocks, counts)
+    assert table.grow([h, a], [16 * 20, 16 * 5]) == [h, a]
+    assert table.info(h).num_pages == 20 and table.info(a).num_pages == 5

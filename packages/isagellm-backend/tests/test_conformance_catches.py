@@ -18,8 +18,10 @@ from sagellm_backend import (
     CapabilityDescriptor,
     DType,
     InvalidArgumentError,
+    InvalidBlockError,
     KernelSpec,
     KVBlock,
+    KVBlockInfo,
     ReduceOp,
 )
 from sagellm_backend.mock import MockBackendProvider, MockEvent, MockStream, MockTensor
@@ -244,8 +246,9 @@ class MigratesLaterDtypesWrong(MockBackendProvider):
     """Migrating a block of any KV dtype but the first flips its last byte (a wrong width)."""
 
     def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
+        dtype = self.kv_block_info(block).dtype
         moved = super().kv_block_migrate(block, target_device)
-        if block.dtype is not self.capability().kv_dtypes[0]:
+        if dtype is not self.capability().kv_dtypes[0]:
             data = bytearray(self.kv_block_read(moved))
             data[-1] ^= 0xFF
             self.kv_block_write(moved, bytes(data))
@@ -267,10 +270,72 @@ class CopiesAtMostEightPages(MockBackendProvider):
     """Copies only the first eight pages of a block (a fixed-size staging buffer)."""
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
-        size = 8 * self.kv_layout.page_bytes(src.dtype)
+        size = 8 * self.kv_layout.page_bytes(self.kv_block_info(src).dtype)
         old = self.kv_block_read(dst)
         super().kv_block_copy(src, dst)
         self.kv_block_write(dst, self.kv_block_read(dst)[:size] + old[size:])
+
+
+# Faults of the int handle contract: a grow that hands out a new block, pages listed out of
+# order, a batched grow that is not all or nothing, handles coerced from other types, and a
+# foreign handle taken for a freed one.
+
+
+class GrowsIntoANewBlock(MockBackendProvider):
+    """Grows by copying into a new block and freeing the old one: the handle changes."""
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        grown = []
+        for block, n in zip(blocks, num_tokens, strict=True):
+            info = self.kv_block_info(block)
+            if self.kv_layout.pages_for(n) <= info.num_pages:
+                grown.append(block)
+                continue
+            new = self.kv_block_alloc(n, info.dtype)
+            data = self.kv_block_read(block)
+            self.kv_block_write(new, data + self.kv_block_read(new)[len(data) :])
+            self.kv_block_free(block)
+            grown.append(new)
+        return grown
+
+
+class ListsNewestPageFirst(MockBackendProvider):
+    """kv_block_info lists a block's pages newest first."""
+
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        info = super().kv_block_info(block)
+        return info._replace(pages=info.pages[::-1])
+
+
+class InfoDropsTheLastPage(MockBackendProvider):
+    """kv_block_info leaves out the last page of a block of several."""
+
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        info = super().kv_block_info(block)
+        return info._replace(pages=info.pages[:-1] or info.pages)
+
+
+class BatchGrowIsNotAtomic(MockBackendProvider):
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        grow = super().kv_blocks_grow
+        return [grow([b], [n])[0] for b, n in zip(blocks, num_tokens, strict=True)]
+
+
+class CoercesHandles(MockBackendProvider):
+    """Takes any handle that int() accepts."""
+
+    def kv_block_info(self, block: KVBlock) -> KVBlockInfo:
+        return super().kv_block_info(KVBlock(int(block)))
+
+
+class ForeignIsNotFound(MockBackendProvider):
+    """Reports a handle it never gave out as freed."""
+
+    def kv_block_read(self, block: KVBlock) -> bytes:
+        try:
+            return super().kv_block_read(block)
+        except InvalidBlockError as exc:
+            raise BlockNotFoundError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -306,6 +371,14 @@ FAULTS = [
     Fault(
         SamplesWithoutTopK, "ops.sample", "sample does not match the kit's float64 reference", {}
     ),
+    Fault(GrowsIntoANewBlock, "kv.grow", "a block grows in place and keeps its handle", {}),
+    Fault(GrowsIntoANewBlock, "kv.long_run", "other handles than the blocks' own", {}),
+    Fault(ListsNewestPageFirst, "kv.grow", "keeps the old ones first", {}),
+    Fault(InfoDropsTheLastPage, "kv.accounting", "ceil(num_tokens / tokens_per_block) pages", {}),
+    Fault(BatchGrowIsNotAtomic, "kv.all_or_nothing", "kv_blocks_grow with one freed block", {}),
+    Fault(BatchGrowIsNotAtomic, "kv.exhaustion", "a batched grow that ran out of memory", {}),
+    Fault(CoercesHandles, "inputs.handle_type", "not an int) is refused (kv_block_info)", {}),
+    Fault(ForeignIsNotFound, "inputs.foreign_block", "foreign_block (kv_block_read)", {}),
 ]
 
 

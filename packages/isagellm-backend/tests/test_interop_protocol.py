@@ -478,8 +478,11 @@ def test_mock_provider_takes_their_members() -> None:
     mock = pytest.importorskip("sagellm_backend.mock")
     backend = mock.MockBackendProvider(supported_dtypes=[proto.DType.FP16])
     block = backend.kv_block_alloc(40, proto.DType.FP16)
-    assert block.dtype is DType.FP16
-    assert block.num_pages == 3
+    info = backend.kv_block_info(block)
+    assert info.dtype is DType.FP16
+    assert info.num_pages == 3
+    assert backend.kv_block_grow(block, 64) == block
+    assert backend.kv_block_info(block).num_pages == 4
     spec = backend.register_kernel(
         "scale", lambda x: x, kind=proto.KernelKind.MATMUL, dtypes=[proto.DType.FP16]
     )

@@ -65,7 +65,9 @@ def test_threads_moving_blocks_on_cpu_never_see_each_others_bytes(
                     expect("migrated to host", p.kv_block_read(block), data)
                 grown = moved[0]
                 if grows:
-                    grown = p.kv_block_grow(grown, 2 * tokens)
+                    first = p.kv_block_info(grown).pages
+                    assert p.kv_block_grow(grown, 2 * tokens) == grown, "grown in place"
+                    assert p.kv_block_info(grown).pages[:1] == first
                     got = page_bytes(p.kv_block_read(grown), layout.num_layers, 2, 0)
                     expect("grown", got, datas[0])
                 back, _ = p.kv_blocks_migrate(moved[1:], p.device)
@@ -92,7 +94,8 @@ def test_threads_moving_blocks_on_cpu_never_see_each_others_bytes(
 
 
 def fill(p: MockBackendProvider, block: KVBlock, byte: int) -> bytes:
-    data = bytes([byte]) * (block.num_pages * p.kv_layout.page_bytes(block.dtype))
+    info = p.kv_block_info(block)
+    data = bytes([byte]) * (info.num_pages * p.kv_layout.page_bytes(info.dtype))
     p.kv_block_write(block, data)
     return data
 
@@ -128,12 +131,13 @@ def test_work_on_a_side_stream_waits_for_the_current_stream_before_writing_reuse
     p = MockBackendProvider()
     old = p.kv_block_alloc(16, DType.FP16)
     fill(p, old, 3)  # queued on the current stream, not run yet
+    old_pages = p.kv_block_info(old).pages
     p.kv_block_free(old)
     on_host = p.kv_block_migrate(p.kv_block_alloc(16, DType.FP16), HOST)
     data = fill(p, on_host, 4)
     side = p.create_stream()
     (swapped,), done = p.kv_blocks_migrate([on_host], p.device, stream=side)
-    assert swapped.pages == old.pages, "the freed page is reused at once"
+    assert p.kv_block_info(swapped).pages == old_pages, "the freed page is reused at once"
     done.synchronize()
     assert p.kv_block_read(swapped) == data, "the old write ran first"
 

@@ -80,6 +80,8 @@ def test_host_side_operations_during_capture_are_refused_and_change_nothing() ->
         lambda: p.kv_block_free(a),
         lambda: p.kv_blocks_free([a]),
         lambda: p.kv_block_migrate(a, "host"),
+        lambda: p.kv_block_grow(a, 64),
+        lambda: p.kv_blocks_grow([a, b], [64, 64]),
         lambda: p.synchronize(),
         lambda: p.current_stream().synchronize(),
         lambda: end.elapsed_ms(start),

@@ -27,6 +27,7 @@ from sagellm_backend import (
     InvalidArgumentError,
     InvalidBlockError,
     KVBlock,
+    KVBlockInfo,
     MemoryStats,
     MockBackendProvider,
     ResourceExhaustedError,
@@ -45,13 +46,14 @@ block = backend.kv_block_alloc(128, DType.FP16)
 
 
 def pattern(provider: MockBackendProvider, block: KVBlock, seed: int) -> bytes:
-    size = block.num_pages * provider.kv_layout.page_bytes(block.dtype)
+    info = provider.kv_block_info(block)
+    size = info.num_pages * provider.kv_layout.page_bytes(info.dtype)
     return random.Random(seed).randbytes(size)
 
 
-def snapshot(provider: MockBackendProvider) -> tuple[MemoryStats, list[KVBlock], list[bytes]]:
+def snapshot(provider: MockBackendProvider) -> tuple[MemoryStats, list[KVBlockInfo], list[bytes]]:
     blocks = provider.live_blocks()
-    return provider.memory_stats(), blocks, [provider.kv_block_read(b) for b in blocks]
+    return provider.memory_stats(), blocks, [provider.kv_block_read(b.block) for b in blocks]
 
 
 def test_seed_example_runs_verbatim_and_prints_the_dtypes() -> None:
@@ -77,7 +79,15 @@ def test_blocks_are_allocated_on_demand_and_accounted_exactly() -> None:
     assert p.memory_stats() == MemoryStats(1 << 20, 0, 0, 0, 0)
     a = p.kv_block_alloc(128, DType.FP16)
     b, c = p.kv_blocks_alloc([1, 17], "bf16")
-    assert (a.num_pages, b.num_pages, c.num_pages) == (8, 1, 2)
+    assert all(type(h) is int for h in (a, b, c)) and len({a, b, c}) == 3
+    infos = [p.kv_block_info(h) for h in (a, b, c)]
+    assert [i.num_pages for i in infos] == [8, 1, 2]
+    assert [(i.block, i.device, i.dtype) for i in infos] == [
+        (a, "mock:0", DType.FP16),
+        (b, "mock:0", DType.BF16),
+        (c, "mock:0", DType.BF16),
+    ]
+    assert p.live_blocks() == infos and p.live_blocks("mock:1") == []
     assert p.memory_stats() == MemoryStats(1 << 20, 11 * page, 11 * page, 3, 11)
     p.kv_blocks_free([a, c])
     assert p.memory_stats() == MemoryStats(1 << 20, page, 11 * page, 1, 1)
@@ -92,9 +102,11 @@ def test_new_blocks_read_as_poison_and_writes_read_back() -> None:
     data = pattern(p, block, 1)
     p.kv_block_write(block, data)
     assert p.kv_block_read(block) == data
+    freed = p.kv_block_info(block).pages
     p.kv_block_free(block)
     (again,) = p.kv_blocks_alloc([20], DType.FP16)
-    assert set(again.pages) == set(block.pages), "the freed pages are handed out again"
+    assert again != block, "handles are never reused"
+    assert set(p.kv_block_info(again).pages) == set(freed), "the freed pages are handed out again"
     assert p.kv_block_read(again) == bytes([POISON]) * len(data), "poisoned, not the old bytes"
 
 
@@ -118,11 +130,14 @@ def test_migrate_moves_the_bytes_and_releases_the_source(target: str) -> None:
     data = pattern(p, block, 3)
     p.kv_block_write(block, data)
     moved = p.kv_block_migrate(block, target)
-    assert (moved.device, moved.num_tokens, moved.dtype) == (target, 100, DType.BF16)
+    assert moved != block
+    info = p.kv_block_info(moved)
+    assert (info.block, info.device, info.num_pages, info.dtype) == (moved, target, 7, DType.BF16)
     assert p.kv_block_read(moved) == data
     assert p.memory_stats().used_bytes == 0, "the source is released"
-    with pytest.raises(BlockNotFoundError):
-        p.kv_block_read(block)
+    for stale in (p.kv_block_read, p.kv_block_info, p.kv_block_free):
+        with pytest.raises(BlockNotFoundError):
+            stale(block)
     back = p.kv_block_migrate(moved, "mock:0")
     assert p.kv_block_read(back) == data and p.memory_stats().kv_blocks_in_use == 1
 
@@ -138,7 +153,8 @@ def test_batched_migrate_moves_every_block_and_returns_an_event() -> None:
     moved, done = p.kv_blocks_migrate(blocks, "host", stream=side)
     done.synchronize()
     assert [p.kv_block_read(m) for m in moved] == datas
-    assert [m.device for m in moved] == ["host"] * 3
+    assert [p.kv_block_info(m).device for m in moved] == ["host"] * 3
+    assert [p.kv_block_info(m).num_pages for m in moved] == [1, 3, 1]
     assert p.memory_stats().used_bytes == 0
 
 
@@ -209,7 +225,10 @@ def test_double_free_use_after_free_and_foreign_blocks() -> None:
         lambda: p.kv_block_write(a, bytes(16)),
         lambda: p.kv_block_copy(a, b),
         lambda: p.kv_block_migrate(a, "host"),
+        lambda: p.kv_block_info(a),
+        lambda: p.kv_block_grow(a, 32),
         lambda: p.kv_blocks_free([b, a]),
+        lambda: p.kv_blocks_grow([b, a], [32, 32]),
     ]
     for call in stale:
         with pytest.raises(BlockNotFoundError) as missing:
@@ -218,7 +237,12 @@ def test_double_free_use_after_free_and_foreign_blocks() -> None:
     alien: list[Callable[[], object]] = [
         lambda: p.kv_block_free(foreign),
         lambda: p.kv_block_copy(b, foreign),
+        lambda: p.kv_block_read(foreign),
+        lambda: p.kv_block_write(foreign, bytes(p.kv_layout.page_bytes(DType.FP16))),
+        lambda: p.kv_block_info(foreign),
+        lambda: p.kv_blocks_grow([b, foreign], [32, 32]),
         lambda: p.kv_blocks_migrate([b, foreign], "host"),
+        lambda: p.kv_block_free(KVBlock(b + 1000)),
     ]
     for call in alien:
         with pytest.raises(InvalidBlockError) as refused:
@@ -275,14 +299,17 @@ def test_migrate_to_a_bad_device_is_refused_and_changes_nothing(target: str, mat
 def test_layout_options_shape_the_blocks() -> None:
     p = MockBackendProvider(num_layers=4, num_kv_heads=1, head_size=8, tokens_per_block=4)
     block = p.kv_block_alloc(9, DType.FP16)
-    assert block.num_pages == 3
+    assert p.kv_block_info(block).num_pages == 3
     assert len(p.kv_block_read(block)) == 3 * 2 * 4 * 4 * 1 * 8 * 2
 
 
 def test_handles_descriptor_and_errors_pickle() -> None:
     p = MockBackendProvider()
     block = p.kv_block_alloc(16, DType.FP16)
+    where = p.kv_block_info(block)
     assert pickle.loads(pickle.dumps(block)) == block
+    assert pickle.loads(pickle.dumps(where)) == where
+    assert p.kv_block_info(pickle.loads(pickle.dumps(block))) == where
     p.kv_block_free(pickle.loads(pickle.dumps(block)))
     cap = p.capability()
     assert pickle.loads(pickle.dumps(cap)) == cap
@@ -324,34 +351,96 @@ def test_threads_on_one_provider_end_with_exact_accounting() -> None:
     assert not errors
     stats = p.memory_stats()
     assert (stats.kv_blocks_in_use, stats.used_bytes) == (8, 8 * page)
-    assert len({b.handle for b in p.live_blocks()}) == 8
+    live = p.live_blocks()
+    assert len({b.block for b in live}) == 8
+    assert len({page for b in live for page in b.pages}) == 8, "no page handed out twice"
 
 
-def test_growth_appends_pages_keeps_the_bytes_and_the_handle_number() -> None:
+def test_growth_appends_pages_in_place_keeps_the_bytes_and_the_handle() -> None:
     p = MockBackendProvider(max_memory_mb=1)
     assert p.capability().supports_op("kv_grow")
     page = p.kv_layout.page_bytes(DType.FP16)
     block = p.kv_block_alloc(16, DType.FP16)
+    first = p.kv_block_info(block).pages
     data = pattern(p, block, 11)
     p.kv_block_write(block, data)
-    grown = p.kv_block_grow(block, 40)
-    assert (grown.handle, grown.num_tokens, grown.pages[:1]) == (block.handle, 40, block.pages)
-    assert p.kv_block_read(grown) == data + bytes([POISON]) * (2 * page), "new pages: poison"
+    assert p.kv_block_grow(block, 40) == block, "the same handle"
+    grown = p.kv_block_info(block)
+    assert (grown.num_pages, grown.pages[:1]) == (3, first), "pages appended after the old"
+    assert p.kv_block_read(block) == data + bytes([POISON]) * (2 * page), "new pages: poison"
     assert p.memory_stats().used_bytes == 3 * page
-    with pytest.raises(BlockNotFoundError, match="grown"):
-        p.kv_block_read(block)
+    assert p.memory_stats().kv_blocks_in_use == 1
+    before = snapshot(p)
+    assert p.kv_block_grow(block, 20) == block, "fewer tokens than it holds: a no-op"
+    assert p.kv_block_grow(block, 48) == block, "exactly its pages: a no-op"
+    assert snapshot(p) == before
     other = p.kv_block_alloc(16, DType.BF16)
     before = snapshot(p)
     pages = (1 << 20) // page
     with pytest.raises(ResourceExhaustedError):
-        p.kv_blocks_grow([grown, other], [16 * pages, 32])
-    with pytest.raises(InvalidArgumentError, match="cannot grow"):
-        p.kv_blocks_grow([grown, other], [48, 8])
+        p.kv_blocks_grow([block, other], [16 * pages, 32])
+    with pytest.raises(InvalidArgumentError, match="could ever hold"):
+        p.kv_blocks_grow([block, other], [48, 16 * (pages + 1)])
+    for bad in (0, -16):
+        with pytest.raises(InvalidArgumentError, match="positive"):
+            p.kv_blocks_grow([block, other], [64, bad])
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        p.kv_blocks_grow([block, block], [64, 64])
     assert snapshot(p) == before, "a refused growth changes nothing"
-    assert p.kv_blocks_grow([grown, other], [48, 16]) == [
-        p.live_blocks()[0],
-        other,
+    assert p.kv_blocks_grow([block, other], [64, 17]) == [block, other]
+    assert [b.num_pages for b in p.live_blocks()] == [4, 2]
+    assert p.kv_block_read(block)[: len(data)] == data, "the bytes stay where they were"
+    p.kv_blocks_free([block, other])
+    assert p.memory_stats().used_bytes == 0, "every grown page released with its block"
+
+
+def test_a_refused_growth_across_dtypes_changes_nothing_not_even_the_peak() -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    page = p.kv_layout.page_bytes(DType.FP16)
+    pages = (1 << 20) // page
+    a, b = p.kv_block_alloc(16, DType.FP16), p.kv_block_alloc(16, DType.BF16)
+    before = snapshot(p)
+    with pytest.raises(ResourceExhaustedError):  # a's pages fit, b's then do not
+        p.kv_blocks_grow([a, b], [16 * (pages - 1), 32])
+    assert snapshot(p) == before, "a refused growth changes nothing"
+
+
+def test_a_refused_migration_across_dtypes_leaves_the_target_as_it_was() -> None:
+    p = MockBackendProvider(max_memory_mb=1)
+    pages = (1 << 20) // p.kv_layout.page_bytes(DType.FP16)
+    p.kv_block_migrate(p.kv_block_alloc(16 * (pages // 3), DType.FP16), "mock:1")
+    a = p.kv_block_alloc(16 * (pages // 2), DType.FP16)
+    b = p.kv_block_alloc(16 * (pages // 4), DType.BF16)
+    target = p._memory.device("mock:1")
+    before = (target.used, target.peak, len(target.stamps), snapshot(p))
+    with pytest.raises(ResourceExhaustedError, match="mock:1"):  # a's pages fit, b's then not
+        p.kv_blocks_migrate([a, b], "mock:1")
+    assert (target.used, target.peak, len(target.stamps), snapshot(p)) == before
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, "1", None, (1,)])
+def test_a_handle_that_is_not_an_int_is_an_invalid_argument(bad: object) -> None:
+    p = MockBackendProvider()
+    a = p.kv_block_alloc(16, DType.FP16)
+    handle = cast(KVBlock, bad)
+    before = snapshot(p)
+    calls: list[Callable[[], object]] = [
+        lambda: p.kv_block_free(handle),
+        lambda: p.kv_blocks_free([a, handle]),
+        lambda: p.kv_block_info(handle),
+        lambda: p.kv_block_read(handle),
+        lambda: p.kv_block_write(handle, bytes(p.kv_layout.page_bytes(DType.FP16))),
+        lambda: p.kv_block_copy(a, handle),
+        lambda: p.kv_blocks_copy([(handle, a)]),
+        lambda: p.kv_block_migrate(handle, "host"),
+        lambda: p.kv_blocks_grow([a, handle], [32, 32]),
     ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError) as info:
+            call()
+        assert type(info.value) is InvalidArgumentError, "not a handle at all, not a block error"
+        assert info.value.code is ErrorCode.INVALID_ARGUMENT and info.value.hint
+    assert snapshot(p) == before
 
 
 def test_write_counts_the_bytes_of_any_buffer() -> None:
@@ -372,7 +461,7 @@ def test_too_many_devices_are_refused_at_once() -> None:
     assert time.perf_counter() - started < 1.0 and info.value.hint
     many = MockBackendProvider(num_devices=MAX_DEVICES)
     moved = many.kv_block_migrate(many.kv_block_alloc(16, DType.FP16), f"mock:{MAX_DEVICES - 1}")
-    assert moved.device == f"mock:{MAX_DEVICES - 1}"
+    assert many.kv_block_info(moved).device == f"mock:{MAX_DEVICES - 1}"
 
 
 def test_a_huge_allocation_is_resource_exhausted_not_a_memory_error() -> None:
@@ -422,4 +511,4 @@ def test_blocks_allocated_by_threads_racing_close_are_not_left_accounted() -> No
         p.close()
         for t in threads:
             t.join(timeout=10)
-        assert (memory.used, len(memory.sizes)) == (0, 0), "every block freed by close"
+        assert (memory.used, len(memory.stamps)) == (0, 0), "every block freed by close"

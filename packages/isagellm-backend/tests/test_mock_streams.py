@@ -20,7 +20,8 @@ from sagellm_backend.mock.pool import POISON
 
 
 def fill(provider: MockBackendProvider, block: KVBlock, byte: int) -> bytes:
-    data = bytes([byte]) * (block.num_pages * provider.kv_layout.page_bytes(block.dtype))
+    info = provider.kv_block_info(block)
+    data = bytes([byte]) * (info.num_pages * provider.kv_layout.page_bytes(info.dtype))
     provider.kv_block_write(block, data)
     return data
 

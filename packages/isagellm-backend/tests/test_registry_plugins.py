@@ -411,6 +411,9 @@ def test_a_third_party_provider_package_is_found_loaded_and_used(site: Site) -> 
     capability = provider.capability()
     assert capability.device_name == "Acme NPU 1" and capability.max_memory_mb == 64
     block = provider.kv_block_alloc(128, "int8")
+    info = provider.kv_block_info(block)
+    assert (info.block, info.device, info.dtype.value) == (block, "mock:1", "int8")
+    assert info.num_pages == provider.kv_layout.pages_for(128)
     provider.kv_block_free(block)
     provider.close()
     with pytest.raises(InvalidArgumentError, match="one device per provider"):

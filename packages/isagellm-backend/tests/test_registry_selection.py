@@ -283,6 +283,31 @@ def test_a_broken_backend_raises_and_never_falls_through(
     assert not registry.record("mock").chosen
 
 
+class WithoutBlockInfo:
+    """A provider of the API before ``kv_block_info``: everything of the mock but that."""
+
+    def __init__(self, inner: MockBackendProvider) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        if name == "kv_block_info":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_a_provider_without_kv_block_info_is_not_a_backend_provider(
+    registry: BackendRegistry,
+) -> None:
+    def create(**_: object) -> object:
+        return WithoutBlockInfo(MockBackendProvider())
+
+    registry.register_backend("npu_old", mock_factory("npu_old", create=create))
+    with pytest.raises(BackendLoadError) as info:
+        registry.get_backend("npu_old,mock")
+    assert info.value.code is ErrorCode.BACKEND_LOAD_FAILED
+    assert "not a BackendProvider (missing: kv_block_info)" in info.value.message
+
+
 def test_a_hanging_probe_is_bounded_by_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     registry = BackendRegistry(probe_timeout=0.2)

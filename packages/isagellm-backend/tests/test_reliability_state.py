@@ -1,8 +1,10 @@
 """Stateful property tests of KV-block bookkeeping on the mock, against a simple model.
 
-Random sequences of alloc, free, write, read, copy, migrate and their batched forms, with
-refused calls mixed in. After every step: no block lost, none handed out twice, bytes as the
-model says, accounting exact; every refused call leaves the state as it was.
+Random sequences of alloc, free, write, read, copy, migrate, grow and their batched forms, with
+refused calls mixed in (stale, foreign and malformed handles, bad sizes, full devices). After
+every step: no block lost, none handed out twice, every block where and as large as the model
+says (``kv_block_info``), bytes as the model says, accounting exact; every refused call leaves
+the state as it was.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from sagellm_backend import (
     HOST,
     BlockNotFoundError,
     DType,
+    ErrorCode,
     InvalidArgumentError,
     InvalidBlockError,
     KVBlock,
     MockBackendProvider,
     ResourceExhaustedError,
 )
+from sagellm_backend.mock.pool import POISON
 
 DEVICE, OTHER = "mock:0", "mock:1"
 TOKENS = st.sampled_from([1, 3, 4, 5, 8, 256, 512, 1024])
@@ -43,10 +47,14 @@ PROFILE = settings(max_examples=150, stateful_step_count=50)
 
 @dataclass
 class Known:
-    """What the model knows of a live block: where it is and its bytes (None: never written)."""
+    """What the model knows of a live block: where it is, its size and its bytes (a block
+    nothing wrote reads as poison)."""
 
     block: KVBlock
-    data: bytes | None
+    device: str
+    dtype: DType
+    num_pages: int
+    data: bytes
 
 
 class BlockMachine(RuleBasedStateMachine):
@@ -54,32 +62,35 @@ class BlockMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.provider = MockBackendProvider(
-            supported_dtypes=["fp16", "fp32"],
-            max_memory_mb=1,
-            num_layers=1,
-            num_kv_heads=1,
-            head_size=64,
-            tokens_per_block=4,
-            num_devices=2,
-        )
+        options = {
+            "supported_dtypes": ["fp16", "fp32"],
+            "max_memory_mb": 1,
+            "num_layers": 1,
+            "num_kv_heads": 1,
+            "head_size": 64,
+            "tokens_per_block": 4,
+            "num_devices": 2,
+        }
+        self.provider = MockBackendProvider(**options)  # type: ignore[arg-type]
+        self.other = MockBackendProvider(**options)  # type: ignore[arg-type]
+        self.foreign = self.other.kv_block_alloc(4, "fp16")
         self.capacity = 1 << 20
         self.live: dict[int, Known] = {}
-        self.dead: list[KVBlock] = []
+        self.dead: list[Known] = []
         self.handles_seen: set[int] = set()
         self.counts["sequences"] += 1
 
     def teardown(self) -> None:
         self.provider.close()
+        self.other.close()
 
     # The model.
 
-    def nbytes(self, block: KVBlock) -> int:
-        layout = self.provider.kv_layout
-        return layout.page_bytes(block.dtype) * layout.pages_for(block.num_tokens)
+    def nbytes(self, known: Known) -> int:
+        return self.provider.kv_layout.page_bytes(known.dtype) * known.num_pages
 
     def used(self, device: str) -> int:
-        return sum(self.nbytes(k.block) for k in self.live.values() if k.block.device == device)
+        return sum(self.nbytes(k) for k in self.live.values() if k.device == device)
 
     def fits(self, device: str, nbytes: int) -> bool:
         return device == HOST or self.used(device) + nbytes <= self.capacity
@@ -88,30 +99,42 @@ class BlockMachine(RuleBasedStateMachine):
         ordered = sorted(self.live)
         return self.live[ordered[index % len(ordered)]]
 
-    def adopt(self, block: KVBlock, data: bytes | None) -> None:
-        assert block.handle not in self.handles_seen, "a handle was handed out twice"
-        self.handles_seen.add(block.handle)
-        self.live[block.handle] = Known(block, data)
+    def adopt(self, known: Known) -> None:
+        block = known.block
+        assert type(block) is int, "a handle is an int"
+        assert block not in self.handles_seen, "a handle was handed out twice"
+        self.handles_seen.add(block)
+        self.live[block] = known
 
-    def retire(self, block: KVBlock) -> None:
-        del self.live[block.handle]
-        self.dead.append(block)
+    def retire(self, known: Known) -> None:
+        del self.live[known.block]
+        self.dead.append(known)
 
-    def refused(self, error: type[Exception], call: object, *args: object) -> None:
-        """``call(*args)`` must raise ``error`` and change nothing."""
-        before = self.provider.memory_stats()
+    def refused(
+        self, error: type[Exception], call: object, *args: object, code: ErrorCode | None = None
+    ) -> None:
+        """``call(*args)`` must raise ``error`` (exactly that class, with ``code`` if given)
+        and change nothing."""
+        before = self.provider.memory_stats(), self.provider.live_blocks()
         assert callable(call)
-        with pytest.raises(error):
+        with pytest.raises(error) as info:
             call(*args)
-        assert self.provider.memory_stats() == before
+        assert type(info.value) is error, f"{type(info.value).__name__}, not {error.__name__}"
+        if code is not None:
+            assert getattr(info.value, "code", None) is code
+        assert (self.provider.memory_stats(), self.provider.live_blocks()) == before
         self.provider.synchronize()
         for known in self.live.values():
-            if known.data is not None:
-                assert self.provider.kv_block_read(known.block) == known.data, "bytes changed"
+            assert self.provider.kv_block_read(known.block) == known.data, "bytes changed"
         self.counts[f"refused with {error.__name__}"] += 1
 
     def step(self) -> None:
         self.counts["steps"] += 1
+
+    def distinct(self, index: int, count: int) -> list[Known]:
+        return list(
+            {self.pick(index + i).block: self.pick(index + i) for i in range(count)}.values()
+        )
 
     # Rules.
 
@@ -119,10 +142,9 @@ class BlockMachine(RuleBasedStateMachine):
     def alloc(self, tokens: list[int], dtype: DType, batched: bool) -> None:
         self.step()
         layout = self.provider.kv_layout
-        need = sum(layout.page_bytes(dtype) * layout.pages_for(n) for n in tokens)
         if not batched:
             tokens = tokens[:1]
-            need = layout.page_bytes(dtype) * layout.pages_for(tokens[0])
+        need = sum(layout.page_bytes(dtype) * layout.pages_for(n) for n in tokens)
         if not self.fits(DEVICE, need):
             call = self.provider.kv_blocks_alloc if batched else self.provider.kv_block_alloc
             self.refused(ResourceExhaustedError, call, tokens if batched else tokens[0], dtype)
@@ -132,28 +154,31 @@ class BlockMachine(RuleBasedStateMachine):
         else:
             blocks = [self.provider.kv_block_alloc(tokens[0], dtype.value)]
         for n, block in zip(tokens, blocks, strict=True):
-            assert (block.num_tokens, block.dtype, block.device) == (n, dtype, DEVICE)
-            assert block.num_pages == layout.pages_for(n)
-            self.adopt(block, None)
+            info = self.provider.kv_block_info(block)
+            assert (info.block, info.dtype, info.device) == (block, dtype, DEVICE)
+            assert info.num_pages == layout.pages_for(n)
+            known = Known(block, DEVICE, dtype, info.num_pages, b"")
+            known.data = bytes([POISON]) * self.nbytes(known)
+            self.adopt(known)
 
     @precondition(lambda self: self.live)
     @rule(index=INDEX, count=st.integers(1, 3))
     def free(self, index: int, count: int) -> None:
         self.step()
-        chosen = {self.pick(index + i).block for i in range(count)}
+        chosen = self.distinct(index, count)
         if len(chosen) == 1:
-            self.provider.kv_block_free(next(iter(chosen)))
+            self.provider.kv_block_free(chosen[0].block)
         else:
-            self.provider.kv_blocks_free(sorted(chosen, key=lambda b: b.handle))
-        for block in chosen:
-            self.retire(block)
+            self.provider.kv_blocks_free([k.block for k in chosen])
+        for known in chosen:
+            self.retire(known)
 
     @precondition(lambda self: self.live)
     @rule(index=INDEX, seed=st.integers(0, 1 << 30))
     def write(self, index: int, seed: int) -> None:
         self.step()
         known = self.pick(index)
-        data = random.Random(seed).randbytes(self.nbytes(known.block))
+        data = random.Random(seed).randbytes(self.nbytes(known))
         self.provider.kv_block_write(known.block, data)
         known.data = data
 
@@ -163,10 +188,7 @@ class BlockMachine(RuleBasedStateMachine):
         self.step()
         known = self.pick(index)
         self.provider.synchronize()
-        data = self.provider.kv_block_read(known.block)
-        assert len(data) == self.nbytes(known.block)
-        if known.data is not None:
-            assert data == known.data, "bytes changed"
+        assert self.provider.kv_block_read(known.block) == known.data, "bytes changed"
 
     @precondition(lambda self: len(self.live) > 1)
     @rule(pairs=st.lists(st.tuples(INDEX, INDEX), min_size=1, max_size=3))
@@ -176,24 +198,22 @@ class BlockMachine(RuleBasedStateMachine):
         used: set[int] = set()
         for i, j in pairs:
             src, dst = self.pick(i), self.pick(j)
-            handles = {src.block.handle, dst.block.handle}
+            handles = {src.block, dst.block}
             if len(handles) == 2 and not handles & used:
                 chosen.append((src, dst))
                 used |= handles
         if not chosen:
             return
-        layout = self.provider.kv_layout
-        matching = all(
-            s.block.dtype == d.block.dtype
-            and layout.pages_for(s.block.num_tokens) == layout.pages_for(d.block.num_tokens)
-            for s, d in chosen
-        )
+        matching = all(s.dtype == d.dtype and s.num_pages == d.num_pages for s, d in chosen)
         blocks = [(s.block, d.block) for s, d in chosen]
         if not matching:
+            mismatch = ErrorCode.KV_BLOCK_MISMATCH
             if len(blocks) == 1:
-                self.refused(InvalidBlockError, self.provider.kv_block_copy, *blocks[0])
+                self.refused(
+                    InvalidBlockError, self.provider.kv_block_copy, *blocks[0], code=mismatch
+                )
             else:
-                self.refused(InvalidBlockError, self.provider.kv_blocks_copy, blocks)
+                self.refused(InvalidBlockError, self.provider.kv_blocks_copy, blocks, code=mismatch)
             return
         if len(blocks) == 1:
             self.provider.kv_block_copy(*blocks[0])
@@ -206,42 +226,122 @@ class BlockMachine(RuleBasedStateMachine):
     @rule(index=INDEX, count=st.integers(1, 3), device=st.sampled_from([DEVICE, OTHER, HOST]))
     def migrate(self, index: int, count: int, device: str) -> None:
         self.step()
-        chosen = list({self.pick(index + i).block: None for i in range(count)})
-        if any(b.device == device for b in chosen):
-            self.refused(InvalidArgumentError, self.provider.kv_blocks_migrate, chosen, device)
+        chosen = self.distinct(index, count)
+        blocks = [k.block for k in chosen]
+        if any(k.device == device for k in chosen):
+            self.refused(InvalidArgumentError, self.provider.kv_blocks_migrate, blocks, device)
             return
-        if not self.fits(device, sum(self.nbytes(b) for b in chosen)):
-            self.refused(ResourceExhaustedError, self.provider.kv_blocks_migrate, chosen, device)
+        if not self.fits(device, sum(self.nbytes(k) for k in chosen)):
+            self.refused(ResourceExhaustedError, self.provider.kv_blocks_migrate, blocks, device)
             return
         if len(chosen) == 1:
-            moved = [self.provider.kv_block_migrate(chosen[0], device)]
+            moved = [self.provider.kv_block_migrate(blocks[0], device)]
         else:
-            moved, done = self.provider.kv_blocks_migrate(chosen, device)
+            moved, done = self.provider.kv_blocks_migrate(blocks, device)
             done.synchronize()
         for old, new in zip(chosen, moved, strict=True):
-            data = self.live[old.handle].data
             self.retire(old)
-            assert new.device == device and new.num_tokens == old.num_tokens
-            self.adopt(new, data)
+            info = self.provider.kv_block_info(new)
+            assert (info.device, info.dtype, info.num_pages) == (device, old.dtype, old.num_pages)
+            self.adopt(Known(new, device, old.dtype, old.num_pages, old.data))
+
+    @precondition(lambda self: self.live)
+    @rule(index=INDEX, tokens=st.lists(TOKENS, min_size=1, max_size=3))
+    def grow(self, index: int, tokens: list[int]) -> None:
+        self.step()
+        chosen = self.distinct(index, len(tokens))
+        tokens = tokens[: len(chosen)]
+        blocks = [k.block for k in chosen]
+        layout = self.provider.kv_layout
+        pages = [max(k.num_pages, layout.pages_for(n)) for k, n in zip(chosen, tokens, strict=True)]
+        extra: Counter[str] = Counter()
+        for k, n in zip(chosen, pages, strict=True):
+            extra[k.device] += (n - k.num_pages) * layout.page_bytes(k.dtype)
+        if not all(self.fits(device, nbytes) for device, nbytes in extra.items()):
+            call = self.provider.kv_blocks_grow
+            self.refused(ResourceExhaustedError, call, blocks, tokens)
+            return
+        if len(chosen) == 1:
+            assert self.provider.kv_block_grow(blocks[0], tokens[0]) == blocks[0]
+        else:
+            assert self.provider.kv_blocks_grow(blocks, tokens) == blocks, "the same handles"
+        for k, n in zip(chosen, pages, strict=True):
+            before = self.provider.kv_block_info(k.block).pages
+            assert len(before) == n
+            k.data += bytes([POISON]) * ((n - k.num_pages) * layout.page_bytes(k.dtype))
+            k.num_pages = n
+            self.counts["grown" if len(k.data) > 0 else "unchanged"] += 1
 
     @precondition(lambda self: self.dead)
-    @rule(index=INDEX, op=st.sampled_from(["free", "read", "write", "copy", "migrate", "batch"]))
+    @rule(
+        index=INDEX,
+        op=st.sampled_from(["free", "read", "write", "copy", "migrate", "info", "grow", "batch"]),
+    )
     def use_a_dead_block(self, index: int, op: str) -> None:
         self.step()
-        stale = self.dead[index % len(self.dead)]
+        dead = self.dead[index % len(self.dead)]
+        stale = dead.block
         p = self.provider
+        missing = ErrorCode.BLOCK_NOT_FOUND
         if op == "free":
-            self.refused(BlockNotFoundError, p.kv_block_free, stale)
+            self.refused(BlockNotFoundError, p.kv_block_free, stale, code=missing)
         elif op == "read":
-            self.refused(BlockNotFoundError, p.kv_block_read, stale)
+            self.refused(BlockNotFoundError, p.kv_block_read, stale, code=missing)
         elif op == "write":
-            self.refused(BlockNotFoundError, p.kv_block_write, stale, b"\1" * self.nbytes(stale))
+            data = b"\1" * self.nbytes(dead)
+            self.refused(BlockNotFoundError, p.kv_block_write, stale, data, code=missing)
         elif op == "copy":
-            self.refused(BlockNotFoundError, p.kv_block_copy, stale, stale)
+            self.refused(BlockNotFoundError, p.kv_block_copy, stale, stale, code=missing)
         elif op == "migrate":
-            self.refused(BlockNotFoundError, p.kv_block_migrate, stale, HOST)
+            self.refused(BlockNotFoundError, p.kv_block_migrate, stale, HOST, code=missing)
+        elif op == "info":
+            self.refused(BlockNotFoundError, p.kv_block_info, stale, code=missing)
+        elif op == "grow":
+            self.refused(BlockNotFoundError, p.kv_block_grow, stale, 1 << 10, code=missing)
         elif self.live:
-            self.refused(BlockNotFoundError, p.kv_blocks_free, [self.pick(index).block, stale])
+            live = self.pick(index).block
+            self.refused(BlockNotFoundError, p.kv_blocks_free, [live, stale], code=missing)
+
+    @rule(
+        index=INDEX,
+        op=st.sampled_from(["free", "read", "write", "copy", "migrate", "info", "grow"]),
+    )
+    def use_a_foreign_block(self, index: int, op: str) -> None:
+        self.step()
+        p, theirs = self.provider, self.foreign
+        mine = [self.pick(index).block] if self.live else []
+        foreign = ErrorCode.FOREIGN_BLOCK
+        if op == "free":
+            self.refused(InvalidBlockError, p.kv_blocks_free, [*mine, theirs], code=foreign)
+        elif op == "read":
+            self.refused(InvalidBlockError, p.kv_block_read, theirs, code=foreign)
+        elif op == "write":
+            data = bytes(p.kv_layout.page_bytes(DType.FP16))
+            self.refused(InvalidBlockError, p.kv_block_write, theirs, data, code=foreign)
+        elif op == "copy":
+            pair = [(mine[0], theirs)] if mine else [(theirs, theirs)]
+            self.refused(InvalidBlockError, p.kv_blocks_copy, pair, code=foreign)
+        elif op == "migrate":
+            self.refused(
+                InvalidBlockError, p.kv_blocks_migrate, [*mine, theirs], HOST, code=foreign
+            )
+        elif op == "info":
+            self.refused(InvalidBlockError, p.kv_block_info, theirs, code=foreign)
+        else:
+            tokens = [4] * (len(mine) + 1)
+            self.refused(InvalidBlockError, p.kv_blocks_grow, [*mine, theirs], tokens, code=foreign)
+        assert self.other.kv_block_info(theirs).num_pages == 1, "still the other provider's"
+
+    @rule(bad=st.sampled_from([True, 1.5, "4", None, (1,)]), op=st.sampled_from(["free", "info"]))
+    def use_a_handle_that_is_not_an_int(self, bad: object, op: str) -> None:
+        self.step()
+        p = self.provider
+        invalid = ErrorCode.INVALID_ARGUMENT
+        if op == "free":
+            mine = [self.pick(0).block] if self.live else []
+            self.refused(InvalidArgumentError, p.kv_blocks_free, [*mine, bad], code=invalid)
+        else:
+            self.refused(InvalidArgumentError, p.kv_block_info, bad, code=invalid)
 
     @rule(tokens=st.sampled_from([0, -4, 1 << 30]), batched=st.booleans())
     def bad_alloc(self, tokens: int, batched: bool) -> None:
@@ -255,17 +355,22 @@ class BlockMachine(RuleBasedStateMachine):
 
     @invariant()
     def accounting_is_exact(self) -> None:
-        for device in (DEVICE, OTHER):
-            stats = self.provider.memory_stats() if device == DEVICE else None
-            live = [k.block for k in self.live.values() if k.block.device == device]
-            pages = [p for b in live for p in b.pages]
-            assert len(pages) == len(set(pages)), f"a page of {device} is in two live blocks"
-            if stats is not None:
-                layout = self.provider.kv_layout
-                assert stats.kv_blocks_in_use == len(live)
-                assert stats.kv_pages_in_use == sum(layout.pages_for(b.num_tokens) for b in live)
-                assert stats.used_bytes == self.used(DEVICE)
-        assert {b.handle for b in self.provider.live_blocks()} == set(self.live)
+        infos = self.provider.live_blocks()
+        assert {i.block: (i.device, i.dtype, i.num_pages) for i in infos} == {
+            h: (k.device, k.dtype, k.num_pages) for h, k in self.live.items()
+        }, "every block where and as large as the model says"
+        assert [i.block for i in infos] == sorted(self.live), "oldest handle first"
+        for device in (DEVICE, OTHER, HOST):
+            for dtype in (DType.FP16, DType.FP32):
+                pages = [
+                    p for i in infos if (i.device, i.dtype) == (device, dtype) for p in i.pages
+                ]
+                assert len(pages) == len(set(pages)), f"a page of {device} is in two live blocks"
+        stats = self.provider.memory_stats()
+        on_device = [k for k in self.live.values() if k.device == DEVICE]
+        assert stats.kv_blocks_in_use == len(on_device)
+        assert stats.kv_pages_in_use == sum(k.num_pages for k in on_device)
+        assert stats.used_bytes == self.used(DEVICE)
 
 
 def test_block_bookkeeping_matches_the_model(reliability_counts: Counter[str]) -> None:

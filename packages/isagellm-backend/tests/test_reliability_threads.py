@@ -14,6 +14,7 @@ from sagellm_backend import (
     BlockNotFoundError,
     CommGroupBrokenError,
     CommTimeoutError,
+    DType,
     MockBackendProvider,
     MockTensor,
     ResourceExhaustedError,
@@ -67,7 +68,18 @@ def test_threads_allocating_copying_migrating_and_freeing_end_with_exact_account
                 except ResourceExhaustedError:
                     done["exhausted"] += 1
                     continue
+                try:
+                    one = provider.kv_block_alloc(rng.randint(1, 16), dtype)  # one page
+                except ResourceExhaustedError:
+                    provider.kv_blocks_free([src, dst])
+                    done["exhausted"] += 1
+                    continue
+                infos = [provider.kv_block_info(b) for b in (src, dst, one)]
+                assert [(i.block, i.device, i.dtype) for i in infos] == [
+                    (b, provider.device, DType(dtype)) for b in (src, dst, one)
+                ], "each block where and of the dtype it was allocated"
                 size = len(provider.kv_block_read(src))
+                assert size == infos[0].num_pages * provider.kv_layout.page_bytes(dtype)
                 data = rng.randbytes(size)
                 with stream:
                     provider.kv_block_write(src, data)
@@ -76,7 +88,16 @@ def test_threads_allocating_copying_migrating_and_freeing_end_with_exact_account
                 moved = provider.kv_block_migrate(dst, HOST)
                 provider.synchronize()
                 assert provider.kv_block_read(moved) == data
-                provider.kv_blocks_free([src, moved])
+                assert provider.kv_block_info(moved).device == HOST
+                try:
+                    assert provider.kv_block_grow(src, tokens + 64) == src, "grown in place"
+                except ResourceExhaustedError:
+                    done["growth exhausted"] += 1
+                else:
+                    grown = provider.kv_block_info(src)
+                    assert grown.pages[: infos[0].num_pages] == infos[0].pages
+                    assert provider.kv_block_read(src)[:size] == data, "bytes kept"
+                provider.kv_blocks_free([src, moved, one])
                 try:
                     provider.kv_block_free(src)
                 except BlockNotFoundError:

@@ -157,8 +157,9 @@ def test_attention_reads_only_live_slots_of_real_blocks(p: Provider, seed: int) 
     layout, heads, scale = p.kv_layout, 8, 0.125
     p.kv_block_alloc(3, "fp32")  # so that sequences do not start at page 0
     lengths = [0, *torch.randint(1, 30, (3,), generator=g).tolist()]
-    blocks = p.kv_blocks_alloc([max(n, 1) for n in lengths], "fp32")
-    cache = p.kv_cache(1)
+    blocks = [p.kv_block_info(b) for b in p.kv_blocks_alloc([max(n, 1) for n in lengths], "fp32")]
+    assert all(b.device == p.device for b in blocks)
+    cache = p.kv_cache(1, blocks[0].device)
     cache.fill_(NAN)  # every slot no sequence has written, page 0 included
     dense = []
     for block, length in zip(blocks, lengths, strict=True):
@@ -201,8 +202,9 @@ def test_attention_reads_only_live_slots_of_real_blocks(p: Provider, seed: int) 
 def test_prefill_in_chunks_and_decode_agree_with_one_prefill(p: Provider) -> None:
     g = torch.Generator().manual_seed(5)
     length, heads = 23, 4
-    block = p.kv_block_alloc(length, "fp32")
-    cache = p.kv_cache(0)
+    block = p.kv_block_info(p.kv_block_alloc(length, "fp32"))
+    assert block.num_pages == p.kv_layout.pages_for(length)
+    cache = p.kv_cache(0, block.device)
     cache.fill_(NAN)
     slots = torch.tensor([p.kv_layout.slot(block.pages, t) for t in range(length)])
     kv_cache_write(randn(g, length, 2, 64).float(), randn(g, length, 2, 64).float(), cache, slots)

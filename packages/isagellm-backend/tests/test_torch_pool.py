@@ -10,13 +10,20 @@ torch = pytest.importorskip("torch", reason="needs torch: pip install 'isagellm-
 
 from sagellm_backend import (  # noqa: E402
     DType,
+    InvalidArgumentError,
+    KVBlock,
     KVLayout,
     ResourceExhaustedError,
 )
-from sagellm_backend.blocks import BlockTable  # noqa: E402
+from sagellm_backend.blocks import BlockTable, Pool, Transfer  # noqa: E402
 from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_size=4, tokens_per_block=2, dtype=DType.FP32)
+CPU = Pool(0, "cpu:0", DType.FP32)
+"""Pool 0, whose page ids are the page indices."""
+HOST = Pool(1, "host", DType.FP32)
+"""Pool 1: its page ids are ``HOST.base + index``."""
+B = HOST.base
 
 
 def make_pool() -> KVPagePool:
@@ -29,50 +36,66 @@ def make_pool() -> KVPagePool:
 
 def test_pages_come_lowest_first_and_multi_page_blocks_get_distinct_pages() -> None:
     pool = make_pool()
-    pages = pool.allocate("host", [DType.FP32] * 3, [2, 1, 3])
-    assert pages == [(0, 1), (2,), (3, 4, 5)]
+    assert pool.max_pages(HOST) == 6
+    pages = pool.allocate(HOST, [2, 1, 3])
+    assert pages == [(B, B + 1), (B + 2,), (B + 3, B + 4, B + 5)], "page ids: base + index"
     assert (pool.pages_in_use("host"), pool.pages_in_use("cpu:0")) == (6, 0)
-    pool.release("host", pages)
+    pool.release(HOST, pages)
     assert pool.pages_in_use("host") == 0
-    again = pool.allocate("host", [DType.FP32] * 6, [1] * 6)
-    assert sorted(again) == [(p,) for p in range(6)], "multi-page blocks come back page by page"
+    again = pool.allocate(HOST, [1] * 6)
+    assert sorted(again) == [(B + p,) for p in range(6)], "multi-page blocks come back page by page"
+
+
+def test_a_device_keeps_the_numbering_of_its_first_pool() -> None:
+    pool = make_pool()
+    assert pool.allocate(CPU, [2]) == [(0, 1)], "pool 0: page ids are the page indices"
+    with pytest.raises(InvalidArgumentError, match="numbered from 0"):
+        pool.allocate(Pool(2, "cpu:0", DType.FP32), [1])
+    assert pool.pages_in_use("cpu:0") == 2
+
+
+def test_a_device_no_block_has_used_yet_has_no_page_in_use() -> None:
+    pool = make_pool()
+    assert (pool.pages_in_use("cpu:0"), pool.pages_in_use("host")) == (0, 0)
+    pool.allocate(CPU, [1])
+    assert (pool.pages_in_use("cpu:0"), pool.pages_in_use("host")) == (1, 0)
 
 
 def test_one_page_blocks_reuse_the_freed_page_tuples() -> None:
     pool = make_pool()
-    first = pool.allocate("cpu:0", [DType.FP32] * 2, [1, 1])
-    pool.release("cpu:0", first)
-    second = pool.allocate("cpu:0", [DType.FP32] * 2, [1, 1])
+    first = pool.allocate(CPU, [1, 1])
+    pool.release(CPU, first)
+    second = pool.allocate(CPU, [1, 1])
     assert second == [(1,), (0,)], "last freed, first reused"
     assert {id(p) for p in second} == {id(p) for p in first}, "the same tuples, not copies"
 
 
 def test_the_single_block_path_is_the_free_list_itself() -> None:
     pool = make_pool()
-    take, give = pool.taker("cpu:0", DType.FP32), pool.giver("cpu:0")
+    take, give = pool.taker(HOST), pool.giver(HOST)
     page = take()
-    assert page == (0,) and pool.pages_in_use("cpu:0") == 1
+    assert page == (B,) and pool.pages_in_use("host") == 1
     give(page)
-    assert pool.allocate("cpu:0", [DType.FP32], [1]) == [page]
+    assert pool.allocate(HOST, [1]) == [page]
     for _ in range(5):
         take()
     with pytest.raises(IndexError):
         take()
-    assert pool.pages_in_use("cpu:0") == 6
+    assert pool.pages_in_use("host") == 6
 
 
 def test_a_batch_that_does_not_fit_allocates_nothing() -> None:
     pool = make_pool()
-    pool.allocate("host", [DType.FP32], [1])
+    pool.allocate(HOST, [1])
     with pytest.raises(ResourceExhaustedError, match="host is out of KV pages: 6 requested, 5"):
-        pool.allocate("host", [DType.FP32] * 2, [3, 3])
+        pool.allocate(HOST, [3, 3])
     assert pool.pages_in_use("host") == 1
-    assert len(pool.allocate("host", [DType.FP32] * 5, [1] * 5)) == 5
+    assert len(pool.allocate(HOST, [1] * 5)) == 5
 
 
 @settings(max_examples=80, deadline=None)
 @given(st.data())
-def test_random_alloc_free_and_migrate_hand_out_every_page_exactly_once(
+def test_random_alloc_free_grow_and_migrate_hand_out_every_page_exactly_once(
     data: st.DataObject,
 ) -> None:
     pool = make_pool()
@@ -83,9 +106,10 @@ def test_random_alloc_free_and_migrate_hand_out_every_page_exactly_once(
         dtypes=[DType.FP32],
         devices=devices,
         default_device="cpu:0",
-        owner="owner",
         devices_hint="use cpu:0 or host",
     )
+    expected: dict[KVBlock, int] = {}
+    """The page count each live block should have: its allocation's, or its growth's."""
     tokens = st.lists(st.integers(1, 2 * 4), min_size=1, max_size=4)  # 1 to 4 pages each
     for _ in range(data.draw(st.integers(1, 30))):
         live = table.live_blocks()
@@ -96,32 +120,48 @@ def test_random_alloc_free_and_migrate_hand_out_every_page_exactly_once(
         )
         try:
             if op == "alloc_one":
-                table.alloc_one(data.draw(st.integers(1, 2 * 4)), DType.FP32)
+                n = data.draw(st.integers(1, 2 * 4))
+                expected[table.alloc_one(n, DType.FP32)] = LAYOUT.pages_for(n)
             elif op == "alloc" or not mine:
-                table.alloc(data.draw(tokens), DType.FP32, device=device)
+                counts = data.draw(tokens)
+                made = table.alloc(counts, DType.FP32, device=device)
+                expected.update((b, LAYOUT.pages_for(n)) for b, n in zip(made, counts, strict=True))
             elif op == "free_one":
-                table.free_one(data.draw(st.sampled_from(mine)))
+                chosen_one = data.draw(st.sampled_from(mine))
+                table.free_one(chosen_one.block)
+                del expected[chosen_one.block]
             else:
                 chosen = data.draw(st.lists(st.sampled_from(mine), min_size=1, unique=True))
+                handles = [b.block for b in chosen]
                 if op == "free":
-                    table.free(chosen)
+                    table.free(handles)
+                    for h in handles:
+                        del expected[h]
                 elif op == "grow":
-                    table.grow(
-                        chosen, [b.num_tokens + data.draw(st.integers(0, 4)) for b in chosen]
-                    )
+                    # Any size up to the device's 6 pages: fewer tokens than held is a no-op.
+                    wanted = [data.draw(st.integers(1, 2 * 6)) for _ in chosen]
+                    assert table.grow(handles, wanted) == handles, "grown in place"
+                    for b, n in zip(chosen, wanted, strict=True):
+                        expected[b.block] = max(b.num_pages, LAYOUT.pages_for(n))
+                        assert table.info(b.block).pages[: b.num_pages] == b.pages, "appended"
                 else:
-                    table.migrate(
-                        chosen, devices[1 - devices.index(device)], lambda srcs, dsts: None
-                    )
+                    issued: list[Transfer] = []  # the page copies, run on the calling thread
+                    target = devices[1 - devices.index(device)]
+                    moved = table.migrate(handles, target, issued.extend)
+                    assert [t.source.device for t in issued] == [device]
+                    assert issued[0].sources == [p for b in chosen for p in b.pages]
+                    assert issued[0].targets == [p for h in moved for p in table.info(h).pages]
+                    for old, new in zip(handles, moved, strict=True):
+                        expected[new] = expected.pop(old)
         except ResourceExhaustedError:
             assert table.live_blocks() == live, "a refused batch changes nothing"
+        assert {b.block: b.num_pages for b in table.live_blocks()} == expected
         for name in devices:
-            on = [b for b in table.live_blocks() if b.device == name]
+            on = table.live_blocks(name)
             assert table.blocks_on(name) == len(on)
             assert pool.pages_in_use(name) == sum(b.num_pages for b in on)
-            assert all(b.num_pages == LAYOUT.pages_for(b.num_tokens) for b in on)
     for name in devices:
         rest = table.alloc([1] * (6 - pool.pages_in_use(name)), DType.FP32, device=name)
-        pages = [p for b in table.live_blocks() if b.device == name for p in b.pages]
+        pages = [p for b in table.live_blocks(name) for p in b.pages]
         assert sorted(pages) == list(range(6)), "every page once: none lost, none handed out twice"
-        assert all(b.num_pages == 1 for b in rest)
+        assert all(table.info(b).num_pages == 1 for b in rest)

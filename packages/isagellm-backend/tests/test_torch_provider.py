@@ -51,7 +51,8 @@ def p() -> Iterator[Provider]:
 
 
 def fill(p: Provider, block: KVBlock) -> bytes:
-    data = os.urandom(p.kv_layout.page_bytes(block.dtype) * block.num_pages)
+    info = p.kv_block_info(block)
+    data = os.urandom(p.kv_layout.page_bytes(info.dtype) * info.num_pages)
     p.kv_block_write(block, data)
     return data
 
@@ -96,14 +97,18 @@ def test_the_pool_is_preallocated_and_blocks_are_views_into_it(p: Provider) -> N
     assert cache.shape == (3, 16, 2, 4, 2, 8) and cache.dtype == torch.float16
     address = cache.data_ptr()
     blocks = p.kv_blocks_alloc([4, 5, 9], "fp16")
-    assert [b.num_pages for b in blocks] == [1, 2, 3]
-    pages = [page for b in blocks for page in b.pages]
+    infos = [p.kv_block_info(b) for b in blocks]
+    assert [i.block for i in infos] == blocks
+    assert [(i.device, i.dtype, i.num_pages) for i in infos] == [
+        ("cpu:0", DType.FP16, n) for n in (1, 2, 3)
+    ]
+    pages = [page for i in infos for page in i.pages]
     assert len(set(pages)) == len(pages) and all(0 <= q < 16 for q in pages)
     # Writing through the block is visible in the pool tensor that kernels read, and back.
     data = fill(p, blocks[1])
     expected = torch.frombuffer(bytearray(data), dtype=torch.int16).view(3, 2, 2, 4, 2, 8)
-    assert torch.equal(cache[:, list(blocks[1].pages)].view(torch.int16), expected)
-    cache[2, blocks[1].pages[0], 1] = 1.5
+    assert torch.equal(cache[:, list(infos[1].pages)].view(torch.int16), expected)
+    cache[2, infos[1].pages[0], 1] = 1.5
     assert (
         torch.frombuffer(bytearray(p.kv_block_read(blocks[1])), dtype=torch.float16)
         .view(3, 2, 2, 4, 2, 8)[2, 0, 1]
@@ -127,11 +132,12 @@ def test_copy_and_migrate_preserve_bytes_both_ways(p: Provider) -> None:
     p.kv_block_copy(src, dst)
     assert p.kv_block_read(dst) == data
     on_host = p.kv_block_migrate(dst, HOST)
-    assert on_host.device == HOST and p.kv_block_read(on_host) == data
+    assert p.kv_block_info(on_host).device == HOST and p.kv_block_read(on_host) == data
     with pytest.raises(BlockNotFoundError):
         p.kv_block_read(dst)
     back = p.kv_block_migrate(on_host, "cpu:0")
-    assert back.device == "cpu:0" and p.kv_block_read(back) == data
+    assert p.kv_block_info(back).device == "cpu:0" and p.kv_block_read(back) == data
+    assert len({src, dst, on_host, back}) == 4, "a migration gives a new handle"
     assert counts(p) == (2, 4)
 
 
@@ -159,7 +165,10 @@ def test_batched_copy_and_swap_are_one_op_per_batch(
     moved, swapped = p.kv_blocks_migrate(targets, HOST, stream=side)
     assert scatters == 2
     swapped.synchronize()
-    assert [b.device for b in moved] == [HOST] * 3
+    assert [p.kv_block_info(b).device for b in moved] == [HOST] * 3
+    for old in targets:
+        with pytest.raises(BlockNotFoundError):
+            p.kv_block_info(old)
     assert [p.kv_block_read(b) for b in moved] == datas
     assert p.memory_stats().kv_pages_in_use == 6
 
@@ -249,7 +258,7 @@ def test_kernels_take_the_compute_dtypes_and_blocks_the_kv_dtypes(p: Provider) -
     with pytest.raises(CapabilityError, match="kv_dtype=fp32"):
         p.kv_block_alloc(4, "fp32")
     assert counts(p) == (0, 0)
-    assert p.kv_block_alloc(4, p.capability().kv_dtypes[0]).dtype is DType.FP16
+    assert p.kv_block_info(p.kv_block_alloc(4, p.capability().kv_dtypes[0])).dtype is DType.FP16
 
 
 def test_options_and_the_default_pool(p: Provider) -> None:
@@ -265,7 +274,7 @@ def test_options_and_the_default_pool(p: Provider) -> None:
         assert budget.memory_stats().kv_pages_total == (1 << 20) // budget.kv_layout.page_bytes(
             "bf16"
         )
-        assert budget.kv_block_alloc(1, "bf16").dtype is DType.BF16
+        assert budget.kv_block_info(budget.kv_block_alloc(1, "bf16")).dtype is DType.BF16
     finally:
         budget.close()
     with pytest.raises(UnknownOptionError):
@@ -313,20 +322,35 @@ def test_growth_appends_pages_in_place_without_copying(p: Provider) -> None:
     block = p.kv_block_alloc(4, "fp16")
     data = fill(p, block)
     pool = p.kv_pool()
-    grown = p.kv_block_grow(block, 10)
-    assert (grown.handle, grown.pages[:1], grown.num_pages) == (block.handle, block.pages, 3)
+    before = p.kv_block_info(block)
+    assert p.kv_block_grow(block, 10) == block, "grown in place: the same handle"
+    grown = p.kv_block_info(block)
+    assert (grown.block, grown.pages[:1], grown.num_pages) == (block, before.pages, 3)
+    assert len(set(grown.pages)) == 3
     head = pool[:, grown.pages[0]].contiguous().view(torch.uint8).flatten().numpy().tobytes()
     assert head == data, "the first page stays where it was, with its bytes"
+    read = torch.frombuffer(bytearray(p.kv_block_read(block)), dtype=torch.int16)
+    old = torch.frombuffer(bytearray(data), dtype=torch.int16)
+    assert torch.equal(read.view(3, 3, -1)[:, 0], old.view(3, -1)), "read: page 0 still first"
     assert counts(p) == (1, 3)
-    with pytest.raises(BlockNotFoundError, match="grown"):
-        p.kv_block_free(block)
-    with pytest.raises(InvalidArgumentError, match="cannot grow"):
-        p.kv_block_grow(grown, 3)
+    assert p.kv_block_grow(block, 3) == block, "growing to fewer tokens is a no-op"
+    assert p.kv_block_info(block) == grown and counts(p) == (1, 3)
+    for bad in (0, -4):
+        with pytest.raises(InvalidArgumentError):
+            p.kv_block_grow(block, bad)
     other = p.kv_block_alloc(4, "fp16")
     with pytest.raises(ResourceExhaustedError):
-        p.kv_blocks_grow([grown], [4 * 16])
-    assert counts(p) == (2, 4)
-    p.kv_blocks_free([grown, other])
+        p.kv_blocks_grow([block, other], [4 * 10, 4 * 16])
+    assert p.kv_block_info(block) == grown and counts(p) == (2, 4), "all or nothing"
+    with pytest.raises(InvalidArgumentError):
+        p.kv_blocks_grow([block, block], [12, 16])
+    assert p.kv_blocks_grow([block, other], [12, 8]) == [block, other]
+    assert [p.kv_block_info(b).num_pages for b in (block, other)] == [3, 2]
+    assert counts(p) == (2, 5)
+    p.kv_blocks_free([block, other])
+    with pytest.raises(BlockNotFoundError):
+        p.kv_block_grow(block, 20)
+    assert counts(p) == (0, 0)
 
 
 def test_write_counts_the_bytes_of_any_buffer(p: Provider) -> None:

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 
+import sagellm_backend
 from sagellm_backend import (
     CapabilityDescriptor,
     CapabilityError,
@@ -18,6 +19,7 @@ from sagellm_backend import (
     InvalidArgumentError,
     KernelKind,
     KVBlock,
+    KVBlockInfo,
     KVLayout,
     MockBackendProvider,
     ReduceOp,
@@ -246,11 +248,33 @@ def test_kv_layout_validates(field: str, value: object) -> None:
         KVLayout(**{field: value})  # type: ignore[arg-type]
 
 
-def test_kv_block_is_a_picklable_value() -> None:
-    block = KVBlock(7, 33, DType.FP16, "mock:0", pages=(4, 9, 2), owner="p1")
-    assert block.num_pages == 3
+def test_kv_block_is_a_picklable_int_handle() -> None:
+    block = KVBlock(0x1234 << 48 | 7)
+    assert type(block) is int, "a handle is a plain int at run time"
     assert pickle.loads(pickle.dumps(block)) == block
-    assert len({block, KVBlock(7, 33, DType.FP16, "mock:0", pages=(4, 9, 2), owner="p1")}) == 1
+    assert copy.deepcopy(block) == block and len({block, KVBlock(0x1234 << 48 | 7)}) == 1
+    assert f"{block:#x}" == "0x1234000000000007"
+    for field in ("handle", "pages", "num_tokens", "dtype", "device", "owner", "num_pages"):
+        assert not hasattr(block, field), f"{field} is kv_block_info's, not the handle's"
+
+
+def test_kv_block_info_is_a_picklable_value() -> None:
+    info = KVBlockInfo(KVBlock(7), "mock:0", DType.FP16, (4, 9, 2))
+    assert info.num_pages == 3 and info.block == 7
+    assert pickle.loads(pickle.dumps(info)) == info
+    assert len({info, KVBlockInfo(KVBlock(7), "mock:0", DType.FP16, (4, 9, 2))}) == 1
+    assert info != info._replace(pages=(4, 9))
+    assert sagellm_backend.KVBlockInfo is KVBlockInfo
+
+
+def test_kv_block_info_says_where_a_mock_block_is() -> None:
+    p = MockBackendProvider(tokens_per_block=16)
+    block = p.kv_block_alloc(33, "bf16")
+    info = p.kv_block_info(block)
+    assert info == KVBlockInfo(block, "mock:0", DType.BF16, info.pages)
+    assert info.num_pages == 3 and len(set(info.pages)) == 3
+    assert pickle.loads(pickle.dumps(info)) == info
+    p.close()
 
 
 @pytest.mark.parametrize(

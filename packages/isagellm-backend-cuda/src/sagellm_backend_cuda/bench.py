@@ -222,8 +222,8 @@ def _size(
     moved = n * block_bytes
     sources, targets = blocks[:n], blocks[n : 2 * n]
     pairs = list(zip(sources, targets, strict=True))
-    src_pages = [b.pages[0] for b in sources]
-    dst_pages = [b.pages[0] for b in targets]
+    src_pages = [provider.kv_block_info(b).pages[0] for b in sources]
+    dst_pages = [provider.kv_block_info(b).pages[0] for b in targets]
     src_index = torch.tensor(src_pages, device=cache.device)
     dst_index = torch.tensor(dst_pages, device=cache.device)
 
@@ -273,11 +273,10 @@ def _size(
             in_ms.append(start.elapsed_time(end))
             out_host.append(issued)
     blocks[:n] = swapped
+    back_pages = [provider.kv_block_info(b).pages[0] for b in swapped]
     swap_exact = bool(
         torch.equal(
-            cache[:, torch.tensor([b.pages[0] for b in swapped], device=cache.device)].view(
-                torch.int16
-            ),
+            cache[:, torch.tensor(back_pages, device=cache.device)].view(torch.int16),
             cache[:, dst_index].view(torch.int16),
         )
     )

@@ -39,7 +39,7 @@ from sagellm_backend.errors import (
     UnknownOptionError,
 )
 from sagellm_backend.kernels import KernelSpec
-from sagellm_backend.kv import KVBlock, KVLayout
+from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 from sagellm_backend.ops import STANDARD_OPS, OpName, StandardOp
 from sagellm_backend.protocols import (
     BackendProvider,
@@ -145,6 +145,7 @@ __all__ = [
     "InvalidBlockError",
     "InvalidSpecError",
     "KVBlock",
+    "KVBlockInfo",
     "KVBlockManager",
     "KVCacheAccess",
     "KVCacheWrite",

@@ -156,11 +156,11 @@ class BlockStorage(Protocol):
         """The most pages one block of ``pool`` could ever occupy."""
         ...
 
-    def allocate(self, pool: Pool, page_counts: Sequence[int]) -> list[Pages]:
-        """The page ids of new blocks of ``pool``, all or none.
+    def allocate(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
+        """The page ids of new blocks, per request ``(pool, page_counts)``, all or none.
 
-        Block ``i`` gets ``page_counts[i]`` pages (at least one). If the batch does not fit,
-        raise ResourceExhaustedError leaving nothing changed.
+        Block ``i`` of a request gets ``page_counts[i]`` pages (at least one) of its pool. If
+        the requests do not fit together, raise ResourceExhaustedError leaving nothing changed.
         """
         ...
 
@@ -225,13 +225,13 @@ class BlockTable:
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
         self._pool_of: dict[tuple[str, DType], Pool] = {}
-        self._one_page: dict[object, tuple[DType, Take]] = {}
+        self._one_page: dict[object, tuple[DType, Take, bool]] = {}
         self._give: dict[int, Give] = {}
         for dtype in self._dtypes:
             pool = self._pool(default_device, dtype)
             take = storage.taker(pool)
             if take is not None:
-                self._one_page[dtype] = (dtype, take)
+                self._one_page[dtype] = (dtype, take, pool.number != 0)
         self._in_flight: list[Fence] = []
         self._pending: deque[_Pending] = deque()
         self._closed: str | None = None
@@ -275,7 +275,7 @@ class BlockTable:
     def alloc_one(self, num_tokens: int, dtype: object) -> KVBlock:
         """One block on the default device; one-page blocks take the single-block path."""
         try:
-            member, take = self._one_page[dtype]
+            member, take, elsewhere = self._one_page[dtype]
         except (KeyError, TypeError):
             return self.alloc([num_tokens], dtype)[0]
         if (
@@ -291,6 +291,8 @@ class BlockTable:
                 pages = take()
                 handle = next(self._handles)
                 self._live[handle] = pages
+                if elsewhere:
+                    self._elsewhere += 1
                 return handle
         except IndexError:
             pass  # none free: the batch path waits for pending pages or says it is exhausted
@@ -320,9 +322,9 @@ class BlockTable:
                 page_counts = [1] * len(counts)  # the usual batch: every block one page
             else:
                 page_counts = [-(-n // tokens_per_page) for n in counts]
-            taken = self._take(pool, page_counts)
+            taken = self._take([(pool, page_counts)])[0]
             handles = list(itertools.islice(self._handles, len(counts)))
-            self._live.update(zip(handles, taken))
+            self._live.update(zip(handles, taken, strict=True))
             if pool.number:
                 self._elsewhere += len(counts)
         return handles
@@ -336,10 +338,13 @@ class BlockTable:
                 live = self._live
                 pages = live.get(block)
                 if pages is not None and len(pages) == 1:
-                    give = self._give.get(pages[0] >> PAGE_BITS)
+                    number = pages[0] >> PAGE_BITS
+                    give = self._give.get(number)
                     if give is not None:
                         del live[block]
                         give(pages)
+                        if number:
+                            self._elsewhere -= 1
                         return
             finally:
                 lock.release()
@@ -356,7 +361,9 @@ class BlockTable:
             pop = self._live.pop
             pages = list(map(pop, items, itertools.repeat(None)))
             if not all(pages):
-                self._live.update((h, p) for h, p in zip(items, pages) if p is not None)
+                self._live.update(
+                    (h, p) for h, p in zip(items, pages, strict=True) if p is not None
+                )
                 self._refuse(items, "kv_blocks_free")
             groups = self._groups(cast("list[Pages]", pages))
             self._release(groups, [] if after is None else [after])
@@ -384,16 +391,11 @@ class BlockTable:
                     indices, page_counts = extra.setdefault(pool, ([], []))
                     indices.append(i)
                     page_counts.append(more)
-            taken: list[tuple[Pool, list[Pages]]] = []
-            try:
-                for pool, (_, page_counts) in extra.items():
-                    taken.append((pool, self._take(pool, page_counts)))
-            except BaseException:
-                for pool, given in taken:
-                    self._storage.release(pool, given)
-                raise
+            if not extra:
+                return items
+            taken = self._take([(pool, page_counts) for pool, (_, page_counts) in extra.items()])
             live = self._live
-            for (indices, _), (_, given) in zip(extra.values(), taken, strict=True):
+            for (indices, _), given in zip(extra.values(), taken, strict=True):
                 for i, added in zip(indices, given, strict=True):
                     live[items[i]] = current[i] + added
         return items
@@ -459,35 +461,29 @@ class BlockTable:
                         hint="migrate it to another device, or keep using it where it is",
                     )
                 plans.append((source, self._pool(where, source.dtype), members))
+            moved = [
+                sources if len(members) == len(items) else [sources[i] for i in members]
+                for _, _, members in plans
+            ]
+            requests = [(plan[1], list(map(len, m))) for plan, m in zip(plans, moved, strict=True)]
+            taken = self._take(requests)
             replaced: list[Pages | None] = [None] * len(items)
             transfers: list[Transfer] = []
-            taken: list[tuple[Pool, list[Pages]]] = []
+            for (source, target_pool, members), m, given in zip(plans, moved, taken, strict=True):
+                for i, pages in zip(members, given, strict=True):
+                    replaced[i] = pages
+                transfers.append(
+                    Transfer(source, target_pool, _indices(m, source), _indices(given, target_pool))
+                )
             try:
-                for source, target_pool, members in plans:
-                    if len(members) == len(items):
-                        moved = sources
-                    else:
-                        moved = [sources[i] for i in members]
-                    given = self._take(target_pool, list(map(len, moved)))
-                    taken.append((target_pool, given))
-                    for i, pages in zip(members, given, strict=True):
-                        replaced[i] = pages
-                    transfers.append(
-                        Transfer(
-                            source,
-                            target_pool,
-                            _indices(moved, source),
-                            _indices(given, target_pool),
-                        )
-                    )
                 event = issue(transfers)
             except BaseException:
-                for pool, given in taken:
+                for (pool, _), given in zip(requests, taken, strict=True):
                     self._storage.release(pool, given)
                 raise
             handles = list(itertools.islice(self._handles, len(items)))
             _exhaust(map(self._live.__delitem__, items))
-            self._live.update(zip(handles, cast("list[Pages]", replaced)))
+            self._live.update(zip(handles, cast("list[Pages]", replaced), strict=True))
             released = self._groups(sources)
             self._elsewhere += sum(len(m) for _, pool, m in plans if pool.number)
             self._release(released, [] if event is None else [event])
@@ -578,14 +574,14 @@ class BlockTable:
         pool = self._pools[pages[0] >> PAGE_BITS]
         return KVBlockInfo(cast("KVBlock", handle), pool.device, pool.dtype, _local(pages))
 
-    def _take(self, pool: Pool, page_counts: Sequence[int]) -> list[Pages]:
+    def _take(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """Pages from the storage, after the pending pages whose events were reached; waits for
         the oldest pending events while the storage is short of pages."""
         if self._pending:
             self._poll()
         while True:
             try:
-                return self._storage.allocate(pool, page_counts)
+                return self._storage.allocate(requests)
             except ResourceExhaustedError:
                 if not self._pending:
                     raise

@@ -16,7 +16,6 @@ from typing import Any
 
 from sagellm_backend.bench.baselines import Baselines
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
-from sagellm_backend.kv import KVBlock
 from sagellm_backend.protocols import BackendProvider
 
 __all__ = ["STEPS", "batch_metadata_case"]

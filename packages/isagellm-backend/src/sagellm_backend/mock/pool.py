@@ -85,23 +85,10 @@ class PoolPages:
             memory.peak = used
         return page
 
-    def take(self, device: str, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
-        """The pages of new blocks, all or none."""
+    def take(self, page_counts: Sequence[int], total: int) -> list[tuple[int, ...]]:
+        """The pages of new blocks, ``total`` in all; the caller checked that they fit."""
         memory, free = self.memory, self.free
-        total = sum(page_counts)
         nbytes = total * self.size
-        if memory.capacity is not None and memory.used + nbytes > memory.capacity:
-            raise ResourceExhaustedError(
-                f"{device} is out of KV memory: {nbytes} bytes requested, "
-                f"{memory.capacity - memory.used} of {memory.capacity} free",
-                hint="free or migrate blocks first, or raise max_memory_mb",
-            )
-        if len(memory.stamps) + total > MAX_PAGES:
-            raise ResourceExhaustedError(
-                f"{device} would track {len(memory.stamps) + total} pages, more than the "
-                f"mock's {MAX_PAGES}",
-                hint="allocate fewer or smaller blocks, or raise tokens_per_block",
-            )
         reused = min(total, len(free))
         pages = free[len(free) - reused :]
         del free[len(free) - reused :]
@@ -188,8 +175,33 @@ class MockMemory:
             return _UNBOUNDED_PAGES
         return self._capacity // self._layout.page_bytes(pool.dtype)
 
-    def allocate(self, pool: Pool, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
-        return self._pages(pool).take(pool.device, page_counts)
+    def allocate(
+        self, requests: Sequence[tuple[Pool, Sequence[int]]]
+    ) -> list[list[tuple[int, ...]]]:
+        totals = [sum(page_counts) for _, page_counts in requests]
+        pages = [self._pages(pool) for pool, _ in requests]
+        wanted: dict[str, tuple[int, int]] = {}
+        for (pool, _), total, p in zip(requests, totals, pages, strict=True):
+            nbytes, count = wanted.get(pool.device, (0, 0))
+            wanted[pool.device] = (nbytes + total * p.size, count + total)
+        for device, (nbytes, count) in wanted.items():
+            memory = self.device(device)
+            if memory.capacity is not None and memory.used + nbytes > memory.capacity:
+                raise ResourceExhaustedError(
+                    f"{device} is out of KV memory: {nbytes} bytes requested, "
+                    f"{memory.capacity - memory.used} of {memory.capacity} free",
+                    hint="free or migrate blocks first, or raise max_memory_mb",
+                )
+            if len(memory.stamps) + count > MAX_PAGES:
+                raise ResourceExhaustedError(
+                    f"{device} would track {len(memory.stamps) + count} pages, more than the "
+                    f"mock's {MAX_PAGES}",
+                    hint="allocate fewer or smaller blocks, or raise tokens_per_block",
+                )
+        return [
+            p.take(page_counts, total)
+            for p, (_, page_counts), total in zip(pages, requests, totals, strict=True)
+        ]
 
     def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
         self._pages(pool).give_all(pages)

@@ -16,8 +16,10 @@ from sagellm_backend.testing.check import (
     CheckSkipped,
     ConformanceFailure,
     claims,
+    claims_op,
     expect_refusal,
     lacks,
+    lacks_op,
 )
 from sagellm_backend.testing.checks import STANDARD_CHECKS
 from sagellm_backend.testing.mock_target import MockTarget, MockTensors
@@ -56,8 +58,10 @@ __all__ = [
     "RankOutcome",
     "TensorAdapter",
     "claims",
+    "claims_op",
     "expect_refusal",
     "lacks",
+    "lacks_op",
     "probe_capability",
     "run_check",
     "run_conformance",

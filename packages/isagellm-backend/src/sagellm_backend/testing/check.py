@@ -31,8 +31,10 @@ __all__ = [
     "block_pages",
     "call_untyped",
     "claims",
+    "claims_op",
     "expect_refusal",
     "lacks",
+    "lacks_op",
 ]
 
 T = TypeVar("T")
@@ -100,6 +102,28 @@ def lacks(flag: str) -> Requirement:
         return (
             f"claimed: {flag}=True (the claimed operation is checked instead)"
             if getattr(capability, flag)
+            else None
+        )
+
+    return requirement
+
+
+def claims_op(name: str) -> Requirement:
+    """Applies when the capability claims the standard op ``name``."""
+
+    def requirement(capability: CapabilityDescriptor) -> str | None:
+        return None if capability.supports_op(name) else f"not claimed: op {name}"
+
+    return requirement
+
+
+def lacks_op(name: str) -> Requirement:
+    """Applies when the standard op ``name`` is not claimed (checks its refusal)."""
+
+    def requirement(capability: CapabilityDescriptor) -> str | None:
+        return (
+            f"claimed: op {name} (the claimed operation is checked instead)"
+            if capability.supports_op(name)
             else None
         )
 
@@ -183,14 +207,14 @@ class CheckContext(Generic[T]):
 
 
 def block_pages(provider: BackendProvider[Any], block: KVBlock) -> int:
-    """Pages a block of ``provider`` occupies (``block.pages`` is empty where pages are not
-    exposed, so this is computed from the layout)."""
-    return provider.kv_layout.pages_for(block.num_tokens)
+    """Pages a block of ``provider`` occupies, as ``kv_block_info`` says."""
+    return provider.kv_block_info(block).num_pages
 
 
 def block_nbytes(provider: BackendProvider[Any], block: KVBlock) -> int:
     """Bytes a block of ``provider`` holds: its pages times the page size in its dtype."""
-    return provider.kv_layout.page_bytes(block.dtype) * block_pages(provider, block)
+    info = provider.kv_block_info(block)
+    return provider.kv_layout.page_bytes(info.dtype) * info.num_pages
 
 
 def call_untyped(fn: Callable[..., object], *args: object) -> Callable[[], object]:

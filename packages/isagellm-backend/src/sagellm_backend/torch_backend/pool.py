@@ -144,18 +144,25 @@ class KVPagePool:
     def max_pages(self, pool: Pool) -> int:
         return self.pools[pool.device].num_pages
 
-    def allocate(self, pool: Pool, page_counts: Sequence[int]) -> list[tuple[int, ...]]:
-        """Page ids for new blocks of ``pool``; its dtype is the pool's (the table checks)."""
-        pages = self._pages(pool)
-        total = sum(page_counts)
-        if total > pages.free_pages:
-            raise ResourceExhaustedError(
-                f"{pool.device} is out of KV pages: {total} requested, {pages.free_pages} of "
-                f"{pages.num_pages} free",
-                hint="free or migrate blocks first, or configure a larger pool "
-                "(num_blocks, kv_memory_mb)",
-            )
-        return pages.take(page_counts, total)
+    def allocate(
+        self, requests: Sequence[tuple[Pool, Sequence[int]]]
+    ) -> list[list[tuple[int, ...]]]:
+        """Page ids for new blocks per ``(pool, page_counts)``; each dtype is its device's (the
+        table checks), so each request has a device of its own."""
+        totals = [sum(page_counts) for _, page_counts in requests]
+        for (pool, _), total in zip(requests, totals, strict=True):
+            pages = self._pages(pool)
+            if total > pages.free_pages:
+                raise ResourceExhaustedError(
+                    f"{pool.device} is out of KV pages: {total} requested, {pages.free_pages} "
+                    f"of {pages.num_pages} free",
+                    hint="free or migrate blocks first, or configure a larger pool "
+                    "(num_blocks, kv_memory_mb)",
+                )
+        return [
+            self._pages(pool).take(page_counts, total)
+            for (pool, page_counts), total in zip(requests, totals, strict=True)
+        ]
 
     def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
         self._pages(pool).give_back(pages)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sagellm_backend.device import HOST
 from sagellm_backend.errors import (
@@ -15,6 +15,8 @@ from sagellm_backend.errors import (
     InvalidBlockError,
     KernelNotFoundError,
 )
+from sagellm_backend.kv import KVBlock
+from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.testing.check import (
     Area,
     Check,
@@ -91,31 +93,55 @@ def _double_free(ctx: CheckContext[T]) -> None:
     assert_unchanged(p, before, "a refused double free")
 
 
+def _uses(
+    ctx: CheckContext[Any], p: BackendProvider[Any], live: KVBlock, block: object
+) -> dict[str, Callable[[], object]]:
+    """Every call of ``p`` that names ``block`` (with the live ``live`` where it needs two)."""
+    size = len(p.kv_block_read(live))
+    tokens = p.kv_layout.tokens_per_block
+    uses: dict[str, Callable[[], object]] = {
+        "kv_block_free": call_untyped(p.kv_block_free, block),
+        "kv_blocks_free": call_untyped(p.kv_blocks_free, [live, block]),
+        "kv_block_info": call_untyped(p.kv_block_info, block),
+        "kv_block_read": call_untyped(p.kv_block_read, block),
+        "kv_block_write": call_untyped(p.kv_block_write, block, ctx.random_bytes(size)),
+    }
+    if ctx.capability.has_kv_block_copy:
+        uses["kv_block_copy from it"] = call_untyped(p.kv_block_copy, block, live)
+        uses["kv_block_copy into it"] = call_untyped(p.kv_block_copy, live, block)
+    if ctx.capability.has_kv_block_migrate:
+        uses["kv_block_migrate"] = call_untyped(p.kv_block_migrate, block, HOST)
+        uses["kv_blocks_migrate"] = call_untyped(p.kv_blocks_migrate, [live, block], HOST)
+    if ctx.capability.supports_op("kv_grow"):
+        uses["kv_block_grow"] = call_untyped(p.kv_block_grow, block, tokens)
+        uses["kv_blocks_grow"] = call_untyped(p.kv_blocks_grow, [live, block], [tokens] * 2)
+    return uses
+
+
 def _use_after_free(ctx: CheckContext[T]) -> None:
     p = ctx.provider
     live = p.kv_block_alloc(1, first_kv_dtype(ctx))
     ctx.fill(p, live)
     gone = p.kv_block_alloc(1, first_kv_dtype(ctx))
-    size = len(ctx.fill(p, gone))
+    ctx.fill(p, gone)
     p.kv_block_free(gone)
-    before = snapshot(p, [live])
-    uses: dict[str, Callable[[], object]] = {
-        "kv_block_read": lambda: p.kv_block_read(gone),
-        "kv_block_write": lambda: p.kv_block_write(gone, ctx.random_bytes(size)),
-    }
-    if ctx.capability.has_kv_block_copy:
-        uses["kv_block_copy from it"] = lambda: p.kv_block_copy(gone, live)
-        uses["kv_block_copy into it"] = lambda: p.kv_block_copy(live, gone)
+    stale = {"use after free": gone}
+    moved = []
     if ctx.capability.has_kv_block_migrate:
-        uses["kv_block_migrate"] = lambda: p.kv_block_migrate(gone, HOST)
-    for name, use in uses.items():
-        expect_refusal(
-            f"use after free ({name}) is refused",
-            BlockNotFoundError,
-            use,
-            code=ErrorCode.BLOCK_NOT_FOUND,
-        )
-    assert_unchanged(p, before, "a refused use after free")
+        away = p.kv_block_alloc(1, first_kv_dtype(ctx))
+        ctx.fill(p, away)
+        moved.append(p.kv_block_migrate(away, HOST))
+        stale["use after migrate"] = away
+    before = snapshot(p, [live, *moved])
+    for what, block in stale.items():
+        for name, use in _uses(ctx, p, live, block).items():
+            expect_refusal(
+                f"{what} ({name}) is refused",
+                BlockNotFoundError,
+                use,
+                code=ErrorCode.BLOCK_NOT_FOUND,
+            )
+    assert_unchanged(p, before, "a refused use of a freed or migrated block")
 
 
 def _foreign_block(ctx: CheckContext[T]) -> None:
@@ -124,24 +150,43 @@ def _foreign_block(ctx: CheckContext[T]) -> None:
     mine = p.kv_block_alloc(1, first_kv_dtype(ctx))
     ctx.fill(p, mine)
     theirs = other.kv_block_alloc(1, first_kv_dtype(ctx))
-    size = len(ctx.fill(other, theirs))
+    ctx.fill(other, theirs)
     before, before_other = snapshot(p, [mine]), snapshot(other, [theirs])
-    uses: dict[str, Callable[[], object]] = {
-        "kv_block_free": lambda: p.kv_block_free(theirs),
-        "kv_block_read": lambda: p.kv_block_read(theirs),
-        "kv_block_write": lambda: p.kv_block_write(theirs, ctx.random_bytes(size)),
+    # The provider has handed out one handle, ``mine``: every other int is foreign to it.
+    foreign = {
+        "a block of another provider": theirs,
+        "the int 0": 0,
+        "the int -1": -1,
+        "the int after the only handle given out": mine + 1,
+        "the only handle given out plus 2**64": mine + (1 << 64),
     }
-    if ctx.capability.has_kv_block_copy:
-        uses["kv_block_copy"] = lambda: p.kv_block_copy(mine, theirs)
-    for name, use in uses.items():
-        expect_refusal(
-            f"a block of another provider is refused ({name})",
-            InvalidBlockError,
-            use,
-            code=ErrorCode.FOREIGN_BLOCK,
-        )
+    for what, block in foreign.items():
+        for name, use in _uses(ctx, p, mine, block).items():
+            expect_refusal(
+                f"{what} is refused with foreign_block ({name})",
+                InvalidBlockError,
+                use,
+                code=ErrorCode.FOREIGN_BLOCK,
+            )
     assert_unchanged(p, before, "a refused foreign block")
     assert_unchanged(other, before_other, "a refused foreign block (on its owner)")
+
+
+def _handle_type(ctx: CheckContext[T]) -> None:
+    p = ctx.provider
+    mine = p.kv_block_alloc(1, first_kv_dtype(ctx))
+    ctx.fill(p, mine)
+    before = snapshot(p, [mine])
+    bad: list[object] = [str(mine), f"{mine:#x}", float(mine), True, False, None, (mine,)]
+    for block in bad:
+        for name, use in _uses(ctx, p, mine, block).items():
+            expect_refusal(
+                f"the handle {block!r} ({type(block).__name__}, not an int) is refused ({name})",
+                InvalidArgumentError,
+                use,
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+    assert_unchanged(p, before, "a refused handle that is not an int")
 
 
 def _mismatched_copy(ctx: CheckContext[T]) -> None:
@@ -281,6 +326,13 @@ CHECKS = (
         Area.INPUTS,
         "a block of another provider is refused with foreign_block",
         _foreign_block,
+    ),
+    Check(
+        "inputs.handle_type",
+        Area.INPUTS,
+        "a KV block handle that is not an int (a str, a float, a bool, None, a tuple) is refused "
+        "with invalid_argument",
+        _handle_type,
     ),
     Check(
         "inputs.mismatched_copy",

@@ -1,6 +1,6 @@
-"""KV blocks: exact accounting, bytes preserved by copy, migrate and the batched forms,
-exhaustion (by single blocks and by batches), all-or-nothing batches, picklable handles, and a
-long seeded run of mixed operations checked against a model.
+"""KV blocks: exact accounting, where each block is (``kv_block_info``), bytes preserved by copy,
+migrate, grow and the batched forms, exhaustion (by single blocks and by batches), all-or-nothing
+batches, picklable handles, and a long seeded run of mixed operations checked against a model.
 
 Every check runs over every KV dtype the capability claims (``kv_dtypes``), with random block
 sizes up to what the pool can hold (log-uniform: most blocks small, some of many pages).
@@ -24,7 +24,7 @@ from sagellm_backend.errors import (
     InvalidBlockError,
     ResourceExhaustedError,
 )
-from sagellm_backend.kv import KVBlock
+from sagellm_backend.kv import KVBlock, KVBlockInfo
 from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.testing.check import (
     Area,
@@ -34,11 +34,15 @@ from sagellm_backend.testing.check import (
     ConformanceFailure,
     block_pages,
     claims,
+    claims_op,
     expect_refusal,
     lacks,
+    lacks_op,
 )
 from sagellm_backend.testing.checks.common import (
     assert_unchanged,
+    expect_info,
+    keeps_old_pages,
     kv_counts,
     kv_dtypes,
     pool_pages,
@@ -101,27 +105,35 @@ def _accounting(ctx: CheckContext[T]) -> None:
         base_blocks, base_pages = kv_counts(p)
         tokens = _token_counts(p) + random_tokens(ctx, p, dtype, 5, share=16)
         blocks = [p.kv_block_alloc(n, dtype) for n in tokens]
-        for n, block in zip(tokens, blocks, strict=True):
-            if block.pages and block.num_pages != p.kv_layout.pages_for(n):
-                raise ConformanceFailure(
-                    f"a {dtype.value} block of {n} tokens has {block.num_pages} pages; "
-                    f"ceil(num_tokens / tokens_per_block) is {p.kv_layout.pages_for(n)}"
-                )
-            if block.num_tokens != n or DType(block.dtype) is not dtype:
-                raise ConformanceFailure(f"the handle {block} does not describe what was allocated")
-        if len({b.handle for b in blocks}) != len(blocks):
+        infos = [
+            expect_info(
+                p,
+                block,
+                f"a {dtype.value} block of {n} tokens (ceil(num_tokens / tokens_per_block) pages)",
+                dtype=dtype,
+                device=p.device,
+                num_pages=p.kv_layout.pages_for(n),
+            )
+            for n, block in zip(tokens, blocks, strict=True)
+        ]
+        if len(set(blocks)) != len(blocks):
             raise ConformanceFailure("two live blocks share a handle")
-        pages = [page for b in blocks for page in b.pages]
+        pages = [page for info in infos for page in info.pages]
         if len(set(pages)) != len(pages):
             raise ConformanceFailure("a page was handed out to two live blocks")
-        total = sum(block_pages(p, b) for b in blocks)
+        total_pages = p.memory_stats().kv_pages_total
+        if total_pages is not None and max(pages) >= total_pages:
+            raise ConformanceFailure(
+                f"page {max(pages)} is past the {total_pages} pages the pool has (kv_pages_total)"
+            )
+        total = len(pages)
         _expect_counts(
             p, (base_blocks + len(blocks), base_pages + total), f"after {dtype.value} allocations"
         )
         half = blocks[: len(blocks) // 2]
         for block in half:
             p.kv_block_free(block)
-        freed = sum(block_pages(p, b) for b in half)
+        freed = sum(info.num_pages for info in infos[: len(half)])
         _expect_counts(
             p,
             (base_blocks + len(blocks) - len(half), base_pages + total - freed),
@@ -144,8 +156,14 @@ def _dtypes(ctx: CheckContext[T]) -> None:
                     f"KV dtype {dtype.value} is claimed but allocating a block of it "
                     f"(given as {spelling!r}) raised {type(exc).__name__}: {exc}"
                 ) from exc
-            if DType(block.dtype) is not dtype:
-                raise ConformanceFailure(f"asked for {dtype.value}, got a block of {block.dtype}")
+            expect_info(
+                p,
+                block,
+                f"a block of {dtype.value} (given as {spelling!r})",
+                dtype=dtype,
+                device=p.device,
+                num_pages=p.kv_layout.pages_for(tokens),
+            )
             data = ctx.fill(p, block)
             _expect_bytes(read_now(p, block), data, f"a {dtype.value} block written and read")
             p.kv_block_free(block)
@@ -217,20 +235,27 @@ def _copy_refused(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> 
 def _migrate(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
     base = kv_counts(p)
     block = p.kv_block_alloc(random_tokens(ctx, p, dtype, 1, share=4)[0], dtype)
-    what = f"a {dtype.value} block of {block_pages(p, block)} pages"
+    pages = block_pages(p, block)
+    what = f"a {dtype.value} block of {pages} pages"
     data = ctx.fill(p, block)
     moved = p.kv_block_migrate(block, HOST)
-    if moved.device != HOST or moved.num_tokens != block.num_tokens or moved.dtype != dtype:
-        raise ConformanceFailure(f"migrating {what} to {HOST!r} returned {moved}")
+    expect_info(p, moved, f"{what} migrated to {HOST!r}", dtype=dtype, device=HOST, num_pages=pages)
     _expect_bytes(read_now(p, moved), data, f"kv_block_migrate of {what} to {HOST!r}")
-    expect_refusal(
-        "the source handle of a migrated block is released (reading it is refused)",
-        BlockNotFoundError,
-        lambda: p.kv_block_read(block),
-    )
+    for name, use in (("reading", p.kv_block_read), ("kv_block_info of", p.kv_block_info)):
+        expect_refusal(
+            f"the source handle of a migrated block is released ({name} it is refused)",
+            BlockNotFoundError,
+            functools.partial(use, block),
+        )
     back = p.kv_block_migrate(moved, p.device)
-    if back.device != p.device:
-        raise ConformanceFailure(f"migrating to {p.device!r} returned a block on {back.device!r}")
+    expect_info(
+        p,
+        back,
+        f"{what} migrated back to {p.device!r}",
+        dtype=dtype,
+        device=p.device,
+        num_pages=pages,
+    )
     _expect_bytes(
         read_now(p, back),
         data,
@@ -265,11 +290,21 @@ def _batched_alloc_free(ctx: CheckContext[T]) -> None:
         tokens = _token_counts(p) + random_tokens(ctx, p, dtype, 5, share=16)
         ctx.rng.shuffle(tokens)
         blocks = p.kv_blocks_alloc(tokens, dtype)
-        if [b.num_tokens for b in blocks] != tokens or any(b.dtype != dtype for b in blocks):
+        if len(blocks) != len(tokens):
             raise ConformanceFailure(
-                f"kv_blocks_alloc ({dtype.value}) did not return one block per count, in order"
+                f"kv_blocks_alloc ({dtype.value}) of {len(tokens)} counts returned {len(blocks)} "
+                "blocks"
             )
-        if len({b.handle for b in blocks}) != len(blocks):
+        for i, (n, block) in enumerate(zip(tokens, blocks, strict=True)):
+            expect_info(
+                p,
+                block,
+                f"block {i} of kv_blocks_alloc ({dtype.value}, {n} tokens)",
+                dtype=dtype,
+                device=p.device,
+                num_pages=p.kv_layout.pages_for(n),
+            )
+        if len(set(blocks)) != len(blocks):
             raise ConformanceFailure("kv_blocks_alloc returned two blocks with one handle")
         pages = sum(block_pages(p, b) for b in blocks)
         _expect_counts(
@@ -326,12 +361,22 @@ def _batched_migrate(ctx: CheckContext[T]) -> None:
     stream = p.create_stream() if ctx.capability.has_stream else None
     for dtype in kv_dtypes(ctx):
         blocks = p.kv_blocks_alloc(random_tokens(ctx, p, dtype, 5, share=12), dtype)
+        pages = [block_pages(p, b) for b in blocks]
         data = [ctx.fill(p, b) for b in blocks]
         p.synchronize()
         moved, done = p.kv_blocks_migrate(blocks, HOST, stream=stream)
         done.synchronize()
-        if len(moved) != len(blocks) or any(m.device != HOST for m in moved):
-            raise ConformanceFailure(f"kv_blocks_migrate to {HOST!r} returned {moved}")
+        if len(moved) != len(blocks):
+            raise ConformanceFailure(f"kv_blocks_migrate of {len(blocks)} blocks returned {moved}")
+        for i, (block, n) in enumerate(zip(moved, pages, strict=True)):
+            expect_info(
+                p,
+                block,
+                f"block {i} of kv_blocks_migrate ({dtype.value}) to {HOST!r}",
+                dtype=dtype,
+                device=HOST,
+                num_pages=n,
+            )
         for i, (block, expected) in enumerate(zip(moved, data, strict=True)):
             _expect_bytes(
                 p.kv_block_read(block),
@@ -346,6 +391,15 @@ def _batched_migrate(ctx: CheckContext[T]) -> None:
             )
         back, done = p.kv_blocks_migrate(moved, p.device, stream=stream)
         done.synchronize()
+        for i, (block, n) in enumerate(zip(back, pages, strict=True)):
+            expect_info(
+                p,
+                block,
+                f"block {i} of kv_blocks_migrate ({dtype.value}) back to {p.device!r}",
+                dtype=dtype,
+                device=p.device,
+                num_pages=n,
+            )
         for i, (block, expected) in enumerate(zip(back, data, strict=True)):
             _expect_bytes(
                 p.kv_block_read(block),
@@ -379,10 +433,24 @@ def _all_or_nothing(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -
     assert_unchanged(p, before, "kv_blocks_free with one freed block")
     expect_refusal(
         "kv_blocks_free naming one block twice frees nothing",
-        BackendError,
+        InvalidArgumentError,
         lambda: p.kv_blocks_free([live[0], live[0]]),
     )
     assert_unchanged(p, before, "kv_blocks_free naming one block twice")
+    if ctx.capability.supports_op("kv_grow"):
+        more = [block_pages(p, b) * tpb + tpb for b in live]
+        grows: dict[str, tuple[type[BackendError], list[KVBlock], list[int]]] = {
+            "with one freed block": (BlockNotFoundError, [live[0], gone], more[:2]),
+            "with one invalid count": (InvalidArgumentError, live, [more[0], more[1], 0]),
+            "naming one block twice": (InvalidArgumentError, [live[0], live[0]], more[:2]),
+        }
+        for what, (error, blocks, counts) in grows.items():
+            expect_refusal(
+                f"kv_blocks_grow {what} grows nothing",
+                error,
+                functools.partial(p.kv_blocks_grow, blocks, counts),
+            )
+            assert_unchanged(p, before, f"kv_blocks_grow {what}")
     if ctx.capability.has_kv_block_copy:
         expect_refusal(
             "kv_blocks_copy with one mismatched pair copies nothing",
@@ -397,6 +465,12 @@ def _all_or_nothing(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -
             lambda: p.kv_blocks_migrate([live[0], gone], HOST),
         )
         assert_unchanged(p, before, "kv_blocks_migrate with one freed block")
+        expect_refusal(
+            "kv_blocks_migrate naming one block twice moves nothing",
+            InvalidArgumentError,
+            lambda: p.kv_blocks_migrate([live[0], live[0]], HOST),
+        )
+        assert_unchanged(p, before, "kv_blocks_migrate naming one block twice")
     p.kv_blocks_free(live)
 
 
@@ -429,6 +503,7 @@ def _exhaust(
 ) -> None:
     tpb = p.kv_layout.tokens_per_block
     page_bytes = p.kv_layout.page_bytes(dtype)
+    grows = ctx.capability.supports_op("kv_grow")
     base = kv_counts(p)
     blocks: list[KVBlock] = []
     held = 0
@@ -492,10 +567,33 @@ def _exhaust(
             lambda: p.kv_block_alloc(1, dtype),
         )
         assert_unchanged(p, before, "a refused allocation from an exactly full pool")
+        if grows:
+            expect_refusal(
+                "growing a block of a full pool by one page is refused with resource_exhausted",
+                ResourceExhaustedError,
+                functools.partial(
+                    p.kv_block_grow, blocks[0], (block_pages(p, blocks[0]) + 1) * tpb
+                ),
+            )
+            assert_unchanged(p, before, "a refused grow in a full pool")
     freed = blocks.pop()
+    freed_pages = block_pages(p, freed)
     p.kv_block_free(freed)
+    if grows and capacity is not None and len(blocks) > 1:
+        # A batched grow that fits until its last block: the first must not keep its pages.
+        counts = [
+            (block_pages(p, blocks[0]) + freed_pages) * tpb,
+            (block_pages(p, blocks[1]) + 1) * tpb,
+        ]
+        before = snapshot(p, blocks[:2])
+        expect_refusal(
+            "a batched grow that runs out of memory midway is refused with resource_exhausted",
+            ResourceExhaustedError,
+            functools.partial(p.kv_blocks_grow, blocks[:2], counts),
+        )
+        assert_unchanged(p, before, "a batched grow that ran out of memory midway")
     try:
-        blocks.append(p.kv_block_alloc(freed.num_tokens, dtype))
+        blocks.append(p.kv_block_alloc(freed_pages * tpb, dtype))
     except ResourceExhaustedError as exc:
         raise ConformanceFailure(
             "the pool is not usable after exhaustion: freeing a block did not make room for "
@@ -510,9 +608,12 @@ def _exhaust(
 def _pickle(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
     block = p.kv_block_alloc(random_tokens(ctx, p, dtype, 1, share=4)[0], dtype)
     data = ctx.fill(p, block)
-    clone = pickle.loads(pickle.dumps(block))
-    if clone != block or hash(clone) != hash(block):
-        raise ConformanceFailure(f"a KV block handle changed through pickling: {clone}")
+    copied: object = pickle.loads(pickle.dumps(block))
+    if type(copied) is not int or copied != block or hash(copied) != hash(block):
+        raise ConformanceFailure(f"a KV block handle changed through pickling: {copied!r}")
+    clone = KVBlock(copied)
+    if p.kv_block_info(clone) != p.kv_block_info(block):
+        raise ConformanceFailure("kv_block_info of an unpickled handle differs from the original")
     _expect_bytes(read_now(p, clone), data, "a block read through an unpickled handle")
     p.kv_block_free(clone)
     expect_refusal(
@@ -520,6 +621,94 @@ def _pickle(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
         BlockNotFoundError,
         lambda: p.kv_block_read(block),
     )
+
+
+def _expect_grown(
+    p: BackendProvider[T], block: KVBlock, old: KVBlockInfo, data: bytes, num_tokens: int, what: str
+) -> None:
+    """``block`` grown in place from ``old`` to hold ``num_tokens``: old pages first, bytes kept."""
+    pages = max(old.num_pages, p.kv_layout.pages_for(num_tokens))
+    info = expect_info(p, block, what, dtype=old.dtype, device=old.device, num_pages=pages)
+    if info.pages[: old.num_pages] != old.pages:
+        raise ConformanceFailure(
+            f"{what}: its pages went from {old.pages} to {info.pages}; growing appends pages and "
+            "keeps the old ones first"
+        )
+    if not keeps_old_pages(p, old.dtype, read_now(p, block), data):
+        raise ConformanceFailure(f"{what}: the old pages do not hold the bytes they held")
+
+
+def _grow(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
+    tpb = p.kv_layout.tokens_per_block
+    base_blocks, base_pages = kv_counts(p)
+    blocks = p.kv_blocks_alloc(random_tokens(ctx, p, dtype, 3, share=16), dtype)
+    data = [ctx.fill(p, b) for b in blocks]
+    old = [p.kv_block_info(b) for b in blocks]
+    tokens = [(o.num_pages + ctx.rng.randint(0, 3)) * tpb - ctx.rng.randrange(tpb) for o in old]
+    held = base_pages + sum(
+        max(o.num_pages, p.kv_layout.pages_for(n)) for o, n in zip(old, tokens, strict=True)
+    )
+    grown = p.kv_block_grow(blocks[0], tokens[0])
+    if type(grown) is not int or grown != blocks[0]:
+        raise ConformanceFailure(
+            f"kv_block_grow of block {blocks[0]:#x} returned {grown!r}; a block grows in place "
+            "and keeps its handle"
+        )
+    grown_all = p.kv_blocks_grow(blocks[1:], tokens[1:])
+    if grown_all != blocks[1:]:
+        raise ConformanceFailure(
+            f"kv_blocks_grow of {[f'{b:#x}' for b in blocks[1:]]} returned {grown_all!r}; blocks "
+            "grow in place and keep their handles, in order"
+        )
+    for i, (block, o, d, n) in enumerate(zip(blocks, old, data, tokens, strict=True)):
+        _expect_grown(
+            p,
+            block,
+            o,
+            d,
+            n,
+            f"{dtype.value} block {i} grown from {o.num_pages} pages to {n} tokens",
+        )
+    _expect_counts(p, (base_blocks + len(blocks), held), f"after growing {dtype.value} blocks")
+    data = [ctx.fill(p, b) for b in blocks]
+    for i, (block, expected) in enumerate(zip(blocks, data, strict=True)):
+        _expect_bytes(read_now(p, block), expected, f"a grown {dtype.value} block {i} rewritten")
+    before = snapshot(p, blocks)
+    capacity = block_pages(p, blocks[0]) * tpb
+    for n in (1, capacity - tpb + 1, capacity):
+        if p.kv_block_grow(blocks[0], n) != blocks[0]:
+            raise ConformanceFailure(
+                "kv_block_grow to no more pages than the block has returned another handle"
+            )
+    assert_unchanged(p, before, f"growing a block of {capacity} tokens to no more pages")
+    for n in (0, -tpb):
+        expect_refusal(
+            f"kv_block_grow to num_tokens={n} is refused",
+            InvalidArgumentError,
+            functools.partial(p.kv_block_grow, blocks[0], n),
+        )
+    assert_unchanged(p, before, "a refused grow")
+    p.kv_blocks_free(blocks)
+    _expect_counts(p, (base_blocks, base_pages), f"after freeing grown {dtype.value} blocks")
+
+
+def _grow_refused(ctx: CheckContext[T], p: BackendProvider[T], dtype: DType) -> None:
+    block = p.kv_block_alloc(random_tokens(ctx, p, dtype, 1, share=4)[0], dtype)
+    ctx.fill(p, block)
+    before = snapshot(p, [block])
+    more = (block_pages(p, block) + 1) * p.kv_layout.tokens_per_block
+    expect_refusal(
+        "kv_block_grow without the kv_grow op is refused",
+        CapabilityError,
+        functools.partial(p.kv_block_grow, block, more),
+    )
+    expect_refusal(
+        "kv_blocks_grow without the kv_grow op is refused",
+        CapabilityError,
+        functools.partial(p.kv_blocks_grow, [block], [more]),
+    )
+    assert_unchanged(p, before, "a refused grow")
+    p.kv_block_free(block)
 
 
 def _long_run(ctx: CheckContext[T]) -> None:
@@ -593,6 +782,21 @@ CHECKS = (
         "kv_blocks_migrate preserves every block's bytes and releases the sources",
         _batched_migrate,
         claims("has_kv_block_migrate"),
+    ),
+    Check(
+        "kv.grow",
+        Area.KV,
+        "kv_block_grow and kv_blocks_grow grow blocks in place: the same handles, the old pages "
+        "first and their bytes kept, exact accounting; no more pages is a no-op",
+        _each_kv_dtype(_grow),
+        claims_op("kv_grow"),
+    ),
+    Check(
+        "kv.grow_refused",
+        Area.KV,
+        "without the kv_grow op, grows are refused with CapabilityError",
+        _each_kv_dtype(_grow_refused),
+        lacks_op("kv_grow"),
     ),
     Check(
         "kv.all_or_nothing",

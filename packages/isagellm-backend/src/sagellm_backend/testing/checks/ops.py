@@ -21,7 +21,6 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
 from sagellm_backend.kernels import KernelSpec
@@ -32,7 +31,7 @@ from sagellm_backend.testing.check import (
     Check,
     CheckContext,
     ConformanceFailure,
-    Requirement,
+    claims_op,
     expect_refusal,
 )
 from sagellm_backend.testing.target import OpOracle
@@ -89,13 +88,6 @@ def _lookup(ctx: CheckContext[T]) -> None:
                 functools.partial(lookup, name),
             )
     ctx.note(f"claimed kernel ops: {', '.join(claimed) or '(none)'}")
-
-
-def _claims_op(name: str) -> Requirement:
-    def requirement(capability: CapabilityDescriptor) -> str | None:
-        return None if capability.supports_op(name) else f"not claimed: op {name}"
-
-    return requirement
 
 
 def _against_reference(name: str) -> Callable[[CheckContext[Any]], None]:
@@ -212,7 +204,7 @@ CHECKS = (
             f"the claimed {op.name} matches the kit's float64 reference on fresh inputs of "
             f"{SEEDS_PER_DTYPE} consecutive seeds in every dtype the backend computes in",
             _against_reference(op.name),
-            requires=_claims_op(op.name),
+            requires=claims_op(op.name),
         )
         for op in KERNEL_OPS
     ),
