@@ -315,6 +315,21 @@ class InfoDropsTheLastPage(MockBackendProvider):
         return info._replace(pages=info.pages[:-1] or info.pages)
 
 
+class GrowFlipsAnOldByte(MockBackendProvider):
+    """Growing flips the last byte of the old pages (an off-by-one page copy)."""
+
+    def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
+        old = [self.kv_block_info(b).num_pages for b in blocks]
+        grown = super().kv_blocks_grow(blocks, num_tokens)
+        for block, pages in zip(grown, old, strict=True):
+            info = self.kv_block_info(block)
+            if info.num_pages > pages:
+                data = bytearray(self.kv_block_read(block))
+                data[pages * self.kv_layout.page_bytes(info.dtype) - 1] ^= 0xFF
+                self.kv_block_write(block, bytes(data))
+        return grown
+
+
 class BatchGrowIsNotAtomic(MockBackendProvider):
     def kv_blocks_grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         grow = super().kv_blocks_grow
@@ -375,6 +390,7 @@ FAULTS = [
     Fault(GrowsIntoANewBlock, "kv.long_run", "other handles than the blocks' own", {}),
     Fault(ListsNewestPageFirst, "kv.grow", "keeps the old ones first", {}),
     Fault(InfoDropsTheLastPage, "kv.accounting", "ceil(num_tokens / tokens_per_block) pages", {}),
+    Fault(GrowFlipsAnOldByte, "kv.grow", "the old pages do not hold the bytes they held", {}),
     Fault(BatchGrowIsNotAtomic, "kv.all_or_nothing", "kv_blocks_grow with one freed block", {}),
     Fault(BatchGrowIsNotAtomic, "kv.exhaustion", "a batched grow that ran out of memory", {}),
     Fault(CoercesHandles, "inputs.handle_type", "not an int) is refused (kv_block_info)", {}),

@@ -37,35 +37,35 @@ def make_pool() -> KVPagePool:
 def test_pages_come_lowest_first_and_multi_page_blocks_get_distinct_pages() -> None:
     pool = make_pool()
     assert pool.max_pages(HOST) == 6
-    pages = pool.allocate(HOST, [2, 1, 3])
+    pages = pool.allocate([(HOST, [2, 1, 3])])[0]
     assert pages == [(B, B + 1), (B + 2,), (B + 3, B + 4, B + 5)], "page ids: base + index"
     assert (pool.pages_in_use("host"), pool.pages_in_use("cpu:0")) == (6, 0)
     pool.release(HOST, pages)
     assert pool.pages_in_use("host") == 0
-    again = pool.allocate(HOST, [1] * 6)
+    again = pool.allocate([(HOST, [1] * 6)])[0]
     assert sorted(again) == [(B + p,) for p in range(6)], "multi-page blocks come back page by page"
 
 
 def test_a_device_keeps_the_numbering_of_its_first_pool() -> None:
     pool = make_pool()
-    assert pool.allocate(CPU, [2]) == [(0, 1)], "pool 0: page ids are the page indices"
+    assert pool.allocate([(CPU, [2])])[0] == [(0, 1)], "pool 0: page ids are the page indices"
     with pytest.raises(InvalidArgumentError, match="numbered from 0"):
-        pool.allocate(Pool(2, "cpu:0", DType.FP32), [1])
+        pool.allocate([(Pool(2, "cpu:0", DType.FP32), [1])])
     assert pool.pages_in_use("cpu:0") == 2
 
 
 def test_a_device_no_block_has_used_yet_has_no_page_in_use() -> None:
     pool = make_pool()
     assert (pool.pages_in_use("cpu:0"), pool.pages_in_use("host")) == (0, 0)
-    pool.allocate(CPU, [1])
+    pool.allocate([(CPU, [1])])
     assert (pool.pages_in_use("cpu:0"), pool.pages_in_use("host")) == (1, 0)
 
 
 def test_one_page_blocks_reuse_the_freed_page_tuples() -> None:
     pool = make_pool()
-    first = pool.allocate(CPU, [1, 1])
+    first = pool.allocate([(CPU, [1, 1])])[0]
     pool.release(CPU, first)
-    second = pool.allocate(CPU, [1, 1])
+    second = pool.allocate([(CPU, [1, 1])])[0]
     assert second == [(1,), (0,)], "last freed, first reused"
     assert {id(p) for p in second} == {id(p) for p in first}, "the same tuples, not copies"
 
@@ -76,7 +76,7 @@ def test_the_single_block_path_is_the_free_list_itself() -> None:
     page = take()
     assert page == (B,) and pool.pages_in_use("host") == 1
     give(page)
-    assert pool.allocate(HOST, [1]) == [page]
+    assert pool.allocate([(HOST, [1])])[0] == [page]
     for _ in range(5):
         take()
     with pytest.raises(IndexError):
@@ -86,11 +86,21 @@ def test_the_single_block_path_is_the_free_list_itself() -> None:
 
 def test_a_batch_that_does_not_fit_allocates_nothing() -> None:
     pool = make_pool()
-    pool.allocate(HOST, [1])
+    pool.allocate([(HOST, [1])])
     with pytest.raises(ResourceExhaustedError, match="host is out of KV pages: 6 requested, 5"):
-        pool.allocate(HOST, [3, 3])
+        pool.allocate([(HOST, [3, 3])])
     assert pool.pages_in_use("host") == 1
-    assert len(pool.allocate(HOST, [1] * 5)) == 5
+    assert len(pool.allocate([(HOST, [1] * 5)])[0]) == 5
+
+
+def test_requests_of_several_devices_are_allocated_together_or_not_at_all() -> None:
+    pool = make_pool()
+    with pytest.raises(ResourceExhaustedError, match="host is out of KV pages: 7 requested, 6"):
+        pool.allocate([(CPU, [2, 1]), (HOST, [3, 4])])
+    assert (pool.pages_in_use("cpu:0"), pool.pages_in_use("host")) == (0, 0)
+    both = pool.allocate([(CPU, [2, 1]), (HOST, [3, 1])])
+    assert both == [[(0, 1), (2,)], [(B, B + 1, B + 2), (B + 3,)]]
+    assert (pool.pages_in_use("cpu:0"), pool.pages_in_use("host")) == (3, 4)
 
 
 @settings(max_examples=80, deadline=None)

@@ -221,7 +221,7 @@ class BlockTable:
         """Live blocks outside pool 0: while there are none, a batch needs no grouping."""
         self._tag = next(_tags) & 0xFFFFFFFF
         self._handles = cast("Iterator[KVBlock]", itertools.count((self._tag << HANDLE_BITS) + 1))
-        """Handles to give out, in order; one taken to compare with is never given out."""
+        """Handles to give out, in order."""
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
         self._pool_of: dict[tuple[str, DType], Pool] = {}
@@ -669,7 +669,9 @@ class BlockTable:
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        if handle < next(self._handles) and handle & ((1 << HANDLE_BITS) - 1):
+        upcoming = next(self._handles)
+        self._handles = cast("Iterator[KVBlock]", itertools.count(upcoming))
+        if handle < upcoming and handle & ((1 << HANDLE_BITS) - 1):
             raise BlockNotFoundError(
                 f"KV block {handle:#x} was already freed or migrated away",
                 hint="drop the handle after kv_block_free; after a migrate, use the handle it "
