@@ -77,7 +77,8 @@ class DevicePages:
 
     @property
     def free_pages(self) -> int:
-        return len(self.free)
+        """Pages on the free list; every page, before the pages are numbered."""
+        return len(self.free) if self.base is not None else self.num_pages
 
     def take(self, counts: Sequence[int], total: int) -> list[tuple[int, ...]]:
         """The pages of one block per entry of ``counts`` (each at least 1, ``total`` in all).
@@ -147,15 +148,18 @@ class KVPagePool:
     def allocate(
         self, requests: Sequence[tuple[Pool, Sequence[int]]]
     ) -> list[list[tuple[int, ...]]]:
-        """Page ids for new blocks per ``(pool, page_counts)``; each dtype is its device's (the
-        table checks), so each request has a device of its own."""
+        """Page ids for new blocks per ``(pool, page_counts)``, all or none; each dtype is its
+        device's (the table checks)."""
         totals = [sum(page_counts) for _, page_counts in requests]
+        wanted: dict[str, int] = {}
+        for (pool, _), total in zip(requests, totals, strict=True):
+            wanted[pool.device] = wanted.get(pool.device, 0) + total
         for (pool, _), total in zip(requests, totals, strict=True):
             pages = self._pages(pool)
-            if total > pages.free_pages:
+            if wanted[pool.device] > pages.free_pages:
                 raise ResourceExhaustedError(
-                    f"{pool.device} is out of KV pages: {total} requested, {pages.free_pages} "
-                    f"of {pages.num_pages} free",
+                    f"{pool.device} is out of KV pages: {wanted[pool.device]} requested, "
+                    f"{pages.free_pages} of {pages.num_pages} free",
                     hint="free or migrate blocks first, or configure a larger pool "
                     "(num_blocks, kv_memory_mb)",
                 )
