@@ -154,7 +154,7 @@ class KVPagePool:
         wanted: dict[str, int] = {}
         for (pool, _), total in zip(requests, totals, strict=True):
             wanted[pool.device] = wanted.get(pool.device, 0) + total
-        for (pool, _), total in zip(requests, totals, strict=True):
+        for pool, _ in requests:
             pages = self._pages(pool)
             if wanted[pool.device] > pages.free_pages:
                 raise ResourceExhaustedError(
