@@ -21,8 +21,9 @@ the same errors:
 Every batch is validated in full before anything changes, and the storage allocates a whole
 batch or nothing, so a failed call leaves the table and the storage as they were.
 
-**Handles and pages.** A handle is an int: the table's tag (random per process, distinct per
-table) above :data:`HANDLE_BITS` bits of a serial number that only grows. The table keeps one
+**Handles and pages.** A handle is an int: the table's tag (32 bits random per process, distinct
+per table, and a bit above them so that no handle is a small int) above :data:`HANDLE_BITS` bits
+of a serial number that only grows. The table keeps one
 dict entry per live block, handle to page ids. A page id is ``pool << PAGE_BITS | page``: the
 index of the page in the tensor of its *pool*, the (device, dtype) pair the table numbered
 ``pool``. Pool 0 is the default device's first dtype, so its page ids are the page indices.
@@ -219,7 +220,7 @@ class BlockTable:
         self._live: dict[int, Pages] = {}
         self._elsewhere = 0
         """Live blocks outside pool 0: while there are none, a batch needs no grouping."""
-        self._tag = next(_tags) & 0xFFFFFFFF
+        self._tag = next(_tags) & 0xFFFFFFFF | 1 << 32
         self._handles = cast("Iterator[KVBlock]", itertools.count((self._tag << HANDLE_BITS) + 1))
         """Handles to give out, in order."""
         self._tokens_per_page = layout.tokens_per_block
@@ -313,7 +314,8 @@ class BlockTable:
                 return []
             pool = self._pool(where, member)
             tokens_per_page = self._tokens_per_page
-            smallest, most = min(counts), max(counts)
+            distinct = set(counts)
+            smallest, most = min(distinct), max(distinct)
             limit = self._storage.max_pages(pool)
             if smallest <= 0 or -(-most // tokens_per_page) > limit:
                 for n in counts:
