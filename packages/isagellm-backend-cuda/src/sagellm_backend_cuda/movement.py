@@ -10,6 +10,7 @@ reference path.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -40,7 +41,9 @@ class TritonPageMover:
         ):
             return False
         device = devices.pop()
-        host = torch.tensor([list(src_pages), list(dst_pages)], dtype=torch.int32).pin_memory()
+        ids = array("i", src_pages)
+        ids.extend(dst_pages)
+        host = torch.frombuffer(ids, dtype=torch.int32).view(2, len(src_pages)).pin_memory()
         with torch.cuda.device(device):
             pages = host.to(device, non_blocking=True)
             copy_pages(source.tensor, target.tensor, pages)

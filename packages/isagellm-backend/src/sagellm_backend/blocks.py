@@ -708,14 +708,16 @@ class BlockTable:
                 seen.add(handle)
         if not srcs:
             return []
-        same_pages = sum(map(len, srcs)) == n == sum(map(len, dsts)) or list(
-            map(len, srcs)
-        ) == list(map(len, dsts))
-        firsts = list(map(_first, srcs)) + list(map(_first, dsts))
-        pools = {min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS}
-        if same_pages and len(pools) == 1:
-            pool = self._pools[pools.pop()]
-            return [Transfer(pool, pool, _indices(srcs, pool), _indices(dsts, pool))]
+        src_ids = list(itertools.chain.from_iterable(srcs))
+        dst_ids = list(itertools.chain.from_iterable(dsts))
+        if len(src_ids) == n == len(dst_ids) or list(map(len, srcs)) == list(map(len, dsts)):
+            if not self._elsewhere:  # every block in pool 0: the ids are the page indices
+                pool = self._pools[0]
+                return [Transfer(pool, pool, src_ids, dst_ids)]
+            low = min(min(src_ids), min(dst_ids)) >> PAGE_BITS
+            if low == max(max(src_ids), max(dst_ids)) >> PAGE_BITS:
+                pool = self._pools[low]
+                return [Transfer(pool, pool, _within(src_ids, pool), _within(dst_ids, pool))]
         groups: dict[tuple[int, int], tuple[list[Pages], list[Pages]]] = {}
         for (src, dst), s, d in zip(pairs, srcs, dsts, strict=True):
             source, target = self._pools[s[0] >> PAGE_BITS], self._pools[d[0] >> PAGE_BITS]
@@ -769,10 +771,14 @@ def _local(pages: Pages) -> Pages:
 
 def _indices(pages: Sequence[Pages], pool: Pool) -> list[int]:
     """The page indices in ``pool`` of blocks' page ids, in order, as one list."""
-    ids = itertools.chain.from_iterable(pages)
+    return _within(list(itertools.chain.from_iterable(pages)), pool)
+
+
+def _within(ids: list[int], pool: Pool) -> list[int]:
+    """Page ids of ``pool`` as its page indices."""
     if pool.number:
         return list(map(operator.sub, ids, itertools.repeat(pool.base)))
-    return list(ids)
+    return ids
 
 
 def _handle_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
