@@ -5,9 +5,9 @@
 Creates a cuda backend through its factory, measures the roofline (a 4 GiB device-to-device
 copy, bytes read plus written) and runs :func:`sagellm_backend_cuda.bench_model.model_kernels`,
 the device suite's rows for the KV slot write, fused add + rms_norm, rotary, silu_and_mul and
-sampling. ``--sweep`` also times other launch shapes of the sampling kernels (the split max
-pass's chunk, the per-row passes' steps and warps) on the same data. Prints markdown tables and
-writes every figure to the JSON file.
+sampling. ``--sweep`` also times other launch shapes of the sampling kernels (the split pass's
+chunk, warps and histogram step; the per-row kernel's steps, warps and gathered keys) on the same
+data. Prints markdown tables and writes every figure to the JSON file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sagellm_backend_cuda import create_cuda_backend
 from sagellm_backend_cuda.bench import Timer, _roofline
 from sagellm_backend_cuda.bench_model import SAMPLE_BATCH, SAMPLE_VOCAB, format_model_kernels
 from sagellm_backend_cuda.bench_model import model_kernels as measure
-from sagellm_backend_cuda.sampling import _row_max_kernel, _sample_kernel
+from sagellm_backend_cuda.sampling import _row_max_kernel, _sample
 
 CASES = (("greedy", 0.0, 0, 1.0), ("top_k", 0.8, 50, 1.0), ("top_p", 0.8, 0, 0.9),
          ("top_k_top_p", 0.8, 50, 0.9), ("top_k_1000", 0.8, 1000, 1.0), ("top_p_0.5", 0.8, 0, 0.5),
@@ -56,53 +56,59 @@ def sweep(
         rows.append(row)
         say(json.dumps(row))
 
-    def row_max(split: int, warps: int, peaks: torch.Tensor, where: torch.Tensor) -> None:
-        _row_max_kernel[(batch, peaks.shape[1])](
-            buffers[next_buffer()], vocab, peaks, where, batch, vocab, peaks.shape[1],
-            ROWS=1, SPLIT=split, num_warps=warps,
+    def row_max(
+        split: int, warps: int, hist: int, args: tuple[torch.Tensor, ...], out: list[torch.Tensor]
+    ) -> None:
+        _row_max_kernel[(batch, out[0].shape[1])](
+            buffers[next_buffer()], vocab, *args, *out, batch, vocab, out[0].shape[1],
+            ROWS=1, SPLIT=split, HIST_BLOCK=min(hist, split), num_warps=warps,
         )  # fmt: skip
 
-    for split, warps in product((2048, 4096, 8192), (4, 8)):
+    def full(value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((batch,), value, dtype=dtype, device=device)
+
+    # The split pass for greedy rows (no histogram) and for top-k rows (the top-byte histogram).
+    for (heat, top_k), split, warps, hist in product(
+        ((0.0, 0), (0.8, 50)), (2048, 4096, 8192), (4, 8), (512, 1024)
+    ):
+        if heat == 0 and hist != 512:
+            continue
         chunks = triton.cdiv(vocab, split)
-        peaks = torch.empty(batch, chunks, device=device)
-        where = torch.empty(batch, chunks, dtype=torch.int32, device=device)
+        out = [
+            torch.empty(batch, chunks, device=device),
+            torch.empty(batch, chunks, dtype=torch.int32, device=device),
+            torch.empty(batch, chunks, 256, dtype=torch.int32, device=device),
+        ]
         record(
-            {"kernel": "row_max", "split": split, "warps": warps},
-            partial(row_max, split, warps, peaks, where),
+            {"kernel": "row_max", "top_k": top_k, "split": split, "warps": warps, "hist": hist},
+            partial(
+                row_max,
+                split,
+                warps,
+                hist,
+                (full(heat, torch.float32), full(top_k, torch.int64)),
+                out,
+            ),
         )
-    chunks = triton.cdiv(vocab, 4096)
-    row_peaks = [torch.empty(batch, chunks, device=device) for _ in buffers]
-    row_where = [torch.empty(batch, chunks, dtype=torch.int32, device=device) for _ in buffers]
-    for logits, peak, at in zip(buffers, row_peaks, row_where, strict=True):
-        _row_max_kernel[(batch, chunks)](
-            logits, vocab, peak, at, batch, vocab, chunks, ROWS=1, SPLIT=4096, num_warps=8
-        )
-    scores = torch.empty(batch, vocab, device=device)
-    out = torch.empty(batch, dtype=torch.int64, device=device)
 
-    def per_row(args: tuple[torch.Tensor, ...], scan: int, race: int, warps: int) -> None:
-        i = next_buffer()
-        _sample_kernel[(batch,)](
-            buffers[i], vocab, *args, seeds, row_peaks[i], row_where[i], scores, out, batch, chunks,
-            VOCAB=vocab, CHUNKS_P2=triton.next_power_of_2(chunks), ROWS=1, SCAN_BLOCK=scan,
-            RACE_BLOCK=race, num_warps=warps,
-        )  # fmt: skip
+    def whole(
+        heat: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, shape: dict[str, int]
+    ) -> None:
+        _sample(buffers[next_buffer()], heat, top_k, top_p, seeds, **shape)
 
+    # Both launches, at other shapes of the per-row kernel.
     for case, heat, top_k, top_p in CASES:
-        args = tuple(
-            torch.full((batch,), value, dtype=dtype, device=device)
-            for value, dtype in (
-                (heat, torch.float32),
-                (top_k, torch.int64),
-                (top_p, torch.float32),
-            )
-        )
-        for scan, race, warps in ((16384, 4096, 16), (8192, 4096, 16), (16384, 2048, 16),
-                                  (8192, 2048, 8), (16384, 4096, 8)):  # fmt: skip
-            record(
-                {"kernel": "sample_rows", "case": case, "scan": scan, "race": race, "warps": warps},
-                partial(per_row, args, scan, race, warps),
-            )
+        args = (full(heat, torch.float32), full(top_k, torch.int64), full(top_p, torch.float32))
+        for shape in (
+            {},
+            {"scan_block": 8192},
+            {"race_block": 2048},
+            {"warps": 8},
+            {"gather_block": 4096},
+            {"gather_block": 16384},
+            {"candidates": 1024},
+        ):
+            record({"kernel": "sample", "case": case, **shape}, partial(whole, *args, shape))
     return rows
 
 

@@ -21,7 +21,7 @@ if not ON_GPU:
 pytest.importorskip("triton", reason="the kernels need triton")
 
 from sagellm_backend.errors import InvalidArgumentError  # noqa: E402
-from sagellm_backend_cuda.sampling import sample  # noqa: E402
+from sagellm_backend_cuda.sampling import _sample, sample  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (ran in the interpreter)")
@@ -225,6 +225,50 @@ def test_sample_over_several_steps_of_a_row() -> None:
     args = (logits, temperature, top_k, top_p, seeds)
     tokens = sample(*(a.to(DEVICE) for a in args))
     assert tokens.tolist() == reference_sample(*args)
+
+
+@pytest.mark.parametrize("candidates", [4, 64])
+@pytest.mark.parametrize("vocab", [40, 4096 + 300])
+def test_sample_past_the_gathered_keys(candidates: int, vocab: int) -> None:
+    """Top-k rows whose k-th key's bucket holds more keys than are gathered: finer passes over
+    the row, a gather at a finer byte, or the k-th key kept over the whole row (ties too)."""
+    g = torch.Generator().manual_seed(vocab + candidates)
+    batch = 12
+    logits = (torch.randn(batch, vocab, generator=g) * 2).to(torch.bfloat16).float()
+    logits[:4, 3:33] = float(logits.max()) + 1  # 30 tied at the top
+    logits[4:8, 5:25] = 0.0  # ties at zero, signed both ways
+    logits[4:8, 5:25:2] = -0.0
+    logits[4:8, 25:] = -4.0
+    logits[8:] = -logits[8:].abs() - 1  # all negative, as log-probabilities are
+    temperature = torch.tensor([1.0, 0.8, 1.0, 1.3] * 3)
+    top_k = torch.tensor([10, 31, 2, 29, 3, 20, 7, 1, 5, 50, 17, 3], dtype=torch.int64)
+    top_p = torch.tensor([1.0, 0.6, 0.9, 1.0, 0.9, 1.0, 0.5, 0.7, 1.0, 0.8, 0.95, 0.3])
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=g, dtype=torch.int64)
+    args = (logits, temperature, top_k, top_p, seeds)
+    tokens = _sample(*(a.to(DEVICE) for a in args), candidates=candidates)
+    assert tokens.tolist() == reference_sample(*args)
+    assert torch.equal(tokens, sample(*(a.to(DEVICE) for a in args)))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["fp32", "bf16-ties"])
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_gathered_rows_draw_what_whole_rows_draw(scale: float, ties: bool) -> None:
+    """Top-k rows drawn from their gathered keys, at any number gathered, draw the tokens of the
+    draw over the whole row (what a row gets when nothing can be gathered)."""
+    batch, vocab = (64, 128256) if ON_GPU else (5, 4096 + 300)
+    g = torch.Generator().manual_seed(int(scale * 10) + ties)
+    logits = torch.randn(batch, vocab, generator=g) * scale
+    if ties:
+        logits = logits.to(torch.bfloat16).float()
+    pick = torch.arange(batch)
+    temperature = torch.tensor([0.7, 1.0, 1.5])[pick % 3]
+    top_k = torch.tensor([1, 5, 50, 300, 1500])[pick % 5]
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.95, 0.2, 1.0])[pick % 7]
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=g, dtype=torch.int64)
+    args = tuple(a.to(DEVICE) for a in (logits, temperature, top_k, top_p, seeds))
+    whole = _sample(*args, candidates=1)
+    for candidates in (64, 1024, 2048) if ON_GPU else (64, 2048):
+        assert _sample(*args, candidates=candidates).tolist() == whole.tolist(), candidates
 
 
 @pytest.mark.gpu
