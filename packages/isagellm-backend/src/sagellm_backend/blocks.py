@@ -9,7 +9,9 @@ the same errors:
 - ``num_tokens`` that is not an int, not positive, or more than the storage could ever hold:
   InvalidArgumentError; a dtype string that is unknown: InvalidArgumentError; a dtype the
   backend's KV blocks do not hold: CapabilityError.
-- A handle that is not an int: InvalidArgumentError. A block that was freed or migrated away
+- A handle that is not an int: InvalidArgumentError (checked where the handle is looked up, so
+  a value equal to a live handle, such as a float of it, names that block; likewise a token
+  count equal to an int of the same batch counts as that int). A block that was freed or migrated away
   (double free, use after free): BlockNotFoundError. Handles are never reused, so a stale
   handle can always be told apart from a live one.
 - A block of another provider (or a handle never given out): InvalidBlockError
@@ -48,7 +50,8 @@ before the free. The table orders its reuse after that work:
 **Speed.** An engine allocates and frees blocks from Python while the device runs the previous
 step, so host time per block matters. One-page blocks of a default-device pool have a real
 single-block path (one lock, one list pop or append in the storage, one dict entry); a batch is
-handled as whole lists with C-level builtins: one dict operation per block validates it.
+handled as whole lists with C-level builtins: one dict operation per block validates it, and
+item types are checked only when a lookup fails.
 """
 
 from __future__ import annotations
@@ -307,14 +310,13 @@ class BlockTable:
         """Allocate one block per entry of ``num_tokens``, all or none."""
         member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
-        counts = _int_list(num_tokens, "num_tokens")
+        counts, distinct = _token_counts(num_tokens, "num_tokens")
         with self._lock:
             self._check_open()
             if not counts:
                 return []
             pool = self._pool(where, member)
             tokens_per_page = self._tokens_per_page
-            distinct = set(counts)
             smallest, most = min(distinct), max(distinct)
             limit = self._storage.max_pages(pool)
             if smallest <= 0 or -(-most // tokens_per_page) > limit:
@@ -323,7 +325,7 @@ class BlockTable:
             if most <= tokens_per_page:
                 page_counts = [1] * len(counts)  # the usual batch: every block one page
             else:
-                page_counts = [-(-n // tokens_per_page) for n in counts]
+                page_counts = [-(-int(n) // tokens_per_page) for n in counts]
             taken = self._take([(pool, page_counts)])[0]
             handles = list(itertools.islice(self._handles, len(counts)))
             self._live.update(zip(handles, taken, strict=True))
@@ -357,17 +359,19 @@ class BlockTable:
 
         With ``after``, the pages are reused only once that event is reached.
         """
-        items = _handle_list(blocks, "blocks")
+        items = _listed(blocks, "blocks")
         with self._lock:
             self._check_open()
-            pop = self._live.pop
-            pages = list(map(pop, items, itertools.repeat(None)))
-            if not all(pages):
-                self._live.update(
-                    (h, p) for h, p in zip(items, pages, strict=True) if p is not None
-                )
+            live = self._live
+            popped: list[Pages | None] = []
+            try:
+                popped.extend(map(live.pop, items, itertools.repeat(None)))
+            except TypeError:  # an unhashable item
+                popped.append(None)
+            if not all(popped):  # put back what was taken; name the first bad item
+                live.update((h, p) for h, p in zip(items, popped, strict=False) if p is not None)
                 self._refuse(items, "kv_blocks_free")
-            groups = self._groups(cast("list[Pages]", pages))
+            groups = self._groups(cast("list[Pages]", popped))
             self._release(groups, [] if after is None else [after])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
@@ -375,7 +379,7 @@ class BlockTable:
 
         A grown block keeps its handle and its pages; the handles are returned.
         """
-        items = _handle_list(blocks, "blocks")
+        items = _listed(blocks, "blocks")
         counts = _int_list(num_tokens, "num_tokens")
         if len(counts) != len(items):
             raise InvalidArgumentError(
@@ -440,7 +444,7 @@ class BlockTable:
         """Give every block a replacement on ``target``, queue the data movement with ``issue``
         and retire the sources, all or none. Returns the replacements."""
         where = self.check_device(target)
-        items = _handle_list(blocks, "blocks")
+        items = _listed(blocks, "blocks")
         with self._lock:
             self._check_open()
             if not items:
@@ -494,10 +498,10 @@ class BlockTable:
 
     def use(self, block: KVBlock, work: Callable[[KVBlockInfo], R]) -> R:
         """``work(info)`` for a live block of this table, under the lock (writes and reads)."""
-        items = _handle_list([block], "block")
+        _check_types([block], "block")
         with self._lock:
             self._check_open()
-            return work(self._info(items[0], self._lookup(items[0])))
+            return work(self._info(block, self._lookup(block)))
 
     # Lookup.
 
@@ -507,23 +511,18 @@ class BlockTable:
 
     def check_live(self, blocks: Sequence[KVBlock]) -> None:
         """Refuse ``blocks`` (repeats allowed) unless each is a live block of this table."""
-        items = _handle_list(blocks, "blocks")
+        items = _listed(blocks, "blocks")
         with self._lock:
             self._check_open()
-            if not all(map(self._live.get, items)):
-                _exhaust(map(self._lookup, items))
+            self._pages_of(items, "check_live", repeats=True)
 
     def pages_on(self, blocks: Sequence[KVBlock], device: str) -> list[Pages]:
         """The pages of live ``blocks`` (repeats allowed), each block on ``device``; refused
         otherwise."""
-        items = _handle_list(blocks, "blocks")
+        items = _listed(blocks, "blocks")
         with self._lock:
             self._check_open()
-            get = self._live.get
-            pages = list(map(get, items))
-            if not all(pages):
-                pages = [self._lookup(h) for h in items]
-            found = cast("list[Pages]", pages)
+            found = self._pages_of(items, "plan", repeats=True)
             if not self._elsewhere and self._pools[0].device == device:
                 return found
             for handle, p in zip(items, found, strict=True):
@@ -640,19 +639,30 @@ class BlockTable:
 
     def _distinct(self, handles: list[KVBlock], operation: str) -> list[Pages]:
         """The pages of ``handles``, each a live block of this table named once."""
-        pages = list(map(self._live.get, handles))
-        if not all(pages):
-            self._refuse(handles, operation)
+        pages = self._pages_of(handles, operation)
         if len(set(handles)) != len(handles):
             self._refuse(handles, operation)
+        return pages
+
+    def _pages_of(
+        self, handles: list[KVBlock], operation: str, *, repeats: bool = False
+    ) -> list[Pages]:
+        """The page ids of live ``handles``; otherwise the error of the first that is not."""
+        try:
+            pages = list(map(self._live.get, handles))
+        except TypeError:  # an unhashable item
+            pages = [None]
+        if not all(pages):
+            self._refuse(handles, operation, repeats=repeats)
         return cast("list[Pages]", pages)
 
-    def _refuse(self, handles: Sequence[int], operation: str) -> None:
-        """Raise the error of the first handle that is not live, or of a repeated one."""
-        seen: set[int] = set()
-        for handle in handles:
+    def _refuse(self, handles: Sequence[object], operation: str, *, repeats: bool = False) -> None:
+        """Raise the error of the first item that is not a live handle, or of a repeated one."""
+        _check_types(handles, "blocks")
+        seen: set[object] = set()
+        for handle in cast("Sequence[int]", handles):
             self._lookup(handle)
-            if handle in seen:
+            if handle in seen and not repeats:
                 raise InvalidArgumentError(
                     f"{operation} names KV block {handle:#x} more than once",
                     hint="pass each block once per batch",
@@ -687,13 +697,8 @@ class BlockTable:
     def _check_copy(self, pairs: list[tuple[KVBlock, KVBlock]]) -> list[Transfer]:
         """The page copies of valid (src, dst) pairs."""
         read, written = list(map(_first, pairs)), list(map(_second, pairs))
-        _handle_list(read, "each src")
-        _handle_list(written, "each dst")
-        get = self._live.get
-        src_pages, dst_pages = list(map(get, read)), list(map(get, written))
-        if not (all(src_pages) and all(dst_pages)):
-            self._refuse(read + written, "kv_blocks_copy")
-        srcs, dsts = cast("list[Pages]", src_pages), cast("list[Pages]", dst_pages)
+        srcs = self._pages_of(read, "kv_blocks_copy", repeats=True)
+        dsts = self._pages_of(written, "kv_blocks_copy", repeats=True)
         n = len(pairs)
         targets = set(written)
         if len(targets) != n or not targets.isdisjoint(read):
@@ -781,22 +786,24 @@ def _within(ids: list[int], pool: Pool) -> list[int]:
     return ids
 
 
-def _handle_list(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
-    """``blocks`` as a list of int handles, else InvalidArgumentError."""
+def _listed(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
+    """``blocks`` as a list; its items are checked where they are looked up."""
     if isinstance(blocks, int):
         raise InvalidArgumentError(
             f"{what} must be an iterable of KVBlock handles, got one int",
             hint="wrap a single block in a list, or use the single-block call",
         )
-    items = _iterable(blocks, what)
-    if not set(map(type, items)) <= {int}:
-        for item in items:
-            if type(item) is not int:
-                raise InvalidArgumentError(
-                    f"{what} must be a KVBlock handle (an int), got {type(item).__name__}",
-                    hint="pass a handle returned by kv_block_alloc",
-                )
-    return cast("list[KVBlock]", items)
+    return cast("list[KVBlock]", _iterable(blocks, what))
+
+
+def _check_types(items: Iterable[object], what: str) -> None:
+    """InvalidArgumentError unless every item is an int (a KVBlock handle)."""
+    for item in items:
+        if type(item) is not int:
+            raise InvalidArgumentError(
+                f"{what} must be KVBlock handles (ints), got {type(item).__name__}",
+                hint="pass handles returned by kv_block_alloc",
+            )
 
 
 def _pair_list(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, KVBlock]]:
@@ -816,13 +823,30 @@ def _pair_list(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, 
     return cast("list[tuple[KVBlock, KVBlock]]", items)
 
 
-def _int_list(values: Sequence[int], what: str) -> list[int]:
+def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]]:
+    """``values`` as a list and its distinct values, else InvalidArgumentError. A value equal
+    to an int that is also given (``8.0`` beside ``8``) counts as that int."""
+    out = _int_list_shape(values, what)
+    try:
+        distinct = set(out)
+    except TypeError:  # an unhashable item
+        distinct = set()
+    if (not distinct and out) or not set(map(type, distinct)) <= {int}:
+        _int_list(out, what)  # names the item that is not an int
+    return out, distinct
+
+
+def _int_list_shape(values: Sequence[int], what: str) -> list[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise InvalidArgumentError(
             f"{what} must be a sequence of ints, got {type(values).__name__}",
             hint="pass a list such as [128, 64]",
         )
-    out = list(values)
+    return list(values)
+
+
+def _int_list(values: Sequence[int], what: str) -> list[int]:
+    out = _int_list_shape(values, what)
     if not set(map(type, out)) <= {int}:
         for value in out:
             if isinstance(value, bool) or not isinstance(value, int):
