@@ -9,10 +9,10 @@ the same errors:
 - ``num_tokens`` that is not an int, not positive, or more than the storage could ever hold:
   InvalidArgumentError; a dtype string that is unknown: InvalidArgumentError; a dtype the
   backend's KV blocks do not hold: CapabilityError.
-- A handle that is not an int: InvalidArgumentError (checked where the handle is looked up, so
-  a value equal to a live handle, such as a float of it, names that block; likewise a token
-  count equal to an int of the same batch counts as that int). A block that was freed or migrated away
-  (double free, use after free): BlockNotFoundError. Handles are never reused, so a stale
+- A handle that is not an int: InvalidArgumentError (checked where the handle is looked up,
+  so a value equal to a live handle, such as a float of it, names that block; likewise a
+  token count equal to an int of the same batch counts as that int). A block that was freed
+  or migrated away (double free, use after free): BlockNotFoundError. Handles are never reused, so a stale
   handle can always be told apart from a live one.
 - A block of another provider (or a handle never given out): InvalidBlockError
   ``foreign_block``; a copy between blocks of different page counts or dtypes:
