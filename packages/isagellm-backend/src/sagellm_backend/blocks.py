@@ -12,8 +12,8 @@ the same errors:
 - A handle that is not an int: InvalidArgumentError (checked where the handle is looked up,
   so a value equal to a live handle, such as a float of it, names that block; likewise a
   token count equal to an int of the same batch counts as that int). A block that was freed
-  or migrated away (double free, use after free): BlockNotFoundError. Handles are never reused, so a stale
-  handle can always be told apart from a live one.
+  or migrated away (double free, use after free): BlockNotFoundError. Handles are never
+  reused, so a stale handle can always be told apart from a live one.
 - A block of another provider (or a handle never given out): InvalidBlockError
   ``foreign_block``; a copy between blocks of different page counts or dtypes:
   InvalidBlockError ``kv_block_mismatch``.
@@ -145,7 +145,6 @@ else the event recorded after it on the other stream."""
 _exhaust: Callable[[Iterable[object]], object] = functools.partial(deque, maxlen=0)
 """Runs an iterator to its end, keeping nothing."""
 _first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
 _tags = itertools.count(int.from_bytes(os.urandom(4), "little"))
 """Table tags: random per process, distinct per table within it."""
 
@@ -435,10 +434,10 @@ class BlockTable:
         but a destination may appear only once and never also as a source, so the result does
         not depend on the order the copies run in.
         """
-        items = _pair_list(pairs)
+        read, written = _split_pairs(pairs)
         with self._lock:
             self._check_open()
-            self._track(issue(self._check_copy(items)))
+            self._track(issue(self._check_copy(read, written)))
 
     def migrate(self, blocks: Iterable[KVBlock], target: object, issue: Issue) -> list[KVBlock]:
         """Give every block a replacement on ``target``, queue the data movement with ``issue``
@@ -694,12 +693,11 @@ class BlockTable:
             hint="use handles returned by kv_block_alloc",
         )
 
-    def _check_copy(self, pairs: list[tuple[KVBlock, KVBlock]]) -> list[Transfer]:
-        """The page copies of valid (src, dst) pairs."""
-        read, written = list(map(_first, pairs)), list(map(_second, pairs))
+    def _check_copy(self, read: list[KVBlock], written: list[KVBlock]) -> list[Transfer]:
+        """The page copies of valid pairs (``read[i]``, ``written[i]``)."""
         srcs = self._pages_of(read, "kv_blocks_copy", repeats=True)
         dsts = self._pages_of(written, "kv_blocks_copy", repeats=True)
-        n = len(pairs)
+        n = len(read)
         targets = set(written)
         if len(targets) != n or not targets.isdisjoint(read):
             seen: set[int] = set()
@@ -724,7 +722,7 @@ class BlockTable:
                 pool = self._pools[low]
                 return [Transfer(pool, pool, _within(src_ids, pool), _within(dst_ids, pool))]
         groups: dict[tuple[int, int], tuple[list[Pages], list[Pages]]] = {}
-        for (src, dst), s, d in zip(pairs, srcs, dsts, strict=True):
+        for src, dst, s, d in zip(read, written, srcs, dsts, strict=True):
             source, target = self._pools[s[0] >> PAGE_BITS], self._pools[d[0] >> PAGE_BITS]
             if len(s) != len(d) or source.dtype != target.dtype:
                 raise InvalidBlockError(
@@ -806,21 +804,23 @@ def _check_types(items: Iterable[object], what: str) -> None:
             )
 
 
-def _pair_list(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> list[tuple[KVBlock, KVBlock]]:
-    """``pairs`` as a list of 2-tuples, else InvalidArgumentError (their items are checked
-    with the blocks)."""
+def _split_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> tuple[list[KVBlock], list[KVBlock]]:
+    """The sources and the destinations of (src, dst) pairs, else InvalidArgumentError (the
+    handles themselves are checked where they are looked up)."""
     items = _iterable(pairs, "pairs")
-    if set(map(type, items)) <= {tuple} and set(
-        map(len, cast("list[tuple[object, ...]]", items))
-    ) <= {2}:
-        return cast("list[tuple[KVBlock, KVBlock]]", items)
-    for pair in items:
-        if not isinstance(pair, tuple) or len(pair) != 2:
-            raise InvalidArgumentError(
-                f"each copy must be a (src, dst) tuple of KVBlock, got {pair!r}",
-                hint="pass (src, dst) tuples of KVBlock handles returned by kv_block_alloc",
-            )
-    return cast("list[tuple[KVBlock, KVBlock]]", items)
+    if not items:
+        return [], []
+    try:
+        read, written = zip(*cast("list[tuple[KVBlock, KVBlock]]", items), strict=True)
+    except (TypeError, ValueError):
+        for pair in items:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise InvalidArgumentError(
+                    f"each copy must be a (src, dst) tuple of KVBlock, got {pair!r}",
+                    hint="pass (src, dst) tuples of KVBlock handles returned by kv_block_alloc",
+                ) from None
+        raise
+    return list(read), list(written)
 
 
 def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]]:
