@@ -189,9 +189,8 @@ class TinyLlama:
             q = qkv[:, : heads * d].reshape(n, heads, d)
             k = qkv[:, heads * d : (heads + kv_heads) * d].reshape(n, kv_heads, d)
             v = qkv[:, (heads + kv_heads) * d :].reshape(n, kv_heads, d)
-            q, k = q.contiguous(), k.contiguous()
-            self.rotary(batch.positions, q, k, self.cos_sin, is_neox=True)
-            self.kv_cache_write(k, v.contiguous(), self.kv_caches[i], batch.slot_mapping)
+            self.rotary(batch.positions, q, k, self.cos_sin, is_neox=True)  # views: in place
+            self.kv_cache_write(k, v, self.kv_caches[i], batch.slot_mapping)
             if decode:
                 attn = self.decode_attention(
                     q, self.kv_caches[i], batch.block_tables, batch.seq_lens, self.scale
