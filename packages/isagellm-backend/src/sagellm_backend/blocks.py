@@ -98,8 +98,6 @@ PAGE_BITS = 40
 _PAGE_MASK = (1 << PAGE_BITS) - 1
 HANDLE_BITS = 48
 """Bits of a handle that hold its serial number; the table's tag is above them."""
-_FIRST_OTHER_POOL = (1 << PAGE_BITS,)
-"""Page tuples below this are pool 0's."""
 
 
 class Fence(Protocol):
