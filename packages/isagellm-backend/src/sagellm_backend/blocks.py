@@ -824,7 +824,7 @@ def _split_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> tuple[list[KVBlock
 def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]]:
     """``values`` as a list and its distinct values, else InvalidArgumentError. A value equal
     to an int that is also given (``8.0`` beside ``8``) counts as that int."""
-    out = _int_list_shape(values, what)
+    out = cast("list[int]", _iterable(values, what))
     try:
         distinct = set(out)
     except TypeError:  # an unhashable item
@@ -834,17 +834,8 @@ def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]
     return out, distinct
 
 
-def _int_list_shape(values: Sequence[int], what: str) -> list[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise InvalidArgumentError(
-            f"{what} must be a sequence of ints, got {type(values).__name__}",
-            hint="pass a list such as [128, 64]",
-        )
-    return list(values)
-
-
 def _int_list(values: Sequence[int], what: str) -> list[int]:
-    out = _int_list_shape(values, what)
+    out = cast("list[int]", _iterable(values, what))
     if not set(map(type, out)) <= {int}:
         for value in out:
             if isinstance(value, bool) or not isinstance(value, int):

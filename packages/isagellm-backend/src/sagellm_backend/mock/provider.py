@@ -615,11 +615,8 @@ class _Work:
         self._stream = stream
         current = streams.current()
         capture = streams.capture
-        self._after = (
-            None
-            if stream is current or (capture is not None and capture.stream is stream)
-            else current
-        )
+        self._captured = capture is not None and capture.stream is stream
+        self._after = None if stream is current or self._captured else current
         self.event = MockEvent(streams)
 
     def __call__(self, transfers: list[Transfer]) -> MockEvent | None:
@@ -628,7 +625,8 @@ class _Work:
             stream.wait_stream(self._after)
         if transfers:
             copies = memory.copies(transfers)
-            blocks = [block for pair in self._pairs for block in pair]
+            # A graph records the blocks it touches, to check them before each replay.
+            blocks = [block for pair in self._pairs for block in pair] if self._captured else []
             stream.launch(lambda: memory.move(copies), blocks)
         stream.record_event(self.event)
         return None if self._after is None else self.event
