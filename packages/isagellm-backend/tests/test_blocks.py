@@ -90,8 +90,20 @@ def make_table(
         devices={"dev:0", "dev:1", "host"},
         default_device="dev:0",
         devices_hint="use one of dev:0, dev:1, host",
+        guard=refuse_nothing,
+        own_event=own_work,
     )
     return table, storage
+
+
+def refuse_nothing(operation: str) -> None:
+    """The guard of a provider that is open and not capturing."""
+
+
+def own_work(event: object) -> DeviceWork:
+    if not isinstance(event, DeviceWork):
+        raise InvalidArgumentError(f"{event!r} is not device work", hint="pass a DeviceWork")
+    return event
 
 
 def no_work(transfers: list[Transfer]) -> None:
