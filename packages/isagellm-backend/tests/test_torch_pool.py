@@ -40,7 +40,7 @@ def test_pages_come_lowest_first_and_multi_page_blocks_get_distinct_pages() -> N
     pages = pool.allocate([(HOST, [2, 1, 3])])[0]
     assert pages == [(B, B + 1), (B + 2,), (B + 3, B + 4, B + 5)], "page ids: base + index"
     assert (pool.pages_in_use("host"), pool.pages_in_use("cpu:0")) == (6, 0)
-    pool.release(HOST, pages)
+    pool.release(HOST, [(page,) for block in pages for page in block])  # as the table does
     assert pool.pages_in_use("host") == 0
     again = pool.allocate([(HOST, [1] * 6)])[0]
     assert sorted(again) == [(B + p,) for p in range(6)], "multi-page blocks come back page by page"

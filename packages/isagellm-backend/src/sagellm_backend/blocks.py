@@ -92,6 +92,7 @@ __all__ = [
     "Pool",
     "Take",
     "Transfer",
+    "total_pages",
 ]
 
 R = TypeVar("R")
@@ -169,7 +170,8 @@ class BlockStorage(Protocol):
         ...
 
     def release(self, pool: Pool, pages: Sequence[Pages]) -> None:
-        """Take back the page ids of released blocks of ``pool``. Never fails for ids it gave."""
+        """Take back released pages of ``pool``, one one-page tuple ``(id,)`` per page. Never
+        fails for ids it gave."""
         ...
 
     def taker(self, pool: Pool) -> Take | None:
@@ -232,6 +234,9 @@ class BlockTable:
         self._live: dict[int, Pages] = {}
         self._elsewhere = 0
         """Live blocks outside pool 0: while there are none, a batch needs no grouping."""
+        self._several = 0
+        """Live blocks of more than one page: while there are none, freed pages need no
+        splitting into one-page tuples."""
         self._tag = next(_tags) & 0xFFFFFFFF | 1 << 32
         self._handles = cast("Iterator[KVBlock]", itertools.count((self._tag << HANDLE_BITS) + 1))
         """Handles to give out, in order."""
@@ -367,6 +372,8 @@ class BlockTable:
             self._live.update(zip(handles, taken, strict=True))
             if pool.number:
                 self._elsewhere += len(counts)
+            if most > tokens_per_page:
+                self._several += len(counts) - page_counts.count(1)
         return handles
 
     def free_one(self, block: KVBlock, *, after: object = None) -> None:
@@ -444,6 +451,8 @@ class BlockTable:
             live = self._live
             for (indices, _), given in zip(extra.values(), taken, strict=True):
                 for i, added in zip(indices, given, strict=True):
+                    if len(current[i]) == 1:
+                        self._several += 1
                     live[items[i]] = current[i] + added
         return items
 
@@ -464,7 +473,7 @@ class BlockTable:
             if self._live:
                 self._give_back(self._groups(list(self._live.values())))
             self._live.clear()
-            self._elsewhere = 0
+            self._elsewhere = self._several = 0
             self._reopen()
 
     # Data operations, issued under the lock.
@@ -526,12 +535,14 @@ class BlockTable:
                 event = issue(transfers)
             except BaseException:
                 for (pool, _), given in zip(requests, taken, strict=True):
-                    self._storage.release(pool, given)
+                    self._storage.release(pool, _page_by_page(given))
                 raise
             handles = list(itertools.islice(self._handles, len(items)))
             _exhaust(map(self._live.__delitem__, items))
             self._live.update(zip(handles, cast("list[Pages]", replaced), strict=True))
+            several = self._several
             released = self._groups(sources)
+            self._several = several  # the replacements have the sources' page counts
             self._elsewhere += sum(len(m) for _, pool, m in plans if pool.number)
             self._release(released, [] if event is None else [event])
             self._track(event)
@@ -653,19 +664,26 @@ class BlockTable:
             self._reopen()
 
     def _groups(self, pages: list[Pages]) -> _Groups:
-        """The page ids of retired blocks by pool; counts those outside pool 0 out."""
-        if not self._elsewhere or not pages:
-            return [(0, pages)]
-        firsts = list(map(_first, pages))
-        low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
-        if low == high:
-            groups = [(low, pages)]
-        else:
-            by_pool: dict[int, list[Pages]] = {}
-            for first, p in zip(firsts, pages, strict=True):
-                by_pool.setdefault(first >> PAGE_BITS, []).append(p)
-            groups = list(by_pool.items())
-        self._elsewhere -= sum(len(group) for number, group in groups if number)
+        """The page ids of retired blocks by pool, one one-page tuple per page; counts the
+        blocks out of ``_elsewhere`` and ``_several``."""
+        groups: _Groups = [(0, pages)]
+        if self._elsewhere and pages:
+            firsts = list(map(_first, pages))
+            low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
+            if low == high:
+                groups = [(low, pages)]
+            else:
+                by_pool: dict[int, list[Pages]] = {}
+                for first, p in zip(firsts, pages, strict=True):
+                    by_pool.setdefault(first >> PAGE_BITS, []).append(p)
+                groups = list(by_pool.items())
+            self._elsewhere -= sum(len(group) for number, group in groups if number)
+        if self._several and pages:
+            for i, (number, group) in enumerate(groups):
+                several = len(group) - list(map(len, group)).count(1)
+                if several:
+                    self._several -= several
+                    groups[i] = (number, _page_by_page(group))
         return groups
 
     def _release(self, groups: _Groups, events: list[Fence]) -> None:
@@ -873,6 +891,17 @@ def _same(info: KVBlockInfo) -> KVBlockInfo:
     return info
 
 
+def _page_by_page(pages: Sequence[Pages]) -> list[Pages]:
+    """The page ids of blocks as one one-page tuple per page."""
+    return list(zip(itertools.chain.from_iterable(pages)))
+
+
+def total_pages(page_counts: Sequence[int]) -> int:
+    """The pages of blocks of ``page_counts`` pages, quickly when each has one."""
+    n = len(page_counts)
+    return n if page_counts.count(1) == n else sum(page_counts)
+
+
 def _local(pages: Pages) -> Pages:
     """Page ids as page indices of their pool."""
     if pages[0] <= _PAGE_MASK:
@@ -935,6 +964,10 @@ def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]
     """``values`` as a list and its distinct values, else InvalidArgumentError. A value equal
     to an int that is also given (``8.0`` beside ``8``) counts as that int."""
     out = cast("list[int]", _iterable(values, what))
+    if out:
+        first = out[0]
+        if first.__class__ is int and out.count(first) == len(out):
+            return out, {first}  # the usual batch: one count for every block
     try:
         distinct = set(out)
     except TypeError:  # an unhashable item

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from sagellm_backend.blocks import Give, Pool, Take, Transfer
+from sagellm_backend.blocks import Give, Pool, Take, Transfer, total_pages
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import ResourceExhaustedError
@@ -113,16 +113,11 @@ class PoolPages:
         self.free.append(pages)
 
     def give_all(self, pages: Sequence[tuple[int, ...]]) -> None:
-        """Take back the pages of many blocks."""
-        memory, total = self.memory, sum(map(len, pages))
-        if total == len(pages):
-            _exhaust(map(memory.stamps.__delitem__, map(_first, pages)))
-            self.free.extend(pages)
-        else:
-            flat = list(itertools.chain.from_iterable(pages))
-            _exhaust(map(memory.stamps.__delitem__, flat))
-            self.free.extend(zip(flat))
-        memory.used -= self.size * total
+        """Take back released pages, one one-page tuple each."""
+        memory = self.memory
+        _exhaust(map(memory.stamps.__delitem__, map(_first, pages)))
+        self.free.extend(pages)
+        memory.used -= self.size * len(pages)
 
 
 class PageCopies(NamedTuple):
@@ -175,7 +170,7 @@ class MockMemory:
     def allocate(
         self, requests: Sequence[tuple[Pool, Sequence[int]]]
     ) -> list[list[tuple[int, ...]]]:
-        totals = [sum(page_counts) for _, page_counts in requests]
+        totals = [total_pages(page_counts) for _, page_counts in requests]
         pages = [self._pages(pool) for pool, _ in requests]
         wanted: dict[str, tuple[int, int]] = {}
         for (pool, _), total, p in zip(requests, totals, pages, strict=True):
