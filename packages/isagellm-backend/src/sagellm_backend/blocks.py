@@ -501,14 +501,14 @@ class BlockTable:
                 self._track(issue([]))
                 return []
             sources = self._distinct(items, "kv_blocks_migrate")
-            groups: dict[int, list[int]] = {}
+            groups: dict[int, Sequence[int]] = {}
             firsts = list(map(_first, sources))
             if min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
-                groups[firsts[0] >> PAGE_BITS] = list(range(len(items)))
+                groups[firsts[0] >> PAGE_BITS] = range(len(items))
             else:
                 for i, first in enumerate(firsts):
-                    groups.setdefault(first >> PAGE_BITS, []).append(i)
-            plans: list[tuple[Pool, Pool, list[int]]] = []
+                    cast("list[int]", groups.setdefault(first >> PAGE_BITS, [])).append(i)
+            plans: list[tuple[Pool, Pool, Sequence[int]]] = []
             for index, members in groups.items():
                 source = self._pools[index]
                 if source.device == where:
@@ -523,14 +523,17 @@ class BlockTable:
             ]
             requests = [(plan[1], list(map(len, m))) for plan, m in zip(plans, moved, strict=True)]
             taken = self._take(requests)
-            replaced: list[Pages | None] = [None] * len(items)
-            transfers: list[Transfer] = []
-            for (source, target_pool, members), m, given in zip(plans, moved, taken, strict=True):
-                for i, pages in zip(members, given, strict=True):
-                    replaced[i] = pages
-                transfers.append(
-                    Transfer(source, target_pool, _indices(m, source), _indices(given, target_pool))
-                )
+            if len(plans) == 1:
+                replaced = taken[0]  # one source pool: the replacements in the blocks' order
+            else:
+                replaced = [()] * len(items)
+                for (_, _, members), given in zip(plans, taken, strict=True):
+                    for i, pages in zip(members, given, strict=True):
+                        replaced[i] = pages
+            transfers = [
+                Transfer(source, target_pool, _indices(m, source), _indices(given, target_pool))
+                for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
+            ]
             try:
                 event = issue(transfers)
             except BaseException:
@@ -539,7 +542,7 @@ class BlockTable:
                 raise
             handles = list(itertools.islice(self._handles, len(items)))
             _exhaust(map(self._live.__delitem__, items))
-            self._live.update(zip(handles, cast("list[Pages]", replaced), strict=True))
+            self._live.update(zip(handles, replaced, strict=True))
             several = self._several
             released = self._groups(sources)
             self._several = several  # the replacements have the sources' page counts
