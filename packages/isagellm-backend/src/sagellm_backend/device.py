@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["HOST", "DeviceRef", "MemoryStats"]
 
@@ -16,12 +16,14 @@ HOST = "host"
 """Device name of host memory, a valid migration target for every backend."""
 
 
-@dataclass(frozen=True)
-class DeviceRef:
+class DeviceRef(Frozen):
     """A parsed device name: ``kind`` with an optional ``index``."""
 
     kind: str
     index: int | None = None
+
+    def __init__(self, kind: str, index: int | None = None) -> None:
+        self._set(kind=kind, index=index)
 
     @classmethod
     def parse(cls, text: object) -> DeviceRef:
@@ -39,8 +41,7 @@ class DeviceRef:
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
 
-@dataclass(frozen=True)
-class MemoryStats:
+class MemoryStats(Frozen):
     """Memory of one backend device, in bytes, with the KV pool's page accounting."""
 
     total_bytes: int
@@ -49,6 +50,24 @@ class MemoryStats:
     kv_blocks_in_use: int
     kv_pages_in_use: int
     kv_pages_total: int | None = None
+
+    def __init__(
+        self,
+        total_bytes: int,
+        used_bytes: int,
+        peak_used_bytes: int,
+        kv_blocks_in_use: int,
+        kv_pages_in_use: int,
+        kv_pages_total: int | None = None,
+    ) -> None:
+        self._set(
+            total_bytes=total_bytes,
+            used_bytes=used_bytes,
+            peak_used_bytes=peak_used_bytes,
+            kv_blocks_in_use=kv_blocks_in_use,
+            kv_pages_in_use=kv_pages_in_use,
+            kv_pages_total=kv_pages_total,
+        )
 
     @property
     def free_bytes(self) -> int:

@@ -4,17 +4,16 @@ a block is."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, NewType
 
 from sagellm_backend.dtypes import DType, coerce
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["KVBlock", "KVBlockInfo", "KVLayout"]
 
 
-@dataclass(frozen=True)
-class KVLayout:
+class KVLayout(Frozen):
     """Shape of one KV page: K and V for ``tokens_per_block`` tokens in every layer.
 
     One layer's cache (``kv_cache(layer)``) is a tensor of :meth:`cache_shape`, its dimensions
@@ -36,7 +35,21 @@ class KVLayout:
     tokens_per_block: int = 16
     dtype: DType | None = None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        num_layers: int = 2,
+        num_kv_heads: int = 2,
+        head_size: int = 64,
+        tokens_per_block: int = 16,
+        dtype: DType | None = None,
+    ) -> None:
+        self._set(
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            tokens_per_block=tokens_per_block,
+            dtype=dtype,
+        )
         for name in ("num_layers", "num_kv_heads", "head_size", "tokens_per_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -44,8 +57,8 @@ class KVLayout:
                     f"KV layout {name} must be a positive int, got {value!r}",
                     hint=f"set {name} from the model config (an int of at least 1)",
                 )
-        if self.dtype is not None:
-            object.__setattr__(self, "dtype", coerce(DType, self.dtype, "KV dtype"))
+        if dtype is not None:
+            self._set(dtype=coerce(DType, dtype, "KV dtype"))
 
     @property
     def elements_per_page(self) -> int:

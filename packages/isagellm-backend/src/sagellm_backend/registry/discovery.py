@@ -14,12 +14,12 @@ import importlib
 import os
 import re
 import sys
-from dataclasses import dataclass
 from functools import reduce
 from importlib.machinery import PathFinder
 from typing import Any, Protocol
 
 from sagellm_backend._version import __version__
+from sagellm_backend.frozen import Frozen
 from sagellm_backend.registry.known import (
     CORE_DISTRIBUTION,
     CORE_ENTRY_POINTS,
@@ -62,13 +62,15 @@ class EntryPointLike(Protocol):
     def load(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class ScannedEntryPoint:
+class ScannedEntryPoint(Frozen):
     """An entry point read by the scan; ``load`` imports its target as importlib.metadata's."""
 
     name: str
     value: str
     group: str
+
+    def __init__(self, name: str, value: str, group: str) -> None:
+        self._set(name=name, value=value, group=group)
 
     def load(self) -> Any:
         match = _TARGET_RE.match(self.value)
@@ -78,8 +80,7 @@ class ScannedEntryPoint:
         return reduce(getattr, filter(None, (match["attr"] or "").split(".")), module)
 
 
-@dataclass(frozen=True)
-class DiscoveredEntryPoint:
+class DiscoveredEntryPoint(Frozen):
     """An entry point of the group with the distribution that declares it."""
 
     entry_point: EntryPointLike
@@ -87,6 +88,20 @@ class DiscoveredEntryPoint:
     version: str | None
     requires_core: str | None
     """The distribution's version specifier on the core (such as "==0.6.0"), if it pins one."""
+
+    def __init__(
+        self,
+        entry_point: EntryPointLike,
+        distribution: str | None,
+        version: str | None,
+        requires_core: str | None,
+    ) -> None:
+        self._set(
+            entry_point=entry_point,
+            distribution=distribution,
+            version=version,
+            requires_core=requires_core,
+        )
 
     @property
     def kind(self) -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
+
+from sagellm_backend.frozen import Frozen
 
 __all__ = [
     "CORE_DISTRIBUTION",
@@ -38,14 +39,18 @@ CORE_ENTRY_POINTS: Mapping[str, str] = MappingProxyType(
 source tree without installed metadata, so its built-in kinds are found all the same."""
 
 
-@dataclass(frozen=True)
-class KnownKind:
+class KnownKind(Frozen):
     """A kind this project provides: the distribution that registers it and how to install it."""
 
     kind: str
     distribution: str
     install: str
     alias_of: str | None = None
+
+    def __init__(
+        self, kind: str, distribution: str, install: str, alias_of: str | None = None
+    ) -> None:
+        self._set(kind=kind, distribution=distribution, install=install, alias_of=alias_of)
 
 
 _IN_CHECKOUT = "in a sagellm-backend checkout: "

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from enum import Enum
+
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["BackendRecord", "RecordSource", "RecordStatus"]
 
@@ -50,8 +50,7 @@ class RecordSource(str, Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class BackendRecord:
+class BackendRecord(Frozen):
     """One candidate backend: where it comes from, whether it loaded and can run, and why not.
 
     ``kind`` is the name it is looked up by (an entry-point name); ``alias_of`` names the kind
@@ -75,6 +74,42 @@ class BackendRecord:
     chosen: bool = False
     output: str | None = None
 
+    def __init__(
+        self,
+        kind: str,
+        status: RecordStatus,
+        source: RecordSource,
+        distribution: str | None = None,
+        version: str | None = None,
+        target: str | None = None,
+        aliases: tuple[str, ...] = (),
+        alias_of: str | None = None,
+        priority: int | None = None,
+        api_version: str | None = None,
+        loaded: bool = False,
+        reason: str | None = None,
+        install: str | None = None,
+        chosen: bool = False,
+        output: str | None = None,
+    ) -> None:
+        self._set(
+            kind=kind,
+            status=status,
+            source=source,
+            distribution=distribution,
+            version=version,
+            target=target,
+            aliases=aliases,
+            alias_of=alias_of,
+            priority=priority,
+            api_version=api_version,
+            loaded=loaded,
+            reason=reason,
+            install=install,
+            chosen=chosen,
+            output=output,
+        )
+
     @property
     def available(self) -> bool | None:
         """True or False once probed; None while that is not known yet."""
@@ -87,12 +122,12 @@ class BackendRecord:
     def to_dict(self) -> dict[str, object]:
         """Plain dict of JSON types."""
         out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name in self._fields:
+            value = getattr(self, name)
             if isinstance(value, Enum):
                 value = value.value
             elif isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         out["available"] = self.available
         return out

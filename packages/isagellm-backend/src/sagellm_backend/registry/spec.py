@@ -20,11 +20,11 @@ fallback list. Parsing is pure text processing: it imports nothing and evaluates
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import NoReturn
 
 from sagellm_backend.errors import InvalidSpecError
 from sagellm_backend.factory import LIST_SEPARATOR
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["AUTO", "BackendConfig", "BackendSpec", "Candidate", "is_valid_kind", "parse_spec"]
 
@@ -46,13 +46,17 @@ _HINT = (
 )
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(Frozen):
     """One backend named by a spec: its kind, optional device index and option texts."""
 
     kind: str
     index: int | None = None
     options: tuple[tuple[str, str], ...] = ()
+
+    def __init__(
+        self, kind: str, index: int | None = None, options: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self._set(kind=kind, index=index, options=options)
 
     @property
     def option_dict(self) -> dict[str, str]:
@@ -65,11 +69,13 @@ class Candidate:
         return text
 
 
-@dataclass(frozen=True)
-class BackendSpec:
+class BackendSpec(Frozen):
     """A parsed config string: candidates tried in order, or ``auto``."""
 
     candidates: tuple[Candidate, ...]
+
+    def __init__(self, candidates: tuple[Candidate, ...]) -> None:
+        self._set(candidates=candidates)
 
     @property
     def is_auto(self) -> bool:
@@ -79,8 +85,7 @@ class BackendSpec:
         return ",".join(str(c) for c in self.candidates)
 
 
-@dataclass(frozen=True)
-class BackendConfig:
+class BackendConfig(Frozen):
     """The config object a factory receives as its ``config`` argument.
 
     ``device`` is None or the device index as text ("N"); ``device_ids`` lists the devices of
@@ -90,6 +95,11 @@ class BackendConfig:
     kind: str
     device: str | None = None
     device_ids: tuple[int, ...] | None = None
+
+    def __init__(
+        self, kind: str, device: str | None = None, device_ids: tuple[int, ...] | None = None
+    ) -> None:
+        self._set(kind=kind, device=device, device_ids=device_ids)
 
 
 def parse_spec(text: object) -> BackendSpec:
