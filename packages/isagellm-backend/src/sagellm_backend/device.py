@@ -22,9 +22,6 @@ class DeviceRef(Frozen):
     kind: str
     index: int | None = None
 
-    def __init__(self, kind: str, index: int | None = None) -> None:
-        self._set(kind=kind, index=index)
-
     @classmethod
     def parse(cls, text: object) -> DeviceRef:
         """Parse ``"kind"`` or ``"kind:N"``; anything else raises InvalidArgumentError."""
@@ -50,24 +47,6 @@ class MemoryStats(Frozen):
     kv_blocks_in_use: int
     kv_pages_in_use: int
     kv_pages_total: int | None = None
-
-    def __init__(
-        self,
-        total_bytes: int,
-        used_bytes: int,
-        peak_used_bytes: int,
-        kv_blocks_in_use: int,
-        kv_pages_in_use: int,
-        kv_pages_total: int | None = None,
-    ) -> None:
-        self._set(
-            total_bytes=total_bytes,
-            used_bytes=used_bytes,
-            peak_used_bytes=peak_used_bytes,
-            kv_blocks_in_use=kv_blocks_in_use,
-            kv_pages_in_use=kv_pages_in_use,
-            kv_pages_total=kv_pages_total,
-        )
 
     @property
     def free_bytes(self) -> int:

@@ -46,15 +46,6 @@ class Option(Frozen):
     default: OptionValue | None
     help: str
 
-    def __init__(
-        self,
-        name: str,
-        type: OptionType,
-        default: OptionValue | None,
-        help: str,
-    ) -> None:
-        self._set(name=name, type=type, default=default, help=help)
-
     def convert(self, value: object) -> OptionValue:
         """Convert a config-string text or a Python value to this option's type.
 
@@ -158,9 +149,6 @@ class DeviceSelection(Frozen):
 
     index: int | None = None
     device_ids: tuple[int, ...] | None = None
-
-    def __init__(self, index: int | None = None, device_ids: tuple[int, ...] | None = None) -> None:
-        self._set(index=index, device_ids=device_ids)
 
 
 class BackendFactory(Generic[P]):

@@ -55,26 +55,6 @@ class KernelSpec(Frozen):
     make_inputs: InputMaker | None = None
     compare: Comparator = _assert_equal
 
-    def __init__(
-        self,
-        name: str,
-        impl: Callable[..., Any],
-        kind: KernelKind | None = None,
-        dtypes: frozenset[DType] = frozenset(),
-        reference: Callable[..., Any] | None = None,
-        make_inputs: InputMaker | None = None,
-        compare: Comparator = _assert_equal,
-    ) -> None:
-        self._set(
-            name=name,
-            impl=impl,
-            kind=kind,
-            dtypes=dtypes,
-            reference=reference,
-            make_inputs=make_inputs,
-            compare=compare,
-        )
-
     @property
     def checkable(self) -> bool:
         return self.reference is not None and self.make_inputs is not None

@@ -35,21 +35,7 @@ class KVLayout(Frozen):
     tokens_per_block: int = 16
     dtype: DType | None = None
 
-    def __init__(
-        self,
-        num_layers: int = 2,
-        num_kv_heads: int = 2,
-        head_size: int = 64,
-        tokens_per_block: int = 16,
-        dtype: DType | None = None,
-    ) -> None:
-        self._set(
-            num_layers=num_layers,
-            num_kv_heads=num_kv_heads,
-            head_size=head_size,
-            tokens_per_block=tokens_per_block,
-            dtype=dtype,
-        )
+    def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_size", "tokens_per_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -57,8 +43,8 @@ class KVLayout(Frozen):
                     f"KV layout {name} must be a positive int, got {value!r}",
                     hint=f"set {name} from the model config (an int of at least 1)",
                 )
-        if dtype is not None:
-            self._set(dtype=coerce(DType, dtype, "KV dtype"))
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", coerce(DType, self.dtype, "KV dtype"))
 
     @property
     def elements_per_page(self) -> int:

@@ -51,16 +51,6 @@ class StandardOp(Frozen):
     kind: KernelKind | None = None
     writes: tuple[int | str, ...] = ()
 
-    def __init__(
-        self,
-        name: str,
-        summary: str,
-        signature: str,
-        kind: KernelKind | None = None,
-        writes: tuple[int | str, ...] = (),
-    ) -> None:
-        self._set(name=name, summary=summary, signature=signature, kind=kind, writes=writes)
-
 
 PROVIDER_OPS: tuple[StandardOp, ...] = (
     StandardOp(

@@ -56,16 +56,6 @@ class _Call(Frozen):
     root: int | None = None
     validate: bool = True
 
-    def __init__(
-        self,
-        name: str,
-        tensor: MockTensor | None = None,
-        op: ReduceOp | None = None,
-        root: int | None = None,
-        validate: bool = True,
-    ) -> None:
-        self._set(name=name, tensor=tensor, op=op, root=root, validate=validate)
-
     @property
     def signature(self) -> str:
         parts = [self.name]

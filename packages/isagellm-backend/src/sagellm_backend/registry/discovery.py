@@ -69,9 +69,6 @@ class ScannedEntryPoint(Frozen):
     value: str
     group: str
 
-    def __init__(self, name: str, value: str, group: str) -> None:
-        self._set(name=name, value=value, group=group)
-
     def load(self) -> Any:
         match = _TARGET_RE.match(self.value)
         if match is None:
@@ -88,20 +85,6 @@ class DiscoveredEntryPoint(Frozen):
     version: str | None
     requires_core: str | None
     """The distribution's version specifier on the core (such as "==0.6.0"), if it pins one."""
-
-    def __init__(
-        self,
-        entry_point: EntryPointLike,
-        distribution: str | None,
-        version: str | None,
-        requires_core: str | None,
-    ) -> None:
-        self._set(
-            entry_point=entry_point,
-            distribution=distribution,
-            version=version,
-            requires_core=requires_core,
-        )
 
     @property
     def kind(self) -> str:

@@ -43,15 +43,6 @@ class Outcome(Frozen, Generic[T]):
     output: str = ""
     """What the code wrote to sys.stdout and sys.stderr (at most MAX_OUTPUT characters)."""
 
-    def __init__(
-        self,
-        value: T | None = None,
-        error: BaseException | None = None,
-        hung: bool = False,
-        output: str = "",
-    ) -> None:
-        self._set(value=value, error=error, hung=hung, output=output)
-
 
 def isolated_call(fn: Callable[[], T], *, deadline: float, name: str) -> Outcome[T]:
     """Run ``fn`` in a daemon thread named ``name`` and wait at most ``deadline`` seconds."""

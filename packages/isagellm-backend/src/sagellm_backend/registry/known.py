@@ -47,11 +47,6 @@ class KnownKind(Frozen):
     install: str
     alias_of: str | None = None
 
-    def __init__(
-        self, kind: str, distribution: str, install: str, alias_of: str | None = None
-    ) -> None:
-        self._set(kind=kind, distribution=distribution, install=install, alias_of=alias_of)
-
 
 _IN_CHECKOUT = "in a sagellm-backend checkout: "
 _CUDA = f"{_IN_CHECKOUT}pip install ./packages/isagellm-backend ./packages/isagellm-backend-cuda"

@@ -74,42 +74,6 @@ class BackendRecord(Frozen):
     chosen: bool = False
     output: str | None = None
 
-    def __init__(
-        self,
-        kind: str,
-        status: RecordStatus,
-        source: RecordSource,
-        distribution: str | None = None,
-        version: str | None = None,
-        target: str | None = None,
-        aliases: tuple[str, ...] = (),
-        alias_of: str | None = None,
-        priority: int | None = None,
-        api_version: str | None = None,
-        loaded: bool = False,
-        reason: str | None = None,
-        install: str | None = None,
-        chosen: bool = False,
-        output: str | None = None,
-    ) -> None:
-        self._set(
-            kind=kind,
-            status=status,
-            source=source,
-            distribution=distribution,
-            version=version,
-            target=target,
-            aliases=aliases,
-            alias_of=alias_of,
-            priority=priority,
-            api_version=api_version,
-            loaded=loaded,
-            reason=reason,
-            install=install,
-            chosen=chosen,
-            output=output,
-        )
-
     @property
     def available(self) -> bool | None:
         """True or False once probed; None while that is not known yet."""

@@ -53,11 +53,6 @@ class Candidate(Frozen):
     index: int | None = None
     options: tuple[tuple[str, str], ...] = ()
 
-    def __init__(
-        self, kind: str, index: int | None = None, options: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        self._set(kind=kind, index=index, options=options)
-
     @property
     def option_dict(self) -> dict[str, str]:
         return dict(self.options)
@@ -73,9 +68,6 @@ class BackendSpec(Frozen):
     """A parsed config string: candidates tried in order, or ``auto``."""
 
     candidates: tuple[Candidate, ...]
-
-    def __init__(self, candidates: tuple[Candidate, ...]) -> None:
-        self._set(candidates=candidates)
 
     @property
     def is_auto(self) -> bool:
@@ -95,11 +87,6 @@ class BackendConfig(Frozen):
     kind: str
     device: str | None = None
     device_ids: tuple[int, ...] | None = None
-
-    def __init__(
-        self, kind: str, device: str | None = None, device_ids: tuple[int, ...] | None = None
-    ) -> None:
-        self._set(kind=kind, device=device, device_ids=device_ids)
 
 
 def parse_spec(text: object) -> BackendSpec:
