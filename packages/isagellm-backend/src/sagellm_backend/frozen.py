@@ -117,10 +117,9 @@ def _make_init(cls: type[Frozen]) -> Callable[..., None]:
 
     def __init__(self: Frozen, *args: Any, **kwargs: Any) -> None:
         stored = self.__dict__
-        fill = None if kwargs or len(args) > count else fills[len(args)]
-        if fill is not None:
-            for name, value in zip(fields, args, strict=False):
-                stored[name] = value
+        if not kwargs and len(args) <= count and (fill := fills[len(args)]) is not None:
+            for index, value in enumerate(args):  # not zip(): its strict= costs a third
+                stored[fields[index]] = value
             if fill:
                 stored.update(fill)
         elif not args and kwargs.keys() <= known and kwargs.keys() >= needed:
