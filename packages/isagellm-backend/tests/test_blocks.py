@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import random
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -90,8 +92,20 @@ def make_table(
         devices={"dev:0", "dev:1", "host"},
         default_device="dev:0",
         devices_hint="use one of dev:0, dev:1, host",
+        guard=refuse_nothing,
+        own_event=own_work,
     )
     return table, storage
+
+
+def refuse_nothing(operation: str) -> None:
+    """The guard of a provider that is open and not capturing."""
+
+
+def own_work(event: object) -> DeviceWork:
+    if not isinstance(event, DeviceWork):
+        raise InvalidArgumentError(f"{event!r} is not device work", hint="pass a DeviceWork")
+    return event
 
 
 def no_work(transfers: list[Transfer]) -> None:
@@ -632,3 +646,58 @@ def test_refused_growth_changes_nothing() -> None:
         assert state(table, storage) == before, (blocks, counts)
     assert table.grow([h, a], [16 * 20, 16 * 5]) == [h, a]
     assert table.info(h).num_pages == 20 and table.info(a).num_pages == 5
+
+
+def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches() -> None:
+    """Threads switch every microsecond while they mix the single-block path (which takes the
+    table's token without blocking) with batches (which queue for it): every page handed out is
+    owned by one block at a time."""
+    table, storage = make_table(pages=4096, single_block=True)
+    owner: dict[int, KVBlock] = {}
+    errors: list[BaseException] = []
+
+    def own(block: KVBlock) -> None:
+        for page in pages(table, block):
+            holder = owner.setdefault(page, block)
+            assert holder == block, f"page {page} of {block:#x} is also {holder:#x}'s"
+
+    def disown(block: KVBlock) -> None:
+        for page in pages(table, block):
+            del owner[page]
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        held: list[KVBlock] = []
+        try:
+            for _ in range(300):
+                if rng.random() < 0.5:
+                    new = [table.alloc_one(rng.choice([8, 16, 40]), DType.FP16)]
+                else:
+                    new = table.alloc([rng.choice([16, 33]) for _ in range(3)], DType.FP16)
+                for block in new:
+                    own(block)
+                held += new
+                rng.shuffle(held)
+                while len(held) > 6:
+                    block = held.pop()
+                    disown(block)
+                    if rng.random() < 0.5:
+                        table.free_one(block)
+                    else:
+                        table.free([block])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    live = table.live_blocks()
+    assert sum(len(b.pages) for b in live) == len(owner) == 4096 - len(storage.free["dev:0"])

@@ -60,10 +60,6 @@ class NpuGraphs:
         self._graphs = graphs
         self._index = index
 
-    @property
-    def capturing(self) -> bool:
-        return self._adapter.captures.capturing
-
     def capture(self, stream: NpuStream | None) -> AbstractContextManager[Graph]:
         """Capture on ``stream``; None takes a side stream (the default stream cannot capture)."""
         if stream is None:

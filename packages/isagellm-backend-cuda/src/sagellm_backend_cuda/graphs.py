@@ -49,10 +49,6 @@ class CudaGraphs:
         self._adapter = adapter
         self._mover = mover
 
-    @property
-    def capturing(self) -> bool:
-        return self._adapter.captures.capturing
-
     def capture(self, stream: torch.cuda.Stream | None) -> AbstractContextManager[Graph]:
         """Capture on ``stream``; None takes a side stream (CUDA cannot capture the default)."""
         return self._capture(

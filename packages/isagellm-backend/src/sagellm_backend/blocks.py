@@ -61,8 +61,11 @@ import itertools
 import operator
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import NamedTuple, Protocol, TypeVar, cast
 
 from sagellm_backend.device import DeviceRef
@@ -89,6 +92,7 @@ __all__ = [
     "Pool",
     "Take",
     "Transfer",
+    "total_pages",
 ]
 
 R = TypeVar("R")
@@ -166,7 +170,8 @@ class BlockStorage(Protocol):
         ...
 
     def release(self, pool: Pool, pages: Sequence[Pages]) -> None:
-        """Take back the page ids of released blocks of ``pool``. Never fails for ids it gave."""
+        """Take back released pages of ``pool``, one one-page tuple ``(id,)`` per page. Never
+        fails for ids it gave."""
         ...
 
     def taker(self, pool: Pool) -> Take | None:
@@ -191,6 +196,11 @@ class BlockTable:
     ``"host"``; any container, so a large set need not be listed) and ``devices_hint`` names
     them for an error's hint; ``dtypes`` are the dtypes KV blocks may have, and ``dtype_hint``
     (where ``{dtype}`` stands for the dtype asked for) says how to get another.
+
+    ``guard(operation)`` raises where the provider refuses a host-side call (closed, or a graph
+    capture in progress): the single-block calls run it whenever they leave their fast path,
+    which :meth:`holding` keeps them off for a capture. ``own_event`` returns the :class:`Fence`
+    of an event passed as ``after``, refusing events of other providers.
     """
 
     def __init__(
@@ -203,6 +213,8 @@ class BlockTable:
         default_device: str,
         devices_hint: str,
         dtype_hint: str | None = None,
+        guard: Callable[[str], None],
+        own_event: Callable[[object], Fence],
     ) -> None:
         if default_device not in devices:
             raise InvalidArgumentError(
@@ -216,23 +228,39 @@ class BlockTable:
         self._devices_hint = devices_hint
         self._dtype_hint = dtype_hint or f"use one of {', '.join(d.value for d in self._dtypes)}"
         self._default_device = default_device
-        self._lock = threading.Lock()
+        self._token = [True]
+        """Held by whoever changes the table: see :class:`_Mutex`."""
+        self._mutex = _Mutex(self._token)
         self._live: dict[int, Pages] = {}
         self._elsewhere = 0
         """Live blocks outside pool 0: while there are none, a batch needs no grouping."""
+        self._several = 0
+        """Live blocks of more than one page: while there are none, freed pages need no
+        splitting into one-page tuples."""
         self._tag = next(_tags) & 0xFFFFFFFF | 1 << 32
         self._handles = cast("Iterator[KVBlock]", itertools.count((self._tag << HANDLE_BITS) + 1))
         """Handles to give out, in order."""
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
         self._pool_of: dict[tuple[str, DType], Pool] = {}
-        self._one_page: dict[object, tuple[DType, Take, bool]] = {}
-        self._give: dict[int, Give] = {}
+        self._guard = guard
+        self._own_event = own_event
         for dtype in self._dtypes:
-            pool = self._pool(default_device, dtype)
-            take = storage.taker(pool)
-            if take is not None:
-                self._one_page[dtype] = (dtype, take, pool.number != 0)
+            self._pool(default_device, dtype)
+        first = self._pools[0]
+        take, give = storage.taker(first), storage.giver(first)
+        self._one_page: dict[object, Take] = {}
+        """The single-block path's allocation in pool 0, by its dtype or the dtype's value."""
+        if take is not None:
+            self._one_page = {first.dtype: take, first.dtype.value: take}
+        self._gives: dict[int, Give] = {} if give is None else {0: give}
+        """The single-block path's release, under pool 0's number."""
+        self._takes = self._one_page
+        """``_one_page``, or empty while the single-block path is held."""
+        self._gives_now = self._gives
+        """``_gives``, or empty while the single-block path is held."""
+        self._next_handle = self._handles.__next__
+        self._holds = 0
         self._in_flight: list[Fence] = []
         self._pending: deque[_Pending] = deque()
         self._closed: str | None = None
@@ -245,6 +273,30 @@ class BlockTable:
     def pools(self) -> list[Pool]:
         """The pools blocks have been allocated in so far, by number."""
         return list(self._pools)
+
+    def holding(self, context: AbstractContextManager[R]) -> AbstractContextManager[R]:
+        """``context`` (a graph capture) with the single-block calls held off their fast path,
+        so that they run the guard, while it is entered."""
+        return _Holding(self, context)
+
+    def bind_single_calls(self, provider: object, base: type) -> None:
+        """Make :meth:`alloc_one` and :meth:`free_one` the ``kv_block_alloc`` and
+        ``kv_block_free`` of ``provider`` itself, sparing the forwarding call: an engine makes
+        them once per block. A subclass of ``base`` that overrides either keeps its own."""
+        for name, call in (("kv_block_alloc", self.alloc_one), ("kv_block_free", self.free_one)):
+            if getattr(type(provider), name) is getattr(base, name):
+                vars(provider)[name] = call
+
+    @property
+    def held(self) -> bool:
+        """Whether a :meth:`holding` context is entered."""
+        return self._holds > 0
+
+    def hold(self, change: int) -> None:
+        """Hold the single-block calls off their fast path (``+1``) or let them back (``-1``)."""
+        with self._mutex:
+            self._holds += change
+            self._reopen()
 
     # Validation that needs no lock.
 
@@ -273,33 +325,25 @@ class BlockTable:
 
     # Allocation, release and growth.
 
-    def alloc_one(self, num_tokens: int, dtype: object) -> KVBlock:
-        """One block on the default device; one-page blocks take the single-block path."""
+    def alloc_one(self, num_tokens: int, dtype: DType | str) -> KVBlock:
+        """One block on the default device; a one-page block of the first dtype takes the
+        single-block path."""
+        token = self._token
         try:
-            member, take, elsewhere = self._one_page[dtype]
-        except (KeyError, TypeError):
-            return self.alloc([num_tokens], dtype)[0]
-        if (
-            type(num_tokens) is not int
-            or not 0 < num_tokens <= self._tokens_per_page
-            or self._pending
-        ):
-            return self.alloc([num_tokens], member)[0]
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._closed is None:
-                pages = take()
-                handle = next(self._handles)
-                self._live[handle] = pages
-                if elsewhere:
-                    self._elsewhere += 1
-                return handle
-        except IndexError:
-            pass  # none free: the batch path waits for pending pages or says it is exhausted
-        finally:
-            lock.release()
-        return self.alloc([num_tokens], member)[0]
+            token.pop()  # IndexError: another call holds the table
+            try:
+                take = self._takes[dtype]
+                if num_tokens.__class__ is int and 0 < num_tokens <= self._tokens_per_page:
+                    pages = take()
+                    handle = self._next_handle()
+                    self._live[handle] = pages
+                    return handle
+            finally:
+                token.append(True)
+        except (KeyError, TypeError, IndexError):
+            pass  # held, another dtype or spelling, or no page free: the batch path decides
+        self._guard("kv_block_alloc")
+        return self.alloc([num_tokens], dtype)[0]
 
     def alloc(
         self, num_tokens: Sequence[int], dtype: object, *, device: str | None = None
@@ -308,7 +352,7 @@ class BlockTable:
         member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts, distinct = _token_counts(num_tokens, "num_tokens")
-        with self._lock:
+        with self._mutex:
             self._check_open()
             if not counts:
                 return []
@@ -328,36 +372,43 @@ class BlockTable:
             self._live.update(zip(handles, taken, strict=True))
             if pool.number:
                 self._elsewhere += len(counts)
+            if most > tokens_per_page:
+                self._several += len(counts) - page_counts.count(1)
         return handles
 
-    def free_one(self, block: KVBlock, after: Fence | None = None) -> None:
-        """Free one block; a live one-page block takes the single-block path."""
-        if after is None and not self._in_flight and type(block) is int:
-            lock = self._lock
-            lock.acquire()
-            try:
-                live = self._live
-                pages = live.get(block)
-                if pages is not None and len(pages) == 1:
-                    number = pages[0] >> PAGE_BITS
-                    give = self._give.get(number)
-                    if give is not None:
-                        del live[block]
-                        give(pages)
-                        if number:
-                            self._elsewhere -= 1
-                        return
-            finally:
-                lock.release()
-        self.free([block], after)
-
-    def free(self, blocks: Iterable[KVBlock], after: Fence | None = None) -> None:
-        """Free every block, all or none; a stale, foreign or repeated block is refused.
+    def free_one(self, block: KVBlock, *, after: object = None) -> None:
+        """Free one block; a live one-page block of pool 0 takes the single-block path.
 
         With ``after``, the pages are reused only once that event is reached.
         """
+        if after is None:
+            token = self._token
+            try:
+                token.pop()  # IndexError: another call holds the table
+                try:
+                    live = self._live
+                    pages = live[block]
+                    (page,) = pages  # ValueError: several pages
+                    give = self._gives_now[page >> PAGE_BITS]  # KeyError: not pool 0, or held
+                    del live[block]
+                    give(pages)
+                    return
+                finally:
+                    token.append(True)
+            except (KeyError, TypeError, ValueError, IndexError):
+                pass  # held, not a live one-page block of pool 0: the batch path decides
+        self._guard("kv_block_free")
+        self.free([block], after)
+
+    def free(self, blocks: Iterable[KVBlock], after: object = None) -> None:
+        """Free every block, all or none; a stale, foreign or repeated block is refused.
+
+        With ``after`` (an event of the provider), the pages are reused only once that event is
+        reached.
+        """
+        fence = None if after is None else self._own_event(after)
         items = _listed(blocks, "blocks")
-        with self._lock:
+        with self._mutex:
             self._check_open()
             live = self._live
             popped: list[Pages | None] = []
@@ -369,7 +420,7 @@ class BlockTable:
                 live.update((h, p) for h, p in zip(items, popped, strict=False) if p is not None)
                 self._refuse(items, "kv_blocks_free")
             groups = self._groups(cast("list[Pages]", popped))
-            self._release(groups, [] if after is None else [after])
+            self._release(groups, [] if fence is None else [fence])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         """Each block grown to hold ``num_tokens[i]`` tokens by appending pages, all or none.
@@ -383,7 +434,7 @@ class BlockTable:
                 f"kv_blocks_grow got {len(items)} blocks and {len(counts)} token counts",
                 hint="pass one token count per block",
             )
-        with self._lock:
+        with self._mutex:
             self._check_open()
             current = self._distinct(items, "kv_blocks_grow")
             extra: dict[Pool, tuple[list[int], list[int]]] = {}
@@ -400,17 +451,18 @@ class BlockTable:
             live = self._live
             for (indices, _), given in zip(extra.values(), taken, strict=True):
                 for i, added in zip(indices, given, strict=True):
+                    if len(current[i]) == 1:
+                        self._several += 1
                     live[items[i]] = current[i] + added
         return items
 
     def close(self, message: str) -> None:
         """Refuse every later call with ``message``; wait for the events the table still holds
         and release every page. Idempotent."""
-        with self._lock:
+        with self._mutex:
             if self._closed is not None:
                 return
             self._closed = message
-            self._one_page.clear()
             events = self._in_flight + [e for entry in self._pending for e in entry[0]]
             for event in {id(e): e for e in events}.values():
                 event.synchronize()
@@ -421,7 +473,8 @@ class BlockTable:
             if self._live:
                 self._give_back(self._groups(list(self._live.values())))
             self._live.clear()
-            self._elsewhere = 0
+            self._elsewhere = self._several = 0
+            self._reopen()
 
     # Data operations, issued under the lock.
 
@@ -433,7 +486,7 @@ class BlockTable:
         not depend on the order the copies run in.
         """
         read, written = _split_pairs(pairs)
-        with self._lock:
+        with self._mutex:
             self._check_open()
             self._track(issue(self._check_copy(read, written)))
 
@@ -442,7 +495,7 @@ class BlockTable:
         and retire the sources, all or none. Returns the replacements."""
         where = self.check_device(target)
         items = _listed(blocks, "blocks")
-        with self._lock:
+        with self._mutex:
             self._check_open()
             if not items:
                 self._track(issue([]))
@@ -482,12 +535,14 @@ class BlockTable:
                 event = issue(transfers)
             except BaseException:
                 for (pool, _), given in zip(requests, taken, strict=True):
-                    self._storage.release(pool, given)
+                    self._storage.release(pool, _page_by_page(given))
                 raise
             handles = list(itertools.islice(self._handles, len(items)))
             _exhaust(map(self._live.__delitem__, items))
             self._live.update(zip(handles, cast("list[Pages]", replaced), strict=True))
+            several = self._several
             released = self._groups(sources)
+            self._several = several  # the replacements have the sources' page counts
             self._elsewhere += sum(len(m) for _, pool, m in plans if pool.number)
             self._release(released, [] if event is None else [event])
             self._track(event)
@@ -496,7 +551,7 @@ class BlockTable:
     def use(self, block: KVBlock, work: Callable[[KVBlockInfo], R]) -> R:
         """``work(info)`` for a live block of this table, under the lock (writes and reads)."""
         _check_types([block], "block")
-        with self._lock:
+        with self._mutex:
             self._check_open()
             return work(self._info(block, self._lookup(block)))
 
@@ -509,7 +564,7 @@ class BlockTable:
     def check_live(self, blocks: Sequence[KVBlock]) -> None:
         """Refuse ``blocks`` (repeats allowed) unless each is a live block of this table."""
         items = _listed(blocks, "blocks")
-        with self._lock:
+        with self._mutex:
             self._check_open()
             self._pages_of(items, "check_live", repeats=True)
 
@@ -517,7 +572,7 @@ class BlockTable:
         """The pages of live ``blocks`` (repeats allowed), each block on ``device``; refused
         otherwise."""
         items = _listed(blocks, "blocks")
-        with self._lock:
+        with self._mutex:
             self._check_open()
             found = self._pages_of(items, "plan", repeats=True)
             if not self._elsewhere and self._pools[0].device == device:
@@ -533,25 +588,33 @@ class BlockTable:
 
     def live_blocks(self, device: str | None = None) -> list[KVBlockInfo]:
         """Where the live blocks are (on ``device`` if given), oldest handle first."""
-        with self._lock:
+        with self._mutex:
             self._check_open()
             infos = [self._info(h, p) for h, p in sorted(self._live.items())]
         return infos if device is None else [i for i in infos if i.device == device]
 
     def blocks_on(self, device: str) -> int:
         """How many live blocks are on ``device``."""
-        with self._lock:
+        with self._mutex:
             indices = {p.number for p in self._pools if p.device == device}
             return sum(1 for pages in self._live.values() if pages[0] >> PAGE_BITS in indices)
 
     def reclaim(self) -> int:
         """Return to the storage the pending pages whose events were reached; how many freed
         pages still wait for device work (see the module docstring)."""
-        with self._lock:
+        with self._mutex:
             self._poll()
             return sum(len(p) for _, groups in self._pending for _, g in groups for p in g)
 
     # Internals; the lock is held.
+
+    def _reopen(self) -> None:
+        """Open the single-block path, or hold it: while the table is closed or held, while
+        pages are pending (allocation polls them) and while work is in flight on another stream
+        (a free must wait for it)."""
+        held = self._closed is not None or self._holds > 0
+        self._takes = {} if held or self._pending else self._one_page
+        self._gives_now = {} if held or self._in_flight else self._gives
 
     def _check_open(self) -> None:
         if self._closed is not None:
@@ -563,9 +626,6 @@ class BlockTable:
             pool = Pool(len(self._pools), device, dtype)
             self._pools.append(pool)
             self._pool_of[device, dtype] = pool
-            give = self._storage.giver(pool)
-            if give is not None:
-                self._give[pool.number] = give
         return pool
 
     def _info(self, handle: int, pages: Pages) -> KVBlockInfo:
@@ -587,33 +647,43 @@ class BlockTable:
                 for event in events:
                     event.synchronize()
                 self._give_back(groups)
+                self._reopen()
 
     def _poll(self) -> None:
         """Release pending pages whose events were reached, oldest first."""
         pending = self._pending
         while pending and all(event.query() for event in pending[0][0]):
             self._give_back(pending.popleft()[1])
+        self._reopen()
 
     def _track(self, event: Fence | None) -> None:
         """Keep the event of work on another stream until it is reached."""
         if event is not None:
             self._in_flight = [e for e in self._in_flight if not e.query()]
             self._in_flight.append(event)
+            self._reopen()
 
     def _groups(self, pages: list[Pages]) -> _Groups:
-        """The page ids of retired blocks by pool; counts those outside pool 0 out."""
-        if not self._elsewhere or not pages:
-            return [(0, pages)]
-        firsts = list(map(_first, pages))
-        low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
-        if low == high:
-            groups = [(low, pages)]
-        else:
-            by_pool: dict[int, list[Pages]] = {}
-            for first, p in zip(firsts, pages, strict=True):
-                by_pool.setdefault(first >> PAGE_BITS, []).append(p)
-            groups = list(by_pool.items())
-        self._elsewhere -= sum(len(group) for number, group in groups if number)
+        """The page ids of retired blocks by pool, one one-page tuple per page; counts the
+        blocks out of ``_elsewhere`` and ``_several``."""
+        groups: _Groups = [(0, pages)]
+        if self._elsewhere and pages:
+            firsts = list(map(_first, pages))
+            low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
+            if low == high:
+                groups = [(low, pages)]
+            else:
+                by_pool: dict[int, list[Pages]] = {}
+                for first, p in zip(firsts, pages, strict=True):
+                    by_pool.setdefault(first >> PAGE_BITS, []).append(p)
+                groups = list(by_pool.items())
+            self._elsewhere -= sum(len(group) for number, group in groups if number)
+        if self._several and pages:
+            for i, (number, group) in enumerate(groups):
+                several = len(group) - list(map(len, group)).count(1)
+                if several:
+                    self._several -= several
+                    groups[i] = (number, _page_by_page(group))
         return groups
 
     def _release(self, groups: _Groups, events: list[Fence]) -> None:
@@ -628,6 +698,7 @@ class BlockTable:
             self._pending.append((waiting, groups))
         else:
             self._give_back(groups)
+        self._reopen()
 
     def _give_back(self, groups: _Groups) -> None:
         for number, pages in groups:
@@ -680,6 +751,7 @@ class BlockTable:
             )
         upcoming = next(self._handles)
         self._handles = cast("Iterator[KVBlock]", itertools.count(upcoming))
+        self._next_handle = self._handles.__next__
         if handle < upcoming and handle & ((1 << HANDLE_BITS) - 1):
             raise BlockNotFoundError(
                 f"KV block {handle:#x} was already freed or migrated away",
@@ -759,8 +831,75 @@ class BlockTable:
         return pages
 
 
+class _Mutex:
+    """A block table's lock, with a try-acquire cheap enough for one call per block.
+
+    Holding the table means holding its token, the one item of a list: the single-block path
+    pops it without blocking (a list pop is atomic) and falls back to the batch path when it is
+    held; it never waits for anything while it holds the token. Every other call enters this
+    context: it queues on a lock, then takes the token, yielding the interpreter while a
+    single-block call still holds it.
+    """
+
+    def __init__(self, token: list[bool]) -> None:
+        self._token = token
+        self._queue = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._queue.acquire()
+        while True:
+            try:
+                self._token.pop()
+            except IndexError:
+                time.sleep(0)
+            else:
+                return
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._token.append(True)
+        self._queue.release()
+
+
+class _Holding(AbstractContextManager[R]):
+    """A context entered with a table's single-block calls held (see BlockTable.holding)."""
+
+    def __init__(self, table: BlockTable, context: AbstractContextManager[R]) -> None:
+        self._table = table
+        self._context = context
+
+    def __enter__(self) -> R:
+        self._table.hold(1)
+        try:
+            return self._context.__enter__()
+        except BaseException:
+            self._table.hold(-1)
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            return self._context.__exit__(exc_type, exc, tb)
+        finally:
+            self._table.hold(-1)
+
+
 def _same(info: KVBlockInfo) -> KVBlockInfo:
     return info
+
+
+def _page_by_page(pages: Sequence[Pages]) -> list[Pages]:
+    """The page ids of blocks as one one-page tuple per page."""
+    return list(zip(itertools.chain.from_iterable(pages)))
+
+
+def total_pages(page_counts: Sequence[int]) -> int:
+    """The pages of blocks of ``page_counts`` pages, quickly when each has one."""
+    n = len(page_counts)
+    return n if page_counts.count(1) == n else sum(page_counts)
 
 
 def _local(pages: Pages) -> Pages:
@@ -825,6 +964,10 @@ def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]
     """``values`` as a list and its distinct values, else InvalidArgumentError. A value equal
     to an int that is also given (``8.0`` beside ``8``) counts as that int."""
     out = cast("list[int]", _iterable(values, what))
+    if out:
+        first = out[0]
+        if first.__class__ is int and out.count(first) == len(out):
+            return out, {first}  # the usual batch: one count for every block
     try:
         distinct = set(out)
     except TypeError:  # an unhashable item

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from sagellm_backend.blocks import Give, Pool, Take, Transfer
+from sagellm_backend.blocks import Give, Pool, Take, Transfer, total_pages
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import ResourceExhaustedError
@@ -41,6 +41,8 @@ larger allocation is refused as resource_exhausted however large the budget."""
 
 _UNBOUNDED_PAGES = 1 << 62
 """Host memory is not budgeted: no block is too large for it ever to hold."""
+_UNBOUNDED_BYTES = 1 << 62
+"""The budget of host memory, which is not budgeted."""
 
 
 class DeviceMemory:
@@ -49,16 +51,16 @@ class DeviceMemory:
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
+        self.limit = _UNBOUNDED_BYTES if capacity is None else capacity
+        """The most bytes of pages that may be in use at once."""
         self.used = 0
         self.peak = 0
         self.stamps: dict[int, int] = {}
         """The allocation stamp of each live page."""
         self.data: dict[int, tuple[int, bytes]] = {}
         """Each written page: the stamp it had when the write was issued, and its bytes."""
-        self._stamps = itertools.count()
-
-    def stamp(self) -> int:
-        return next(self._stamps)
+        self.stamp = itertools.count().__next__
+        """A new allocation stamp."""
 
 
 class PoolPages:
@@ -74,11 +76,10 @@ class PoolPages:
         """The page of a new one-page block; IndexError if it does not fit."""
         memory = self.memory
         used = memory.used + self.size
-        if (memory.capacity is not None and used > memory.capacity) or len(
-            memory.stamps
-        ) >= MAX_PAGES:
+        if used > memory.limit or len(memory.stamps) >= MAX_PAGES:
             raise IndexError("no page left")
-        page = self.free.pop() if self.free else (next(self._fresh),)
+        free = self.free
+        page = free.pop() if free else (next(self._fresh),)
         memory.stamps[page[0]] = memory.stamp()
         memory.used = used
         if used > memory.peak:
@@ -104,28 +105,19 @@ class PoolPages:
         ends = itertools.accumulate(page_counts)
         return [flat[end - n : end] for n, end in zip(page_counts, ends, strict=True)]
 
-    def give(self, pages: tuple[int, ...]) -> None:
-        """Take back the pages of one block."""
+    def give_one(self, pages: tuple[int, ...]) -> None:
+        """Take back the page of a one-page block."""
         memory = self.memory
-        for page in pages:
-            del memory.stamps[page]
-        memory.used -= self.size * len(pages)
-        if len(pages) == 1:
-            self.free.append(pages)
-        else:
-            self.free.extend(zip(pages))
+        del memory.stamps[pages[0]]
+        memory.used -= self.size
+        self.free.append(pages)
 
     def give_all(self, pages: Sequence[tuple[int, ...]]) -> None:
-        """Take back the pages of many blocks."""
-        memory, total = self.memory, sum(map(len, pages))
-        if total == len(pages):
-            _exhaust(map(memory.stamps.__delitem__, map(_first, pages)))
-            self.free.extend(pages)
-        else:
-            flat = list(itertools.chain.from_iterable(pages))
-            _exhaust(map(memory.stamps.__delitem__, flat))
-            self.free.extend(zip(flat))
-        memory.used -= self.size * total
+        """Take back released pages, one one-page tuple each."""
+        memory = self.memory
+        _exhaust(map(memory.stamps.__delitem__, map(_first, pages)))
+        self.free.extend(pages)
+        memory.used -= self.size * len(pages)
 
 
 class PageCopies(NamedTuple):
@@ -178,7 +170,7 @@ class MockMemory:
     def allocate(
         self, requests: Sequence[tuple[Pool, Sequence[int]]]
     ) -> list[list[tuple[int, ...]]]:
-        totals = [sum(page_counts) for _, page_counts in requests]
+        totals = [total_pages(page_counts) for _, page_counts in requests]
         pages = [self._pages(pool) for pool, _ in requests]
         wanted: dict[str, tuple[int, int]] = {}
         for (pool, _), total, p in zip(requests, totals, pages, strict=True):
@@ -210,7 +202,7 @@ class MockMemory:
         return self._pages(pool).take_one
 
     def giver(self, pool: Pool) -> Give:
-        return self._pages(pool).give
+        return self._pages(pool).give_one
 
     # Data, run as stream work; what it reads and writes is tagged with stamps taken when it
     # was issued.

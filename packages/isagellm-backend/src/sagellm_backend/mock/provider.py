@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from sagellm_backend.blocks import BlockTable, Transfer
@@ -188,6 +189,11 @@ class MockBackendProvider(Unique):
             world, rank, validate=validate_collectives, default_timeout=collective_timeout
         )
         self._memory = MockMemory(self._layout, max_memory_mb * _MIB)
+        name = self._device if world.world_size == 1 else f"{self._device} (rank {rank})"
+        world.join(rank, name)
+        self._comm = communicator
+        self._kernels = KernelTable()
+        self._streams = StreamScheduler(name)
         self._table = BlockTable(
             self._memory,
             layout=self._layout,
@@ -199,12 +205,10 @@ class MockBackendProvider(Unique):
                 if num_devices <= 8
                 else f"use mock:0 to mock:{num_devices - 1}, or {HOST}"
             ),
+            guard=self._streams.check_host,
+            own_event=self._streams.own_event,
         )
-        name = self._device if world.world_size == 1 else f"{self._device} (rank {rank})"
-        world.join(rank, name)
-        self._comm = communicator
-        self._kernels = KernelTable()
-        self._streams = StreamScheduler(name)
+        self._table.bind_single_calls(self, MockBackendProvider)
         if self._capability.supports_op("sample"):
             self._kernels.register(
                 "sample",
@@ -280,7 +284,6 @@ class MockBackendProvider(Unique):
     # KV blocks.
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
-        self._streams.check_host("kv_block_alloc")
         return self._table.alloc_one(num_tokens, dtype)
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
@@ -288,12 +291,11 @@ class MockBackendProvider(Unique):
         return self._table.alloc(num_tokens, dtype)
 
     def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
-        self._streams.check_host("kv_block_free")
-        self._table.free_one(block, None if after is None else self._streams.own_event(after))
+        self._table.free_one(block, after=after)
 
     def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
         self._streams.check_host("kv_blocks_free")
-        self._table.free(blocks, None if after is None else self._streams.own_event(after))
+        self._table.free(blocks, after)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         self.kv_blocks_copy([(src, dst)])
@@ -494,11 +496,11 @@ class MockBackendProvider(Unique):
 
     # Graphs.
 
-    def capture_graph(self, stream: Stream | None = None) -> GraphCaptureContext:
+    def capture_graph(self, stream: Stream | None = None) -> AbstractContextManager[MockGraph]:
         """Capture the device operations issued on ``stream`` (default: current) into a graph."""
         self._capability.require_graph_exec()
         on = self.current_stream() if stream is None else self._streams.own_stream(stream)
-        return GraphCaptureContext(MockGraph(on, self._check_live), on)
+        return self._table.holding(GraphCaptureContext(MockGraph(on, self._check_live), on))
 
     # Internals.
 

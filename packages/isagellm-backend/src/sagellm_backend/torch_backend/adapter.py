@@ -105,11 +105,7 @@ class DeviceAdapter(Protocol[S, E]):
 class GraphHook(Protocol[S_contra]):
     """Graph capture of a device that has it; a provider given one claims has_graph_exec."""
 
-    @property
-    def capturing(self) -> bool:
-        """True while a capture is in progress; the provider then refuses host-side calls."""
-        ...
-
     def capture(self, stream: S_contra | None) -> AbstractContextManager[Graph]:
-        """Capture the device work issued inside the block on ``stream`` (None: a side stream)."""
+        """Capture the device work issued inside the block on ``stream`` (None: a side stream);
+        the provider refuses its host-side calls meanwhile."""
         ...

@@ -23,10 +23,6 @@ class CaptureGuard:
         self._lock = threading.Lock()
         self._count = 0
 
-    @property
-    def capturing(self) -> bool:
-        return self._count > 0
-
     @contextmanager
     def scope(self) -> Iterator[None]:
         """Mark a capture in progress for the duration of the ``with`` block."""

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from sagellm_backend.blocks import Give, Pool, Take, Transfer
+from sagellm_backend.blocks import Give, Pool, Take, Transfer, total_pages
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlockInfo, KVLayout
@@ -96,12 +96,8 @@ class DevicePages:
         return [flat[end - count : end] for count, end in zip(counts, ends, strict=True)]
 
     def give_back(self, pages: Sequence[tuple[int, ...]]) -> None:
-        """Put the pages of released blocks (each at least one page) back on the free list."""
-        if sum(map(len, pages)) == len(pages):
-            self.free.extend(pages)
-        else:
-            # zip over one iterable yields one-tuples: (index,) per page.
-            self.free.extend(zip(itertools.chain.from_iterable(pages)))
+        """Put released pages, one one-page tuple each, back on the free list."""
+        self.free.extend(pages)
 
     def index(self, pages: Sequence[int]) -> torch.Tensor:
         """Page indices as an int64 tensor on this device."""
@@ -150,7 +146,7 @@ class KVPagePool:
     ) -> list[list[tuple[int, ...]]]:
         """Page ids for new blocks per ``(pool, page_counts)``, all or none; each dtype is its
         device's (the table checks)."""
-        totals = [sum(page_counts) for _, page_counts in requests]
+        totals = [total_pages(page_counts) for _, page_counts in requests]
         wanted: dict[str, int] = {}
         for (pool, _), total in zip(requests, totals, strict=True):
             wanted[pool.device] = wanted.get(pool.device, 0) + total

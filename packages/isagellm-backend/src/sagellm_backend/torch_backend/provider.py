@@ -9,6 +9,7 @@ batched ones return an event recorded after them; host-side calls run at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -127,7 +128,10 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             devices_hint=f"use {self._device} or {HOST}",
             dtype_hint=f"allocate {layout.dtype.value} blocks, or create the backend with "
             "kv_dtype={dtype}",
+            guard=self._live,
+            own_event=functools.partial(own_event, adapter),
         )
+        self._blocks.bind_single_calls(self, TorchBackendProvider)
         self._peak_used = 0
         self._closed = False
         self._close_lock = threading.Lock()
@@ -212,14 +216,11 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             raise BackendUnavailableError(
                 f"the {self._device} backend is closed", hint="create a new backend"
             )
-        if host_side is not None and self._graphs is not None and self._graphs.capturing:
-            self._refuse_in_capture(host_side)
-
-    def _refuse_in_capture(self, host_side: str) -> None:
-        raise GraphCaptureError(
-            f"{host_side} is a host-side call, refused while a graph is being captured",
-            hint="call it before or after the capture_graph block",
-        )
+        if host_side is not None and self._blocks.held:
+            raise GraphCaptureError(
+                f"{host_side} is a host-side call, refused while a graph is being captured",
+                hint="call it before or after the capture_graph block",
+            )
 
     # Streams, events, memory.
 
@@ -314,8 +315,6 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         return self._pool.layout
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
-        if self._graphs is not None and self._graphs.capturing:
-            self._refuse_in_capture("kv_block_alloc")
         return self._blocks.alloc_one(num_tokens, dtype)
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
@@ -325,13 +324,13 @@ class TorchBackendProvider(Unique, Generic[S, E]):
     def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         """Free ``block``; with ``after``, its pages are reused only once that event is reached
         (for work queued on the cache tensors on another stream)."""
-        if self._graphs is not None and self._graphs.capturing:
-            self._refuse_in_capture("kv_block_free")
-        self._blocks.free_one(block, None if after is None else own_event(self._adapter, after))
+        self._blocks.free_one(block, after=after)
 
     def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
+        """Free ``blocks``; with ``after``, their pages are reused only once that event is
+        reached (for work queued on the cache tensors on another stream)."""
         self._live("kv_blocks_free")
-        self._blocks.free(blocks, None if after is None else own_event(self._adapter, after))
+        self._blocks.free(blocks, after)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         self.kv_blocks_copy([(src, dst)])
@@ -517,7 +516,8 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         """
         self._live()
         if self._graphs is not None:
-            return self._graphs.capture(None if stream is None else self._stream(stream).raw)
+            raw = None if stream is None else self._stream(stream).raw
+            return self._blocks.holding(self._graphs.capture(raw))
         raise CapabilityError(
             f"{self._device} cannot capture graphs (has_graph_exec=False)",
             hint="run the operations eagerly",
