@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from typing import Any
 
 import pytest
 
@@ -298,3 +299,112 @@ def test_device_ref_parses(text: str, expected: DeviceRef) -> None:
 def test_device_ref_refuses_malformed_names(text: object) -> None:
     with pytest.raises(InvalidArgumentError, match="malformed device"):
         DeviceRef.parse(text)
+
+
+def test_value_types_behave_as_frozen_dataclasses() -> None:
+    import dataclasses
+
+    from sagellm_backend import MemoryStats
+    from sagellm_backend.registry import BackendRecord, RecordSource, RecordStatus
+
+    layout = KVLayout(num_layers=3, dtype=DType.FP16)
+    assert dataclasses.is_dataclass(layout)
+    assert [f.name for f in dataclasses.fields(KVLayout)] == [
+        "num_layers",
+        "num_kv_heads",
+        "head_size",
+        "tokens_per_block",
+        "dtype",
+    ]
+    assert dataclasses.asdict(layout)["dtype"] is DType.FP16
+    changed = dataclasses.replace(layout, head_size=32)
+    assert changed == KVLayout(3, 2, 32, 16, DType.FP16) and changed != layout
+    assert hash(changed) == hash(KVLayout(3, 2, 32, 16, DType.FP16))
+    assert repr(layout) == (
+        "KVLayout(num_layers=3, num_kv_heads=2, head_size=64, tokens_per_block=16, "
+        "dtype=<DType.FP16: 'fp16'>)"
+    )
+    with pytest.raises(InvalidArgumentError):
+        dataclasses.replace(layout, head_size=0)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'head_size'"):
+        layout.head_size = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot delete field 'dtype'"):
+        del layout.dtype
+    assert pickle.loads(pickle.dumps(layout)) == layout and copy.deepcopy(layout) == layout
+    match DeviceRef.parse("cuda:3"):
+        case DeviceRef(kind, index):
+            assert (kind, index) == ("cuda", 3)
+    stats = MemoryStats(10, 4, 6, 1, 2)
+    assert dataclasses.asdict(stats) == {
+        "total_bytes": 10,
+        "used_bytes": 4,
+        "peak_used_bytes": 6,
+        "kv_blocks_in_use": 1,
+        "kv_pages_in_use": 2,
+        "kv_pages_total": None,
+    }
+    record = BackendRecord("mock", RecordStatus.FOUND, RecordSource.BUILTIN)
+    assert record.to_dict()["status"] == "found" and record != dataclasses.replace(record, kind="x")
+    assert KVLayout(3) != (3, 2, 64, 16, None)
+
+
+class _Written:
+    """DeviceRef's constructor written out: the reference for the errors of a wrong call."""
+
+    def __init__(self, kind: str, index: int | None = None) -> None:
+        del kind, index
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((), {}),
+        ((), {"index": 1}),
+        (("cuda", 0, 1), {}),
+        (("cuda",), {"kind": "cpu"}),
+        (("cuda",), {"ordinal": 0}),
+        ((), {"kind": "cuda", "ordinal": 0}),
+    ],
+)
+def test_value_type_constructors_refuse_wrong_calls_as_python_does(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(TypeError) as written:
+        _Written(*args, **kwargs)
+    with pytest.raises(TypeError) as generated:
+        DeviceRef(*args, **kwargs)
+    assert str(generated.value) == str(written.value).replace("_Written", "DeviceRef")
+
+
+def test_value_type_constructors_bind_fields_in_order_with_defaults() -> None:
+    from sagellm_backend import MemoryStats
+
+    stats = MemoryStats(10, 4, kv_pages_in_use=2, kv_blocks_in_use=1, peak_used_bytes=6)
+    assert vars(stats) == {
+        "total_bytes": 10,
+        "used_bytes": 4,
+        "peak_used_bytes": 6,
+        "kv_blocks_in_use": 1,
+        "kv_pages_in_use": 2,
+        "kv_pages_total": None,
+    }
+    assert stats == MemoryStats(10, 4, 6, 1, 2) == MemoryStats(10, 4, 6, 1, 2, None)
+    with pytest.raises(TypeError, match=r"missing 4 required positional arguments: 'used_bytes', "):
+        MemoryStats(10)  # type: ignore[call-arg]
+    with pytest.raises(InvalidArgumentError, match="head_size must be a positive int"):
+        KVLayout(head_size=0)
+
+
+def test_frozen_refuses_what_a_dataclass_refuses() -> None:
+    from sagellm_backend.frozen import Frozen
+
+    with pytest.raises(ValueError, match="mutable default <class 'list'> for field pages"):
+
+        class Shared(Frozen):
+            pages: list[int] = []  # noqa: RUF012
+
+    with pytest.raises(TypeError, match="non-default argument 'size' follows default argument"):
+
+        class Misordered(Frozen):
+            name: str = ""
+            size: int  # type: ignore[misc]

@@ -12,14 +12,13 @@ read-only mapping, so a descriptor, and its hash, never change after it is built
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from sagellm_backend.dtypes import CollectiveOp, DType, KernelKind, ReduceOp, coerce
 from sagellm_backend.errors import CapabilityError, InvalidArgumentError
+from sagellm_backend.frozen import Frozen
 from sagellm_backend.ops import op_names
 
 __all__ = ["CapabilityDescriptor"]
@@ -49,8 +48,7 @@ _FLAG_FIELDS = (
 _OPTIONAL_STR_FIELDS = ("device_name", "compute_capability")
 
 
-@dataclass(frozen=True, init=False)
-class CapabilityDescriptor:
+class CapabilityDescriptor(Frozen):
     """Immutable capability matrix of one backend instance.
 
     Sequences may hold enum members or their string values; they are stored as tuples of members.
@@ -279,15 +277,15 @@ class CapabilityDescriptor:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of JSON types: enum members become their string values."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in _ENUM_FIELDS:
+        for name in self._fields:
+            value = getattr(self, name)
+            if name in _ENUM_FIELDS:
                 value = [m.value for m in value]
-            elif f.name == "supported_ops":
+            elif name == "supported_ops":
                 value = list(value)
-            elif f.name == "extra":
+            elif name == "extra":
                 value = dict(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
     @classmethod
@@ -298,7 +296,7 @@ class CapabilityDescriptor:
                 f"a capability must be a mapping of field names, got {type(data).__name__}",
                 hint="pass the dict that CapabilityDescriptor.to_dict() returns",
             )
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(cls._fields)
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidArgumentError(
@@ -331,7 +329,7 @@ class CapabilityDescriptor:
 
     def replace(self, **changes: Any) -> CapabilityDescriptor:
         """A copy with some fields changed (the descriptor itself is immutable)."""
-        return dataclasses.replace(self, **changes)
+        return type(self)(**{**{name: getattr(self, name) for name in self._fields}, **changes})
 
 
 def _frozen_extra(extra: object) -> Mapping[str, str]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["HOST", "DeviceRef", "MemoryStats"]
 
@@ -16,8 +16,7 @@ HOST = "host"
 """Device name of host memory, a valid migration target for every backend."""
 
 
-@dataclass(frozen=True)
-class DeviceRef:
+class DeviceRef(Frozen):
     """A parsed device name: ``kind`` with an optional ``index``."""
 
     kind: str
@@ -39,8 +38,7 @@ class DeviceRef:
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
 
-@dataclass(frozen=True)
-class MemoryStats:
+class MemoryStats(Frozen):
     """Memory of one backend device, in bytes, with the KV pool's page accounting."""
 
     total_bytes: int

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sagellm_backend.device import DeviceRef
@@ -21,6 +20,7 @@ from sagellm_backend.errors import (
     InvalidArgumentError,
     UnknownOptionError,
 )
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["API_VERSION", "BackendFactory", "DeviceSelection", "Option"]
 
@@ -29,6 +29,7 @@ API_VERSION = "1"
 
 P = TypeVar("P")
 OptionValue = int | float | bool | str | tuple[int, ...]
+OptionType = type[int] | type[float] | type[bool] | type[str] | type[tuple[int, ...]]
 
 LIST_SEPARATOR = "+"
 """Separator of list-valued options in a config string (``device_ids=0+1``); never ``,``."""
@@ -37,12 +38,11 @@ INT_OPTION_RANGE = (-(2**63), 2**63 - 1)
 """Integer option values must fit in 64 bits, as every device library takes them."""
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(Frozen):
     """A declared backend option: its type, default and one-line help."""
 
     name: str
-    type: type[int] | type[float] | type[bool] | type[str] | type[tuple[int, ...]]
+    type: OptionType
     default: OptionValue | None
     help: str
 
@@ -144,8 +144,7 @@ def _out_of_range(value: OptionValue | None) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class DeviceSelection:
+class DeviceSelection(Frozen):
     """Which device(s) a factory was asked for: an index and, for multi-device, the ids."""
 
     index: int | None = None

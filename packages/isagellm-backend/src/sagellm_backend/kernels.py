@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.capability import CapabilityDescriptor
@@ -22,6 +21,7 @@ from sagellm_backend.errors import (
     KernelNotFoundError,
     close_match,
 )
+from sagellm_backend.frozen import Frozen
 from sagellm_backend.ops import STANDARD_OPS
 
 __all__ = ["Comparator", "InputMaker", "KernelInputs", "KernelSpec", "KernelTable"]
@@ -44,8 +44,7 @@ def _assert_equal(result: Any, expected: Any, dtype: DType) -> None:
         raise AssertionError(f"{dtype.value}: result {result!r} != reference {expected!r}")
 
 
-@dataclass(frozen=True)
-class KernelSpec:
+class KernelSpec(Frozen):
     """A registered kernel: its implementation and what it may be checked against."""
 
     name: str
@@ -54,7 +53,7 @@ class KernelSpec:
     dtypes: frozenset[DType] = frozenset()
     reference: Callable[..., Any] | None = None
     make_inputs: InputMaker | None = None
-    compare: Comparator = field(default=_assert_equal)
+    compare: Comparator = _assert_equal
 
     @property
     def checkable(self) -> bool:

@@ -4,17 +4,16 @@ a block is."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, NewType
 
 from sagellm_backend.dtypes import DType, coerce
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["KVBlock", "KVBlockInfo", "KVLayout"]
 
 
-@dataclass(frozen=True)
-class KVLayout:
+class KVLayout(Frozen):
     """Shape of one KV page: K and V for ``tokens_per_block`` tokens in every layer.
 
     One layer's cache (``kv_cache(layer)``) is a tensor of :meth:`cache_shape`, its dimensions

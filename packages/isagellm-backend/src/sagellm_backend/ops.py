@@ -16,11 +16,11 @@ Two families:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 from sagellm_backend.dtypes import KernelKind
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["KERNEL_OPS", "PROVIDER_OPS", "STANDARD_OPS", "OpName", "StandardOp", "op_names"]
 
@@ -38,8 +38,7 @@ OpName = Literal[
 """The standard kernel names ``get_op`` and ``find_op`` accept."""
 
 
-@dataclass(frozen=True)
-class StandardOp:
+class StandardOp(Frozen):
     """One standard name: a kernel (``kind`` set) or a provider method (``kind`` None).
 
     ``writes`` names the arguments a kernel writes into, by position (or by name where the

@@ -29,7 +29,6 @@ import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from sagellm_backend.dtypes import ReduceOp
 from sagellm_backend.errors import (
@@ -41,14 +40,14 @@ from sagellm_backend.errors import (
     CommTimeoutError,
     InvalidArgumentError,
 )
+from sagellm_backend.frozen import Frozen
 from sagellm_backend.mock.tensor import MockTensor
 from sagellm_backend.timeouts import check_timeout
 
 __all__ = ["MockCommunicator", "MockWorld"]
 
 
-@dataclass(frozen=True)
-class _Call:
+class _Call(Frozen):
     """What one rank brought to a round."""
 
     name: str
@@ -73,14 +72,18 @@ Results = dict[int, MockTensor | None]
 Compute = Callable[[dict[int, _Call]], Results]
 
 
-@dataclass
 class _Round:
-    ranks: frozenset[int]
-    compute: Compute
-    calls: dict[int, _Call] = field(default_factory=dict)
-    results: Results | None = None
-    error: BackendError | None = None
-    taken: int = 0
+    """One collective round: the ranks it waits for, what each brought, and how it ended."""
+
+    __slots__ = ("calls", "compute", "error", "ranks", "results", "taken")
+
+    def __init__(self, ranks: frozenset[int], compute: Compute) -> None:
+        self.ranks = ranks
+        self.compute = compute
+        self.calls: dict[int, _Call] = {}
+        self.results: Results | None = None
+        self.error: BackendError | None = None
+        self.taken = 0
 
 
 class MockWorld:

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 
 from sagellm_backend.errors import (
@@ -36,20 +35,24 @@ Issue = Callable[["MockStream"], None]
 """Puts one operation on a stream; what a graph records and replays."""
 
 
-@dataclass
 class Captured:
     """One operation recorded by a graph capture, with the blocks it touches."""
 
-    issue: Issue
-    blocks: tuple[KVBlock, ...]
+    __slots__ = ("blocks", "issue")
+
+    def __init__(self, issue: Issue, blocks: tuple[KVBlock, ...]) -> None:
+        self.issue = issue
+        self.blocks = blocks
 
 
-@dataclass
 class Capture:
     """The capture in progress: the stream it records and what it recorded so far."""
 
-    stream: MockStream
-    recorded: list[Captured] = field(default_factory=list)
+    __slots__ = ("recorded", "stream")
+
+    def __init__(self, stream: MockStream) -> None:
+        self.stream = stream
+        self.recorded: list[Captured] = []
 
 
 class StreamScheduler:
@@ -232,13 +235,15 @@ class MockStream:
             )
 
 
-@dataclass
 class _Mark:
     """One recording of an event: where it sits and, once reached, when."""
 
-    stream: MockStream
-    position: int = 0
-    time_ns: int | None = None
+    __slots__ = ("position", "stream", "time_ns")
+
+    def __init__(self, stream: MockStream, position: int = 0, time_ns: int | None = None) -> None:
+        self.stream = stream
+        self.position = position
+        self.time_ns = time_ns
 
 
 class MockEvent:

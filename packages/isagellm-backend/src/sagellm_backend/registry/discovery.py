@@ -14,12 +14,12 @@ import importlib
 import os
 import re
 import sys
-from dataclasses import dataclass
 from functools import reduce
 from importlib.machinery import PathFinder
 from typing import Any, Protocol
 
 from sagellm_backend._version import __version__
+from sagellm_backend.frozen import Frozen
 from sagellm_backend.registry.known import (
     CORE_DISTRIBUTION,
     CORE_ENTRY_POINTS,
@@ -62,8 +62,7 @@ class EntryPointLike(Protocol):
     def load(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class ScannedEntryPoint:
+class ScannedEntryPoint(Frozen):
     """An entry point read by the scan; ``load`` imports its target as importlib.metadata's."""
 
     name: str
@@ -78,8 +77,7 @@ class ScannedEntryPoint:
         return reduce(getattr, filter(None, (match["attr"] or "").split(".")), module)
 
 
-@dataclass(frozen=True)
-class DiscoveredEntryPoint:
+class DiscoveredEntryPoint(Frozen):
     """An entry point of the group with the distribution that declares it."""
 
     entry_point: EntryPointLike

@@ -19,9 +19,10 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Generic, TextIO, TypeVar, cast
+
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["MAX_OUTPUT", "Outcome", "is_plugins_own", "isolated_call"]
 
@@ -33,8 +34,7 @@ MAX_OUTPUT = 4096
 _IMPORT_MACHINERY = "<frozen importlib._bootstrap>"
 
 
-@dataclass(frozen=True)
-class Outcome(Generic[T]):
+class Outcome(Frozen, Generic[T]):
     """How a call of plugin code ended: a value, an exception, or still running at the deadline."""
 
     value: T | None = None

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
+
+from sagellm_backend.frozen import Frozen
 
 __all__ = [
     "CORE_DISTRIBUTION",
@@ -38,8 +39,7 @@ CORE_ENTRY_POINTS: Mapping[str, str] = MappingProxyType(
 source tree without installed metadata, so its built-in kinds are found all the same."""
 
 
-@dataclass(frozen=True)
-class KnownKind:
+class KnownKind(Frozen):
     """A kind this project provides: the distribution that registers it and how to install it."""
 
     kind: str

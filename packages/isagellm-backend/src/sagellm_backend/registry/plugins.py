@@ -10,7 +10,6 @@ the load record instead of reaching the caller's output.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -395,6 +394,8 @@ def _contract_problem(kind: str, factory: FactoryCallable) -> BackendLoadError |
                 hint="name the entry point after the factory's kind or one of its aliases",
             )
         return None
+    import inspect  # deferred: only a plain function factory needs it, not the built-in kinds
+
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError) as exc:
@@ -413,6 +414,8 @@ def _contract_problem(kind: str, factory: FactoryCallable) -> BackendLoadError |
 
 def _signature_options(factory: FactoryCallable) -> tuple[dict[str, Option | None], bool]:
     """Options a plain factory accepts (typed by its defaults), and whether it takes **kwargs."""
+    import inspect
+
     declared: dict[str, Option | None] = {}
     open_ended = False
     for param in list(inspect.signature(factory).parameters.values())[1:]:

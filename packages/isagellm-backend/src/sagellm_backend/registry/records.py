@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from enum import Enum
+
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["BackendRecord", "RecordSource", "RecordStatus"]
 
@@ -50,8 +50,7 @@ class RecordSource(str, Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class BackendRecord:
+class BackendRecord(Frozen):
     """One candidate backend: where it comes from, whether it loaded and can run, and why not.
 
     ``kind`` is the name it is looked up by (an entry-point name); ``alias_of`` names the kind
@@ -87,12 +86,12 @@ class BackendRecord:
     def to_dict(self) -> dict[str, object]:
         """Plain dict of JSON types."""
         out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name in self._fields:
+            value = getattr(self, name)
             if isinstance(value, Enum):
                 value = value.value
             elif isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         out["available"] = self.available
         return out

@@ -20,11 +20,11 @@ fallback list. Parsing is pure text processing: it imports nothing and evaluates
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import NoReturn
 
 from sagellm_backend.errors import InvalidSpecError
 from sagellm_backend.factory import LIST_SEPARATOR
+from sagellm_backend.frozen import Frozen
 
 __all__ = ["AUTO", "BackendConfig", "BackendSpec", "Candidate", "is_valid_kind", "parse_spec"]
 
@@ -46,8 +46,7 @@ _HINT = (
 )
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(Frozen):
     """One backend named by a spec: its kind, optional device index and option texts."""
 
     kind: str
@@ -65,8 +64,7 @@ class Candidate:
         return text
 
 
-@dataclass(frozen=True)
-class BackendSpec:
+class BackendSpec(Frozen):
     """A parsed config string: candidates tried in order, or ``auto``."""
 
     candidates: tuple[Candidate, ...]
@@ -79,8 +77,7 @@ class BackendSpec:
         return ",".join(str(c) for c in self.candidates)
 
 
-@dataclass(frozen=True)
-class BackendConfig:
+class BackendConfig(Frozen):
     """The config object a factory receives as its ``config`` argument.
 
     ``device`` is None or the device index as text ("N"); ``device_ids`` lists the devices of
