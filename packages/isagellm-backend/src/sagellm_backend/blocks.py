@@ -48,10 +48,11 @@ before the free. The table orders its reuse after that work:
 - :meth:`BlockTable.close` waits for every event it still holds before it releases the pages.
 
 **Speed.** An engine allocates and frees blocks from Python while the device runs the previous
-step, so host time per block matters. One-page blocks of a default-device pool have a real
-single-block path (one lock, one list pop or append in the storage, one dict entry); a batch is
-handled as whole lists with C-level builtins: one dict operation per block validates it, and
-item types are checked only when a lookup fails.
+step, so host time per block matters. One-page blocks of pool 0 have a real single-block path:
+it takes the table's lock with a non-blocking pop of its token (see :class:`_Mutex`), then one
+list pop or append in the storage and one dict entry. A batch is handled as whole lists with
+C-level builtins: one dict operation per block validates it, and item types are checked only
+when a lookup fails.
 """
 
 from __future__ import annotations
