@@ -122,6 +122,23 @@ def test_sample_draws_what_the_definition_draws(dtype: torch.dtype, vocab: int) 
     assert tokens.tolist() == reference_sample(*(a.cpu() for a in args))
 
 
+@pytest.mark.parametrize("vocab", [272, 1000])
+def test_a_batch_draws_each_row_as_the_row_alone_does(vocab: int) -> None:
+    """Top-k rows of a small vocabulary with k near the vocabulary, between top-p rows: each
+    row of the batch draws what it draws alone, and what the definition draws."""
+    g = torch.Generator().manual_seed(vocab)
+    batch = 16
+    logits = (torch.randn(batch, vocab, generator=g) * 3).to(torch.float16)
+    temperature = torch.rand(batch, generator=g) + 0.3
+    top_k = torch.tensor([vocab - 5 if i % 2 == 0 else 0 for i in range(batch)])
+    top_p = torch.tensor([1.0 if i % 2 == 0 else 0.9 for i in range(batch)])
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=g, dtype=torch.int64)
+    args = tuple(t.to(DEVICE) for t in (logits, temperature, top_k, top_p, seeds))
+    together = sample(*args).tolist()
+    alone = [sample(*(a[i : i + 1] for a in args)).item() for i in range(batch)]
+    assert together == alone == reference_sample(*(a.cpu() for a in args))
+
+
 def test_sample_ties_go_to_the_lowest_index() -> None:
     # Equal logits everywhere: greedy takes token 0; top-k keeps the lowest indices.
     batch, vocab = 16, 12

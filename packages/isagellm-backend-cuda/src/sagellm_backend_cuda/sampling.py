@@ -616,10 +616,11 @@ def _sample(
     scan_block = min(scan_block, triton.next_power_of_2(vocab))
     race_block = min(race_block, scan_block)
     kept = min(candidates, triton.next_power_of_2(vocab))
-    # Rows a program takes: one for a real vocabulary; several for small ones, fewer on the GPU,
-    # whose histogram then has as many bins (Triton's interpreter, on CPU tensors, runs each
-    # program's operations once for all its rows, so it takes many).
-    most = 256 if device.type == "cpu" else 4
+    # Rows a program takes: one on the GPU (a real vocabulary needs a program per row anyway;
+    # with several rows of a small vocabulary per program, the H200 drew a wrong token for a
+    # top-k row that a program of its own draws right). Triton's interpreter, on CPU tensors,
+    # runs each program's operations once for all its rows, so there it takes many.
+    most = 256 if device.type == "cpu" else 1
     rows = max(1, min(_TILE // scan_block, most, triton.next_power_of_2(batch)))
     chunk_max = torch.empty((batch, chunks), dtype=torch.float32, device=device)
     chunk_index = torch.empty((batch, chunks), dtype=torch.int32, device=device)
