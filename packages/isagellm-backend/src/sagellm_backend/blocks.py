@@ -503,9 +503,9 @@ class BlockTable:
                 return []
             sources = self._distinct(items, "kv_blocks_migrate")
             groups: dict[int, Sequence[int]] = {}
-            firsts = list(map(_first, sources))
+            firsts = list(map(_first, sources)) if self._elsewhere else [0]
             if min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
-                groups[firsts[0] >> PAGE_BITS] = range(len(items))
+                groups[firsts[0] >> PAGE_BITS] = range(len(items))  # one pool (pool 0 if all are)
             else:
                 for i, first in enumerate(firsts):
                     cast("list[int]", groups.setdefault(first >> PAGE_BITS, [])).append(i)
@@ -522,7 +522,10 @@ class BlockTable:
                 sources if len(members) == len(items) else [sources[i] for i in members]
                 for _, _, members in plans
             ]
-            requests = [(plan[1], list(map(len, m))) for plan, m in zip(plans, moved, strict=True)]
+            requests = [
+                (plan[1], list(map(len, m)) if self._several else [1] * len(m))
+                for plan, m in zip(plans, moved, strict=True)
+            ]
             taken = self._take(requests)
             if len(plans) == 1:
                 replaced = taken[0]  # one source pool: the replacements in the blocks' order
@@ -531,8 +534,14 @@ class BlockTable:
                 for (_, _, members), given in zip(plans, taken, strict=True):
                     for i, pages in zip(members, given, strict=True):
                         replaced[i] = pages
+            one_page = not self._several
             transfers = [
-                Transfer(source, target_pool, _indices(m, source), _indices(given, target_pool))
+                Transfer(
+                    source,
+                    target_pool,
+                    _indices(m, source, one_page),
+                    _indices(given, target_pool, one_page),
+                )
                 for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
             ]
             try:
@@ -545,7 +554,7 @@ class BlockTable:
             _exhaust(map(self._live.__delitem__, items))
             self._live.update(zip(handles, replaced, strict=True))
             several = self._several
-            released = self._groups(sources)
+            released = self._groups(sources, plans[0][0].number if len(plans) == 1 else None)
             self._several = several  # the replacements have the sources' page counts
             self._elsewhere += sum(len(m) for _, pool, m in plans if pool.number)
             self._release(released, [] if event is None else [event])
@@ -667,11 +676,16 @@ class BlockTable:
             self._in_flight.append(event)
             self._reopen()
 
-    def _groups(self, pages: list[Pages]) -> _Groups:
-        """The page ids of retired blocks by pool, one one-page tuple per page; counts the
-        blocks out of ``_elsewhere`` and ``_several``."""
+    def _groups(self, pages: list[Pages], pool: int | None = None) -> _Groups:
+        """The page ids of retired blocks by pool (all of pool number ``pool`` where the caller
+        knows it), one one-page tuple per page; counts the blocks out of ``_elsewhere`` and
+        ``_several``."""
         groups: _Groups = [(0, pages)]
-        if self._elsewhere and pages:
+        if pool is not None:
+            groups = [(pool, pages)]
+            if pool:
+                self._elsewhere -= len(pages)
+        elif self._elsewhere and pages:
             firsts = list(map(_first, pages))
             low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
             if low == high:
@@ -785,8 +799,9 @@ class BlockTable:
                 seen.add(handle)
         if not srcs:
             return []
-        src_ids = list(itertools.chain.from_iterable(srcs))
-        dst_ids = list(itertools.chain.from_iterable(dsts))
+        one_page = not self._several
+        src_ids = _ids(srcs, one_page)
+        dst_ids = _ids(dsts, one_page)
         if len(src_ids) == n == len(dst_ids) or list(map(len, srcs)) == list(map(len, dsts)):
             if not self._elsewhere:  # every block in pool 0: the ids are the page indices
                 pool = self._pools[0]
@@ -813,7 +828,10 @@ class BlockTable:
             source, target = self._pools[i], self._pools[j]
             transfers.append(
                 Transfer(
-                    source, target, _indices(read_pages, source), _indices(written_pages, target)
+                    source,
+                    target,
+                    _indices(read_pages, source, one_page),
+                    _indices(written_pages, target, one_page),
                 )
             )
         return transfers
@@ -913,9 +931,19 @@ def _local(pages: Pages) -> Pages:
     return tuple(p & _PAGE_MASK for p in pages)
 
 
-def _indices(pages: Sequence[Pages], pool: Pool) -> list[int]:
+def _ids(pages: Sequence[Pages], one_page: bool) -> list[int]:
+    """The page ids of blocks, in order, as one list; ``one_page``: each block has one."""
+    if one_page:
+        return list(map(_first, pages))
+    return list(itertools.chain.from_iterable(pages))
+
+
+def _indices(pages: Sequence[Pages], pool: Pool, one_page: bool) -> list[int]:
     """The page indices in ``pool`` of blocks' page ids, in order, as one list."""
-    return _within(list(itertools.chain.from_iterable(pages)), pool)
+    if one_page and pool.number:
+        base = pool.base
+        return [page - base for (page,) in pages]
+    return _within(_ids(pages, one_page), pool)
 
 
 def _within(ids: list[int], pool: Pool) -> list[int]:
