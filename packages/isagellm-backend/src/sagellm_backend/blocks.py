@@ -412,15 +412,13 @@ class BlockTable:
         with self._mutex:
             self._check_open()
             live = self._live
-            popped: list[Pages | None] = []
+            popped: list[Pages] = []
             try:
-                popped.extend(map(live.pop, items, itertools.repeat(None)))
-            except TypeError:  # an unhashable item
-                popped.append(None)
-            if not all(popped):  # put back what was taken; name the first bad item
-                live.update((h, p) for h, p in zip(items, popped, strict=False) if p is not None)
+                popped.extend(map(live.pop, items))
+            except (KeyError, TypeError):  # put back what was taken; name the first bad item
+                live.update(zip(items, popped, strict=False))
                 self._refuse(items, "kv_blocks_free")
-            groups = self._groups(cast("list[Pages]", popped))
+            groups = self._groups(popped)
             self._release(groups, [] if fence is None else [fence])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
