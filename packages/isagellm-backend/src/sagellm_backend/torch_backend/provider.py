@@ -536,19 +536,23 @@ class _Work(Generic[S, E]):
         self._provider = provider
         adapter = provider.adapter
         current = adapter.current_stream(provider.index)
-        self._stream = provider._stream(stream)
-        raw = self._stream.raw
+        self._stream = None if stream is None else own_stream(adapter, stream)
+        raw = current if self._stream is None else self._stream.raw
         self._current: S | None = None if raw is current or raw == current else current
         self.event: TorchEvent[S, E] | None = None
 
     def __call__(self, transfers: list[Transfer]) -> TorchEvent[S, E] | None:
-        adapter = self._provider.adapter
-        if self._current is not None:
-            adapter.stream_wait_stream(self._stream.raw, self._current)
+        provider = self._provider
+        if self._stream is None or self._current is None:  # on the current stream as it is
+            provider._move(transfers)
+            self.event = TorchEvent(provider.adapter, provider.index, enable_timing=True)
+            self.event.record()
+            return None
+        provider.adapter.stream_wait_stream(self._stream.raw, self._current)
         with self._stream:
-            self._provider._move(transfers)
+            provider._move(transfers)
         self.event = self._stream.record_event()
-        return None if self._current is None else self.event
+        return self.event
 
 
 def create_torch_provider(
