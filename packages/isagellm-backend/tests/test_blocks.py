@@ -366,9 +366,10 @@ def test_copy_between_pools_issues_one_transfer_per_pool_pair() -> None:
     assert issued == [
         [
             Transfer(DEV0, DEV0, [0], [1]),
-            Transfer(host, DEV0, list(pages(table, moved)), list(pages(table, d))),
+            Transfer(host, DEV0, [host.base + p for p in pages(table, moved)], [5, 6, 7]),
         ]
-    ]
+    ], "page ids: a page of pool 2 is its index above the pool's base"
+    assert list(pages(table, d)) == [5, 6, 7]
 
 
 def test_migrate_moves_to_a_device_retires_the_source_and_keeps_the_page_count() -> None:
@@ -377,7 +378,7 @@ def test_migrate_moves_to_a_device_retires_the_source_and_keeps_the_page_count()
     issued: list[list[Transfer]] = []
     moved = table.migrate([a, b], "host", lambda t: issued.append(t))
     host = Pool(2, "host", DType.FP16)
-    assert issued == [[Transfer(DEV0, host, [0, 1, 2, 3], [0, 1, 2, 3])]]
+    assert issued == [[Transfer(DEV0, host, [0, 1, 2, 3], [host.base + p for p in range(4)])]]
     assert min(moved) > b and len(set(moved)) == 2, "new handles"
     infos = [table.info(m) for m in moved]
     assert [i.device for i in infos] == ["host", "host"]

@@ -165,8 +165,11 @@ def test_random_alloc_free_grow_and_migrate_hand_out_every_page_exactly_once(
                     target = devices[1 - devices.index(device)]
                     moved = table.migrate(handles, target, issued.extend)
                     assert [t.source.device for t in issued] == [device]
-                    assert issued[0].sources == [p for b in chosen for p in b.pages]
-                    assert issued[0].targets == [p for h in moved for p in table.info(h).pages]
+                    source, target_pool = issued[0].source, issued[0].target  # page ids: base + i
+                    assert issued[0].sources == [source.base + p for b in chosen for p in b.pages]
+                    assert issued[0].targets == [
+                        target_pool.base + p for h in moved for p in table.info(h).pages
+                    ]
                     for old, new in zip(handles, moved, strict=True):
                         expected[new] = expected.pop(old)
         except ResourceExhaustedError:

@@ -127,8 +127,9 @@ class Pool(NamedTuple):
 
 
 class Transfer(NamedTuple):
-    """Page copies from one pool to another: page ``sources[i]`` (a page index of ``source``)
-    to page ``targets[i]`` of ``target``."""
+    """Page copies from one pool to another: page ``sources[i]`` of ``source`` to page
+    ``targets[i]`` of ``target``, as page ids (``pool.base + index``; the storage takes the
+    base off, at once for a whole list)."""
 
     source: Pool
     target: Pool
@@ -537,8 +538,8 @@ class BlockTable:
                 Transfer(
                     source,
                     target_pool,
-                    _indices(m, source, one_page),
-                    _indices(given, target_pool, one_page),
+                    _ids(m, one_page),
+                    _ids(given, one_page),
                 )
                 for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
             ]
@@ -801,13 +802,13 @@ class BlockTable:
         src_ids = _ids(srcs, one_page)
         dst_ids = _ids(dsts, one_page)
         if len(src_ids) == n == len(dst_ids) or list(map(len, srcs)) == list(map(len, dsts)):
-            if not self._elsewhere:  # every block in pool 0: the ids are the page indices
+            if not self._elsewhere:  # every block in pool 0
                 pool = self._pools[0]
                 return [Transfer(pool, pool, src_ids, dst_ids)]
             low = min(min(src_ids), min(dst_ids)) >> PAGE_BITS
             if low == max(max(src_ids), max(dst_ids)) >> PAGE_BITS:
                 pool = self._pools[low]
-                return [Transfer(pool, pool, _within(src_ids, pool), _within(dst_ids, pool))]
+                return [Transfer(pool, pool, src_ids, dst_ids)]
         groups: dict[tuple[int, int], tuple[list[Pages], list[Pages]]] = {}
         for src, dst, s, d in zip(read, written, srcs, dsts, strict=True):
             source, target = self._pools[s[0] >> PAGE_BITS], self._pools[d[0] >> PAGE_BITS]
@@ -828,8 +829,8 @@ class BlockTable:
                 Transfer(
                     source,
                     target,
-                    _indices(read_pages, source, one_page),
-                    _indices(written_pages, target, one_page),
+                    _ids(read_pages, one_page),
+                    _ids(written_pages, one_page),
                 )
             )
         return transfers
@@ -934,21 +935,6 @@ def _ids(pages: Sequence[Pages], one_page: bool) -> list[int]:
     if one_page:
         return list(map(_first, pages))
     return list(itertools.chain.from_iterable(pages))
-
-
-def _indices(pages: Sequence[Pages], pool: Pool, one_page: bool) -> list[int]:
-    """The page indices in ``pool`` of blocks' page ids, in order, as one list."""
-    if one_page and pool.number:
-        base = pool.base
-        return [page - base for (page,) in pages]
-    return _within(_ids(pages, one_page), pool)
-
-
-def _within(ids: list[int], pool: Pool) -> list[int]:
-    """Page ids of ``pool`` as its page indices."""
-    if pool.number:
-        return list(map(operator.sub, ids, itertools.repeat(pool.base)))
-    return ids
 
 
 def _listed(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:

@@ -246,13 +246,11 @@ class MockMemory:
         """The page copies of ``transfers`` with the pages' stamps now, to run later."""
         out = []
         for t in transfers:
-            src = list(map(operator.add, t.sources, itertools.repeat(t.source.base)))
-            dst = list(map(operator.add, t.targets, itertools.repeat(t.target.base)))
             stamps = zip(
-                src,
-                self.stamps(t.source.device, src),
-                dst,
-                self.stamps(t.target.device, dst),
+                t.sources,
+                self.stamps(t.source.device, t.sources),
+                t.targets,
+                self.stamps(t.target.device, t.targets),
                 strict=True,
             )
             out.append(PageCopies(t.source.device, t.target.device, list(stamps)))

@@ -99,10 +99,17 @@ class DevicePages:
         """Put released pages, one one-page tuple each, back on the free list."""
         self.free.extend(pages)
 
-    def index(self, pages: Sequence[int]) -> torch.Tensor:
-        """Page indices as an int64 tensor on this device."""
+    def index(self, pages: Sequence[int], *, ids: bool = False) -> torch.Tensor:
+        """Page indices (from page ids of this device with ``ids``) as an int64 tensor on it."""
         host = torch.frombuffer(array("q", pages), dtype=torch.int64) if pages else _NO_PAGES
+        if ids and self.base:
+            host = host - self.base
         return host if self.device.type == "cpu" else host.to(self.device)
+
+    def indices(self, ids: Sequence[int]) -> Sequence[int]:
+        """The page indices of page ids of this device."""
+        base = self.base
+        return [page - base for page in ids] if base else ids
 
 
 class PageMover(Protocol):
@@ -208,10 +215,10 @@ class KVPagePool:
             target = self.pools[transfer.target.device]
             src_pages, dst_pages = transfer.sources, transfer.targets
             if self._mover is not None and self._mover.move_pages(
-                source, target, src_pages, dst_pages
+                source, target, source.indices(src_pages), target.indices(dst_pages)
             ):
                 continue
-            src_index = source.index(src_pages)
+            src_index = source.index(src_pages, ids=True)
             if source.pinned and source.device != target.device:
                 shape = (source.tensor.shape[0], len(src_pages), *source.tensor.shape[2:])
                 staging = torch.empty(shape, dtype=source.tensor.dtype, pin_memory=True)
@@ -222,7 +229,7 @@ class KVPagePool:
                 gathered = gathered.to(target.device, non_blocking=non_blocking)
                 if non_blocking and target.device.type == "cpu":
                     wait_for_host()
-            target.tensor.index_copy_(1, target.index(dst_pages), gathered)
+            target.tensor.index_copy_(1, target.index(dst_pages, ids=True), gathered)
 
     def write(self, block: KVBlockInfo, data: bytes) -> None:
         """Fill the pages of ``block`` from ``data`` (layer-major, as :meth:`read` returns them)."""
