@@ -500,32 +500,18 @@ class BlockTable:
             if not items:
                 self._track(issue([]))
                 return []
-            sources = self._distinct(items, "kv_blocks_migrate")
-            groups: dict[int, Sequence[int]] = {}
-            firsts = list(map(_first, sources)) if self._elsewhere else [0]
-            if min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
-                groups[firsts[0] >> PAGE_BITS] = range(len(items))  # one pool (pool 0 if all are)
-            else:
-                for i, first in enumerate(firsts):
-                    cast("list[int]", groups.setdefault(first >> PAGE_BITS, [])).append(i)
-            plans: list[tuple[Pool, Pool, Sequence[int]]] = []
-            for index, members in groups.items():
-                source = self._pools[index]
-                if source.device == where:
-                    raise InvalidArgumentError(
-                        f"KV block {items[members[0]]:#x} is already on {where}",
-                        hint="migrate it to another device, or keep using it where it is",
-                    )
-                plans.append((source, self._pool(where, source.dtype), members))
-            moved = [
-                sources if len(members) == len(items) else [sources[i] for i in members]
-                for _, _, members in plans
-            ]
-            requests = [
-                (plan[1], list(map(len, m)) if self._several else [1] * len(m))
-                for plan, m in zip(plans, moved, strict=True)
-            ]
-            taken = self._take(requests)
+            live = self._live
+            sources: list[Pages] = []
+            try:
+                sources.extend(map(live.pop, items))  # each a live block, named once
+            except (KeyError, TypeError):  # put back what was taken; name the first bad item
+                live.update(zip(items, sources, strict=False))
+                self._refuse(items, "kv_blocks_migrate")
+            try:
+                plans, taken, event = self._move_out(items, sources, where, issue)
+            except BaseException:
+                live.update(zip(items, sources, strict=True))
+                raise
             if len(plans) == 1:
                 replaced = taken[0]  # one source pool: the replacements in the blocks' order
             else:
@@ -533,25 +519,8 @@ class BlockTable:
                 for (_, _, members), given in zip(plans, taken, strict=True):
                     for i, pages in zip(members, given, strict=True):
                         replaced[i] = pages
-            one_page = not self._several
-            transfers = [
-                Transfer(
-                    source,
-                    target_pool,
-                    _ids(m, one_page),
-                    _ids(given, one_page),
-                )
-                for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
-            ]
-            try:
-                event = issue(transfers)
-            except BaseException:
-                for (pool, _), given in zip(requests, taken, strict=True):
-                    self._storage.release(pool, _page_by_page(given))
-                raise
             handles = list(itertools.islice(self._handles, len(items)))
-            _exhaust(map(self._live.__delitem__, items))
-            self._live.update(zip(handles, replaced, strict=True))
+            live.update(zip(handles, replaced, strict=True))
             several = self._several
             released = self._groups(sources, plans[0][0].number if len(plans) == 1 else None)
             self._several = several  # the replacements have the sources' page counts
@@ -559,6 +528,50 @@ class BlockTable:
             self._release(released, [] if event is None else [event])
             self._track(event)
         return handles
+
+    def _move_out(
+        self, items: list[KVBlock], sources: list[Pages], where: str, issue: Issue
+    ) -> tuple[list[tuple[Pool, Pool, Sequence[int]]], list[list[Pages]], Fence | None]:
+        """Take pages on ``where`` for the blocks ``items`` (with pages ``sources``) and queue
+        the copies: the plans (source pool, target pool, members), the pages taken per plan
+        and the event of the copies; nothing changed if it raises."""
+        groups: dict[int, Sequence[int]] = {}
+        firsts = list(map(_first, sources)) if self._elsewhere else [0]
+        if min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
+            groups[firsts[0] >> PAGE_BITS] = range(len(items))  # one pool (pool 0 if all are)
+        else:
+            for i, first in enumerate(firsts):
+                cast("list[int]", groups.setdefault(first >> PAGE_BITS, [])).append(i)
+        plans: list[tuple[Pool, Pool, Sequence[int]]] = []
+        for index, members in groups.items():
+            source = self._pools[index]
+            if source.device == where:
+                raise InvalidArgumentError(
+                    f"KV block {items[members[0]]:#x} is already on {where}",
+                    hint="migrate it to another device, or keep using it where it is",
+                )
+            plans.append((source, self._pool(where, source.dtype), members))
+        moved = [
+            sources if len(members) == len(items) else [sources[i] for i in members]
+            for _, _, members in plans
+        ]
+        requests = [
+            (plan[1], list(map(len, m)) if self._several else [1] * len(m))
+            for plan, m in zip(plans, moved, strict=True)
+        ]
+        taken = self._take(requests)
+        one_page = not self._several
+        transfers = [
+            Transfer(source, target_pool, _ids(m, one_page), _ids(given, one_page))
+            for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
+        ]
+        try:
+            event = issue(transfers)
+        except BaseException:
+            for (pool, _), given in zip(requests, taken, strict=True):
+                self._storage.release(pool, _page_by_page(given))
+            raise
+        return plans, taken, event
 
     def use(self, block: KVBlock, work: Callable[[KVBlockInfo], R]) -> R:
         """``work(info)`` for a live block of this table, under the lock (writes and reads)."""
