@@ -1018,6 +1018,8 @@ def _int_list(values: Sequence[int], what: str) -> list[int]:
 
 
 def _iterable(values: object, what: str) -> list[object]:
+    if values.__class__ is list:  # the usual argument, without the ABC check
+        return list(cast("list[object]", values))
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise InvalidArgumentError(
             f"{what} must be an iterable, got {type(values).__name__}",
