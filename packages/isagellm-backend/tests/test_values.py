@@ -301,6 +301,17 @@ def test_device_ref_refuses_malformed_names(text: object) -> None:
         DeviceRef.parse(text)
 
 
+STATS_FIELDS = {
+    "total_bytes": 10,
+    "used_bytes": 4,
+    "peak_used_bytes": 6,
+    "kv_blocks_in_use": 1,
+    "kv_pages_in_use": 2,
+    "kv_pages_total": None,
+}
+"""The fields of ``MemoryStats(10, 4, 6, 1, 2)``."""
+
+
 def test_value_types_behave_as_frozen_dataclasses() -> None:
     import dataclasses
 
@@ -335,14 +346,7 @@ def test_value_types_behave_as_frozen_dataclasses() -> None:
         case DeviceRef(kind, index):
             assert (kind, index) == ("cuda", 3)
     stats = MemoryStats(10, 4, 6, 1, 2)
-    assert dataclasses.asdict(stats) == {
-        "total_bytes": 10,
-        "used_bytes": 4,
-        "peak_used_bytes": 6,
-        "kv_blocks_in_use": 1,
-        "kv_pages_in_use": 2,
-        "kv_pages_total": None,
-    }
+    assert dataclasses.asdict(stats) == STATS_FIELDS
     record = BackendRecord("mock", RecordStatus.FOUND, RecordSource.BUILTIN)
     assert record.to_dict()["status"] == "found" and record != dataclasses.replace(record, kind="x")
     assert KVLayout(3) != (3, 2, 64, 16, None)
@@ -380,14 +384,7 @@ def test_value_type_constructors_bind_fields_in_order_with_defaults() -> None:
     from sagellm_backend import MemoryStats
 
     stats = MemoryStats(10, 4, kv_pages_in_use=2, kv_blocks_in_use=1, peak_used_bytes=6)
-    assert vars(stats) == {
-        "total_bytes": 10,
-        "used_bytes": 4,
-        "peak_used_bytes": 6,
-        "kv_blocks_in_use": 1,
-        "kv_pages_in_use": 2,
-        "kv_pages_total": None,
-    }
+    assert vars(stats) == STATS_FIELDS
     assert stats == MemoryStats(10, 4, 6, 1, 2) == MemoryStats(10, 4, 6, 1, 2, None)
     with pytest.raises(TypeError, match=r"missing 4 required positional arguments: 'used_bytes', "):
         MemoryStats(10)  # type: ignore[call-arg]

@@ -57,7 +57,6 @@ when a lookup fails.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import operator
 import os
@@ -146,8 +145,6 @@ Issue = Callable[[list[Transfer]], Fence | None]
 """Queues page copies. Returns None when the work went to the calling thread's current stream,
 else the event recorded after it on the other stream."""
 
-_exhaust: Callable[[Iterable[object]], object] = functools.partial(deque, maxlen=0)
-"""Runs an iterator to its end, keeping nothing."""
 _first = operator.itemgetter(0)
 _tags = itertools.count(int.from_bytes(os.urandom(4), "little"))
 """Table tags: random per process, distinct per table within it."""
