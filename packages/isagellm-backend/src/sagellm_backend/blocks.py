@@ -716,6 +716,9 @@ class BlockTable:
     def _release(self, groups: _Groups, events: list[Fence]) -> None:
         """Give back the pages of retired blocks, or keep them pending on the events that
         reusing them must follow: ``events`` and the work still in flight on other streams."""
+        if not events and not self._in_flight:  # the usual free: nothing to wait for
+            self._give_back(groups)
+            return
         if not any(group for _, group in groups):
             return
         if self._in_flight:

@@ -112,6 +112,14 @@ class DevicePages:
         return [page - base for page in ids] if base else ids
 
 
+def _exhausted(device: str, wanted: int, pages: DevicePages) -> ResourceExhaustedError:
+    return ResourceExhaustedError(
+        f"{device} is out of KV pages: {wanted} requested, "
+        f"{pages.free_pages} of {pages.num_pages} free",
+        hint="free or migrate blocks first, or configure a larger pool (num_blocks, kv_memory_mb)",
+    )
+
+
 class PageMover(Protocol):
     """A device's own batched page copy, used by :meth:`KVPagePool.move` before its reference."""
 
@@ -153,6 +161,12 @@ class KVPagePool:
     ) -> list[list[tuple[int, ...]]]:
         """Page ids for new blocks per ``(pool, page_counts)``, all or none; each dtype is its
         device's (the table checks)."""
+        if len(requests) == 1:  # the usual request: one pool
+            pool, page_counts = requests[0]
+            pages, total = self._pages(pool), total_pages(page_counts)
+            if total > pages.free_pages:
+                raise _exhausted(pool.device, total, pages)
+            return [pages.take(page_counts, total)]
         totals = [total_pages(page_counts) for _, page_counts in requests]
         wanted: dict[str, int] = {}
         for (pool, _), total in zip(requests, totals, strict=True):
@@ -160,12 +174,7 @@ class KVPagePool:
         for pool, _ in requests:
             pages = self._pages(pool)
             if wanted[pool.device] > pages.free_pages:
-                raise ResourceExhaustedError(
-                    f"{pool.device} is out of KV pages: {wanted[pool.device]} requested, "
-                    f"{pages.free_pages} of {pages.num_pages} free",
-                    hint="free or migrate blocks first, or configure a larger pool "
-                    "(num_blocks, kv_memory_mb)",
-                )
+                raise _exhausted(pool.device, wanted[pool.device], pages)
         return [
             self._pages(pool).take(page_counts, total)
             for (pool, page_counts), total in zip(requests, totals, strict=True)
