@@ -7,12 +7,14 @@ it. Accounting is exact all the same: a page counts ``page_bytes(dtype)`` agains
 budget from allocation to release, and a batch that does not fit raises ResourceExhaustedError
 before anything changes.
 
-Each allocation stamps its pages, and a written page keeps its bytes tagged with the stamp its
-page had when the write was issued; stream work reads and writes pages when it runs, as a device
-does. Fresh blocks are poisoned: a page its block has not written reads as :data:`POISON` bytes
-(``0xFF``: NaN in every float dtype, -1 in int8), as a device hands out memory holding whatever
-was there, so engine code that reads KV before writing it fails on the mock too. Device work
-that wrote a page after its block was freed leaves the next owner's page reading as poison.
+A page gets a new stamp when it is first handed out and again whenever it is released, so no
+two owners of a page see the same stamp; a written page keeps its bytes tagged with the stamp
+its page had when the write was issued, and stream work reads and writes pages when it runs, as
+a device does. Fresh blocks are poisoned: a page its block has not written reads as
+:data:`POISON` bytes (``0xFF``: NaN in every float dtype, -1 in int8), as a device hands out
+memory holding whatever was there, so engine code that reads KV before writing it fails on the
+mock too. Device work that wrote a page after its block was freed leaves the next owner's page
+reading as poison.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ _UNBOUNDED_BYTES = 1 << 62
 
 
 class DeviceMemory:
-    """One mock device: its budget, the stamps of its live pages and the bytes of written
-    pages, by page id."""
+    """One mock device: its budget, the stamps of its pages and the bytes of written pages, by
+    page id."""
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
@@ -55,12 +57,14 @@ class DeviceMemory:
         """The most bytes of pages that may be in use at once."""
         self.used = 0
         self.peak = 0
+        self.pages = 0
+        """Pages of live blocks."""
         self.stamps: dict[int, int] = {}
-        """The allocation stamp of each live page."""
+        """The stamp of each page handed out so far (new on release, so the next owner's)."""
         self.data: dict[int, tuple[int, bytes]] = {}
         """Each written page: the stamp it had when the write was issued, and its bytes."""
         self.stamp = itertools.count().__next__
-        """A new allocation stamp."""
+        """A new stamp."""
 
 
 class PoolPages:
@@ -76,11 +80,15 @@ class PoolPages:
         """The page of a new one-page block; IndexError if it does not fit."""
         memory = self.memory
         used = memory.used + self.size
-        if used > memory.limit or len(memory.stamps) >= MAX_PAGES:
+        if used > memory.limit or memory.pages >= MAX_PAGES:
             raise IndexError("no page left")
         free = self.free
-        page = free.pop() if free else (next(self._fresh),)
-        memory.stamps[page[0]] = memory.stamp()
+        if free:
+            page = free.pop()
+        else:
+            page = (next(self._fresh),)
+            memory.stamps[page[0]] = memory.stamp()
+        memory.pages += 1
         memory.used = used
         if used > memory.peak:
             memory.peak = used
@@ -95,8 +103,10 @@ class PoolPages:
         del free[len(free) - reused :]
         pages.reverse()
         if reused < total:
-            pages.extend(zip(itertools.islice(self._fresh, total - reused)))
-        memory.stamps.update(zip(map(_first, pages), itertools.repeat(memory.stamp())))
+            fresh = list(itertools.islice(self._fresh, total - reused))
+            memory.stamps.update(zip(fresh, itertools.repeat(memory.stamp())))
+            pages.extend(zip(fresh))
+        memory.pages += total
         memory.used += nbytes
         memory.peak = max(memory.peak, memory.used)
         if total == len(page_counts):
@@ -108,14 +118,16 @@ class PoolPages:
     def give_one(self, pages: tuple[int, ...]) -> None:
         """Take back the page of a one-page block."""
         memory = self.memory
-        del memory.stamps[pages[0]]
+        memory.stamps[pages[0]] = memory.stamp()
+        memory.pages -= 1
         memory.used -= self.size
         self.free.append(pages)
 
     def give_all(self, pages: Sequence[tuple[int, ...]]) -> None:
         """Take back released pages, one one-page tuple each."""
         memory = self.memory
-        _exhaust(map(memory.stamps.__delitem__, map(_first, pages)))
+        memory.stamps.update(zip(map(_first, pages), itertools.repeat(memory.stamp())))
+        memory.pages -= len(pages)
         self.free.extend(pages)
         memory.used -= self.size * len(pages)
 
@@ -184,9 +196,9 @@ class MockMemory:
                     f"{memory.capacity - memory.used} of {memory.capacity} free",
                     hint="free or migrate blocks first, or raise max_memory_mb",
                 )
-            if len(memory.stamps) + count > MAX_PAGES:
+            if memory.pages + count > MAX_PAGES:
                 raise ResourceExhaustedError(
-                    f"{device} would track {len(memory.stamps) + count} pages, more than the "
+                    f"{device} would track {memory.pages + count} pages, more than the "
                     f"mock's {MAX_PAGES}",
                     hint="allocate fewer or smaller blocks, or raise tokens_per_block",
                 )
@@ -213,7 +225,7 @@ class MockMemory:
         return [base + page for page in block.pages]
 
     def stamps(self, device: str, ids: Sequence[int]) -> list[int]:
-        """The stamps of live pages of ``device`` now."""
+        """The stamps of pages of ``device`` now."""
         return list(map(self.device(device).stamps.__getitem__, ids))
 
     def write(self, device: str, ids: Sequence[int], stamps: list[int], payload: bytes) -> None:
@@ -263,7 +275,7 @@ class MockMemory:
             used_bytes=memory.used,
             peak_used_bytes=memory.peak,
             kv_blocks_in_use=blocks,
-            kv_pages_in_use=len(memory.stamps),
+            kv_pages_in_use=memory.pages,
         )
 
     def _poisoned(self, size: int) -> bytes:
