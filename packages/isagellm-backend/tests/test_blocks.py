@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from sagellm_backend import blocks
 from sagellm_backend.blocks import HANDLE_BITS, BlockTable, Give, Pool, Take, Transfer
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
@@ -143,6 +144,38 @@ def test_handles_of_two_tables_never_collide() -> None:
     mine, theirs = table.alloc([16] * 50, DType.FP16), other.alloc([16] * 50, DType.FP16)
     assert not set(mine) & set(theirs)
     assert {h >> HANDLE_BITS for h in mine} != {h >> HANDLE_BITS for h in theirs}
+
+
+def test_handles_are_two_digit_ints_and_their_serial_numbers_run_out_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table, _ = make_table()
+    handle = table.alloc_one(16, DType.FP16)
+    assert 1 << 30 < handle < 1 << 60, "no small int, and two 30-bit digits"
+    # A table with 3 serial bits gives out handles 1 to 6, then refuses on every path.
+    monkeypatch.setattr(blocks, "HANDLE_BITS", 3)
+    monkeypatch.setattr(blocks, "_SERIALS", 6)
+    table, storage = make_table(single_block=True)
+    a, b = table.alloc([16, 16], DType.FP16)
+    c = table.alloc_one(16, DType.FP16)
+    (d,) = table.migrate([a], "dev:1", no_work)
+    e, f = table.alloc([16, 16], DType.FP16)
+    assert [x & 7 for x in (b, c, d, e, f)] == [2, 3, 4, 5, 6]
+    before = state(table, storage)
+    for call in (
+        lambda: table.alloc_one(16, DType.FP16),
+        lambda: table.alloc([16], DType.FP16),
+        lambda: table.migrate([b], "host", no_work),
+    ):
+        with pytest.raises(ResourceExhaustedError, match="all its 6 KV block handles") as info:
+            call()
+        assert info.value.hint and "never reused" in info.value.hint
+        assert state(table, storage) == before, "a refused call changes nothing"
+    table.free([b, c, d, e, f])
+    with pytest.raises(BlockNotFoundError):
+        table.free([f])
+    with pytest.raises(InvalidBlockError, match="never allocated"):
+        table.free([KVBlock(f + 1)])
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "16", None])

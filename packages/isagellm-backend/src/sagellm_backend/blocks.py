@@ -23,9 +23,11 @@ the same errors:
 Every batch is validated in full before anything changes, and the storage allocates a whole
 batch or nothing, so a failed call leaves the table and the storage as they were.
 
-**Handles and pages.** A handle is an int: the table's tag (32 bits random per process, distinct
-per table, and a bit above them so that no handle is a small int) above :data:`HANDLE_BITS` bits
-of a serial number that only grows. The table keeps one
+**Handles and pages.** A handle is an int below ``2**60`` (two 30-bit digits, so making,
+hashing and storing one is cheap): the table's tag (17 bits random per process, distinct per table
+within it, and a bit above them so that no handle is a small int) above :data:`HANDLE_BITS` bits
+of a serial number that only grows. A table gives out ``2**42 - 2`` handles; past them it refuses
+to allocate (ResourceExhaustedError). The table keeps one
 dict entry per live block, handle to page ids. A page id is ``pool << PAGE_BITS | page``: the
 index of the page in the tensor of its *pool*, the (device, dtype) pair the table numbered
 ``pool``. Pool 0 is the default device's first dtype, so its page ids are the page indices.
@@ -100,8 +102,11 @@ R = TypeVar("R")
 PAGE_BITS = 40
 """Bits of a page id that hold the page index; the pool number is above them."""
 _PAGE_MASK = (1 << PAGE_BITS) - 1
-HANDLE_BITS = 48
+HANDLE_BITS = 42
 """Bits of a handle that hold its serial number; the table's tag is above them."""
+_TAG_BITS = 17
+_SERIALS = (1 << HANDLE_BITS) - 2
+"""Handles a table gives out: serial numbers 1 to ``2**42 - 2``."""
 
 
 class Fence(Protocol):
@@ -236,8 +241,10 @@ class BlockTable:
         self._several = 0
         """Live blocks of more than one page: while there are none, freed pages need no
         splitting into one-page tuples."""
-        self._tag = next(_tags) & 0xFFFFFFFF | 1 << 32
-        self._handles = cast("Iterator[KVBlock]", itertools.count((self._tag << HANDLE_BITS) + 1))
+        self._tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
+        self._last = (self._tag + 1 << HANDLE_BITS) - 1
+        """The handle after the last this table gives out."""
+        self._handles = cast("Iterator[KVBlock]", iter(range((self._tag << HANDLE_BITS) + 1, self._last)))
         """Handles to give out, in order."""
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
@@ -333,14 +340,13 @@ class BlockTable:
             try:
                 take = self._takes[dtype]
                 if num_tokens.__class__ is int and 0 < num_tokens <= self._tokens_per_page:
-                    pages = take()
-                    handle = self._next_handle()
-                    self._live[handle] = pages
+                    handle = self._next_handle()  # StopIteration: no handle left
+                    self._live[handle] = take()
                     return handle
             finally:
                 token.append(True)
-        except (KeyError, TypeError, IndexError):
-            pass  # held, another dtype or spelling, or no page free: the batch path decides
+        except (KeyError, TypeError, IndexError, StopIteration):
+            pass  # held, another dtype or spelling, no page or handle left: the batch path decides
         self._guard("kv_block_alloc")
         return self.alloc([num_tokens], dtype)[0]
 
@@ -366,8 +372,8 @@ class BlockTable:
                 page_counts = [1] * len(counts)  # the usual batch: every block one page
             else:
                 page_counts = [-(-int(n) // tokens_per_page) for n in counts]
+            handles = self._new_handles(len(counts))
             taken = self._take([(pool, page_counts)])[0]
-            handles = list(itertools.islice(self._handles, len(counts)))
             self._live.update(zip(handles, taken, strict=True))
             if pool.number:
                 self._elsewhere += len(counts)
@@ -505,6 +511,7 @@ class BlockTable:
                 live.update(zip(items, sources, strict=False))
                 self._refuse(items, "kv_blocks_migrate")
             try:
+                handles = self._new_handles(len(items))
                 plans, taken, event = self._move_out(items, sources, where, issue)
             except BaseException:
                 live.update(zip(items, sources, strict=True))
@@ -516,7 +523,6 @@ class BlockTable:
                 for (_, _, members), given in zip(plans, taken, strict=True):
                     for i, pages in zip(members, given, strict=True):
                         replaced[i] = pages
-            handles = list(itertools.islice(self._handles, len(items)))
             live.update(zip(handles, replaced, strict=True))
             several = self._several
             released = self._groups(sources, plans[0][0].number if len(plans) == 1 else None)
@@ -654,6 +660,15 @@ class BlockTable:
         pool = self._pools[pages[0] >> PAGE_BITS]
         return KVBlockInfo(cast("KVBlock", handle), pool.device, pool.dtype, _local(pages))
 
+    def _new_handles(self, n: int) -> list[KVBlock]:
+        handles = list(itertools.islice(self._handles, n))
+        if len(handles) < n:
+            raise ResourceExhaustedError(
+                f"this provider has given out all its {_SERIALS} KV block handles",
+                hint="create a new backend; handles are never reused",
+            )
+        return handles
+
     def _take(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """Pages from the storage, after the pending pages whose events were reached; waits for
         the oldest pending events while the storage is short of pages."""
@@ -779,8 +794,8 @@ class BlockTable:
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        upcoming = next(self._handles)
-        self._handles = cast("Iterator[KVBlock]", itertools.count(upcoming))
+        upcoming = next(self._handles, self._last)
+        self._handles = cast("Iterator[KVBlock]", iter(range(upcoming, self._last)))
         self._next_handle = self._handles.__next__
         if handle < upcoming and handle & ((1 << HANDLE_BITS) - 1):
             raise BlockNotFoundError(
