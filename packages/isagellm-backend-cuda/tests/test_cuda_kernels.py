@@ -68,6 +68,20 @@ def test_copy_pages_within_one_pool_and_of_nothing() -> None:
     assert torch.equal(pool.view(torch.uint8), expected.view(torch.uint8))
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_copy_pages_takes_page_ids_off_each_pools_base(index_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    src, dst = _random_pool(g, 12, torch.bfloat16), _random_pool(g, 6, torch.bfloat16)
+    expected = dst.clone()
+    src_base, dst_base = (3 << 40, 1 << 20) if index_dtype is torch.int64 else (1000, 7)
+    pairs = [(11, 0), (4, 5), (4, 2)]
+    for s, d in pairs:
+        expected[:, d] = src[:, s]
+    ids = [[s + src_base for s, _ in pairs], [d + dst_base for _, d in pairs]]
+    copy_pages(src, dst, torch.tensor(ids, dtype=index_dtype, device=DEVICE), (src_base, dst_base))
+    assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))
+
+
 def test_copy_pages_refuses_mismatched_pools_and_indices() -> None:
     a = torch.zeros(2, 4, 2, 4, 2, 8, dtype=torch.float16, device=DEVICE)
     index = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
@@ -75,7 +89,8 @@ def test_copy_pages_refuses_mismatched_pools_and_indices() -> None:
         copy_pages(a, a.float(), index)
     with pytest.raises(InvalidArgumentError, match="pools differ"):
         copy_pages(a, a[:1].clone(), index)
-    with pytest.raises(InvalidArgumentError, match=r"\[2, n\] int32"):
-        copy_pages(a, a, index.long())
+    for wrong in (index.float(), index[0], torch.zeros(3, 1, dtype=torch.int32, device=DEVICE)):
+        with pytest.raises(InvalidArgumentError, match=r"\[2, n\] int32 or int64"):
+            copy_pages(a, a, wrong)
     with pytest.raises(InvalidArgumentError, match="contiguous"):
         copy_pages(a.transpose(2, 3), a.transpose(2, 3), index)

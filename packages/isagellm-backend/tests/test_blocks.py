@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from sagellm_backend import blocks
+from sagellm_backend import blocks as block_table
 from sagellm_backend.blocks import HANDLE_BITS, BlockTable, Give, Pool, Take, Transfer
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
@@ -153,8 +153,8 @@ def test_handles_are_two_digit_ints_and_their_serial_numbers_run_out_cleanly(
     handle = table.alloc_one(16, DType.FP16)
     assert 1 << 30 < handle < 1 << 60, "no small int, and two 30-bit digits"
     # A table with 3 serial bits gives out handles 1 to 6, then refuses on every path.
-    monkeypatch.setattr(blocks, "HANDLE_BITS", 3)
-    monkeypatch.setattr(blocks, "_SERIALS", 6)
+    monkeypatch.setattr(block_table, "HANDLE_BITS", 3)
+    monkeypatch.setattr(block_table, "_SERIALS", 6)
     table, storage = make_table(single_block=True)
     a, b = table.alloc([16, 16], DType.FP16)
     c = table.alloc_one(16, DType.FP16)

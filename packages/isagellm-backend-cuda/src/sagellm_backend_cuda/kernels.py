@@ -21,7 +21,7 @@ import triton.language as tl
 
 from sagellm_backend.errors import InvalidArgumentError
 
-__all__ = ["copy_pages"]
+__all__ = ["PageCopier", "copy_pages"]
 
 _WORDS_PER_PROGRAM = 4096
 """32-bit words one program copies: 16 KiB, four programs per 64 KiB Llama-sized chunk."""
@@ -35,6 +35,8 @@ def _copy_pages_kernel(
     num_pairs,
     src_layer_stride,
     dst_layer_stride,
+    src_base,
+    dst_base,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -43,8 +45,8 @@ def _copy_pages_kernel(
     part = tl.program_id(1)
     pair = job % num_pairs
     layer = (job // num_pairs).to(tl.int64)
-    src_page = tl.load(pages + pair).to(tl.int64)
-    dst_page = tl.load(pages + num_pairs + pair).to(tl.int64)
+    src_page = tl.load(pages + pair).to(tl.int64) - src_base
+    dst_page = tl.load(pages + num_pairs + pair).to(tl.int64) - dst_base
     offsets = part * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < CHUNK
     source = src + layer * src_layer_stride + src_page * CHUNK + offsets
@@ -52,52 +54,81 @@ def _copy_pages_kernel(
     tl.store(target, tl.load(source, mask=mask), mask=mask)
 
 
-def copy_pages(src: torch.Tensor, dst: torch.Tensor, pages: torch.Tensor) -> None:
-    """Copy page ``pages[0, i]`` of ``src`` to page ``pages[1, i]`` of ``dst`` in every layer.
+class PageCopier:
+    """:func:`copy_pages` between two given pools: the pools are checked, and the launch's
+    constants worked out, once."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if (
+            src.dtype != dst.dtype
+            or src.dim() < 2
+            or src.shape[0] != dst.shape[0]
+            or src.shape[2:] != dst.shape[2:]
+        ):
+            raise InvalidArgumentError(
+                f"page pools differ: {tuple(src.shape)} {src.dtype} and "
+                f"{tuple(dst.shape)} {dst.dtype}",
+                hint="copy between pools of one KV layout",
+            )
+        if not (src.is_contiguous() and dst.is_contiguous()):
+            raise InvalidArgumentError(
+                "page pools must be contiguous tensors",
+                hint="pass the pools kv_cache() returns, not a slice or view of them",
+            )
+        page_bytes = src[0, 0].numel() * src.element_size()
+        if page_bytes % 4:
+            raise InvalidArgumentError(
+                f"a page of one layer is {page_bytes} bytes, not whole words",
+                hint="use a KV layout whose page of one layer is a multiple of 4 bytes",
+            )
+        words = page_bytes // 4
+        self._src, self._dst = _words(src), _words(dst)
+        self._layers = src.shape[0]
+        self._strides = (src.shape[1] * words, dst.shape[1] * words)
+        self._parts = triton.cdiv(words, _WORDS_PER_PROGRAM)
+        self._chunk = words
+        self._block = min(_WORDS_PER_PROGRAM, triton.next_power_of_2(words))
+
+    def __call__(self, pages: torch.Tensor, bases: tuple[int, int] = (0, 0)) -> None:
+        """Queue the copy of page ``pages[0, i] - bases[0]`` of the source to page
+        ``pages[1, i] - bases[1]`` of the target, in every layer, on the current stream."""
+        if pages.dim() != 2 or pages.shape[0] != 2 or pages.dtype not in _INDEX_DTYPES:
+            raise InvalidArgumentError(
+                f"pages must be a [2, n] int32 or int64 tensor, got {tuple(pages.shape)} "
+                f"{pages.dtype}",
+                hint="stack the source and destination page indices: torch.tensor([src, dst], "
+                "dtype=torch.int32)",
+            )
+        num_pairs = pages.shape[1]
+        if num_pairs == 0:
+            return
+        _copy_pages_kernel[(num_pairs * self._layers, self._parts)](
+            self._src,
+            self._dst,
+            pages,
+            num_pairs,
+            *self._strides,
+            *bases,
+            CHUNK=self._chunk,
+            BLOCK=self._block,
+            num_warps=4,
+        )
+
+
+def copy_pages(
+    src: torch.Tensor, dst: torch.Tensor, pages: torch.Tensor, bases: tuple[int, int] = (0, 0)
+) -> None:
+    """Copy page ``pages[0, i] - bases[0]`` of ``src`` to page ``pages[1, i] - bases[1]`` of
+    ``dst`` in every layer.
 
     ``src`` and ``dst`` are contiguous pools ``[num_layers, num_pages, ...]`` of one dtype and
-    page shape (their page counts may differ); ``pages`` is ``[2, n]`` int32 on the device that
-    runs the kernel. Queued on the current stream; bytes are copied exactly.
+    page shape (their page counts may differ); ``pages`` is ``[2, n]`` int32 or int64 on the
+    device that runs the kernel. Queued on the current stream; bytes are copied exactly.
     """
-    if src.dtype != dst.dtype or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:]:
-        raise InvalidArgumentError(
-            f"page pools differ: {tuple(src.shape)} {src.dtype} and {tuple(dst.shape)} {dst.dtype}",
-            hint="copy between pools of one KV layout",
-        )
-    if not (src.is_contiguous() and dst.is_contiguous()):
-        raise InvalidArgumentError(
-            "page pools must be contiguous tensors",
-            hint="pass the pools kv_cache() returns, not a slice or view of them",
-        )
-    if pages.dim() != 2 or pages.shape[0] != 2 or pages.dtype != torch.int32:
-        raise InvalidArgumentError(
-            f"pages must be a [2, n] int32 tensor, got {tuple(pages.shape)} {pages.dtype}",
-            hint="stack the source and destination page indices: torch.tensor([src, dst], "
-            "dtype=torch.int32)",
-        )
-    num_layers, num_pairs = src.shape[0], pages.shape[1]
-    if num_pairs == 0:
-        return
-    page_bytes = src[0, 0].numel() * src.element_size()
-    if page_bytes % 4:
-        raise InvalidArgumentError(
-            f"a page of one layer is {page_bytes} bytes, not whole words",
-            hint="use a KV layout whose page of one layer is a multiple of 4 bytes",
-        )
-    words = page_bytes // 4
-    src_words, dst_words = _words(src), _words(dst)
-    grid = (num_pairs * num_layers, triton.cdiv(words, _WORDS_PER_PROGRAM))
-    _copy_pages_kernel[grid](
-        src_words,
-        dst_words,
-        pages,
-        num_pairs,
-        src.shape[1] * words,
-        dst.shape[1] * words,
-        CHUNK=words,
-        BLOCK=min(_WORDS_PER_PROGRAM, triton.next_power_of_2(words)),
-        num_warps=4,
-    )
+    PageCopier(src, dst)(pages, bases)
+
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _words(pool: torch.Tensor) -> torch.Tensor:

@@ -2,24 +2,26 @@
 
 Every batch between the device pool and itself or the pinned host pool is one launch of
 :func:`~sagellm_backend_cuda.kernels.copy_pages` on the current stream, over all layers: block
-copy (prefix sharing, beam search), swap out and swap in (preemption, offload). The page indices
-cross to the device as one pinned, asynchronous copy, so issuing a batch never waits for the GPU.
+copy (prefix sharing, beam search), swap out and swap in (preemption, offload). The page ids
+cross to the device as one pinned, asynchronous copy (the kernel takes each pool's base off), so
+issuing a batch never waits for the GPU.
 Moves it does not accelerate (host to host, one GPU to another) are left to the pool's
 reference path.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
-from sagellm_backend.torch_backend.pool import DevicePages
-from sagellm_backend_cuda.kernels import copy_pages
+from sagellm_backend.torch_backend.pool import DevicePages, int64s
+from sagellm_backend_cuda.kernels import PageCopier
 
 __all__ = ["TritonPageMover"]
+
+_Launch = tuple[PageCopier, torch.device]
 
 
 class TritonPageMover:
@@ -27,6 +29,8 @@ class TritonPageMover:
 
     def __init__(self) -> None:
         self._kept: list[torch.Tensor] | None = None
+        self._copiers: dict[tuple[DevicePages, DevicePages], _Launch | None] = {}
+        """By pair of pools: the copier and its GPU, or None for a pair left to the reference."""
 
     def move_pages(
         self,
@@ -35,18 +39,16 @@ class TritonPageMover:
         src_pages: Sequence[int],
         dst_pages: Sequence[int],
     ) -> bool:
-        devices = {p.device for p in (source, target) if p.device.type == "cuda"}
-        if len(devices) != 1 or any(
-            p.device.type != "cuda" and not p.pinned for p in (source, target)
-        ):
+        try:
+            launch = self._copiers[source, target]
+        except KeyError:
+            launch = self._copiers[source, target] = _launch(source, target)
+        if launch is None:
             return False
-        device = devices.pop()
-        ids = array("i", src_pages)
-        ids.extend(dst_pages)
-        host = torch.frombuffer(ids, dtype=torch.int32).view(2, len(src_pages)).pin_memory()
+        copier, device = launch
+        host = int64s([*src_pages, *dst_pages]).view(2, len(src_pages)).pin_memory()
         with torch.cuda.device(device):
-            pages = host.to(device, non_blocking=True)
-            copy_pages(source.tensor, target.tensor, pages)
+            copier(host.to(device, non_blocking=True), (source.base or 0, target.base or 0))
         if self._kept is not None:
             self._kept.append(host)
         return True
@@ -60,3 +62,11 @@ class TritonPageMover:
             yield
         finally:
             self._kept = None
+
+
+def _launch(source: DevicePages, target: DevicePages) -> _Launch | None:
+    """The copier of a pair of pools on one GPU, or pinned host memory and one GPU; else None."""
+    devices = {p.device for p in (source, target) if p.device.type == "cuda"}
+    if len(devices) != 1 or any(p.device.type != "cuda" and not p.pinned for p in (source, target)):
+        return None
+    return PageCopier(source.tensor, target.tensor), devices.pop()

@@ -68,7 +68,7 @@ from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import NamedTuple, Protocol, TypeVar, cast
+from typing import NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 from sagellm_backend.device import DeviceRef
 from sagellm_backend.dtypes import DType, coerce
@@ -98,6 +98,7 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 PAGE_BITS = 40
 """Bits of a page id that hold the page index; the pool number is above them."""
@@ -228,6 +229,8 @@ class BlockTable:
         self._storage = storage
         self._layout = layout
         self._dtypes = tuple(dtypes)
+        self._dtype_of: dict[object, DType] = {k: d for d in self._dtypes for k in (d, d.value)}
+        """The dtypes blocks may have, by member and by value."""
         self._devices = devices
         self._devices_hint = devices_hint
         self._dtype_hint = dtype_hint or f"use one of {', '.join(d.value for d in self._dtypes)}"
@@ -244,7 +247,8 @@ class BlockTable:
         self._tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
         self._last = (self._tag + 1 << HANDLE_BITS) - 1
         """The handle after the last this table gives out."""
-        self._handles = cast("Iterator[KVBlock]", iter(range((self._tag << HANDLE_BITS) + 1, self._last)))
+        first_handle = (self._tag << HANDLE_BITS) + 1
+        self._handles = cast("Iterator[KVBlock]", iter(range(first_handle, self._last)))
         """Handles to give out, in order."""
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
@@ -285,11 +289,17 @@ class BlockTable:
         so that they run the guard, while it is entered."""
         return _Holding(self, context)
 
-    def bind_single_calls(self, provider: object, base: type) -> None:
-        """Make :meth:`alloc_one` and :meth:`free_one` the ``kv_block_alloc`` and
-        ``kv_block_free`` of ``provider`` itself, sparing the forwarding call: an engine makes
-        them once per block. A subclass of ``base`` that overrides either keeps its own."""
-        for name, call in (("kv_block_alloc", self.alloc_one), ("kv_block_free", self.free_one)):
+    def bind_calls(self, provider: object, base: type) -> None:
+        """Make :meth:`alloc_one`, :meth:`free_one`, :meth:`alloc` and :meth:`free` the
+        ``kv_block_alloc``, ``kv_block_free``, ``kv_blocks_alloc`` and ``kv_blocks_free`` of
+        ``provider`` itself, sparing the forwarding call: an engine makes them for every block
+        or step. A subclass of ``base`` that overrides one keeps its own."""
+        for name, call in (
+            ("kv_block_alloc", self.alloc_one),
+            ("kv_block_free", self.free_one),
+            ("kv_blocks_alloc", self.alloc),
+            ("kv_blocks_free", self.free),
+        ):
             if getattr(type(provider), name) is getattr(base, name):
                 vars(provider)[name] = call
 
@@ -308,6 +318,10 @@ class BlockTable:
 
     def check_dtype(self, dtype: object, operation: str = "kv_block_alloc") -> DType:
         """``dtype`` as a DType that KV blocks may have (enum member or its string value)."""
+        try:
+            return self._dtype_of[dtype]
+        except (KeyError, TypeError):  # another spelling, or not a dtype
+            pass
         member = coerce(DType, dtype, "dtype")
         if member not in self._dtypes:
             raise CapabilityError(
@@ -347,13 +361,18 @@ class BlockTable:
                 token.append(True)
         except (KeyError, TypeError, IndexError, StopIteration):
             pass  # held, another dtype or spelling, no page or handle left: the batch path decides
-        self._guard("kv_block_alloc")
-        return self.alloc([num_tokens], dtype)[0]
+        return self.alloc([num_tokens], dtype, operation="kv_block_alloc")[0]
 
     def alloc(
-        self, num_tokens: Sequence[int], dtype: object, *, device: str | None = None
+        self,
+        num_tokens: Sequence[int],
+        dtype: object,
+        *,
+        device: str | None = None,
+        operation: str = "kv_blocks_alloc",
     ) -> list[KVBlock]:
-        """Allocate one block per entry of ``num_tokens``, all or none."""
+        """Allocate one block per entry of ``num_tokens``, all or none, after the guard."""
+        self._guard(operation)
         member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts, distinct = _token_counts(num_tokens, "num_tokens")
@@ -402,15 +421,18 @@ class BlockTable:
                     token.append(True)
             except (KeyError, TypeError, ValueError, IndexError):
                 pass  # held, not a live one-page block of pool 0: the batch path decides
-        self._guard("kv_block_free")
-        self.free([block], after)
+        self.free([block], after=after, operation="kv_block_free")
 
-    def free(self, blocks: Iterable[KVBlock], after: object = None) -> None:
-        """Free every block, all or none; a stale, foreign or repeated block is refused.
+    def free(
+        self, blocks: Iterable[KVBlock], *, after: object = None, operation: str = "kv_blocks_free"
+    ) -> None:
+        """Free every block, all or none, after the guard; a stale, foreign or repeated block is
+        refused.
 
         With ``after`` (an event of the provider), the pages are reused only once that event is
         reached.
         """
+        self._guard(operation)
         fence = None if after is None else self._own_event(after)
         items = _listed(blocks, "blocks")
         with self._mutex:
@@ -761,15 +783,17 @@ class BlockTable:
         self, handles: list[KVBlock], operation: str, *, repeats: bool = False
     ) -> list[Pages]:
         """The page ids of live ``handles``; otherwise the error of the first that is not."""
+        live = self._live
         try:
-            pages = list(map(self._live.get, handles))
-        except TypeError:  # an unhashable item
-            pages = [None]
-        if not all(pages):
+            if len(handles) > 1:
+                return list(operator.itemgetter(*handles)(live))  # one C loop of lookups
+            return [live[handle] for handle in handles]
+        except (KeyError, TypeError):  # not live, or unhashable
             self._refuse(handles, operation, repeats=repeats)
-        return cast("list[Pages]", pages)
 
-    def _refuse(self, handles: Sequence[object], operation: str, *, repeats: bool = False) -> None:
+    def _refuse(
+        self, handles: Sequence[object], operation: str, *, repeats: bool = False
+    ) -> NoReturn:
         """Raise the error of the first item that is not a live handle, or of a repeated one."""
         _check_types(handles, "blocks")
         seen: set[object] = set()
@@ -967,12 +991,14 @@ def _ids(pages: Sequence[Pages], one_page: bool) -> list[int]:
 
 def _listed(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
     """``blocks`` as a list; its items are checked where they are looked up."""
+    if blocks.__class__ is list:  # the usual argument
+        return list(blocks)
     if isinstance(blocks, int):
         raise InvalidArgumentError(
             f"{what} must be an iterable of KVBlock handles, got one int",
             hint="wrap a single block in a list, or use the single-block call",
         )
-    return cast("list[KVBlock]", _iterable(blocks, what))
+    return _iterable(blocks, what)
 
 
 def _check_types(items: Iterable[object], what: str) -> None:
@@ -992,7 +1018,7 @@ def _split_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> tuple[list[KVBlock
     if not items:
         return [], []
     try:
-        read, written = zip(*cast("list[tuple[KVBlock, KVBlock]]", items), strict=True)
+        read, written = zip(*items, strict=True)
     except (TypeError, ValueError):
         for pair in items:
             if not isinstance(pair, tuple) or len(pair) != 2:
@@ -1007,7 +1033,7 @@ def _split_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> tuple[list[KVBlock
 def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]]:
     """``values`` as a list and its distinct values, else InvalidArgumentError. A value equal
     to an int that is also given (``8.0`` beside ``8``) counts as that int."""
-    out = cast("list[int]", _iterable(values, what))
+    out = _iterable(values, what)
     if out:
         first = out[0]
         if first.__class__ is int and out.count(first) == len(out):
@@ -1022,7 +1048,7 @@ def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]
 
 
 def _int_list(values: Sequence[int], what: str) -> list[int]:
-    out = cast("list[int]", _iterable(values, what))
+    out = _iterable(values, what)
     if not set(map(type, out)) <= {int}:
         for value in out:
             if isinstance(value, bool) or not isinstance(value, int):
@@ -1032,9 +1058,9 @@ def _int_list(values: Sequence[int], what: str) -> list[int]:
     return out
 
 
-def _iterable(values: object, what: str) -> list[object]:
+def _iterable(values: Iterable[T], what: str) -> list[T]:
     if values.__class__ is list:  # the usual argument, without the ABC check
-        return list(cast("list[object]", values))
+        return list(values)
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise InvalidArgumentError(
             f"{what} must be an iterable, got {type(values).__name__}",

@@ -208,7 +208,7 @@ class MockBackendProvider(Unique):
             guard=self._streams.check_host,
             own_event=self._streams.own_event,
         )
-        self._table.bind_single_calls(self, MockBackendProvider)
+        self._table.bind_calls(self, MockBackendProvider)
         if self._capability.supports_op("sample"):
             self._kernels.register(
                 "sample",
@@ -287,15 +287,13 @@ class MockBackendProvider(Unique):
         return self._table.alloc_one(num_tokens, dtype)
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
-        self._streams.check_host("kv_blocks_alloc")
         return self._table.alloc(num_tokens, dtype)
 
     def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
         self._table.free_one(block, after=after)
 
     def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
-        self._streams.check_host("kv_blocks_free")
-        self._table.free(blocks, after)
+        self._table.free(blocks, after=after)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         self.kv_blocks_copy([(src, dst)])

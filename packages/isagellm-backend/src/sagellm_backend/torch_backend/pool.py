@@ -15,7 +15,7 @@ pair and batch, over every layer at once, never one copy per block.
 from __future__ import annotations
 
 import itertools
-from array import array
+import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlockInfo, KVLayout
 
-__all__ = ["DevicePages", "KVPagePool", "PageMover"]
+__all__ = ["DevicePages", "KVPagePool", "PageMover", "int64s"]
 
 
 class DevicePages:
@@ -101,15 +101,19 @@ class DevicePages:
 
     def index(self, pages: Sequence[int], *, ids: bool = False) -> torch.Tensor:
         """Page indices (from page ids of this device with ``ids``) as an int64 tensor on it."""
-        host = torch.frombuffer(array("q", pages), dtype=torch.int64) if pages else _NO_PAGES
+        host = int64s(pages)
         if ids and self.base:
             host = host - self.base
         return host if self.device.type == "cpu" else host.to(self.device)
 
-    def indices(self, ids: Sequence[int]) -> Sequence[int]:
-        """The page indices of page ids of this device."""
-        base = self.base
-        return [page - base for page in ids] if base else ids
+
+def int64s(values: Sequence[int]) -> torch.Tensor:
+    """``values`` as a new int64 tensor on the host, packed by one ``struct`` call."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    buffer = bytearray(8 * len(values))
+    struct.pack_into(f"{len(values)}q", buffer, 0, *values)
+    return torch.frombuffer(buffer, dtype=torch.int64)
 
 
 def _exhausted(device: str, wanted: int, pages: DevicePages) -> ResourceExhaustedError:
@@ -132,7 +136,8 @@ class PageMover(Protocol):
     ) -> bool:
         """Queue the copy of page ``src_pages[i]`` of ``source`` to ``dst_pages[i]`` of ``target``
         (every layer) on the current stream and return True, or return False, having done
-        nothing, to leave this pair of pools to the reference."""
+        nothing, to leave this pair of pools to the reference. Pages are given as page ids: a
+        pool's page index plus its ``base``."""
         ...
 
 
@@ -224,7 +229,7 @@ class KVPagePool:
             target = self.pools[transfer.target.device]
             src_pages, dst_pages = transfer.sources, transfer.targets
             if self._mover is not None and self._mover.move_pages(
-                source, target, source.indices(src_pages), target.indices(dst_pages)
+                source, target, src_pages, dst_pages
             ):
                 continue
             src_index = source.index(src_pages, ids=True)
@@ -265,6 +270,3 @@ class KVPagePool:
             layout.num_kv_heads,
             layout.head_size,
         )
-
-
-_NO_PAGES = torch.empty(0, dtype=torch.int64)

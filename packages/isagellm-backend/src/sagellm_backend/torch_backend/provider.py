@@ -131,7 +131,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             guard=self._live,
             own_event=functools.partial(own_event, adapter),
         )
-        self._blocks.bind_single_calls(self, TorchBackendProvider)
+        self._blocks.bind_calls(self, TorchBackendProvider)
         self._peak_used = 0
         self._closed = False
         self._close_lock = threading.Lock()
@@ -318,7 +318,6 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         return self._blocks.alloc_one(num_tokens, dtype)
 
     def kv_blocks_alloc(self, num_tokens: Sequence[int], dtype: DType | str) -> list[KVBlock]:
-        self._live("kv_blocks_alloc")
         return self._blocks.alloc(num_tokens, dtype)
 
     def kv_block_free(self, block: KVBlock, *, after: Event | None = None) -> None:
@@ -329,8 +328,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
     def kv_blocks_free(self, blocks: Iterable[KVBlock], *, after: Event | None = None) -> None:
         """Free ``blocks``; with ``after``, their pages are reused only once that event is
         reached (for work queued on the cache tensors on another stream)."""
-        self._live("kv_blocks_free")
-        self._blocks.free(blocks, after)
+        self._blocks.free(blocks, after=after)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         self.kv_blocks_copy([(src, dst)])
