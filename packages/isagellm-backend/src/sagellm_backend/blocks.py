@@ -203,9 +203,10 @@ class BlockTable:
     (where ``{dtype}`` stands for the dtype asked for) says how to get another.
 
     ``guard(operation)`` raises where the provider refuses a host-side call (closed, or a graph
-    capture in progress): the single-block calls run it whenever they leave their fast path,
-    which :meth:`holding` keeps them off for a capture. ``own_event`` returns the :class:`Fence`
-    of an event passed as ``after``, refusing events of other providers.
+    capture in progress): allocations and frees run it while the table is held (:meth:`holding`
+    holds it for a capture, and keeps the single-block calls off their fast path) or closed.
+    ``own_event`` returns the :class:`Fence` of an event passed as ``after``, refusing events of
+    other providers.
     """
 
     def __init__(
@@ -372,12 +373,14 @@ class BlockTable:
         operation: str = "kv_blocks_alloc",
     ) -> list[KVBlock]:
         """Allocate one block per entry of ``num_tokens``, all or none, after the guard."""
-        self._guard(operation)
+        if self._holds or self._closed is not None:
+            self._guard(operation)
         member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts, distinct = _token_counts(num_tokens, "num_tokens")
         with self._mutex:
-            self._check_open()
+            if self._closed is not None:
+                self._check_open()
             if not counts:
                 return []
             pool = self._pool(where, member)
@@ -432,11 +435,13 @@ class BlockTable:
         With ``after`` (an event of the provider), the pages are reused only once that event is
         reached.
         """
-        self._guard(operation)
+        if self._holds or self._closed is not None:
+            self._guard(operation)
         fence = None if after is None else self._own_event(after)
         items = _listed(blocks, "blocks")
         with self._mutex:
-            self._check_open()
+            if self._closed is not None:
+                self._check_open()
             live = self._live
             popped: list[Pages] = []
             try:
@@ -444,8 +449,11 @@ class BlockTable:
             except (KeyError, TypeError):  # put back what was taken; name the first bad item
                 live.update(zip(items, popped, strict=False))
                 self._refuse(items, "kv_blocks_free")
-            groups = self._groups(popped)
-            self._release(groups, [] if fence is None else [fence])
+            if fence is None and not (self._elsewhere or self._several or self._in_flight):
+                if popped:  # the usual free: all of pool 0, nothing to wait for
+                    self._storage.release(self._pools[0], popped)
+                return
+            self._release(self._groups(popped), [] if fence is None else [fence])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         """Each block grown to hold ``num_tokens[i]`` tokens by appending pages, all or none.
@@ -910,27 +918,40 @@ class _Mutex:
     Holding the table means holding its token, the one item of a list: the single-block path
     pops it without blocking (a list pop is atomic) and falls back to the batch path when it is
     held; it never waits for anything while it holds the token. Every other call enters this
-    context: it queues on a lock, then takes the token, yielding the interpreter while a
-    single-block call still holds it.
+    context: it takes the token if it is free, and otherwise queues on a lock, then takes the
+    token, yielding the interpreter while another call still holds it.
     """
 
     def __init__(self, token: list[bool]) -> None:
         self._token = token
         self._queue = threading.Lock()
+        self._queued = False
+        """Whether the token's holder queued for it (read and written by the holder only)."""
 
     def __enter__(self) -> None:
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            pass
+        else:
+            self._queued = False
+            return
         self._queue.acquire()
         while True:
             try:
-                self._token.pop()
+                token.pop()
             except IndexError:
                 time.sleep(0)
             else:
+                self._queued = True
                 return
 
     def __exit__(self, *exc_info: object) -> None:
+        queued = self._queued
         self._token.append(True)
-        self._queue.release()
+        if queued:
+            self._queue.release()
 
 
 class _Holding(AbstractContextManager[R]):

@@ -95,10 +95,6 @@ class DevicePages:
         ends = itertools.accumulate(counts)
         return [flat[end - count : end] for count, end in zip(counts, ends, strict=True)]
 
-    def give_back(self, pages: Sequence[tuple[int, ...]]) -> None:
-        """Put released pages, one one-page tuple each, back on the free list."""
-        self.free.extend(pages)
-
     def index(self, pages: Sequence[int], *, ids: bool = False) -> torch.Tensor:
         """Page indices (from page ids of this device with ``ids``) as an int64 tensor on it."""
         host = int64s(pages)
@@ -155,6 +151,8 @@ class KVPagePool:
         self.dtype: DType = layout.dtype
         self.pools = pools
         self._mover = mover
+        self._numbered: dict[int, DevicePages] = {}
+        """The pages of each pool the table has numbered, by the pool's number."""
 
     # BlockStorage.
 
@@ -169,7 +167,7 @@ class KVPagePool:
         if len(requests) == 1:  # the usual request: one pool
             pool, page_counts = requests[0]
             pages, total = self._pages(pool), total_pages(page_counts)
-            if total > pages.free_pages:
+            if total > len(pages.free):  # the pages are numbered: every free one is listed
                 raise _exhausted(pool.device, total, pages)
             return [pages.take(page_counts, total)]
         totals = [total_pages(page_counts) for _, page_counts in requests]
@@ -186,7 +184,7 @@ class KVPagePool:
         ]
 
     def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
-        self._pages(pool).give_back(pages)
+        self._pages(pool).free.extend(pages)
 
     def taker(self, pool: Pool) -> Take:
         return self._pages(pool).free.pop
@@ -195,8 +193,11 @@ class KVPagePool:
         return self._pages(pool).free.append
 
     def _pages(self, pool: Pool) -> DevicePages:
-        pages = self.pools[pool.device]
-        return pages if pages.base == pool.base else pages.bind(pool.base)
+        try:
+            return self._numbered[pool.number]
+        except KeyError:
+            pages = self._numbered[pool.number] = self.pools[pool.device].bind(pool.base)
+            return pages
 
     # Accounting.
 
