@@ -248,9 +248,10 @@ class BlockTable:
         self._tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
         self._last = (self._tag + 1 << HANDLE_BITS) - 1
         """The handle after the last this table gives out."""
-        first_handle = (self._tag << HANDLE_BITS) + 1
-        self._handles = cast("Iterator[KVBlock]", iter(range(first_handle, self._last)))
+        self._handles: Iterator[KVBlock]
         """Handles to give out, in order."""
+        self._next_handle: Callable[[], KVBlock]
+        self._number_from((self._tag << HANDLE_BITS) + 1)
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
         self._pool_of: dict[tuple[str, DType], Pool] = {}
@@ -270,7 +271,6 @@ class BlockTable:
         """``_one_page``, or empty while the single-block path is held."""
         self._gives_now = self._gives
         """``_gives``, or empty while the single-block path is held."""
-        self._next_handle = self._handles.__next__
         self._holds = 0
         self._in_flight: list[Fence] = []
         self._pending: deque[_Pending] = deque()
@@ -691,13 +691,23 @@ class BlockTable:
         return KVBlockInfo(cast("KVBlock", handle), pool.device, pool.dtype, _local(pages))
 
     def _new_handles(self, n: int) -> list[KVBlock]:
-        handles = list(itertools.islice(self._handles, n))
-        if len(handles) < n:
+        upcoming = self._upcoming()
+        if n > self._last - upcoming:
             raise ResourceExhaustedError(
                 f"this provider has given out all its {_SERIALS} KV block handles",
                 hint="create a new backend; handles are never reused",
             )
-        return handles
+        self._number_from(upcoming + n)
+        return cast("list[KVBlock]", list(range(upcoming, upcoming + n)))
+
+    def _upcoming(self) -> int:
+        """The next handle to give out (``_last`` when none is left)."""
+        return self._last - operator.length_hint(self._handles)
+
+    def _number_from(self, upcoming: int) -> None:
+        """Give out handles from ``upcoming`` on."""
+        self._handles = cast("Iterator[KVBlock]", iter(range(upcoming, self._last)))
+        self._next_handle = self._handles.__next__
 
     def _take(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """Pages from the storage, after the pending pages whose events were reached; waits for
@@ -826,9 +836,7 @@ class BlockTable:
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        upcoming = next(self._handles, self._last)
-        self._handles = cast("Iterator[KVBlock]", iter(range(upcoming, self._last)))
-        self._next_handle = self._handles.__next__
+        upcoming = self._upcoming()
         if handle < upcoming and handle & ((1 << HANDLE_BITS) - 1):
             raise BlockNotFoundError(
                 f"KV block {handle:#x} was already freed or migrated away",
