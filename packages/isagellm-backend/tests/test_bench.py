@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from sagellm_backend import InvalidArgumentError
 from sagellm_backend.bench import baselines_for, register_baselines, run_benchmarks
+from sagellm_backend.bench.host_cost import interleaved
 from sagellm_backend.bench.mock_baselines import MockBaselines
 from sagellm_backend.mock import MockBackendProvider
 
@@ -156,3 +158,27 @@ def test_host_cost_rows_are_per_block_and_say_what_the_baseline_shows() -> None:
     assert startup.item == "process" and 0.001 < startup.baseline_s < startup.ours_s < 30
     table = report.format_table()
     assert "us per block" in table and "us per process" in table
+
+
+def test_interleaved_times_the_host_and_waits_for_the_device_off_the_clock() -> None:
+    waits: list[str] = []
+    state = {"slept": 0}
+
+    def slow_sync() -> None:
+        waits.append("sync")
+        time.sleep(0.003)  # the device finishing: longer than a whole timed run
+
+    def cheap() -> None:
+        state["slept"] += 1
+
+    def sleeper() -> None:
+        time.sleep(0.0002)
+
+    times = interleaved(
+        {"cheap": (cheap, {}, 4), "sleeper": (sleeper, {}, 2)}, rounds=3, sync=slow_sync
+    )
+    assert set(times) == {"cheap", "sleeper"}
+    assert len(waits) == 2 + 2 * 3, "after the calibration of each contender and every run"
+    assert times["cheap"] < 20e-6, "a cheap call per item, with none of the 3 ms waits"
+    assert 0.0002 / 2 <= times["sleeper"] < 0.003 / 2, "per item (2 a call), without the wait"
+    assert state["slept"] > 3, "the cheap call runs many times a round"
