@@ -569,9 +569,11 @@ class BlockTable:
         the copies: the plans (source pool, target pool, members), the pages taken per plan
         and the event of the copies; nothing changed if it raises."""
         groups: dict[int, Sequence[int]] = {}
-        firsts = list(map(_first, sources)) if self._elsewhere else [0]
-        if min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
-            groups[firsts[0] >> PAGE_BITS] = range(len(items))  # one pool (pool 0 if all are)
+        firsts = list(map(_first, sources)) if self._elsewhere else None
+        if firsts is None:
+            groups[0] = range(len(items))  # every block in pool 0
+        elif min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
+            groups[firsts[0] >> PAGE_BITS] = range(len(items))  # one pool
         else:
             for i, first in enumerate(firsts):
                 cast("list[int]", groups.setdefault(first >> PAGE_BITS, [])).append(i)
@@ -595,7 +597,12 @@ class BlockTable:
         taken = self._take(requests)
         one_page = not self._several
         transfers = [
-            Transfer(source, target_pool, _ids(m, one_page), _ids(given, one_page))
+            Transfer(
+                source,
+                target_pool,
+                firsts if one_page and firsts and m is sources else _ids(m, one_page),
+                _ids(given, one_page),
+            )
             for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
         ]
         try:
