@@ -933,8 +933,9 @@ class _Mutex:
     Holding the table means holding its token, the one item of a list: the single-block path
     pops it without blocking (a list pop is atomic) and falls back to the batch path when it is
     held; it never waits for anything while it holds the token. Every other call enters this
-    context: it takes the token if it is free, and otherwise queues on a lock, then takes the
-    token, yielding the interpreter while another call still holds it.
+    context: it takes the token if it is free and no call is queued, and otherwise queues on a
+    lock, then takes the token, yielding the interpreter while another call still holds it. A
+    queued call is so served before the calls that come after it.
     """
 
     def __init__(self, token: list[bool]) -> None:
@@ -945,13 +946,14 @@ class _Mutex:
 
     def __enter__(self) -> None:
         token = self._token
-        try:
-            token.pop()
-        except IndexError:
-            pass
-        else:
-            self._queued = False
-            return
+        if not self._queue.locked():
+            try:
+                token.pop()
+            except IndexError:
+                pass
+            else:
+                self._queued = False
+                return
         self._queue.acquire()
         while True:
             try:
