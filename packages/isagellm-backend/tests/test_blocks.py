@@ -11,7 +11,16 @@ from collections.abc import Sequence
 import pytest
 
 from sagellm_backend import blocks as block_table
-from sagellm_backend.blocks import HANDLE_BITS, BlockTable, Give, Pool, Take, Transfer
+from sagellm_backend.blocks import (
+    HANDLE_BITS,
+    BlockTable,
+    Give,
+    OnePageEach,
+    Pool,
+    Take,
+    Transfer,
+    total_pages,
+)
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import (
     BackendUnavailableError,
@@ -735,3 +744,14 @@ def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches
     assert not errors, errors[0]
     live = table.live_blocks()
     assert sum(len(b.pages) for b in live) == len(owner) == 4096 - len(storage.free["dev:0"])
+
+
+def test_one_page_each_is_a_sequence_of_ones() -> None:
+    ones = OnePageEach(3)
+    assert len(ones) == 3 and list(ones) == [1, 1, 1] and ones[-1] == 1
+    assert ones[1:] == [1, 1] and ones[5:] == [] and ones.count(1) == 3 and ones.count(2) == 0
+    assert total_pages(ones) == 3 and total_pages([1, 2, 1]) == 4
+    for past in (3, -4):
+        with pytest.raises(IndexError):
+            ones[past]
+    assert list(OnePageEach(0)) == [] and total_pages(OnePageEach(0)) == 0

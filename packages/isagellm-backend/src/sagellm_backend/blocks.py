@@ -68,7 +68,7 @@ from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import NamedTuple, NoReturn, Protocol, TypeVar, cast
+from typing import NamedTuple, NoReturn, Protocol, TypeVar, cast, overload
 
 from sagellm_backend.device import DeviceRef
 from sagellm_backend.dtypes import DType, coerce
@@ -91,6 +91,7 @@ __all__ = [
     "Fence",
     "Give",
     "Issue",
+    "OnePageEach",
     "Pool",
     "Take",
     "Transfer",
@@ -391,7 +392,7 @@ class BlockTable:
                 for n in counts:
                     self._pages_for(n, limit, pool)
             if most <= tokens_per_page:
-                page_counts = [1] * len(counts)  # the usual batch: every block one page
+                page_counts: Sequence[int] = OnePageEach(len(counts))  # the usual batch
             else:
                 page_counts = [-(-int(n) // tokens_per_page) for n in counts]
             handles = self._new_handles(len(counts))
@@ -591,7 +592,7 @@ class BlockTable:
             for _, _, members in plans
         ]
         requests = [
-            (plan[1], list(map(len, m)) if self._several else [1] * len(m))
+            (plan[1], list(map(len, m)) if self._several else OnePageEach(len(m)))
             for plan, m in zip(plans, moved, strict=True)
         ]
         taken = self._take(requests)
@@ -1011,6 +1012,36 @@ def total_pages(page_counts: Sequence[int]) -> int:
     """The pages of blocks of ``page_counts`` pages, quickly when each has one."""
     n = len(page_counts)
     return n if page_counts.count(1) == n else sum(page_counts)
+
+
+class OnePageEach(Sequence[int]):
+    """The page counts of ``n`` blocks of one page each, without a list of ``n`` ones."""
+
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return [1] * len(range(self._n)[index])
+        range(self._n)[index]  # IndexError past either end
+        return 1
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.repeat(1, self._n)
+
+    def count(self, value: object) -> int:
+        return self._n if value == 1 else 0
 
 
 def _local(pages: Pages) -> Pages:
