@@ -162,14 +162,14 @@ def test_host_cost_rows_are_per_block_and_say_what_the_baseline_shows() -> None:
 
 def test_interleaved_times_the_host_and_waits_for_the_device_off_the_clock() -> None:
     waits: list[str] = []
-    state = {"slept": 0}
+    calls = {"cheap": 0}
 
     def slow_sync() -> None:
         waits.append("sync")
         time.sleep(0.003)  # the device finishing: longer than a whole timed run
 
     def cheap() -> None:
-        state["slept"] += 1
+        calls["cheap"] += 1
 
     def sleeper() -> None:
         time.sleep(0.0002)
@@ -181,4 +181,4 @@ def test_interleaved_times_the_host_and_waits_for_the_device_off_the_clock() -> 
     assert len(waits) == 2 + 2 * 3, "after the calibration of each contender and every run"
     assert times["cheap"] < 20e-6, "a cheap call per item, with none of the 3 ms waits"
     assert 0.0002 / 2 <= times["sleeper"] < 0.003 / 2, "per item (2 a call), without the wait"
-    assert state["slept"] > 3, "the cheap call runs many times a round"
+    assert calls["cheap"] > 3, "the cheap call runs many times a round"
