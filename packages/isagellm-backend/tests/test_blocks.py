@@ -15,7 +15,6 @@ from sagellm_backend.blocks import (
     HANDLE_BITS,
     BlockTable,
     Give,
-    OnePageEach,
     Pool,
     Take,
     Transfer,
@@ -746,12 +745,6 @@ def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches
     assert sum(len(b.pages) for b in live) == len(owner) == 4096 - len(storage.free["dev:0"])
 
 
-def test_one_page_each_is_a_sequence_of_ones() -> None:
-    ones = OnePageEach(3)
-    assert len(ones) == 3 and list(ones) == [1, 1, 1] and ones[-1] == 1
-    assert ones[1:] == [1, 1] and ones[5:] == [] and ones.count(1) == 3 and ones.count(2) == 0
-    assert total_pages(ones) == 3 and total_pages([1, 2, 1]) == 4
-    for past in (3, -4):
-        with pytest.raises(IndexError):
-            ones[past]
-    assert list(OnePageEach(0)) == [] and total_pages(OnePageEach(0)) == 0
+def test_total_pages_counts_lists_and_the_one_page_batch() -> None:
+    assert total_pages([1, 2, 1]) == 4 and total_pages([]) == 0
+    assert total_pages(b"\x01" * 5) == 5 and total_pages(b"\x01\x03") == 4

@@ -91,7 +91,6 @@ __all__ = [
     "Fence",
     "Give",
     "Issue",
-    "OnePageEach",
     "Pool",
     "Take",
     "Transfer",
@@ -155,6 +154,10 @@ else the event recorded after it on the other stream."""
 _first = operator.itemgetter(0)
 _tags = itertools.count(int.from_bytes(os.urandom(4), "little"))
 """Table tags: random per process, distinct per table within it."""
+_handle_range = cast("Callable[[int, int], Sequence[KVBlock]]", range)
+"""``range``, typed as the handles it numbers."""
+_ONE_PAGE = b"\x01"
+"""Times ``n``: the page counts of ``n`` one-page blocks, made by one C call."""
 
 
 class BlockStorage(Protocol):
@@ -164,14 +167,15 @@ class BlockStorage(Protocol):
     """
 
     def max_pages(self, pool: Pool) -> int:
-        """The most pages one block of ``pool`` could ever occupy."""
+        """The most pages one block of ``pool`` could ever occupy (asked once per pool)."""
         ...
 
     def allocate(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """The page ids of new blocks, per request ``(pool, page_counts)``, all or none.
 
-        Block ``i`` of a request gets ``page_counts[i]`` pages (at least one) of its pool. If
-        the requests do not fit together, raise ResourceExhaustedError leaving nothing changed.
+        Block ``i`` of a request gets ``page_counts[i]`` pages (at least one) of its pool; the
+        page counts of a batch of one-page blocks come as bytes of ones. If the requests do not
+        fit together, raise ResourceExhaustedError leaving nothing changed.
         """
         ...
 
@@ -249,13 +253,14 @@ class BlockTable:
         self._tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
         self._last = (self._tag + 1 << HANDLE_BITS) - 1
         """The handle after the last this table gives out."""
-        self._handles: Iterator[KVBlock]
+        self._handles = iter(_handle_range((self._tag << HANDLE_BITS) + 1, self._last))
         """Handles to give out, in order."""
-        self._next_handle: Callable[[], KVBlock]
-        self._number_from((self._tag << HANDLE_BITS) + 1)
+        self._next_handle = self._handles.__next__
         self._tokens_per_page = layout.tokens_per_block
         self._pools: list[Pool] = []
         self._pool_of: dict[tuple[str, DType], Pool] = {}
+        self._limits: list[int] = []
+        """The most pages a block of each pool could ever have, by the pool's number."""
         self._guard = guard
         self._own_event = own_event
         for dtype in self._dtypes:
@@ -384,15 +389,14 @@ class BlockTable:
                 self._check_open()
             if not counts:
                 return []
-            pool = self._pool(where, member)
+            pool = self._pool_of.get((where, member)) or self._pool(where, member)
             tokens_per_page = self._tokens_per_page
             smallest, most = min(distinct), max(distinct)
-            limit = self._storage.max_pages(pool)
-            if smallest <= 0 or -(-most // tokens_per_page) > limit:
+            if smallest <= 0 or -(-most // tokens_per_page) > self._limits[pool.number]:
                 for n in counts:
-                    self._pages_for(n, limit, pool)
+                    self._pages_for(n, pool)
             if most <= tokens_per_page:
-                page_counts: Sequence[int] = OnePageEach(len(counts))  # the usual batch
+                page_counts: Sequence[int] = _ONE_PAGE * len(counts)  # the usual batch
             else:
                 page_counts = [-(-int(n) // tokens_per_page) for n in counts]
             handles = self._new_handles(len(counts))
@@ -439,7 +443,7 @@ class BlockTable:
         if self._holds or self._closed is not None:
             self._guard(operation)
         fence = None if after is None else self._own_event(after)
-        items = _listed(blocks, "blocks")
+        items = blocks if type(blocks) is list else _listed(blocks, "blocks")
         with self._mutex:
             if self._closed is not None:
                 self._check_open()
@@ -474,7 +478,7 @@ class BlockTable:
             extra: dict[Pool, tuple[list[int], list[int]]] = {}
             for i, (pages, n) in enumerate(zip(current, counts, strict=True)):
                 pool = self._pools[pages[0] >> PAGE_BITS]
-                more = self._pages_for(n, self._storage.max_pages(pool), pool) - len(pages)
+                more = self._pages_for(n, pool) - len(pages)
                 if more > 0:
                     indices, page_counts = extra.setdefault(pool, ([], []))
                     indices.append(i)
@@ -592,7 +596,7 @@ class BlockTable:
             for _, _, members in plans
         ]
         requests = [
-            (plan[1], list(map(len, m)) if self._several else OnePageEach(len(m)))
+            (plan[1], list(map(len, m)) if self._several else _ONE_PAGE * len(m))
             for plan, m in zip(plans, moved, strict=True)
         ]
         taken = self._take(requests)
@@ -692,6 +696,7 @@ class BlockTable:
             pool = Pool(len(self._pools), device, dtype)
             self._pools.append(pool)
             self._pool_of[device, dtype] = pool
+            self._limits.append(self._storage.max_pages(pool))
         return pool
 
     def _info(self, handle: int, pages: Pages) -> KVBlockInfo:
@@ -699,23 +704,17 @@ class BlockTable:
         return KVBlockInfo(cast("KVBlock", handle), pool.device, pool.dtype, _local(pages))
 
     def _new_handles(self, n: int) -> list[KVBlock]:
-        upcoming = self._upcoming()
-        if n > self._last - upcoming:
+        """The next ``n`` handles; the single-block path goes on after them."""
+        last = self._last
+        upcoming = last - operator.length_hint(self._handles)
+        if n > last - upcoming:
             raise ResourceExhaustedError(
                 f"this provider has given out all its {_SERIALS} KV block handles",
                 hint="create a new backend; handles are never reused",
             )
-        self._number_from(upcoming + n)
-        return cast("list[KVBlock]", list(range(upcoming, upcoming + n)))
-
-    def _upcoming(self) -> int:
-        """The next handle to give out (``_last`` when none is left)."""
-        return self._last - operator.length_hint(self._handles)
-
-    def _number_from(self, upcoming: int) -> None:
-        """Give out handles from ``upcoming`` on."""
-        self._handles = cast("Iterator[KVBlock]", iter(range(upcoming, self._last)))
-        self._next_handle = self._handles.__next__
+        self._handles = handles = iter(_handle_range(upcoming + n, last))
+        self._next_handle = handles.__next__
+        return list(_handle_range(upcoming, upcoming + n))
 
     def _take(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """Pages from the storage, after the pending pages whose events were reached; waits for
@@ -844,7 +843,7 @@ class BlockTable:
                 hint="pass a block to the provider that allocated it; move KV between "
                 "processes with send and recv",
             )
-        upcoming = self._upcoming()
+        upcoming = self._last - operator.length_hint(self._handles)
         if handle < upcoming and handle & ((1 << HANDLE_BITS) - 1):
             raise BlockNotFoundError(
                 f"KV block {handle:#x} was already freed or migrated away",
@@ -911,13 +910,14 @@ class BlockTable:
             )
         return transfers
 
-    def _pages_for(self, num_tokens: int, limit: int, pool: Pool) -> int:
+    def _pages_for(self, num_tokens: int, pool: Pool) -> int:
         if num_tokens <= 0:
             raise InvalidArgumentError(
                 f"num_tokens must be positive, got {num_tokens}",
                 hint="allocate a block for at least one token",
             )
         pages = self._layout.pages_for(num_tokens)
+        limit = self._limits[pool.number]
         if pages > limit:
             raise InvalidArgumentError(
                 f"a block of {num_tokens} tokens needs {pages} pages, more than {pool.device} "
@@ -1014,36 +1014,6 @@ def total_pages(page_counts: Sequence[int]) -> int:
     return n if page_counts.count(1) == n else sum(page_counts)
 
 
-class OnePageEach(Sequence[int]):
-    """The page counts of ``n`` blocks of one page each, without a list of ``n`` ones."""
-
-    __slots__ = ("_n",)
-
-    def __init__(self, n: int) -> None:
-        self._n = n
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
-
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            return [1] * len(range(self._n)[index])
-        range(self._n)[index]  # IndexError past either end
-        return 1
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.repeat(1, self._n)
-
-    def count(self, value: object) -> int:
-        return self._n if value == 1 else 0
-
-
 def _local(pages: Pages) -> Pages:
     """Page ids as page indices of their pool."""
     if pages[0] <= _PAGE_MASK:
@@ -1102,7 +1072,7 @@ def _split_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> tuple[list[KVBlock
 def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]]:
     """``values`` as a list and its distinct values, else InvalidArgumentError. A value equal
     to an int that is also given (``8.0`` beside ``8``) counts as that int."""
-    out = _iterable(values, what)
+    out = values if type(values) is list else _iterable(values, what)
     if out:
         first = out[0]
         if first.__class__ is int and out.count(first) == len(out):
