@@ -65,10 +65,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import NamedTuple, NoReturn, Protocol, TypeVar, cast, overload
+from typing import NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 from sagellm_backend.device import DeviceRef
 from sagellm_backend.dtypes import DType, coerce
