@@ -381,7 +381,10 @@ class BlockTable:
         """Allocate one block per entry of ``num_tokens``, all or none, after the guard."""
         if self._holds or self._closed is not None:
             self._guard(operation)
-        member = self.check_dtype(dtype)
+        try:
+            member = self._dtype_of[dtype]
+        except (KeyError, TypeError):  # another spelling, or not a dtype
+            member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts, distinct = _token_counts(num_tokens, "num_tokens")
         with self._mutex:
