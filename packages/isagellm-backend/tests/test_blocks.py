@@ -15,9 +15,11 @@ from sagellm_backend.blocks import (
     HANDLE_BITS,
     BlockTable,
     Give,
+    Pages,
     Pool,
     Take,
     Transfer,
+    blocks_of,
     total_pages,
 )
 from sagellm_backend.dtypes import DType
@@ -54,9 +56,7 @@ class PageListStorage:
     def max_pages(self, pool: Pool) -> int:
         return self.size[pool.device]
 
-    def allocate(
-        self, requests: Sequence[tuple[Pool, Sequence[int]]]
-    ) -> list[list[tuple[int, ...]]]:
+    def allocate(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         needed: dict[str, int] = {}
         for pool, page_counts in requests:
             assert page_counts and min(page_counts) >= 1
@@ -64,28 +64,31 @@ class PageListStorage:
         for device, total in needed.items():
             if total > len(self.free[device]):
                 raise ResourceExhaustedError(f"{device}: {total} pages needed", hint="free some")
-        return [
-            [tuple(pool.base + self.free[pool.device].pop(0) for _ in range(n)) for n in counts]
-            for pool, counts in requests
-        ]
+        out: list[list[Pages]] = []
+        for pool, counts in requests:
+            ids = [pool.base + self.free[pool.device].pop(0) for _ in range(sum(counts))]
+            blocks = blocks_of(ids, counts)
+            assert all(isinstance(p, int) == (n == 1) for p, n in zip(blocks, counts, strict=True))
+            out.append(blocks)
+        return out
 
-    def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
-        for block_pages in pages:
-            local = [p - pool.base for p in block_pages]
-            assert all(0 <= i < self.size[pool.device] for i in local), "page ids of this pool"
-            self.free[pool.device].extend(local)
+    def release(self, pool: Pool, pages: Sequence[int]) -> None:
+        local = [p - pool.base for p in pages]
+        assert all(type(p) is int for p in pages), "page ids, one per page"
+        assert all(0 <= i < self.size[pool.device] for i in local), "page ids of this pool"
+        self.free[pool.device].extend(local)
 
     def taker(self, pool: Pool) -> Take | None:
         if not self.single_block:
             return None
         free = self.free[pool.device]
-        return lambda: (pool.base + free.pop(0),)
+        return lambda: pool.base + free.pop(0)
 
     def giver(self, pool: Pool) -> Give | None:
         if not self.single_block:
             return None
         free = self.free[pool.device]
-        return lambda pages: free.extend(p - pool.base for p in pages)
+        return lambda page: free.append(page - pool.base)
 
 
 def make_table(
@@ -743,6 +746,13 @@ def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches
     assert not errors, errors[0]
     live = table.live_blocks()
     assert sum(len(b.pages) for b in live) == len(owner) == 4096 - len(storage.free["dev:0"])
+
+
+def test_blocks_of_gives_one_page_blocks_their_id_and_others_a_tuple() -> None:
+    ids = [7, 8, 9, 10]
+    assert blocks_of(ids, [1, 1, 1, 1]) is ids and blocks_of(ids, b"\x01" * 4) is ids
+    assert blocks_of(ids, [2, 1, 1]) == [(7, 8), 9, 10]
+    assert blocks_of(ids, [1, 3]) == [7, (8, 9, 10)]
 
 
 def test_total_pages_counts_lists_and_the_one_page_batch() -> None:

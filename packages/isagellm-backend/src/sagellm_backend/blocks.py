@@ -28,9 +28,10 @@ hashing and storing one is cheap): the table's tag (17 bits random per process, 
 within it, and a bit above them so that no handle is a small int) above :data:`HANDLE_BITS` bits
 of a serial number that only grows. A table gives out ``2**42 - 2`` handles; past them it refuses
 to allocate (ResourceExhaustedError). The table keeps one
-dict entry per live block, handle to page ids. A page id is ``pool << PAGE_BITS | page``: the
-index of the page in the tensor of its *pool*, the (device, dtype) pair the table numbered
-``pool``. Pool 0 is the default device's first dtype, so its page ids are the page indices.
+dict entry per live block, handle to page ids: one int for a block of one page, a tuple for a
+block of several. A page id is ``pool << PAGE_BITS | page``: the index of the page in the tensor
+of its *pool*, the (device, dtype) pair the table numbered ``pool``. Pool 0 is the default
+device's first dtype, so its page ids are the page indices.
 
 **Stream-ordered reuse.** A freed page may still be read or written by device work queued
 before the free. The table orders its reuse after that work:
@@ -91,9 +92,11 @@ __all__ = [
     "Fence",
     "Give",
     "Issue",
+    "Pages",
     "Pool",
     "Take",
     "Transfer",
+    "blocks_of",
     "total_pages",
 ]
 
@@ -142,16 +145,16 @@ class Transfer(NamedTuple):
     targets: list[int]
 
 
-Pages = tuple[int, ...]
-Take = Callable[[], Pages]
-"""Takes the page id of a new one-page block: ``(id,)``; IndexError when none is free."""
-Give = Callable[[Pages], None]
-"""Gives back the page ids of one released block."""
+Pages = int | tuple[int, ...]
+"""A block's page ids: the id itself for a one-page block, a tuple of two or more otherwise."""
+Take = Callable[[], int]
+"""Takes the page id of a new one-page block; IndexError when none is free."""
+Give = Callable[[int], None]
+"""Gives back the page id of one released one-page block."""
 Issue = Callable[[list[Transfer]], Fence | None]
 """Queues page copies. Returns None when the work went to the calling thread's current stream,
 else the event recorded after it on the other stream."""
 
-_first = operator.itemgetter(0)
 _tags = itertools.count(int.from_bytes(os.urandom(4), "little"))
 """Table tags: random per process, distinct per table within it."""
 _handle_range = cast("Callable[[int, int], Sequence[KVBlock]]", range)
@@ -173,15 +176,15 @@ class BlockStorage(Protocol):
     def allocate(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """The page ids of new blocks, per request ``(pool, page_counts)``, all or none.
 
-        Block ``i`` of a request gets ``page_counts[i]`` pages (at least one) of its pool; the
+        Block ``i`` of a request gets ``page_counts[i]`` pages (at least one) of its pool, as
+        :data:`Pages`: an int for one page, a tuple for several; the
         page counts of a batch of one-page blocks come as bytes of ones. If the requests do not
         fit together, raise ResourceExhaustedError leaving nothing changed.
         """
         ...
 
-    def release(self, pool: Pool, pages: Sequence[Pages]) -> None:
-        """Take back released pages of ``pool``, one one-page tuple ``(id,)`` per page. Never
-        fails for ids it gave."""
+    def release(self, pool: Pool, pages: Sequence[int]) -> None:
+        """Take back released pages of ``pool``, by page id. Never fails for ids it gave."""
         ...
 
     def taker(self, pool: Pool) -> Take | None:
@@ -193,8 +196,8 @@ class BlockStorage(Protocol):
         ...
 
 
-_Groups = list[tuple[int, list[Pages]]]
-"""Page ids of blocks, by pool number: [(pool, page ids of each block)]."""
+_Groups = list[tuple[int, list[int]]]
+"""Page ids of retired blocks, by pool number: [(pool, page ids)]."""
 _Pending = tuple[list[Fence], _Groups]
 """Page ids waiting for events: (events, their groups)."""
 
@@ -248,8 +251,8 @@ class BlockTable:
         self._elsewhere = 0
         """Live blocks outside pool 0: while there are none, a batch needs no grouping."""
         self._several = 0
-        """Live blocks of more than one page: while there are none, freed pages need no
-        splitting into one-page tuples."""
+        """Live blocks of more than one page: while there are none, every block's pages are its
+        page id."""
         self._tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
         self._last = (self._tag + 1 << HANDLE_BITS) - 1
         """The handle after the last this table gives out."""
@@ -422,16 +425,16 @@ class BlockTable:
                 token.pop()  # IndexError: another call holds the table
                 try:
                     live = self._live
-                    pages = live[block]
-                    (page,) = pages  # ValueError: several pages
-                    give = self._gives_now[page >> PAGE_BITS]  # KeyError: not pool 0, or held
-                    del live[block]
-                    give(pages)
-                    return
+                    page = live[block]
+                    if isinstance(page, int):  # one page
+                        give = self._gives_now[page >> PAGE_BITS]  # KeyError: not pool 0, or held
+                        del live[block]
+                        give(page)
+                        return
                 finally:
                     token.append(True)
-            except (KeyError, TypeError, ValueError, IndexError):
-                pass  # held, not a live one-page block of pool 0: the batch path decides
+            except (KeyError, TypeError, IndexError):
+                pass  # held, or not a live block of pool 0: the batch path decides
         self.free([block], after=after, operation="kv_block_free")
 
     def free(
@@ -458,8 +461,8 @@ class BlockTable:
                 live.update(zip(items, popped, strict=False))
                 self._refuse(items, "kv_blocks_free")
             if fence is None and not (self._elsewhere or self._several or self._in_flight):
-                if popped:  # the usual free: all of pool 0, nothing to wait for
-                    self._storage.release(self._pools[0], popped)
+                if popped:  # the usual free: one-page blocks of pool 0, nothing to wait for
+                    self._storage.release(self._pools[0], cast("list[int]", popped))
                 return
             self._release(self._groups(popped), [] if fence is None else [fence])
 
@@ -480,8 +483,8 @@ class BlockTable:
             current = self._distinct(items, "kv_blocks_grow")
             extra: dict[Pool, tuple[list[int], list[int]]] = {}
             for i, (pages, n) in enumerate(zip(current, counts, strict=True)):
-                pool = self._pools[pages[0] >> PAGE_BITS]
-                more = self._pages_for(n, pool) - len(pages)
+                pool = self._pools[_first_id(pages) >> PAGE_BITS]
+                more = self._pages_for(n, pool) - _count(pages)
                 if more > 0:
                     indices, page_counts = extra.setdefault(pool, ([], []))
                     indices.append(i)
@@ -492,9 +495,9 @@ class BlockTable:
             live = self._live
             for (indices, _), given in zip(extra.values(), taken, strict=True):
                 for i, added in zip(indices, given, strict=True):
-                    if len(current[i]) == 1:
+                    if isinstance(current[i], int):
                         self._several += 1
-                    live[items[i]] = current[i] + added
+                    live[items[i]] = _ids_of(current[i]) + _ids_of(added)
         return items
 
     def close(self, message: str) -> None:
@@ -554,10 +557,9 @@ class BlockTable:
             except BaseException:
                 live.update(zip(items, sources, strict=True))
                 raise
-            if len(plans) == 1:
-                replaced = taken[0]  # one source pool: the replacements in the blocks' order
-            else:
-                replaced = [()] * len(items)
+            replaced = taken[0]  # one source pool: the replacements in the blocks' order
+            if len(plans) > 1:
+                replaced = [0] * len(items)
                 for (_, _, members), given in zip(plans, taken, strict=True):
                     for i, pages in zip(members, given, strict=True):
                         replaced[i] = pages
@@ -577,7 +579,8 @@ class BlockTable:
         the copies: the plans (source pool, target pool, members), the pages taken per plan
         and the event of the copies; nothing changed if it raises."""
         groups: dict[int, Sequence[int]] = {}
-        firsts = list(map(_first, sources)) if self._elsewhere else None
+        one_page = not self._several
+        firsts = _firsts(sources, one_page) if self._elsewhere else None
         if firsts is None:
             groups[0] = range(len(items))  # every block in pool 0
         elif min(firsts) >> PAGE_BITS == max(firsts) >> PAGE_BITS:
@@ -599,11 +602,10 @@ class BlockTable:
             for _, _, members in plans
         ]
         requests = [
-            (plan[1], list(map(len, m)) if self._several else _ONE_PAGE * len(m))
+            (plan[1], _ONE_PAGE * len(m) if one_page else list(map(_count, m)))
             for plan, m in zip(plans, moved, strict=True)
         ]
         taken = self._take(requests)
-        one_page = not self._several
         transfers = [
             Transfer(
                 source,
@@ -617,7 +619,7 @@ class BlockTable:
             event = issue(transfers)
         except BaseException:
             for (pool, _), given in zip(requests, taken, strict=True):
-                self._storage.release(pool, _page_by_page(given))
+                self._storage.release(pool, _ids(given, one_page))
             raise
         return plans, taken, event
 
@@ -641,7 +643,7 @@ class BlockTable:
             self._check_open()
             self._pages_of(items, "check_live", repeats=True)
 
-    def pages_on(self, blocks: Sequence[KVBlock], device: str) -> list[Pages]:
+    def pages_on(self, blocks: Sequence[KVBlock], device: str) -> list[tuple[int, ...]]:
         """The pages of live ``blocks`` (repeats allowed), each block on ``device``; refused
         otherwise."""
         items = _listed(blocks, "blocks")
@@ -649,9 +651,9 @@ class BlockTable:
             self._check_open()
             found = self._pages_of(items, "plan", repeats=True)
             if not self._elsewhere and self._pools[0].device == device:
-                return found
+                return list(map(_ids_of, found))
             for handle, p in zip(items, found, strict=True):
-                on = self._pools[p[0] >> PAGE_BITS].device
+                on = self._pools[_first_id(p) >> PAGE_BITS].device
                 if on != device:
                     raise InvalidArgumentError(
                         f"KV block {handle:#x} is on {on}, not on {device}",
@@ -670,14 +672,16 @@ class BlockTable:
         """How many live blocks are on ``device``."""
         with self._mutex:
             indices = {p.number for p in self._pools if p.device == device}
-            return sum(1 for pages in self._live.values() if pages[0] >> PAGE_BITS in indices)
+            return sum(
+                1 for pages in self._live.values() if _first_id(pages) >> PAGE_BITS in indices
+            )
 
     def reclaim(self) -> int:
         """Return to the storage the pending pages whose events were reached; how many freed
         pages still wait for device work (see the module docstring)."""
         with self._mutex:
             self._poll()
-            return sum(len(p) for _, groups in self._pending for _, g in groups for p in g)
+            return sum(len(g) for _, groups in self._pending for _, g in groups)
 
     # Internals; the lock is held.
 
@@ -703,7 +707,7 @@ class BlockTable:
         return pool
 
     def _info(self, handle: int, pages: Pages) -> KVBlockInfo:
-        pool = self._pools[pages[0] >> PAGE_BITS]
+        pool = self._pools[_first_id(pages) >> PAGE_BITS]
         return KVBlockInfo(cast("KVBlock", handle), pool.device, pool.dtype, _local(pages))
 
     def _new_handles(self, n: int) -> list[KVBlock]:
@@ -752,30 +756,28 @@ class BlockTable:
 
     def _groups(self, pages: list[Pages], pool: int | None = None) -> _Groups:
         """The page ids of retired blocks by pool (all of pool number ``pool`` where the caller
-        knows it), one one-page tuple per page; counts the blocks out of ``_elsewhere`` and
-        ``_several``."""
-        groups: _Groups = [(0, pages)]
-        if pool is not None:
-            groups = [(pool, pages)]
-            if pool:
-                self._elsewhere -= len(pages)
-        elif self._elsewhere and pages:
-            firsts = list(map(_first, pages))
+        knows it); counts the blocks out of ``_elsewhere`` and ``_several``."""
+        one_page = not self._several
+        blocks: list[tuple[int, list[Pages]]] = [(pool or 0, pages)]
+        if pool:
+            self._elsewhere -= len(pages)
+        elif pool is None and self._elsewhere and pages:
+            firsts = _firsts(pages, one_page)
             low, high = min(firsts) >> PAGE_BITS, max(firsts) >> PAGE_BITS
             if low == high:
-                groups = [(low, pages)]
+                blocks = [(low, pages)]
             else:
                 by_pool: dict[int, list[Pages]] = {}
                 for first, p in zip(firsts, pages, strict=True):
                     by_pool.setdefault(first >> PAGE_BITS, []).append(p)
-                groups = list(by_pool.items())
-            self._elsewhere -= sum(len(group) for number, group in groups if number)
-        if self._several and pages:
-            for i, (number, group) in enumerate(groups):
-                several = len(group) - list(map(len, group)).count(1)
-                if several:
-                    self._several -= several
-                    groups[i] = (number, _page_by_page(group))
+                blocks = list(by_pool.items())
+            self._elsewhere -= sum(len(group) for number, group in blocks if number)
+        if one_page:
+            return cast("_Groups", blocks)  # every block has one page: its id
+        groups: _Groups = []
+        for number, group in blocks:
+            self._several -= sum(1 for p in group if not isinstance(p, int))
+            groups.append((number, _flat(group)))
         return groups
 
     def _release(self, groups: _Groups, events: list[Fence]) -> None:
@@ -876,10 +878,13 @@ class BlockTable:
                 seen.add(handle)
         if not srcs:
             return []
-        one_page = not self._several
-        src_ids = _ids(srcs, one_page)
-        dst_ids = _ids(dsts, one_page)
-        if len(src_ids) == n == len(dst_ids) or list(map(len, srcs)) == list(map(len, dsts)):
+        if self._several:
+            same = list(map(_count, srcs)) == list(map(_count, dsts))
+            src_ids, dst_ids = _flat(srcs), _flat(dsts)
+        else:  # every block has one page: its id
+            same = True
+            src_ids, dst_ids = cast("list[int]", srcs), cast("list[int]", dsts)
+        if same:
             if not self._elsewhere:  # every block in pool 0
                 pool = self._pools[0]
                 return [Transfer(pool, pool, src_ids, dst_ids)]
@@ -889,11 +894,12 @@ class BlockTable:
                 return [Transfer(pool, pool, src_ids, dst_ids)]
         groups: dict[tuple[int, int], tuple[list[Pages], list[Pages]]] = {}
         for src, dst, s, d in zip(read, written, srcs, dsts, strict=True):
-            source, target = self._pools[s[0] >> PAGE_BITS], self._pools[d[0] >> PAGE_BITS]
-            if len(s) != len(d) or source.dtype != target.dtype:
+            source = self._pools[_first_id(s) >> PAGE_BITS]
+            target = self._pools[_first_id(d) >> PAGE_BITS]
+            if _count(s) != _count(d) or source.dtype != target.dtype:
                 raise InvalidBlockError(
-                    f"cannot copy KV block {src:#x} ({len(s)} pages, {source.dtype.value}) into "
-                    f"block {dst:#x} ({len(d)} pages, {target.dtype.value})",
+                    f"cannot copy KV block {src:#x} ({_count(s)} pages, {source.dtype.value}) "
+                    f"into block {dst:#x} ({_count(d)} pages, {target.dtype.value})",
                     hint="copy between blocks of the same page count and dtype",
                     code=ErrorCode.KV_BLOCK_MISMATCH,
                 )
@@ -903,14 +909,7 @@ class BlockTable:
         transfers = []
         for (i, j), (read_pages, written_pages) in groups.items():
             source, target = self._pools[i], self._pools[j]
-            transfers.append(
-                Transfer(
-                    source,
-                    target,
-                    _ids(read_pages, one_page),
-                    _ids(written_pages, one_page),
-                )
-            )
+            transfers.append(Transfer(source, target, _flat(read_pages), _flat(written_pages)))
         return transfers
 
     def _pages_for(self, num_tokens: int, pool: Pool) -> int:
@@ -1006,9 +1005,16 @@ def _same(info: KVBlockInfo) -> KVBlockInfo:
     return info
 
 
-def _page_by_page(pages: Sequence[Pages]) -> list[Pages]:
-    """The page ids of blocks as one one-page tuple per page."""
-    return list(zip(itertools.chain.from_iterable(pages)))
+def blocks_of(ids: list[int], page_counts: Sequence[int]) -> list[Pages]:
+    """Page ids handed out in order, as the pages of blocks of ``page_counts`` pages: ``ids``
+    itself when each block has one page."""
+    if len(ids) == len(page_counts):
+        return cast("list[Pages]", ids)
+    ends = itertools.accumulate(page_counts)
+    return [
+        ids[end - 1] if n == 1 else tuple(ids[end - n : end])
+        for n, end in zip(page_counts, ends, strict=True)
+    ]
 
 
 def total_pages(page_counts: Sequence[int]) -> int:
@@ -1017,18 +1023,41 @@ def total_pages(page_counts: Sequence[int]) -> int:
     return n if page_counts.count(1) == n else sum(page_counts)
 
 
-def _local(pages: Pages) -> Pages:
+def _first_id(pages: Pages) -> int:
+    return pages if isinstance(pages, int) else pages[0]
+
+
+def _count(pages: Pages) -> int:
+    return 1 if isinstance(pages, int) else len(pages)
+
+
+def _ids_of(pages: Pages) -> tuple[int, ...]:
+    return (pages,) if isinstance(pages, int) else pages
+
+
+def _local(pages: Pages) -> tuple[int, ...]:
     """Page ids as page indices of their pool."""
-    if pages[0] <= _PAGE_MASK:
-        return pages
-    return tuple(p & _PAGE_MASK for p in pages)
+    ids = _ids_of(pages)
+    if ids[0] <= _PAGE_MASK:
+        return ids
+    return tuple(p & _PAGE_MASK for p in ids)
 
 
-def _ids(pages: Sequence[Pages], one_page: bool) -> list[int]:
-    """The page ids of blocks, in order, as one list; ``one_page``: each block has one."""
-    if one_page:
-        return list(map(_first, pages))
-    return list(itertools.chain.from_iterable(pages))
+def _flat(pages: Sequence[Pages]) -> list[int]:
+    """The page ids of blocks, in order, as one list."""
+    return list(itertools.chain.from_iterable(map(_ids_of, pages)))
+
+
+def _ids(pages: list[Pages], one_page: bool) -> list[int]:
+    """The page ids of blocks, in order, as one list; ``one_page``: each block has one, and
+    ``pages`` is that list."""
+    return cast("list[int]", pages) if one_page else _flat(pages)
+
+
+def _firsts(pages: list[Pages], one_page: bool) -> list[int]:
+    """The first page id of each block; ``one_page``: each block has one, and ``pages`` is that
+    list."""
+    return cast("list[int]", pages) if one_page else list(map(_first_id, pages))
 
 
 def _listed(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from sagellm_backend.blocks import Give, Pool, Take, Transfer, total_pages
+from sagellm_backend.blocks import Give, Pages, Pool, Take, Transfer, blocks_of, total_pages
 from sagellm_backend.device import HOST, MemoryStats
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import ResourceExhaustedError
@@ -73,10 +72,10 @@ class PoolPages:
     def __init__(self, memory: DeviceMemory, pool: Pool, size: int) -> None:
         self.memory = memory
         self.size = size
-        self.free: list[tuple[int, ...]] = []
+        self.free: list[int] = []
         self._fresh = itertools.count(pool.base)
 
-    def take_one(self) -> tuple[int, ...]:
+    def take_one(self) -> int:
         """The page of a new one-page block; IndexError if it does not fit."""
         memory = self.memory
         used = memory.used + self.size
@@ -86,15 +85,15 @@ class PoolPages:
         if free:
             page = free.pop()
         else:
-            page = (next(self._fresh),)
-            memory.stamps[page[0]] = memory.stamp()
+            page = next(self._fresh)
+            memory.stamps[page] = memory.stamp()
         memory.pages += 1
         memory.used = used
         if used > memory.peak:
             memory.peak = used
         return page
 
-    def take(self, page_counts: Sequence[int], total: int) -> list[tuple[int, ...]]:
+    def take(self, page_counts: Sequence[int], total: int) -> list[Pages]:
         """The pages of new blocks, ``total`` in all; the caller checked that they fit."""
         memory, free = self.memory, self.free
         nbytes = total * self.size
@@ -105,28 +104,24 @@ class PoolPages:
         if reused < total:
             fresh = list(itertools.islice(self._fresh, total - reused))
             memory.stamps.update(zip(fresh, itertools.repeat(memory.stamp())))
-            pages.extend(zip(fresh))
+            pages.extend(fresh)
         memory.pages += total
         memory.used += nbytes
         memory.peak = max(memory.peak, memory.used)
-        if total == len(page_counts):
-            return pages
-        flat = tuple(map(_first, pages))
-        ends = itertools.accumulate(page_counts)
-        return [flat[end - n : end] for n, end in zip(page_counts, ends, strict=True)]
+        return blocks_of(pages, page_counts)
 
-    def give_one(self, pages: tuple[int, ...]) -> None:
+    def give_one(self, page: int) -> None:
         """Take back the page of a one-page block."""
         memory = self.memory
-        memory.stamps[pages[0]] = memory.stamp()
+        memory.stamps[page] = memory.stamp()
         memory.pages -= 1
         memory.used -= self.size
-        self.free.append(pages)
+        self.free.append(page)
 
-    def give_all(self, pages: Sequence[tuple[int, ...]]) -> None:
-        """Take back released pages, one one-page tuple each."""
+    def give_all(self, pages: Sequence[int]) -> None:
+        """Take back released pages, by page id."""
         memory = self.memory
-        memory.stamps.update(zip(map(_first, pages), itertools.repeat(memory.stamp())))
+        memory.stamps.update(zip(pages, itertools.repeat(memory.stamp())))
         memory.pages -= len(pages)
         self.free.extend(pages)
         memory.used -= self.size * len(pages)
@@ -179,9 +174,7 @@ class MockMemory:
             return _UNBOUNDED_PAGES
         return self._capacity // self._layout.page_bytes(pool.dtype)
 
-    def allocate(
-        self, requests: Sequence[tuple[Pool, Sequence[int]]]
-    ) -> list[list[tuple[int, ...]]]:
+    def allocate(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         totals = [total_pages(page_counts) for _, page_counts in requests]
         pages = [self._pages(pool) for pool, _ in requests]
         wanted: dict[str, tuple[int, int]] = {}
@@ -207,7 +200,7 @@ class MockMemory:
             for p, (_, page_counts), total in zip(pages, requests, totals, strict=True)
         ]
 
-    def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
+    def release(self, pool: Pool, pages: Sequence[int]) -> None:
         self._pages(pool).give_all(pages)
 
     def taker(self, pool: Pool) -> Take:
@@ -285,7 +278,6 @@ class MockMemory:
         return page
 
 
-_first = operator.itemgetter(0)
 _exhaust: Callable[[Iterable[object]], object] = functools.partial(deque, maxlen=0)
 
 

@@ -14,14 +14,13 @@ pair and batch, over every layer at once, never one copy per block.
 
 from __future__ import annotations
 
-import itertools
 import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
-from sagellm_backend.blocks import Give, Pool, Take, Transfer, total_pages
+from sagellm_backend.blocks import Give, Pages, Pool, Take, Transfer, blocks_of, total_pages
 from sagellm_backend.dtypes import DType
 from sagellm_backend.errors import InvalidArgumentError, ResourceExhaustedError
 from sagellm_backend.kv import KVBlockInfo, KVLayout
@@ -32,10 +31,10 @@ __all__ = ["DevicePages", "KVPagePool", "PageMover", "int64s"]
 class DevicePages:
     """One device's page tensor and its free list of pages.
 
-    The free list is a LIFO stack, so hot pages are reused first. It holds one-page tuples of
-    page ids, ``(base + index,)``: the pages of a one-page block are handed out and taken back
-    as they are, so the usual batch, one page per block, creates no tuple per block. ``base``
-    is set once, by the first pool the block table names for this device.
+    The free list is a LIFO stack, so hot pages are reused first. It holds page ids,
+    ``base + index``: a one-page block's pages are its page id, handed out and taken back as it
+    is, so the usual batch, one page per block, creates no object per block. ``base`` is set
+    once, by the first pool the block table names for this device.
     """
 
     def __init__(
@@ -60,14 +59,14 @@ class DevicePages:
         self.tensor = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.num_pages = num_pages
         self.base: int | None = None
-        self.free: list[tuple[int, ...]] = []
+        self.free: list[int] = []
         """The free list; ``free.pop`` and ``free.append`` are the single-block path."""
 
     def bind(self, base: int) -> DevicePages:
         """Number this device's page ids from ``base`` (once; the same base again is a no-op)."""
         if self.base is None:
             self.base = base
-            self.free = [(base + page,) for page in range(self.num_pages - 1, -1, -1)]
+            self.free = list(range(base + self.num_pages - 1, base - 1, -1))
         elif self.base != base:
             raise InvalidArgumentError(
                 f"the pages of {self.device} are numbered from {self.base}, not {base}",
@@ -80,7 +79,7 @@ class DevicePages:
         """Pages on the free list; every page, before the pages are numbered."""
         return len(self.free) if self.base is not None else self.num_pages
 
-    def take(self, counts: Sequence[int], total: int) -> list[tuple[int, ...]]:
+    def take(self, counts: Sequence[int], total: int) -> list[Pages]:
         """The pages of one block per entry of ``counts`` (each at least 1, ``total`` in all).
 
         The caller has checked that ``total`` pages are free.
@@ -89,11 +88,7 @@ class DevicePages:
         taken = free[len(free) - total :]
         del free[len(free) - total :]
         taken.reverse()
-        if total == len(counts):
-            return taken  # one page per block: the tuples from the free list
-        flat = tuple(itertools.chain.from_iterable(taken))
-        ends = itertools.accumulate(counts)
-        return [flat[end - count : end] for count, end in zip(counts, ends, strict=True)]
+        return blocks_of(taken, counts)
 
     def index(self, pages: Sequence[int], *, ids: bool = False) -> torch.Tensor:
         """Page indices (from page ids of this device with ``ids``) as an int64 tensor on it."""
@@ -159,9 +154,7 @@ class KVPagePool:
     def max_pages(self, pool: Pool) -> int:
         return self.pools[pool.device].num_pages
 
-    def allocate(
-        self, requests: Sequence[tuple[Pool, Sequence[int]]]
-    ) -> list[list[tuple[int, ...]]]:
+    def allocate(self, requests: Sequence[tuple[Pool, Sequence[int]]]) -> list[list[Pages]]:
         """Page ids for new blocks per ``(pool, page_counts)``, all or none; each dtype is its
         device's (the table checks)."""
         if len(requests) == 1:  # the usual request: one pool
@@ -186,7 +179,7 @@ class KVPagePool:
             for (pool, page_counts), total in zip(requests, totals, strict=True)
         ]
 
-    def release(self, pool: Pool, pages: Sequence[tuple[int, ...]]) -> None:
+    def release(self, pool: Pool, pages: Sequence[int]) -> None:
         self._numbered[pool.number].free.extend(pages)  # pages came from a numbered pool
 
     def taker(self, pool: Pool) -> Take:
