@@ -16,7 +16,7 @@ from sagellm_backend import (  # noqa: E402
     ResourceExhaustedError,
 )
 from sagellm_backend.blocks import BlockTable, Fence, Pool, Transfer  # noqa: E402
-from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool  # noqa: E402
+from sagellm_backend.torch_backend.pool import DevicePages, KVPagePool, int64s  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_size=4, tokens_per_block=2, dtype=DType.FP32)
 CPU = Pool(0, "cpu:0", DType.FP32)
@@ -184,3 +184,10 @@ def test_random_alloc_free_grow_and_migrate_hand_out_every_page_exactly_once(
         pages = [p for b in table.live_blocks(name) for p in b.pages]
         assert sorted(pages) == list(range(6)), "every page once: none lost, none handed out twice"
         assert all(table.info(b).num_pages == 1 for b in rest)
+
+
+def test_int64s_packs_its_parts_back_to_back() -> None:
+    big = 3 << 40
+    assert int64s([1, 2], [big], []).tolist() == [1, 2, big]
+    assert int64s([-5]).dtype == torch.int64 and int64s([-5]).tolist() == [-5]
+    assert int64s().numel() == 0 and int64s([], []).dtype == torch.int64

@@ -46,7 +46,7 @@ class TritonPageMover:
         if launch is None:
             return False
         copier, device = launch
-        host = int64s([*src_pages, *dst_pages]).view(2, len(src_pages)).pin_memory()
+        host = int64s(src_pages, dst_pages).view(2, len(src_pages)).pin_memory()
         with torch.cuda.device(device):
             copier(host.to(device, non_blocking=True), (source.base or 0, target.base or 0))
         if self._kept is not None:

@@ -98,12 +98,17 @@ class DevicePages:
         return host if self.device.type == "cpu" else host.to(self.device)
 
 
-def int64s(values: Sequence[int]) -> torch.Tensor:
-    """``values`` as a new int64 tensor on the host, packed by one ``struct`` call."""
-    if not values:
+def int64s(*parts: Sequence[int]) -> torch.Tensor:
+    """The values of ``parts``, back to back, as a new int64 tensor on the host, packed by one
+    ``struct`` call per part."""
+    total = sum(map(len, parts))
+    if not total:
         return torch.empty(0, dtype=torch.int64)
-    buffer = bytearray(8 * len(values))
-    struct.pack_into(f"{len(values)}q", buffer, 0, *values)
+    buffer = bytearray(8 * total)
+    offset = 0
+    for part in parts:
+        struct.pack_into(f"{len(part)}q", buffer, offset, *part)
+        offset += 8 * len(part)
     return torch.frombuffer(buffer, dtype=torch.int64)
 
 
