@@ -485,6 +485,9 @@ def test_pages_on_gives_each_blocks_pages_and_refuses_another_device() -> None:
     a, b = table.alloc([16, 40], DType.FP16)
     assert table.pages_on([a, b, a], "dev:0") == [(0,), (1, 2, 3), (0,)], "repeats allowed"
     assert table.pages_on([], "dev:0") == []
+    table.free([a])
+    assert table.pages_on([b], "dev:0") == [(1, 2, 3)], "every live block has several pages"
+    (a,) = table.alloc([16], DType.FP16)
     (h,) = table.migrate([b], "host", no_work)
     assert table.pages_on([h], "host") == [(0, 1, 2)]
     with pytest.raises(InvalidArgumentError, match="is on host, not on dev:0") as info:

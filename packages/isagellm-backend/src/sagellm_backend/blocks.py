@@ -651,6 +651,8 @@ class BlockTable:
             self._check_open()
             found = self._pages_of(items, "plan", repeats=True)
             if not self._elsewhere and self._pools[0].device == device:
+                if self._several == len(self._live):  # every block has several pages: tuples
+                    return cast("list[tuple[int, ...]]", found)
                 return list(map(_ids_of, found))
             for handle, p in zip(items, found, strict=True):
                 on = self._pools[_first_id(p) >> PAGE_BITS].device
