@@ -602,7 +602,7 @@ class BlockTable:
             for _, _, members in plans
         ]
         requests = [
-            (plan[1], _ONE_PAGE * len(m) if one_page else list(map(_count, m)))
+            (plan[1], _ONE_PAGE * len(m) if one_page else _counts(m))
             for plan, m in zip(plans, moved, strict=True)
         ]
         taken = self._take(requests)
@@ -778,7 +778,7 @@ class BlockTable:
             return cast("_Groups", blocks)  # every block has one page: its id
         groups: _Groups = []
         for number, group in blocks:
-            self._several -= sum(1 for p in group if not isinstance(p, int))
+            self._several -= len(group) - list(map(type, group)).count(int)
             groups.append((number, _flat(group)))
         return groups
 
@@ -881,7 +881,7 @@ class BlockTable:
         if not srcs:
             return []
         if self._several:
-            same = list(map(_count, srcs)) == list(map(_count, dsts))
+            same = _counts(srcs) == _counts(dsts)
             src_ids, dst_ids = _flat(srcs), _flat(dsts)
         else:  # every block has one page: its id
             same = True
@@ -1045,9 +1045,20 @@ def _local(pages: Pages) -> tuple[int, ...]:
     return tuple(p & _PAGE_MASK for p in ids)
 
 
+def _counts(pages: Sequence[Pages]) -> list[int]:
+    """The page count of each block."""
+    try:
+        return list(map(len, cast("Sequence[tuple[int, ...]]", pages)))
+    except TypeError:  # a one-page block among them: its page id
+        return list(map(_count, pages))
+
+
 def _flat(pages: Sequence[Pages]) -> list[int]:
     """The page ids of blocks, in order, as one list."""
-    return list(itertools.chain.from_iterable(map(_ids_of, pages)))
+    try:
+        return list(itertools.chain.from_iterable(cast("Sequence[tuple[int, ...]]", pages)))
+    except TypeError:  # a one-page block among them: its page id
+        return list(itertools.chain.from_iterable(map(_ids_of, pages)))
 
 
 def _ids(pages: list[Pages], one_page: bool) -> list[int]:
