@@ -90,6 +90,9 @@ class PageListStorage:
         free = self.free[pool.device]
         return lambda page: free.append(page - pool.base)
 
+    def free_ids(self, pool: Pool) -> list[int] | None:
+        return None  # its free lists hold page indices, not page ids
+
 
 def make_table(
     pages: int = 16, *, single_block: bool = False

@@ -383,3 +383,16 @@ def test_free_after_an_event_of_this_provider_only(p: Provider) -> None:
     assert counts(p)[0] == 1
     p.kv_blocks_free([b], after=p.current_stream().record_event())
     assert counts(p) == (0, 0)
+
+
+def test_a_refused_batch_free_leaves_the_free_list_and_the_blocks_as_they_were(p: Provider) -> None:
+    a, b, c = p.kv_blocks_alloc([4, 4, 4], "fp16")
+    p.kv_block_free(b)
+    free_list = list(p._pool.pools["cpu:0"].free)
+    for bad in ([a, b, c], [a, c, a], [a, "x", c], [c, a, KVBlock(a + 1)]):
+        with pytest.raises((BlockNotFoundError, InvalidArgumentError, InvalidBlockError)):
+            p.kv_blocks_free(bad)  # type: ignore[arg-type]  # deliberately a string once
+        assert p._pool.pools["cpu:0"].free == free_list, bad
+        assert [p.kv_block_info(x).pages for x in (a, c)] == [(0,), (2,)], bad
+    p.kv_blocks_free([c, a])
+    assert p._pool.pools["cpu:0"].free == [*free_list, 2, 0] and counts(p) == (0, 0)

@@ -195,6 +195,12 @@ class BlockStorage(Protocol):
         """The single-block path's release of one-page blocks of ``pool``."""
         ...
 
+    def free_ids(self, pool: Pool) -> list[int] | None:
+        """The free list of ``pool`` itself, where releasing pages is no more than appending
+        their ids to it: the usual batch free extends it in one call, and cuts off what it
+        added if the batch turns out invalid. None where a release does more."""
+        ...
+
 
 _Groups = list[tuple[int, list[int]]]
 """Page ids of retired blocks, by pool number: [(pool, page ids)]."""
@@ -276,6 +282,8 @@ class BlockTable:
             self._one_page = {first.dtype: take, first.dtype.value: take}
         self._gives: dict[int, Give] = {} if give is None else {0: give}
         """The single-block path's release, under pool 0's number."""
+        self._free_ids = cast("list[Pages] | None", storage.free_ids(first))
+        """Pool 0's free list, where the storage hands it out (it holds page ids only)."""
         self._takes = self._one_page
         """``_one_page``, or empty while the single-block path is held."""
         self._gives_now = self._gives
@@ -454,17 +462,24 @@ class BlockTable:
             if self._closed is not None:
                 self._check_open()
             live = self._live
-            popped: list[Pages] = []
+            # the usual free: one-page blocks of pool 0, nothing to wait for
+            usual = fence is None and not (self._elsewhere or self._several or self._in_flight)
+            onto = self._free_ids if usual else None
+            freed: list[Pages] = [] if onto is None else onto
+            mark = len(freed)
             try:
-                popped.extend(map(live.pop, items))
+                freed.extend(map(live.pop, items))
             except (KeyError, TypeError):  # put back what was taken; name the first bad item
-                live.update(zip(items, popped, strict=False))
+                live.update(zip(items, freed[mark:], strict=False))
+                del freed[mark:]
                 self._refuse(items, "kv_blocks_free")
-            if fence is None and not (self._elsewhere or self._several or self._in_flight):
-                if popped:  # the usual free: one-page blocks of pool 0, nothing to wait for
-                    self._storage.release(self._pools[0], cast("list[int]", popped))
+            if onto is not None:
+                return  # the page ids went straight onto the storage's free list
+            if usual:
+                if freed:
+                    self._storage.release(self._pools[0], cast("list[int]", freed))
                 return
-            self._release(self._groups(popped), [] if fence is None else [fence])
+            self._release(self._groups(freed), [] if fence is None else [fence])
 
     def grow(self, blocks: Sequence[KVBlock], num_tokens: Sequence[int]) -> list[KVBlock]:
         """Each block grown to hold ``num_tokens[i]`` tokens by appending pages, all or none.

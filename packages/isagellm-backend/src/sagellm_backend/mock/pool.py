@@ -209,6 +209,9 @@ class MockMemory:
     def giver(self, pool: Pool) -> Give:
         return self._pages(pool).give_one
 
+    def free_ids(self, pool: Pool) -> None:
+        return None  # a release stamps each page
+
     # Data, run as stream work; what it reads and writes is tagged with stamps taken when it
     # was issued.
 

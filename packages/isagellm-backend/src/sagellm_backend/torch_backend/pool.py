@@ -193,6 +193,9 @@ class KVPagePool:
     def giver(self, pool: Pool) -> Give:
         return self._pages(pool).free.append
 
+    def free_ids(self, pool: Pool) -> list[int]:
+        return self._pages(pool).free
+
     def _pages(self, pool: Pool) -> DevicePages:
         try:
             return self._numbered[pool.number]
