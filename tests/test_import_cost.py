@@ -53,3 +53,26 @@ def test_every_exported_name_resolves() -> None:
 
     for name in sagellm_backend.__all__:
         assert getattr(sagellm_backend, name) is not None, name
+
+
+def test_starting_the_mock_evaluates_no_annotation_strings() -> None:
+    """A NamedTuple or TypedDict declared under postponed annotations compiles each field's
+    string when the class is made (the first compile costs about 1 ms); the value types on the
+    path of ``get_backend("mock")`` are declared with evaluated annotations."""
+    code = (
+        "import builtins, json\n"
+        "compile_ = builtins.compile\n"
+        "evaluated = []\n"
+        "def counting(source, filename, mode, *args, **kwargs):\n"
+        "    if mode == 'eval':\n"
+        "        evaluated.append(source if isinstance(source, str) else repr(source))\n"
+        "    return compile_(source, filename, mode, *args, **kwargs)\n"
+        "builtins.compile = counting\n"
+        "from sagellm_backend import get_backend\n"
+        "get_backend('mock').close()\n"
+        "print(json.dumps(evaluated))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    assert json.loads(out) == []

@@ -58,8 +58,6 @@ C-level builtins: one dict operation per block validates it, and item types are 
 when a lookup fails.
 """
 
-from __future__ import annotations
-
 import itertools
 import operator
 import os

@@ -1,8 +1,6 @@
 """KV-cache value types: the layout every backend is configured with, block handles and where
 a block is."""
 
-from __future__ import annotations
-
 import math
 from typing import ClassVar, NamedTuple, NewType
 

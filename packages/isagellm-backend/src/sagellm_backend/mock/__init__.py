@@ -15,7 +15,8 @@ from __future__ import annotations
 from sagellm_backend.mock.collectives import MockWorld
 from sagellm_backend.mock.factory import create_mock_backend
 from sagellm_backend.mock.graph import MockGraph
-from sagellm_backend.mock.provider import MockBackendProvider, MockOptions, create_mock_world
+from sagellm_backend.mock.options import MockOptions
+from sagellm_backend.mock.provider import MockBackendProvider, create_mock_world
 from sagellm_backend.mock.streams import MockEvent, MockStream
 from sagellm_backend.mock.tensor import MockTensor
 

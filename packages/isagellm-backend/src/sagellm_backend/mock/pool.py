@@ -17,8 +17,6 @@ mock too. Device work that wrote a page after its block was freed leaves the nex
 reading as poison.
 """
 
-from __future__ import annotations
-
 import functools
 import itertools
 from collections import deque

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.blocks import BlockTable, Transfer
 from sagellm_backend.capability import CapabilityDescriptor
@@ -38,6 +38,7 @@ from sagellm_backend.kernels import (
 from sagellm_backend.kv import KVBlock, KVBlockInfo, KVLayout
 from sagellm_backend.mock.collectives import MockCommunicator, MockWorld
 from sagellm_backend.mock.graph import GraphCaptureContext, MockGraph
+from sagellm_backend.mock.options import MockOptions
 from sagellm_backend.mock.pool import MockMemory
 from sagellm_backend.mock.sampling import (
     SAMPLE_DTYPES,
@@ -526,39 +527,6 @@ class MockBackendProvider(Unique):
 
     def _reduce_op(self, op: object) -> ReduceOp:
         return self._capability.require_reduce_op(coerce(ReduceOp, op, "reduce op"))
-
-
-class MockOptions(TypedDict, total=False):
-    """Keyword options of MockBackendProvider that every rank of a world shares."""
-
-    supported_dtypes: Sequence[DType | str] | None
-    supported_kernels: Sequence[KernelKind | str] | None
-    has_collective: bool
-    has_graph_exec: bool
-    max_memory_mb: int
-    has_stream: bool
-    has_event: bool
-    has_kv_block_copy: bool
-    has_kv_block_migrate: bool
-    supported_collectives: Sequence[CollectiveOp | str]
-    supported_reduce_ops: Sequence[ReduceOp | str]
-    supported_ops: Sequence[str] | None
-    device_name: str | None
-    device_type: str
-    compute_capability: str | None
-    total_memory_bytes: int | None
-    available_memory_bytes: int | None
-    max_batch_size: int | None
-    max_sequence_length: int | None
-    extra: Mapping[str, str] | None
-    num_layers: int
-    num_kv_heads: int
-    head_size: int
-    tokens_per_block: int
-    num_devices: int
-    device_index: int
-    validate_collectives: bool
-    collective_timeout: float
 
 
 def create_mock_world(world_size: int, **options: Unpack[MockOptions]) -> list[MockBackendProvider]:
