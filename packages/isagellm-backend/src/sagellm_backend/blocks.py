@@ -58,6 +58,8 @@ C-level builtins: one dict operation per block validates it, and item types are 
 when a lookup fails.
 """
 
+# Annotations here are evaluated (no postponed annotations): a NamedTuple of annotation
+# strings compiles each one when the class is made, at every start-up.
 import itertools
 import operator
 import os

@@ -1,6 +1,8 @@
 """KV-cache value types: the layout every backend is configured with, block handles and where
 a block is."""
 
+# Annotations here are evaluated (no postponed annotations): a NamedTuple of annotation
+# strings compiles each one when the class is made, at every start-up.
 import math
 from typing import ClassVar, NamedTuple, NewType
 

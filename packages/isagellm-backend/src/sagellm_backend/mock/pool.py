@@ -17,6 +17,8 @@ mock too. Device work that wrote a page after its block was freed leaves the nex
 reading as poison.
 """
 
+# Annotations here are evaluated (no postponed annotations): a NamedTuple of annotation
+# strings compiles each one when the class is made, at every start-up.
 import functools
 import itertools
 from collections import deque
