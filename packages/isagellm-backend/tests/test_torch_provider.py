@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import random
+import sys
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -396,3 +399,71 @@ def test_a_refused_batch_free_leaves_the_free_list_and_the_blocks_as_they_were(p
         assert [p.kv_block_info(x).pages for x in (a, c)] == [(0,), (2,)], bad
     p.kv_blocks_free([c, a])
     assert p._pool.pools["cpu:0"].free == [*free_list, 2, 0] and counts(p) == (0, 0)
+
+
+def test_single_and_batch_frees_onto_the_pool_never_share_a_page_under_thread_switches() -> None:
+    """Six threads switch every microsecond while they mix the single-block calls, batches that
+    go straight onto the pool's free list and batches refused halfway (a stale handle): every
+    page is owned by one block at a time, and at the end every page is free exactly once."""
+    p: Provider = create_cpu_backend(num_blocks=512, host_num_blocks=8, **LAYOUT)
+    owner: dict[int, KVBlock] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def own(block: KVBlock) -> None:
+        (page,) = p.kv_block_info(block).pages
+        with lock:
+            holder = owner.setdefault(page, block)
+        assert holder == block, f"page {page} of {block:#x} is also {holder:#x}'s"
+
+    def disown(block: KVBlock) -> None:
+        (page,) = p.kv_block_info(block).pages
+        with lock:
+            del owner[page]
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        held: list[KVBlock] = []
+        stale: KVBlock | None = None
+        try:
+            for _ in range(300):
+                if rng.random() < 0.5:
+                    new = [p.kv_block_alloc(rng.choice([1, 4]), "fp16")]
+                else:
+                    new = p.kv_blocks_alloc([4] * rng.randint(1, 4), "fp16")
+                for block in new:
+                    own(block)
+                held += new
+                rng.shuffle(held)
+                while len(held) > 8:
+                    batch = [held.pop() for _ in range(rng.randint(1, 3))]
+                    if stale is not None and rng.random() < 0.3:
+                        with pytest.raises(BlockNotFoundError):
+                            p.kv_blocks_free([*batch, stale])
+                    for block in batch:
+                        disown(block)
+                    if len(batch) == 1 and rng.random() < 0.5:
+                        p.kv_block_free(batch[0])
+                    else:
+                        p.kv_blocks_free(batch)
+                    stale = batch[0]
+            for block in held:
+                disown(block)
+            p.kv_blocks_free(held)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert owner == {} and counts(p) == (0, 0)
+    assert sorted(p._pool.pools["cpu:0"].free) == list(range(512)), "every page free once"
+    p.close()
