@@ -882,8 +882,8 @@ class BlockTable:
         srcs = self._pages_of(read, "kv_blocks_copy", repeats=True)
         dsts = self._pages_of(written, "kv_blocks_copy", repeats=True)
         n = len(read)
-        targets = set(written)
-        if len(targets) != n or not targets.isdisjoint(read):
+        targets = set(dsts)  # a live block's pages are its own: distinct pages, distinct blocks
+        if len(targets) != n or not targets.isdisjoint(srcs):
             seen: set[int] = set()
             for handle in written:
                 if handle in seen or handle in read:
