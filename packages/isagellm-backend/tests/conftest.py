@@ -6,7 +6,10 @@ the totals are printed in a "reliability counts" section at the end of the run.
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,6 +26,9 @@ settings.register_profile(
 settings.load_profile("sagellm")
 
 RELIABILITY_COUNTS = pytest.StashKey["Counter[str]"]()
+
+SwitchingThreads = Callable[[Callable[[int], None], int], None]
+"""Runs ``worker(seed)`` for seeds ``0`` to ``n - 1``, each on a thread of its own."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,3 +50,23 @@ def pytest_terminal_summary(
     terminalreporter.section("reliability counts")
     for name, value in sorted(counts.items()):
         terminalreporter.write_line(f"{name}: {value}")
+
+
+@pytest.fixture
+def switching_threads() -> SwitchingThreads:
+    """Run ``worker(seed)`` on ``n`` threads at once while the interpreter switches threads every
+    microsecond, and wait for them (at most two minutes each)."""
+
+    def run(worker: Callable[[int], None], n: int) -> None:
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(n)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+        finally:
+            sys.setswitchinterval(interval)
+
+    return run

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pickle
 import random
-import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -699,7 +698,9 @@ def test_refused_growth_changes_nothing() -> None:
     assert table.info(h).num_pages == 20 and table.info(a).num_pages == 5
 
 
-def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches() -> None:
+def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches(
+    switching_threads: Callable[[Callable[[int], None], int], None],
+) -> None:
     """Threads switch every microsecond while they mix the single-block path (which takes the
     table's token without blocking) with batches (which queue for it): every page handed out is
     owned by one block at a time."""
@@ -739,16 +740,7 @@ def test_single_block_calls_and_batches_never_share_a_page_under_thread_switches
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        sys.setswitchinterval(interval)
+    switching_threads(worker, 6)
     assert not errors, errors[0]
     live = table.live_blocks()
     assert sum(len(b.pages) for b in live) == len(owner) == 4096 - len(storage.free["dev:0"])

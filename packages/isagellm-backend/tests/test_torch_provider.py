@@ -6,7 +6,6 @@ import copy
 import os
 import pickle
 import random
-import sys
 import threading
 import time
 from array import array
@@ -401,7 +400,9 @@ def test_a_refused_batch_free_leaves_the_free_list_and_the_blocks_as_they_were(p
     assert p._pool.pools["cpu:0"].free == [*free_list, 2, 0] and counts(p) == (0, 0)
 
 
-def test_single_and_batch_frees_onto_the_pool_never_share_a_page_under_thread_switches() -> None:
+def test_single_and_batch_frees_onto_the_pool_never_share_a_page_under_thread_switches(
+    switching_threads: Callable[[Callable[[int], None], int], None],
+) -> None:
     """Six threads switch every microsecond while they mix the single-block calls, batches that
     go straight onto the pool's free list and batches refused halfway (a stale handle): every
     page is owned by one block at a time, and at the end every page is free exactly once."""
@@ -453,16 +454,7 @@ def test_single_and_batch_frees_onto_the_pool_never_share_a_page_under_thread_sw
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    finally:
-        sys.setswitchinterval(interval)
+    switching_threads(worker, 6)
     assert not errors, errors[0]
     assert owner == {} and counts(p) == (0, 0)
     assert sorted(p._pool.pools["cpu:0"].free) == list(range(512)), "every page free once"
