@@ -392,10 +392,7 @@ class BlockTable:
         """Allocate one block per entry of ``num_tokens``, all or none, after the guard."""
         if self._holds or self._closed is not None:
             self._guard(operation)
-        try:
-            member = self._dtype_of[dtype]
-        except (KeyError, TypeError):  # another spelling, or not a dtype
-            member = self.check_dtype(dtype)
+        member = self.check_dtype(dtype)
         where = self._default_device if device is None else self.check_device(device)
         counts, distinct = _token_counts(num_tokens, "num_tokens")
         with self._mutex:
@@ -403,7 +400,7 @@ class BlockTable:
                 self._check_open()
             if not counts:
                 return []
-            pool = self._pool_of.get((where, member)) or self._pool(where, member)
+            pool = self._pool(where, member)
             tokens_per_page = self._tokens_per_page
             smallest, most = min(distinct), max(distinct)
             if smallest <= 0 or -(-most // tokens_per_page) > self._limits[pool.number]:
@@ -625,7 +622,7 @@ class BlockTable:
             Transfer(
                 source,
                 target_pool,
-                firsts if one_page and firsts and m is sources else _ids(m, one_page),
+                _ids(m, one_page),
                 _ids(given, one_page),
             )
             for (source, target_pool, _), m, given in zip(plans, moved, taken, strict=True)
@@ -1090,8 +1087,6 @@ def _firsts(pages: list[Pages], one_page: bool) -> list[int]:
 
 def _listed(blocks: Iterable[KVBlock], what: str) -> list[KVBlock]:
     """``blocks`` as a list; its items are checked where they are looked up."""
-    if blocks.__class__ is list:  # the usual argument
-        return list(blocks)
     if isinstance(blocks, int):
         raise InvalidArgumentError(
             f"{what} must be an iterable of KVBlock handles, got one int",

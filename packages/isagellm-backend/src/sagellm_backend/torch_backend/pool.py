@@ -164,10 +164,7 @@ class KVPagePool:
         device's (the table checks)."""
         if len(requests) == 1:  # the usual request: one pool
             pool, page_counts = requests[0]
-            pages = self._numbered.get(pool.number) or self._pages(pool)
-            total = len(page_counts)
-            if page_counts.count(1) != total:
-                total = sum(page_counts)
+            pages, total = self._pages(pool), total_pages(page_counts)
             if total > len(pages.free):  # the pages are numbered: every free one is listed
                 raise _exhausted(pool.device, total, pages)
             return [pages.take(page_counts, total)]
