@@ -439,6 +439,37 @@ def test_migrate_moves_to_a_device_retires_the_source_and_keeps_the_page_count()
 
 
 @pytest.mark.parametrize(
+    "sources",
+    [("host", "dev:1", "host", "dev:1"), ("host", "host"), ("dev:1", "dev:1")],
+    ids=["two pools", "the last pool", "a pool below the last"],
+)
+def test_a_migration_issues_one_transfer_per_source_pool(sources: tuple[str, ...]) -> None:
+    table, _ = make_table()
+    pools: dict[str, Pool] = {}
+    for device in ("dev:1", "host"):  # host's pool is numbered last
+        issued: list[list[Transfer]] = []
+        table.migrate(table.alloc([16], DType.FP16), device, issued.append)
+        pools[device] = issued[0][0].target
+    assert pools["dev:1"].number < pools["host"].number
+    blocks = [table.migrate(table.alloc([16], DType.FP16), d, no_work)[0] for d in sources]
+    ids = [pools[d].base + pages(table, b)[0] for d, b in zip(sources, blocks, strict=True)]
+    issued.clear()
+    moved = table.migrate(blocks, "dev:0", issued.append)
+    (transfers,) = issued
+    targets = [pages(table, m)[0] for m in moved]
+    assert transfers == [
+        Transfer(
+            pools[device],
+            DEV0,
+            [i for d, i in zip(sources, ids, strict=True) if d == device],
+            [t for d, t in zip(sources, targets, strict=True) if d == device],
+        )
+        for device in dict.fromkeys(sources)
+    ]
+    assert [table.info(m).device for m in moved] == ["dev:0"] * len(sources)
+
+
+@pytest.mark.parametrize(
     ("target", "match"),
     [
         ("dev:7", "unknown device"),

@@ -448,12 +448,12 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             return self.current_stream()
         return own_stream(self._adapter, stream)
 
-    def _move(self, transfers: list[Transfer]) -> None:
-        current = self._adapter.current_stream(self._index)
+    def _move(self, transfers: list[Transfer], stream: S) -> None:
+        """Queue ``transfers`` on ``stream``, this thread's current stream."""
         self._pool.move(
             transfers,
             non_blocking=self._adapter.pins_host_memory,
-            wait_for_host=lambda: self._adapter.stream_synchronize(current),
+            wait_for_host=lambda: self._adapter.stream_synchronize(stream),
         )
 
     # Kernels.
@@ -535,20 +535,20 @@ class _Work(Generic[S, E]):
         adapter = provider.adapter
         current = adapter.current_stream(provider.index)
         self._stream = None if stream is None else own_stream(adapter, stream)
-        raw = current if self._stream is None else self._stream.raw
-        self._current: S | None = None if raw is current or raw == current else current
+        self._raw = current if self._stream is None else self._stream.raw
+        self._current: S | None = None if self._raw is current or self._raw == current else current
         self.event: TorchEvent[S, E] | None = None
 
     def __call__(self, transfers: list[Transfer]) -> TorchEvent[S, E] | None:
         provider = self._provider
         if self._stream is None or self._current is None:  # on the current stream as it is
-            provider._move(transfers)
+            provider._move(transfers, self._raw)
             self.event = TorchEvent(provider.adapter, provider.index, enable_timing=True)
-            self.event.record()
+            self.event.record_raw(self._raw)
             return None
         provider.adapter.stream_wait_stream(self._stream.raw, self._current)
         with self._stream:
-            provider._move(transfers)
+            provider._move(transfers, self._raw)
         self.event = self._stream.record_event()
         return self.event
 

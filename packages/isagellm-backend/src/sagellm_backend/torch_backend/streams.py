@@ -106,12 +106,15 @@ class TorchEvent(Generic[S, E]):
         return self._enable_timing
 
     def record(self, stream: Stream | None = None) -> None:
-        raw = (
+        self.record_raw(
             self._adapter.current_stream(self._index)
             if stream is None
             else own_stream(self._adapter, stream).raw
         )
-        self._adapter.event_record(self.raw, raw)
+
+    def record_raw(self, stream: S) -> None:
+        """Record on ``stream``, a stream object of the device itself."""
+        self._adapter.event_record(self.raw, stream)
         self.recorded = True
 
     def query(self) -> bool:
