@@ -593,10 +593,8 @@ class BlockTable:
         groups: dict[int, Sequence[int]] = {}
         one_page = not self._several
         firsts = _firsts(sources, one_page) if self._elsewhere else None
-        low = 0 if firsts is None else min(firsts) >> PAGE_BITS
-        if firsts is None:
-            groups[0] = range(len(items))  # every block in pool 0
-        elif low == len(self._pools) - 1 or low == max(firsts) >> PAGE_BITS:
+        low = min(firsts) >> PAGE_BITS if firsts else 0
+        if firsts is None or low == len(self._pools) - 1 or low == max(firsts) >> PAGE_BITS:
             groups[low] = range(len(items))  # one pool: no pool above the lowest, or the same
         else:
             for i, first in enumerate(firsts):
