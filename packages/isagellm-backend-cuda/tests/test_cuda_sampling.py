@@ -156,6 +156,44 @@ def test_sample_ties_go_to_the_lowest_index() -> None:
     assert tokens == reference_sample(*(a.cpu() for a in args))
 
 
+# Under the interpreter, numpy warns where float32 arithmetic reaches -inf or NaN, as it must.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_extreme_logits_and_temperatures_draw_what_the_definition_draws() -> None:
+    """No overflow at tiny temperatures or near float32's limit, ``-inf`` masks a token, and a
+    row without a finite logit still gives an id in range."""
+    inf = math.inf
+    rows = [
+        ([100.0, 300.0, 200.0, 0.0], 1e-37),
+        ([-3e38, 3e38, 0.0, 1.0], 0.5),
+        ([3e38, 3e38, -3e38, 0.0], 1e-30),
+        ([-inf, 2.0, -inf, 1.0], 1.0),
+        ([-inf, -inf, 5.0, -inf], 1e-3),
+    ]
+    batch = 8 * len(rows)
+    logits = torch.tensor([row for row, _ in rows] * 8)
+    temperature = torch.tensor([t for _, t in rows] * 8)
+    args = (
+        logits,
+        temperature,
+        torch.zeros(batch, dtype=torch.int64),
+        torch.ones(batch),
+        torch.arange(batch, dtype=torch.int64) * 7919,
+    )
+    tokens = sample(*(a.to(DEVICE) for a in args)).tolist()
+    assert tokens == reference_sample(*args)
+    assert all(logits[i, t] > -inf for i, t in enumerate(tokens))
+    odd = torch.tensor([[math.nan, 3.0, 2.0], [1.0, inf, 2.0], [-inf] * 3, [math.nan] * 3])
+    for heat in (0.0, 1.0):
+        drawn = sample(
+            odd.to(DEVICE),
+            torch.full((4,), heat, device=DEVICE),
+            torch.zeros(4, dtype=torch.int64, device=DEVICE),
+            torch.ones(4, device=DEVICE),
+            torch.arange(4, dtype=torch.int64, device=DEVICE),
+        )
+        assert all(0 <= t < 3 for t in drawn.tolist()), drawn
+
+
 def test_sample_is_a_fixed_function_of_the_seed() -> None:
     g = torch.Generator().manual_seed(3)
     logits, temperature, top_k, top_p, seeds = _rows(g, 32, 30, torch.float32)

@@ -102,6 +102,8 @@ def test_bad_sizes_are_refused() -> None:
             run_benchmarks(provider, blocks=0)
         with pytest.raises(InvalidArgumentError):
             run_benchmarks(provider, batch=(4, 0))
+        with pytest.raises(InvalidArgumentError, match="startup must be"):
+            run_benchmarks(provider, blocks=4, repeats=1, startup=-1)
         with pytest.raises(InvalidArgumentError, match="smaller --batch-seqs"):
             run_benchmarks(provider, blocks=4, repeats=1, batch=(64, 128))
         assert provider.memory_stats().kv_blocks_in_use == 0

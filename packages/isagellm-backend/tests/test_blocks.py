@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import pickle
 import random
 import threading
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import pytest
 
@@ -159,6 +162,32 @@ def test_handles_of_two_tables_never_collide() -> None:
     assert {h >> HANDLE_BITS for h in mine} != {h >> HANDLE_BITS for h in theirs}
 
 
+def test_a_tag_comes_round_again_only_for_tables_that_no_longer_exist(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table, _ = make_table()
+    mine = table.alloc_one(16, DType.FP16)
+    tag = mine >> HANDLE_BITS
+    # Each new table is offered this table's tag first, then the next.
+    monkeypatch.setattr(block_table, "_tags", iter([tag, tag + 1, tag, tag + 1]))
+    gone, _ = make_table()
+    assert gone.alloc_one(16, DType.FP16) >> HANDLE_BITS == tag + 1
+    del gone
+    gc.collect()
+    other, _ = make_table()
+    theirs = other.alloc_one(16, DType.FP16)
+    assert theirs >> HANDLE_BITS == tag + 1, "the tag of a table that is gone is free again"
+    with pytest.raises(InvalidBlockError, match="another provider"):
+        other.free([mine])
+    assert other.live_blocks() == [other.info(theirs)]
+    monkeypatch.setattr(block_table, "_TAG_BITS", 1)  # two tags
+    monkeypatch.setattr(block_table, "_tags", itertools.count())
+    held = [make_table()[0], make_table()[0]]
+    with pytest.raises(ResourceExhaustedError, match="as many as there are tags"):
+        make_table()
+    assert len(held) == 2
+
+
 def test_handles_are_two_digit_ints_and_their_serial_numbers_run_out_cleanly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -204,11 +233,34 @@ def test_num_tokens_that_is_not_a_positive_int_is_refused(bad: object) -> None:
 
 
 def test_num_tokens_beyond_what_the_storage_could_ever_hold_is_invalid_not_exhausted() -> None:
-    table, _ = make_table(pages=4)
-    with pytest.raises(InvalidArgumentError, match="could ever hold") as info:
-        table.alloc([4 * 16 + 1], DType.FP16)
-    assert not isinstance(info.value, ResourceExhaustedError)
+    table, storage = make_table(pages=4)
+    before = state(table, storage)
+    block = table.alloc([16], DType.FP16)[0]
+    for huge in (4 * 16 + 1, 10**400, 2**80 + 1):
+        calls: list[Callable[[int], object]] = [
+            lambda n: table.alloc([n], DType.FP16),
+            lambda n: table.alloc([16, n], DType.FP16),
+            lambda n: table.alloc_one(n, DType.FP16),
+            lambda n: table.grow([block], [n]),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidArgumentError, match="could ever hold") as info:
+                call(huge)
+            assert not isinstance(info.value, ResourceExhaustedError)
+    table.free([block])
+    assert state(table, storage) == before
     assert table.info(table.alloc([4 * 16], DType.FP16)[0]).num_pages == 4
+
+
+def test_a_count_equal_to_an_int_of_the_batch_counts_as_it_in_either_order() -> None:
+    table, _ = make_table()
+    for counts in ([16, 16.0], [16.0, 16], [1, True], [True, 1], [40, 16.0, 16]):
+        blocks = table.alloc(counts, DType.FP16)  # type: ignore[arg-type]  # equal to ints
+        assert [table.info(b).num_pages for b in blocks] == [-(-int(n) // 16) for n in counts]
+        table.free(blocks)
+    for alone in ([16.0], [True], [16.0, 32.0], [16, 16.5]):
+        with pytest.raises(InvalidArgumentError, match="must be an int"):
+            table.alloc(alone, DType.FP16)  # type: ignore[arg-type]  # deliberately not ints
 
 
 def test_dtype_outside_capability_is_a_capability_error_as_enum_or_string() -> None:
@@ -301,6 +353,30 @@ def test_a_handle_that_is_not_an_int_is_an_invalid_argument(bad: object) -> None
     with pytest.raises(InvalidArgumentError, match="one int"):
         table.free(a)  # type: ignore[arg-type]  # deliberately one handle, not a list
     assert state(table, storage) == before
+
+
+def test_a_refused_batch_puts_back_blocks_it_named_by_an_equal_value_as_ints() -> None:
+    table, storage = make_table()
+    a, b = table.alloc([16, 16], DType.FP16)
+    table.free([b])
+    before = state(table, storage)
+    equal = Fraction(a)  # equal to the handle, and of the same hash
+    for call in (
+        lambda: table.free([equal, b]),  # type: ignore[list-item]  # deliberately not an int
+        lambda: table.migrate([equal, b], "host", no_work),  # type: ignore[list-item]
+    ):
+        with pytest.raises((BlockNotFoundError, InvalidArgumentError)):
+            call()
+        assert state(table, storage) == before
+        assert [type(i.block) for i in table.live_blocks()] == [int]
+        assert table.info(a).block == a
+
+    def failing(transfers: list[Transfer]) -> None:
+        raise RuntimeError("the device refused the copy")
+
+    with pytest.raises(RuntimeError, match="refused the copy"):
+        table.migrate([equal], "host", failing)  # type: ignore[list-item]
+    assert state(table, storage) == before and table.info(a).block == a
 
 
 def test_batch_free_is_all_or_nothing_and_refuses_duplicates() -> None:

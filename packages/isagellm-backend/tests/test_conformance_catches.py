@@ -19,6 +19,7 @@ from sagellm_backend import (
     DType,
     InvalidArgumentError,
     InvalidBlockError,
+    KernelKind,
     KernelSpec,
     KVBlock,
     KVBlockInfo,
@@ -353,6 +354,13 @@ class ForeignIsNotFound(MockBackendProvider):
             raise BlockNotFoundError(str(exc)) from exc
 
 
+class ListsKernelsWhenClosed(MockBackendProvider):
+    """Answers kernel lookups after close()."""
+
+    def list_kernels(self, kind: KernelKind | str | None = None) -> list[KernelSpec]:
+        return []
+
+
 @dataclass(frozen=True)
 class Fault:
     provider: type[MockBackendProvider]
@@ -395,6 +403,7 @@ FAULTS = [
     Fault(BatchGrowIsNotAtomic, "kv.exhaustion", "a batched grow that ran out of memory", {}),
     Fault(CoercesHandles, "inputs.handle_type", "not an int) is refused (kv_block_info)", {}),
     Fault(ForeignIsNotFound, "inputs.foreign_block", "foreign_block (kv_block_read)", {}),
+    Fault(ListsKernelsWhenClosed, "provider.close", "refuses kernel lookups", {}),
 ]
 
 

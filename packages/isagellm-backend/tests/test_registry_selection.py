@@ -327,6 +327,24 @@ def test_a_hanging_probe_is_bounded_by_the_timeout(monkeypatch: pytest.MonkeyPat
     assert registry.record("npu_hang").status is RecordStatus.BROKEN
 
 
+def test_a_probe_runs_once_isolated_and_its_output_is_kept(
+    registry: BackendRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    threads: list[str] = []
+
+    def noisy_probe() -> str | None:
+        threads.append(threading.current_thread().name)
+        print("probing the NPU")
+        return None
+
+    registry.register_backend("npu_noisy", mock_factory("npu_noisy", probe=noisy_probe))
+    registry.get_backend("npu_noisy").close()
+    registry.get_backend("npu_noisy").close()
+    assert threads == ["sagellm-probe-npu_noisy"], "probed once, on the isolated probe thread"
+    assert registry.record("npu_noisy").output == "probing the NPU\n"
+    assert "probing" not in capsys.readouterr().out
+
+
 def test_when_every_candidate_is_unavailable_each_reason_is_given(
     registry: BackendRegistry,
 ) -> None:
@@ -445,6 +463,20 @@ def test_a_plain_factory_receives_the_config_object_and_typed_options(
         registry.get_backend("npu_plain?colour=red")
     with pytest.raises(InvalidArgumentError, match="memory_mb"):
         registry.get_backend("npu_plain?memory_mb=big")
+
+
+def test_auto_moves_device_ids_into_the_config_of_the_backend_it_chooses(
+    isolated: BackendRegistry,
+) -> None:
+    seen: list[object] = []
+
+    def create_npu_backend(config: object = None, memory_mb: int = 64) -> MockBackendProvider:
+        seen.append(config)
+        return MockBackendProvider(max_memory_mb=memory_mb)
+
+    isolated.register_backend("npu_auto", create_npu_backend)
+    isolated.get_backend("auto", device_ids=[0, 1], memory_mb=16).close()
+    assert seen == [BackendConfig("npu_auto", None, (0, 1))]
 
 
 def test_device_ids_are_refused_clearly_by_a_single_device_backend(

@@ -22,6 +22,7 @@ from sagellm_backend import (
     KernelNotFoundError,
 )
 from sagellm_backend.kernels import KernelTable
+from sagellm_backend.mock.sampling import draw
 from sagellm_backend.ops import KERNEL_OPS
 from sagellm_backend.torch_backend.activations import silu_and_mul
 from sagellm_backend.torch_backend.attention import (
@@ -34,7 +35,7 @@ from sagellm_backend.torch_backend.kernels import register_reference_kernels
 from sagellm_backend.torch_backend.kv_write import kv_cache_write
 from sagellm_backend.torch_backend.norms import fused_add_rms_norm, rms_norm
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
-from sagellm_backend.torch_backend.references import uniform_reference
+from sagellm_backend.torch_backend.references import sample_reference, uniform_reference
 from sagellm_backend.torch_backend.rotary import rotary_cos_sin_cache, rotary_embedding
 from sagellm_backend.torch_backend.sampling import sample, uniform_noise
 
@@ -367,6 +368,36 @@ def test_sample_draws_from_the_distribution() -> None:
     temperature, top_k, top_p = (t[-50:] for t in plain)
     again = sample(logits[-50:], temperature, top_k, top_p, seeds[-50:])
     assert torch.equal(again, tokens[-50:])
+
+
+def test_sample_at_extremes_agrees_with_the_mock_and_the_float64_reference() -> None:
+    """Tiny temperatures and logits near float32's limit neither overflow nor lose the draw;
+    ``-inf`` masks a token; a row without a finite logit still gives an id in range."""
+    inf = math.inf
+    rows = [
+        ([100.0, 300.0, 200.0], 1e-37),
+        ([-3e38, 3e38, 0.0], 0.5),
+        ([3e38, 3e38, -3e38], 1e-30),
+        ([-inf, 2.0, -inf, 1.0], 1.0),
+        ([-inf, -inf, 5.0, -inf], 1e-3),
+    ]
+    for seed in range(40):
+        for row, temperature in rows:
+            args = (
+                torch.tensor([row]),
+                torch.tensor([temperature]),
+                torch.zeros(1, dtype=torch.int64),
+                torch.ones(1),
+                torch.tensor([seed]),
+            )
+            expected = int(sample_reference(*args)[0])
+            assert row[expected] > -inf
+            assert int(sample(*args)[0]) == expected, (row, temperature, seed)
+            assert draw(row, temperature, 0, 1.0, seed) == expected, (row, temperature, seed)
+    for row in ([math.nan, 3.0, 2.0], [1.0, inf, 2.0], [-inf] * 3):
+        odd = (torch.tensor([row]), torch.ones(1), torch.zeros(1).long(), torch.ones(1))
+        assert 0 <= int(sample(*odd, torch.tensor([7]))[0]) < 3
+        assert 0 <= draw(row, 1.0, 0, 1.0, 7) < 3
 
 
 def test_sample_refuses_bad_input() -> None:

@@ -315,8 +315,11 @@ def test_a_closed_provider_refuses_calls(p: Provider) -> None:
     p.close()
     with pytest.raises(BackendUnavailableError):
         p.kv_block_alloc(4, "fp16")
+    for lookup in (p.get_op, p.get_kernel, p.kernel_spec):
+        with pytest.raises(BackendUnavailableError):
+            lookup("rms_norm")
     with pytest.raises(BackendUnavailableError):
-        p.get_op("rms_norm")
+        p.list_kernels()
 
 
 def test_growth_appends_pages_in_place_without_copying(p: Provider) -> None:

@@ -541,6 +541,7 @@ def _sample_kernel(
             pivot_value = tl.load(row_logits + pivot, mask=moving, other=0.0).to(tl.float32)
             pivot_key = tl.where(moving, _order_key(pivot_value), pivot_key)
             rounds += 1
+    token = tl.where(token < VOCAB, token, 0)  # no maximum and no winner: a NaN row
     tl.store(out + row, token.to(tl.int64), mask=live)
 
 
@@ -559,6 +560,8 @@ def sample(
     restricted to the ``top_k[i]`` most likely tokens (0 or less, or ``vocab`` or more: all)
     and then to the smallest set of those whose probability reaches ``top_p[i]`` of theirs (1 or
     more: all; 0 or less: the most likely token). The draw is a fixed function of ``seeds[i]``.
+    A logit of ``-inf`` masks its token; a row with no finite logit, or with a NaN or ``+inf``,
+    draws some token id of the row's range, which one is not specified.
     """
     return _sample(logits, temperature, top_k, top_p, seeds)
 

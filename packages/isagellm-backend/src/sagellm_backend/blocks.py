@@ -10,8 +10,9 @@ the same errors:
   InvalidArgumentError; a dtype string that is unknown: InvalidArgumentError; a dtype the
   backend's KV blocks do not hold: CapabilityError.
 - A handle that is not an int: InvalidArgumentError (checked where the handle is looked up,
-  so a value equal to a live handle, such as a float of it, names that block; likewise a
-  token count equal to an int of the same batch counts as that int). A block that was freed
+  so a value equal to a live handle, such as a float of it, names that block; likewise, in
+  an allocation, a token count equal to an int of the same batch, in any order, counts as
+  that int). A block that was freed
   or migrated away (double free, use after free): BlockNotFoundError. Handles are never
   reused, so a stale handle can always be told apart from a live one.
 - A block of another provider (or a handle never given out): InvalidBlockError
@@ -24,11 +25,13 @@ Every batch is validated in full before anything changes, and the storage alloca
 batch or nothing, so a failed call leaves the table and the storage as they were.
 
 **Handles and pages.** A handle is an int below ``2**60`` (two 30-bit digits, so making,
-hashing and storing one is cheap): the table's tag (17 bits random per process, distinct per table
-within it, and a bit above them so that no handle is a small int) above :data:`HANDLE_BITS` bits
-of a serial number that only grows. A table gives out ``2**42 - 2`` handles; past them it refuses
-to allocate (ResourceExhaustedError). The table keeps one
-dict entry per live block, handle to page ids: one int for a block of one page, a tuple for a
+hashing and storing one is cheap): the table's tag (17 bits, and a bit above them so that no
+handle is a small int) above :data:`HANDLE_BITS` bits of a serial number that only grows. Tags
+are taken in turn from a random start per process, skipping those of tables that still exist,
+so no two tables of a process share one (a tag comes round again only after ``2**17`` tables;
+a process with that many alive is refused another). A table gives out ``2**42 - 2`` handles;
+past them it refuses to allocate (ResourceExhaustedError). The table keeps one dict entry per
+live block, handle to page ids: one int for a block of one page, a tuple for a
 block of several. A page id is ``pool << PAGE_BITS | page``: the index of the page in the tensor
 of its *pool*, the (device, dtype) pair the table numbered ``pool``. Pool 0 is the default
 device's first dtype, so its page ids are the page indices.
@@ -156,7 +159,10 @@ Issue = Callable[[list[Transfer]], Fence | None]
 else the event recorded after it on the other stream."""
 
 _tags = itertools.count(int.from_bytes(os.urandom(4), "little"))
-"""Table tags: random per process, distinct per table within it."""
+"""Table tags, in the order tried: from a random start per process."""
+_held_tags: set[int] = set()
+"""The tags of the tables of this process that still exist: no two share one."""
+_tags_lock = threading.Lock()
 _handle_range = cast("Callable[[int, int], Sequence[KVBlock]]", range)
 """``range``, typed as the handles it numbers."""
 _ONE_PAGE = b"\x01"
@@ -219,9 +225,13 @@ class BlockTable:
     ``guard(operation)`` raises where the provider refuses a host-side call (closed, or a graph
     capture in progress): allocations and frees run it while the table is held (:meth:`holding`
     holds it for a capture, and keeps the single-block calls off their fast path) or closed.
-    ``own_event`` returns the :class:`Fence` of an event passed as ``after``, refusing events of
-    other providers.
+    ``own_event`` returns the :class:`Fence` of an event passed as ``after``, refusing an event
+    the provider cannot wait for (on the mock, another provider's; on a torch backend, another
+    device's: providers of one device share its streams and events).
     """
+
+    _tag = 0
+    """The table's tag; 0 (no tag) until one is given."""
 
     def __init__(
         self,
@@ -236,6 +246,7 @@ class BlockTable:
         guard: Callable[[str], None],
         own_event: Callable[[object], Fence],
     ) -> None:
+        self._tag = _new_tag()  # first: __del__ gives it back
         if default_device not in devices:
             raise InvalidArgumentError(
                 f"default device {default_device!r} is not among the table's devices",
@@ -259,7 +270,6 @@ class BlockTable:
         self._several = 0
         """Live blocks of more than one page: while there are none, every block's pages are its
         page id."""
-        self._tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
         self._last = (self._tag + 1 << HANDLE_BITS) - 1
         """The handle after the last this table gives out."""
         self._handles = iter(_handle_range((self._tag << HANDLE_BITS) + 1, self._last))
@@ -292,6 +302,9 @@ class BlockTable:
         self._in_flight: list[Fence] = []
         self._pending: deque[_Pending] = deque()
         self._closed: str | None = None
+
+    def __del__(self) -> None:
+        _held_tags.discard(self._tag)  # the tag may be given to a later table
 
     @property
     def layout(self) -> KVLayout:
@@ -467,7 +480,7 @@ class BlockTable:
             try:
                 freed.extend(map(live.pop, items))
             except (KeyError, TypeError):  # put back what was taken; name the first bad item
-                live.update(zip(items, freed[mark:], strict=False))
+                live.update(zip(_as_handles(items[: len(freed) - mark]), freed[mark:], strict=True))
                 del freed[mark:]
                 self._refuse(items, "kv_blocks_free")
             if onto is not None:
@@ -561,13 +574,13 @@ class BlockTable:
             try:
                 sources.extend(map(live.pop, items))  # each a live block, named once
             except (KeyError, TypeError):  # put back what was taken; name the first bad item
-                live.update(zip(items, sources, strict=False))
+                live.update(zip(_as_handles(items[: len(sources)]), sources, strict=True))
                 self._refuse(items, "kv_blocks_migrate")
             try:
                 handles = self._new_handles(len(items))
                 plans, taken, event = self._move_out(items, sources, where, issue)
             except BaseException:
-                live.update(zip(items, sources, strict=True))
+                live.update(zip(_as_handles(items), sources, strict=True))
                 raise
             replaced = taken[0]  # one source pool: the replacements in the blocks' order
             if len(plans) > 1:
@@ -943,6 +956,20 @@ class BlockTable:
         return pages
 
 
+def _new_tag() -> int:
+    """A tag that no table of this process that still exists holds, now held."""
+    with _tags_lock:
+        for _ in range(1 << _TAG_BITS):
+            tag = next(_tags) & ((1 << _TAG_BITS) - 1) | 1 << _TAG_BITS
+            if tag not in _held_tags:
+                _held_tags.add(tag)
+                return tag
+    raise ResourceExhaustedError(
+        f"this process holds {1 << _TAG_BITS} KV block tables, as many as there are tags",
+        hint="close providers that are no longer used and drop every reference to them",
+    )
+
+
 class _Mutex:
     """A block table's lock, with a try-acquire cheap enough for one call per block.
 
@@ -1104,6 +1131,21 @@ def _check_types(items: Iterable[object], what: str) -> None:
             )
 
 
+def _as_handles(items: Sequence[KVBlock]) -> list[KVBlock]:
+    """The handles that ``items``, each equal to a handle, name: an item that is not an int
+    (such as a float of the handle) as that int, so that blocks put back keep their keys."""
+    handles = []
+    for item in items:
+        if item.__class__ is not int:
+            try:
+                if int(item) == item:
+                    item = KVBlock(int(item))
+            except (TypeError, ValueError, OverflowError):
+                pass  # equal to a handle, yet no int: kept as it is
+        handles.append(item)
+    return handles
+
+
 def _split_pairs(pairs: Iterable[tuple[KVBlock, KVBlock]]) -> tuple[list[KVBlock], list[KVBlock]]:
     """The sources and the destinations of (src, dst) pairs, else InvalidArgumentError (the
     handles themselves are checked where they are looked up)."""
@@ -1136,7 +1178,10 @@ def _token_counts(values: Sequence[int], what: str) -> tuple[list[int], set[int]
     except TypeError:  # an unhashable item
         distinct = set()
     if (not distinct and out) or not set(map(type, distinct)) <= {int}:
-        _int_list(out, what)  # names the item that is not an int
+        ints = {n for n in out if n.__class__ is int}  # the set kept the first of equal items
+        if not distinct or not all(n in ints for n in distinct):
+            _int_list(out, what)  # names the item that is not an int
+        distinct = ints
     return out, distinct
 
 

@@ -189,9 +189,18 @@ class BackendFactory(Generic[P]):
         return f"BackendFactory({self.kind!r})"
 
     def __call__(self, config: object = None, **options: object) -> P:
+        """A provider, after the probe: BackendUnavailableError where it gives a reason."""
+        return self._build(config, options, probe=True)
+
+    def create_probed(self, config: object = None, **options: object) -> P:
+        """A provider, without running the probe again: for a caller that has just probed (the
+        registry probes each backend once, isolated, and keeps the result)."""
+        return self._build(config, options, probe=False)
+
+    def _build(self, config: object, options: Mapping[str, object], *, probe: bool) -> P:
         selection = self.select_device(config)
         values = self.validate_options(options)
-        reason = self.unavailable_reason()
+        reason = self.unavailable_reason() if probe else None
         if reason is not None:
             raise BackendUnavailableError(
                 f"backend {self.kind!r} is unavailable: {reason}",

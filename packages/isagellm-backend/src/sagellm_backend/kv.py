@@ -3,7 +3,6 @@ a block is."""
 
 # Annotations here are evaluated (no postponed annotations): a NamedTuple of annotation
 # strings compiles each one when the class is made, at every start-up.
-import math
 from typing import ClassVar, NamedTuple, NewType
 
 from sagellm_backend.dtypes import DType, coerce
@@ -66,7 +65,7 @@ class KVLayout(Frozen):
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages a block of ``num_tokens`` tokens occupies: ceil(num_tokens / tokens_per_block)."""
-        return math.ceil(num_tokens / self.tokens_per_block)
+        return -(-num_tokens // self.tokens_per_block)  # exact for any int
 
 
 KVBlock = NewType("KVBlock", int)

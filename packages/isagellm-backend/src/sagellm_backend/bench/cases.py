@@ -155,6 +155,11 @@ def run_benchmarks(
                 f"{name} must be a positive int, got {value!r}",
                 hint="pass sizes and repeats of at least 1",
             )
+    if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
+        raise InvalidArgumentError(
+            f"startup must be an int of at least 0, got {startup!r}",
+            hint="pass how many fresh processes to time (--startup), or 0 to skip the case",
+        )
     say = progress or (lambda _: None)
     layout = provider.kv_layout
     dtype = provider.capability().kv_dtypes[0]

@@ -7,7 +7,9 @@ probabilities are ``softmax(logits / temperature)``, kept to the ``top_k`` most 
 whose probability sum reaches ``top_p`` (1: all; at least one token). The token drawn is the
 allowed ``j`` maximising ``p_j / -log(u_j)`` (an exponential race, the same as a Gumbel-max
 draw; ties to the lowest index), with ``u_j`` = :func:`uniform` ``(seeds[i], j)``: the noise
-every backend's ``sample`` uses, so all of them draw the same tokens from the same inputs.
+every backend's ``sample`` uses, so all of them draw the same tokens from the same inputs. A
+logit of ``-inf`` masks its token; a row with no finite logit, or with a NaN or ``+inf``, draws
+some token id of the row's range, which one is not specified.
 
 The draw is device work: it is queued on the current stream, and the returned tensor (fp32, as
 MockTensor has no int64; token ids below 2**24 are exact) holds the tokens once it has run.
@@ -60,12 +62,12 @@ def draw(row: Sequence[float], temperature: float, top_k: int, top_p: float, see
     vocab = len(row)
     if temperature == 0:
         return max(range(vocab), key=row.__getitem__)
-    scaled = [x / temperature for x in row]
+    peak = max(row)
+    scaled = [(x - peak) / temperature for x in row]  # at most 0: no overflow
     order = sorted(range(vocab), key=lambda j: (-scaled[j], j))
     if 0 < top_k < vocab:
         order = order[:top_k]
-    top = scaled[order[0]]
-    weights = [math.exp(scaled[j] - top) for j in order]
+    weights = [math.exp(scaled[j]) for j in order]
     total = math.fsum(weights)
     probs = [w / total for w in weights]
     if top_p < 1:
@@ -79,7 +81,7 @@ def draw(row: Sequence[float], temperature: float, top_k: int, top_p: float, see
         score = p / -math.log(uniform(seed, j))
         if score > best or (score == best and j < best_token):
             best, best_token = score, j
-    return best_token
+    return best_token if best_token >= 0 else order[0]  # no score: a NaN or +inf logit
 
 
 def sample(

@@ -42,4 +42,6 @@ class BackendProvider(
     def capability(self) -> CapabilityDescriptor: ...
 
     def close(self) -> None:
-        """Release the provider's device memory and process group; later calls are refused."""
+        """Release the provider's device memory and process group; later calls on the provider
+        are refused (BackendUnavailableError). The torch backends' streams and events are the
+        device's and stay usable; the mock's are refused too."""

@@ -246,10 +246,14 @@ class Plugin:
         return values
 
     def create(self, config: BackendConfig, options: Mapping[str, object]) -> BackendProvider[Any]:
-        """Call the factory as ``factory(config, **options)`` and check what it returns."""
+        """Call the factory as ``factory(config, **options)`` (a BackendFactory without its
+        probe, which :meth:`probe` ran) and check what it returns."""
         factory = self.load()
         try:
-            provider = factory(config, **options)
+            if isinstance(factory, BackendFactory):
+                provider = factory.create_probed(config, **options)
+            else:
+                provider = factory(config, **options)
         except BackendLoadError as exc:
             self._create_error = exc
             raise

@@ -325,9 +325,9 @@ class BackendRegistry:
                         plugin.label,
                     )
                     raise error
-            config = BackendConfig(plugin.target_kind)
+            config, merged = _config_for(plugin, Candidate(plugin.target_kind), options)
             with self._lock:
-                values = plugin.validate_options(options)
+                values = plugin.validate_options(merged)
             others = [
                 *passed,
                 *((p.kind, f"lower priority than {plugin.kind!r}") for p in usable[position + 1 :]),

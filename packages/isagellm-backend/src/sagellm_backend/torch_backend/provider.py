@@ -487,6 +487,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         )
 
     def get_kernel(self, name: str) -> Callable[..., Any]:
+        self._live()
         return self._kernels.get(name)
 
     def get_op(self, name: str) -> Any:
@@ -500,9 +501,11 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         return self._kernels.find_op(name, self._capability)
 
     def kernel_spec(self, name: str) -> KernelSpec:
+        self._live()
         return self._kernels.spec(name)
 
     def list_kernels(self, kind: KernelKind | str | None = None) -> list[KernelSpec]:
+        self._live()
         return self._kernels.list(kind)
 
     # Graphs.

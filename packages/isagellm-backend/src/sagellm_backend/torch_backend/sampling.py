@@ -15,6 +15,9 @@ which draws token ``j`` with probability ``p_j``), ties to the lowest index. The
 are the ``top_k`` most likely of ``softmax(logits / temperature)`` (0: all), then, of the
 distribution renormalised over those, the smallest set of most likely tokens whose probability
 reaches ``top_p`` (at least one). Ties in probability rank the lower index first.
+
+A logit of ``-inf`` masks its token. A row with no finite logit, or with a NaN or ``+inf``,
+draws some token id of the row's range, which one is not specified.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def sample(
         return best
     wide = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     heat = torch.where(greedy, torch.ones_like(temp), temp).to(wide.dtype)
-    probs = torch.softmax(wide / heat[:, None], dim=-1)
+    peak = wide.amax(dim=-1, keepdim=True)  # scaled after: no overflow at small temperatures
+    probs = torch.softmax((wide - peak) / heat[:, None], dim=-1)
     race = probs.to(torch.float64) / -torch.log(uniform_noise(rows, vocab))
     if any_filtered:
         race = torch.where(_allowed(probs, k, p), race, -1.0)

@@ -64,9 +64,13 @@ def _close(ctx: CheckContext[T]) -> None:
     dtype = first_kv_dtype(ctx)
     p.kv_block_alloc(1, dtype)
     p.close()
-    expect_refusal(
-        "a closed provider refuses allocation", BackendError, lambda: p.kv_block_alloc(1, dtype)
-    )
+    for what, call in (
+        ("allocation", lambda: p.kv_block_alloc(1, dtype)),
+        ("memory_stats", p.memory_stats),
+        ("kernel lookups", p.list_kernels),
+        ("new streams", p.create_stream),
+    ):
+        expect_refusal(f"a closed provider refuses {what}", BackendError, call)
 
 
 CHECKS = (
