@@ -335,6 +335,22 @@ def test_prefill_refuses_bad_arguments(change: dict[str, Any], message: str) -> 
         paged_attention_prefill(**args)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DecodeTiles(block_n=48),
+        lambda: DecodeTiles(block_n=0),
+        lambda: DecodeTiles(num_warps=3),
+        lambda: DecodeTiles(num_stages=0),
+        lambda: PrefillTiles(block_m=8),
+        lambda: PrefillTiles(block_n=True),
+    ],
+)
+def test_tiles_refuse_shapes_no_launch_can_take(make: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="Tiles"):
+        make()
+
+
 # Model-sized shapes, on the GPU only.
 
 

@@ -94,3 +94,18 @@ def test_copy_pages_refuses_mismatched_pools_and_indices() -> None:
             copy_pages(a, a, wrong)
     with pytest.raises(InvalidArgumentError, match="contiguous"):
         copy_pages(a.transpose(2, 3), a.transpose(2, 3), index)
+    with pytest.raises(InvalidArgumentError, match="pools differ"):
+        copy_pages(a, a[0, 0, 0, 0], index)
+    with pytest.raises(InvalidArgumentError, match="hold no pages"):
+        copy_pages(a[:, :0], a, index[:, :0])
+
+
+def test_copy_pages_reads_a_strided_index_as_its_values() -> None:
+    g = torch.Generator().manual_seed(3)
+    src, dst = _random_pool(g, 6, torch.float16), _random_pool(g, 6, torch.float16)
+    expected = dst.clone()
+    expected[:, 4], expected[:, 0] = src[:, 1], src[:, 3]
+    pages = torch.tensor([[1, 4], [3, 0]], dtype=torch.int32, device=DEVICE).t()  # 1->4, 3->0
+    assert not pages.is_contiguous()
+    copy_pages(src, dst, pages)
+    assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))

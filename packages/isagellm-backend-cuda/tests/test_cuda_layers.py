@@ -9,6 +9,7 @@ match the reference.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -123,6 +124,13 @@ def test_norms_refuse_bad_arguments() -> None:
     before = x.clone()
     with pytest.raises(InvalidArgumentError, match="weight"):
         fused_add_rms_norm(x, x.clone(), torch.ones(3, device=DEVICE))
+    for eps in (-1.0, math.inf, torch.tensor(1e-6), "1e-6"):
+        with pytest.raises(InvalidArgumentError, match="eps"):
+            rms_norm(x, torch.ones(8, device=DEVICE), eps)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="eps"):
+            fused_add_rms_norm(x, x.clone(), torch.ones(8, device=DEVICE), eps)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="residual must be a torch"):
+        fused_add_rms_norm(x, [1.0] * 8, torch.ones(8, device=DEVICE))  # type: ignore[arg-type]
     assert torch.equal(x, before), "a refused call changed its arguments"
 
 
@@ -201,6 +209,28 @@ def test_rotary_refuses_bad_arguments() -> None:
         rotary_embedding(positions.float(), q, k, cache)
     with pytest.raises(InvalidArgumentError, match="not contiguous"):
         rotary_embedding(positions, q.transpose(1, 2).contiguous().transpose(1, 2), k, cache)
+    with pytest.raises(InvalidArgumentError, match="is_neox must be a bool"):
+        rotary_embedding(positions, q, k, cache, is_neox="no")  # type: ignore[arg-type]
+    shared = torch.ones(1, 4, 64, device=DEVICE).expand(3, 4, 64)
+    with pytest.raises(InvalidArgumentError, match="query is written in place"):
+        rotary_embedding(positions, shared, k, cache)
+    with pytest.raises(InvalidArgumentError, match="key must be a torch"):
+        rotary_embedding(positions, q, None, cache)  # type: ignore[arg-type]
+    assert q.eq(1).all() and k.eq(1).all()
+
+
+def test_rotary_reads_strided_positions_as_their_values() -> None:
+    g = torch.Generator().manual_seed(5)
+    table = rotary_cos_sin_cache(64, 32, device=DEVICE)
+    q, k = randn(g, 4, 2, 32, dtype=torch.float32), randn(g, 4, 1, 32, dtype=torch.float32)
+    pairs = torch.tensor([[3, 0], [7, 0], [11, 0], [40, 0]], device=DEVICE)
+    positions = pairs[:, 0]
+    assert not positions.is_contiguous()
+    expected_q = rotary_f64(positions.cpu(), q.cpu(), table, True)
+    expected_k = rotary_f64(positions.cpu(), k.cpu(), table, True)
+    rotary_embedding(positions, q, k, table)
+    compare(q.cpu(), expected_q.float(), DType.FP32)
+    compare(k.cpu(), expected_k.float(), DType.FP32)
 
 
 # Gated activation.
@@ -220,9 +250,10 @@ def test_silu_and_mul_matches_float64(dtype: DType, shape: tuple[int, ...]) -> N
     compare(result.cpu(), expected.to(x.dtype), dtype)
 
 
-def test_silu_and_mul_refuses_odd_widths() -> None:
-    with pytest.raises(InvalidArgumentError, match="must be even"):
-        silu_and_mul(torch.ones(2, 7, device=DEVICE))
+def test_silu_and_mul_refuses_odd_and_empty_widths() -> None:
+    for width in (7, 0):
+        with pytest.raises(InvalidArgumentError, match="must be even"):
+            silu_and_mul(torch.ones(2, width, device=DEVICE))
 
 
 # KV slot write.
@@ -282,6 +313,19 @@ def test_kv_cache_write_refuses_bad_arguments() -> None:
     assert same_bits(cache, before)
     kv_cache_write(key[:0], key[:0], cache, slots[:0])
     assert same_bits(cache, before)
+    with pytest.raises(InvalidArgumentError, match="key must be a torch"):
+        kv_cache_write(None, key, cache, slots)  # type: ignore[arg-type]
+
+
+def test_kv_cache_write_reads_a_strided_slot_mapping_as_its_values() -> None:
+    cache = torch.full((2, 2, 16, 1, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+    key = torch.arange(3 * 64, dtype=torch.float16, device=DEVICE).view(3, 1, 64)
+    slots = torch.tensor([5, 100, 9, 101, 14, 102], device=DEVICE)[::2]  # 5, 9 and 14
+    assert not slots.is_contiguous()
+    kv_cache_write(key, -key, cache, slots)
+    for i, slot in enumerate((5, 9, 14)):
+        assert torch.equal(cache[0, 0, slot], key[i]) and torch.equal(cache[0, 1, slot], -key[i])
+    assert int(cache.isnan().sum()) == cache.numel() - 2 * 3 * 64, "only those slots written"
 
 
 # Registration.

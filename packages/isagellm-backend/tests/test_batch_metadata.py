@@ -11,6 +11,7 @@ import operator
 import pickle
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -259,6 +260,40 @@ def test_a_closed_provider_refuses_plans(backend: Any) -> None:
         md.plan([block], [3])
     with pytest.raises(BackendUnavailableError):
         backend.create_batch_metadata(2, 2, 2)
+
+
+def test_a_torch_provider_refuses_plans_during_a_capture() -> None:
+    pytest.importorskip("torch", reason="needs torch: pip install 'isagellm-backend[torch]'")
+    from sagellm_backend.factory import DeviceSelection
+    from sagellm_backend.protocols import Graph
+    from sagellm_backend.torch_backend.cpu import create_cpu_backend
+    from sagellm_backend.torch_backend.cpu_device import CPU
+    from sagellm_backend.torch_backend.provider import create_torch_provider
+
+    class Nothing:
+        def replay(self) -> None:
+            """Nothing was captured."""
+
+    class Captures:
+        """A device's graph capture that records nothing (the refusal is the provider's)."""
+
+        @contextmanager
+        def capture(self, stream: object) -> Iterator[Graph]:
+            yield Nothing()
+
+    options = create_cpu_backend.validate_options({"num_blocks": 16, **LAYOUT})
+    p = create_torch_provider(CPU, DeviceSelection(index=0), options, {}, graphs=Captures())
+    try:
+        md = p.create_batch_metadata(2, 4, 2)
+        block = p.kv_block_alloc(5, "fp16")
+        before = {name: getattr(md, name).clone() for name in FIELDS}
+        with p.capture_graph(), pytest.raises(GraphCaptureError, match=r"BatchMetadata\.plan"):
+            md.plan([block], [5])
+        assert all(getattr(md, name).equal(before[name]) for name in FIELDS)
+        md.plan([block], [5])
+        assert md.seq_lens.tolist()[:1] == [5]
+    finally:
+        p.close()
 
 
 def test_the_mock_uploads_on_the_stream() -> None:

@@ -268,6 +268,7 @@ def test_attention_refuses_bad_input_and_writes_nothing() -> None:
         ),
         ((query, cache, tables, lens[:1], 1.0), "rows"),
         ((query, cache, tables, lens, math.inf), "scale"),
+        ((query, cache[..., :0, :], tables, lens, 1.0), "0 KV heads"),
     ]
     for args, message in cases:
         with pytest.raises(InvalidArgumentError, match=message):
@@ -455,6 +456,8 @@ def test_rotary_refuses_bad_input_and_changes_nothing() -> None:
         ((torch.tensor([0, 1, 2]), query, key, rotary_cos_sin_cache(16, 10)), "cannot rotate"),
         ((torch.tensor([0, 1]), query, key, cache), "rows"),
         ((torch.tensor([0, 1, 2]), query, key.half(), cache), "cannot rotate"),
+        ((torch.tensor([0, 1, 2]), query, torch.ones(1, 1, 8).expand(3, 1, 8), cache), "expanded"),
+        ((torch.tensor([0, 1, 2]), query, query[:, :1], cache), "one address"),
     ):
         with pytest.raises(InvalidArgumentError, match=message):
             rotary_embedding(*args)
@@ -503,7 +506,9 @@ def test_norms_and_activation_refuse_bad_input_and_change_nothing() -> None:
         (lambda: rms_norm(x, torch.ones(3)), "weight has 3 features"),
         (lambda: rms_norm(x, w, -1.0), "eps must be at least"),
         (lambda: fused_add_rms_norm(x, residual.half(), w), "residual is"),
-        (lambda: fused_add_rms_norm(x, x, w), "same tensor"),
+        (lambda: fused_add_rms_norm(x, x, w), "shares memory"),
+        (lambda: fused_add_rms_norm(torch.ones(1, 4).expand(2, 4), residual, w), "expanded"),
+        (lambda: fused_add_rms_norm(x, torch.full((1, 4), 2.0).expand(2, 4), w), "expanded"),
         (lambda: fused_add_rms_norm(x, residual[:1], w), "residual is"),
         (lambda: silu_and_mul(torch.ones(2, 3)), "even"),
         (lambda: silu_and_mul(torch.ones(2, 4).long()), "floating"),
@@ -511,3 +516,8 @@ def test_norms_and_activation_refuse_bad_input_and_change_nothing() -> None:
         with pytest.raises(InvalidArgumentError, match=message):
             call()
         assert x.eq(1).all() and residual.eq(2).all()
+    shared = torch.arange(24.0).view(6, 4)
+    before = shared.clone()
+    with pytest.raises(InvalidArgumentError, match="shares memory"):
+        fused_add_rms_norm(shared[2:6], shared[0:4], w)  # overlapping views of one buffer
+    assert torch.equal(shared, before)

@@ -32,7 +32,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def require_dtype(
     op: str, name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...]
 ) -> None:
-    """``tensor``'s dtype is one of ``dtypes``."""
+    """``tensor`` is a tensor whose dtype is one of ``dtypes``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgumentError(
+            f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}",
+            hint=f"pass {name} as a tensor on the GPU",
+        )
     if tensor.dtype not in dtypes:
         accepted = ", ".join(dtype_name(d) for d in dtypes)
         raise InvalidArgumentError(

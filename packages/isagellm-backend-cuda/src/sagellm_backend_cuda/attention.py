@@ -63,6 +63,9 @@ class DecodeTiles:
     num_warps: int = 4
     num_stages: int = 4
 
+    def __post_init__(self) -> None:
+        _check_tiles(self, blocks=("block_n",))
+
 
 @dataclass(frozen=True)
 class PrefillTiles:
@@ -72,6 +75,28 @@ class PrefillTiles:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        _check_tiles(self, blocks=("block_m", "block_n"))
+
+
+def _check_tiles(tiles: DecodeTiles | PrefillTiles, *, blocks: tuple[str, ...]) -> None:
+    """Tile sizes of at least 16 and warps powers of 2, pipeline stages at least 1."""
+    for name in (*blocks, "num_warps", "num_stages"):
+        value = getattr(tiles, name)
+        least = 16 if name in blocks else 1
+        power = name != "num_stages"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < least
+            or (power and value & (value - 1))
+        ):
+            raise InvalidArgumentError(
+                f"{type(tiles).__name__}.{name} must be "
+                f"{'a power of 2' if power else 'an int'} of at least {least}, got {value!r}",
+                hint="pass tiles such as decode_tiles() or prefill_tiles() return",
+            )
 
 
 def decode_tiles(head_size: int, dtype: torch.dtype, *, split: bool) -> DecodeTiles:

@@ -62,6 +62,7 @@ class PageCopier:
         if (
             src.dtype != dst.dtype
             or src.dim() < 2
+            or src.dim() != dst.dim()
             or src.shape[0] != dst.shape[0]
             or src.shape[2:] != dst.shape[2:]
         ):
@@ -74,6 +75,11 @@ class PageCopier:
             raise InvalidArgumentError(
                 "page pools must be contiguous tensors",
                 hint="pass the pools kv_cache() returns, not a slice or view of them",
+            )
+        if not (src.shape[0] and src.shape[1] and dst.shape[1]):
+            raise InvalidArgumentError(
+                f"page pools {tuple(src.shape)} and {tuple(dst.shape)} hold no pages",
+                hint="copy between pools of at least one layer and one page",
             )
         page_bytes = src[0, 0].numel() * src.element_size()
         if page_bytes % 4:
@@ -105,7 +111,7 @@ class PageCopier:
         _copy_pages_kernel[(num_pairs * self._layers, self._parts)](
             self._src,
             self._dst,
-            pages,
+            pages.contiguous(),  # read as the source run, then the target run
             num_pairs,
             *self._strides,
             *bases,

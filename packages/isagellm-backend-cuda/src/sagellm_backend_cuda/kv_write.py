@@ -84,6 +84,8 @@ def kv_cache_write(
     op = "kv_cache_write"
     require_dtype(op, "kv_cache", kv_cache, FLOAT_DTYPES)
     require_dtype(op, "slot_mapping", slot_mapping, INDEX_DTYPES)
+    require_dtype(op, "key", key, FLOAT_DTYPES)
+    require_dtype(op, "value", value, FLOAT_DTYPES)
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
         raise InvalidArgumentError(
             f"{op}: kv_cache has shape {list(kv_cache.shape)}, expected "
@@ -125,7 +127,7 @@ def kv_cache_write(
         value.stride(0),
         value.stride(1),
         kv_cache,
-        slot_mapping,
+        slot_mapping.contiguous(),  # read as one run of slots
         n,
         num_pages * tokens_per_block,
         HEADS=kv_heads,

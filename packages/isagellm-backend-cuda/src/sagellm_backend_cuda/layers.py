@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.torch_backend.arguments import number_arg, written_arg
 from sagellm_backend_cuda.arguments import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -80,7 +81,8 @@ def _rms_norm_kernel(
     tl.store(out + row * out_stride + column, result.to(out.dtype.element_ty), mask=mask)
 
 
-def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor) -> int:
+def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor, eps: object) -> int:
+    number_arg(op, "eps", eps, minimum=0.0)
     require_dtype(op, "x", x, FLOAT_DTYPES)
     require_dtype(op, "weight", weight, FLOAT_DTYPES)
     if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -134,7 +136,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     ``x[..., hidden]`` and ``weight[hidden]`` on one device; the result is a new tensor in
     ``x``'s dtype.
     """
-    hidden = _check_norm("rms_norm", x, weight)
+    hidden = _check_norm("rms_norm", x, weight, eps)
     require_same_device("rms_norm", x=x, weight=weight)
     rows = x.reshape(-1, hidden)
     if hidden > 1 and rows.stride(1) != 1:
@@ -153,7 +155,8 @@ def fused_add_rms_norm(
     the residual as stored (rounded to its dtype). Returns ``(x, residual)``.
     """
     op = "fused_add_rms_norm"
-    _check_norm(op, x, weight)
+    _check_norm(op, x, weight, eps)
+    require_dtype(op, "residual", residual, FLOAT_DTYPES)
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise InvalidArgumentError(
             f"{op}: residual is {list(residual.shape)} {dtype_name(residual.dtype)}, x is "
@@ -296,6 +299,7 @@ def rotary_embedding(
     """
     op = "rotary_embedding"
     require_dtype(op, "positions", positions, INDEX_DTYPES)
+    require_dtype(op, "key", key, FLOAT_DTYPES)
     require_dtype(op, "query", query, FLOAT_DTYPES)
     require_dtype(op, "cos_sin_cache", cos_sin_cache, FLOAT_DTYPES)
     if query.dim() != 3:
@@ -330,6 +334,12 @@ def rotary_embedding(
                 f"{op}: {name}'s last dimension is not contiguous",
                 hint=f"pass {name}.contiguous()",
             )
+    if not isinstance(is_neox, bool):
+        raise InvalidArgumentError(
+            f"{op}: is_neox must be a bool, got {is_neox!r}", hint="pass is_neox=True or False"
+        )
+    written_arg(op, "query", query)
+    written_arg(op, "key", key)
     if n == 0:
         return query, key
     half = rotary_dim // 2
@@ -338,7 +348,7 @@ def rotary_embedding(
     per_token = (query_heads_p2 + key_heads_p2) * triton.next_power_of_2(half)
     tokens = min(_power_of_2_at_most(_TILE // per_token), triton.next_power_of_2(n))
     _rotary_kernel[(triton.cdiv(n, tokens),)](
-        positions,
+        positions.contiguous(),  # read as one run of positions
         query,
         query.stride(0),
         query.stride(1),
@@ -355,7 +365,7 @@ def rotary_embedding(
         KEY_HEADS_P2=key_heads_p2,
         HALF=half,
         HALF_P2=triton.next_power_of_2(half),
-        NEOX=bool(is_neox),
+        NEOX=is_neox,
         TOKENS=tokens,
         num_warps=_warps(tokens * per_token),
     )
@@ -380,7 +390,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x[..., 2 * d]``, in fp32, as a new tensor."""
     op = "silu_and_mul"
     require_dtype(op, "x", x, FLOAT_DTYPES)
-    if x.dim() == 0 or x.shape[-1] % 2:
+    if x.dim() == 0 or x.shape[-1] % 2 or not x.shape[-1]:
         raise InvalidArgumentError(
             f"{op}: x has shape {list(x.shape)}; its last dimension must be even ([gate, up])",
             hint="pass the fused gate/up projection's output",

@@ -9,7 +9,7 @@ import torch
 
 from sagellm_backend.errors import InvalidArgumentError
 
-__all__ = ["cache_arg", "fail", "number_arg", "same_device", "tensor_arg"]
+__all__ = ["cache_arg", "fail", "number_arg", "same_device", "tensor_arg", "written_arg"]
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDICES = (torch.int32, torch.int64)
@@ -87,3 +87,37 @@ def number_arg(op: str, name: str, value: object, *, minimum: float | None = Non
     if minimum is not None and value < minimum:
         fail(op, f"{name} must be at least {minimum}, got {value!r}", f"pass {name} >= {minimum}")
     return float(value)
+
+
+def written_arg(op: str, name: str, tensor: torch.Tensor, *others: torch.Tensor) -> None:
+    """Refuse ``tensor``, which ``op`` writes in place, where its elements share memory (an
+    expanded view) or it shares memory with ``others``."""
+    strides = tensor.stride()
+    if 0 in strides and any(
+        size > 1 and not stride for size, stride in zip(tensor.shape, strides, strict=True)
+    ):
+        fail(
+            op,
+            f"{name} is written in place, but elements of it share memory (strides {strides})",
+            f"pass a tensor of its own for {name} (.clone()), not an expanded view",
+        )
+    for other in others:
+        if other.numel() and tensor.numel() and _spans_meet(tensor, other):
+            fail(
+                op,
+                f"{name} is written in place and shares memory with another argument",
+                f"pass {name} as a tensor of its own",
+            )
+
+
+def _spans_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ``a`` and ``b`` span, first byte to last, overlaps."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

@@ -146,7 +146,7 @@ def _cache_for(op: str, kv_cache: object, query: torch.Tensor) -> torch.Tensor:
     if cache.dtype != query.dtype:
         fail(op, f"the query is {query.dtype}, the cache {cache.dtype}", "cast the query")
     heads, kv_heads = query.shape[1], cache.shape[3]
-    if heads % kv_heads:
+    if not kv_heads or heads % kv_heads:
         fail(
             op,
             f"{heads} query heads are not a multiple of the cache's {kv_heads} KV heads",

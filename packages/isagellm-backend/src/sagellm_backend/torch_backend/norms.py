@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from sagellm_backend.torch_backend.arguments import fail, number_arg, same_device, tensor_arg
+from sagellm_backend.torch_backend.arguments import (
+    fail,
+    number_arg,
+    same_device,
+    tensor_arg,
+    written_arg,
+)
 
 __all__ = ["fused_add_rms_norm", "rms_norm"]
 
@@ -30,8 +36,8 @@ def fused_add_rms_norm(
             f"residual is {tuple(res.shape)} {res.dtype}, x {tuple(rows.shape)} {rows.dtype}",
             "pass the residual stream shaped and typed like x",
         )
-    if res is rows:
-        fail(op, "x and residual are the same tensor", "pass the residual as its own tensor")
+    written_arg(op, "residual", res, rows)
+    written_arg(op, "x", rows)
     res.add_(rows)
     rows.copy_(_normed(res, w, epsilon))
     return x, residual

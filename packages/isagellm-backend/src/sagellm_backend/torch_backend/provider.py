@@ -440,7 +440,7 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             max_seqs=max_seqs,
             max_tokens=max_tokens,
             max_pages_per_seq=max_pages_per_seq,
-            check=lambda pages: self._live(),
+            check=self._live,
         )
 
     def _stream(self, stream: Stream | None) -> TorchStream[S, E]:

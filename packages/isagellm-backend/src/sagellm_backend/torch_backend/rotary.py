@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 
 from sagellm_backend.dtypes import DType, coerce
-from sagellm_backend.torch_backend.arguments import fail, number_arg, same_device, tensor_arg
+from sagellm_backend.torch_backend.arguments import (
+    fail,
+    number_arg,
+    same_device,
+    tensor_arg,
+    written_arg,
+)
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
 
 __all__ = ["CosSinCache", "rotary_cos_sin_cache", "rotary_embedding"]
@@ -78,6 +84,10 @@ def rotary_embedding(
     same_device(op, q, positions=pos, key=k, cos_sin_cache=table)
     if not isinstance(is_neox, bool):
         fail(op, f"is_neox must be a bool, got {is_neox!r}", "pass is_neox=True or False")
+    written_arg(op, "query", q)
+    written_arg(op, "key", k)
+    if q.numel() and q.data_ptr() == k.data_ptr():
+        fail(op, "query and key start at one address", "pass query and key as separate views")
     rotary = table.shape[1]
     if rotary % 2 or rotary > min(q.shape[2], k.shape[2]) or q.dtype != k.dtype:
         fail(
