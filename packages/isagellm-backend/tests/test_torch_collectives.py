@@ -123,3 +123,34 @@ def test_huge_timeouts_are_capped_and_bad_ones_refused_without_writing() -> None
             for bad in ("'5'", "inf", "-inf", "nan", "-1.0", "0", "True")
         }
         assert got["barrier"] == "invalid_argument"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gloo_gaps_are_refused_nan_propagates_and_barriers_are_checked(world_size: int) -> None:
+    n = world_size
+    for r, got in enumerate(launch(n, "edges")):
+        assert got["refused"] == {
+            "int16": "comm_backend_not_supported",
+            "uint32": "comm_backend_not_supported",
+            "conj": "invalid_argument",
+            "complex_max": "comm_backend_not_supported",
+        }
+        assert got["complex_sum"] == str([complex(n, 2 * n)])
+        # Row 0 of rank q holds NaN at q when q == 0 only; the diagonal holds NaN at q.
+        for op in ("max", "min"):
+            pick = max if op == "max" else min
+            expected = ["nan"] + [str(float(pick(j for _ in range(n)))) for j in range(1, n)]
+            assert got[op] == expected, op
+            assert got[f"{op}_scatter"] == ["nan"], op
+        assert got["barrier_mismatch"] == "comm_rank_mismatch"
+        assert got["deep_mismatch"] == "comm_rank_mismatch"
+        assert got["after"] == [float(n)], f"rank {r}: the group stays usable"
+
+
+@pytest.mark.slow
+def test_a_per_call_timeout_longer_than_collective_timeout_is_waited_for() -> None:
+    rank0, rank1 = launch(2, "long_wait")
+    assert rank0["result"] == rank1["result"] == [2.0, 2.0]
+    waited = rank0["waited"]
+    assert isinstance(waited, float) and waited > 1.5, "past collective_timeout (1 s)"

@@ -93,6 +93,41 @@ def timeouts(p: Provider) -> dict[str, object]:
     return out
 
 
+def edges(p: Provider) -> dict[str, object]:
+    """Refusals gloo needs, NaN in min and max, barrier and deep shapes checked across ranks."""
+    r, n = p.rank, p.world_size
+    out: dict[str, object] = {"rank": r}
+    out["refused"] = {
+        "int16": refusal(lambda: p.all_reduce(torch.ones(2, dtype=torch.int16))),
+        "uint32": refusal(lambda: p.all_gather(torch.ones(2, dtype=torch.uint32))),
+        "conj": refusal(lambda: p.all_reduce(torch.ones(2, dtype=torch.complex64).conj())),
+        "complex_max": refusal(lambda: p.all_reduce(torch.ones(2, dtype=torch.complex64), "max")),
+    }
+    out["complex_sum"] = str(p.all_reduce(torch.full((1,), 1 + 2j)).tolist())
+    rows = torch.arange(n * n, dtype=torch.float32).view(n, n)
+    rows[r, r] = float("nan")  # rank r's NaN is at position r
+    for op in ("max", "min"):
+        out[op] = [str(v) for v in p.all_reduce(rows[0].clone(), op).tolist()]
+        diagonal = rows.diagonal().clone()
+        out[f"{op}_scatter"] = [str(v) for v in p.reduce_scatter(diagonal, op).tolist()]
+    out["barrier_mismatch"] = refusal(
+        lambda: p.barrier() if r == 0 else p.all_reduce(torch.ones(3))
+    )
+    deep = (1,) * 8 + ((2, 3) if r == 0 else (3, 2))
+    out["deep_mismatch"] = refusal(lambda: p.all_reduce(torch.ones(deep)))
+    out["after"] = p.all_reduce(torch.ones(1)).tolist()
+    return out
+
+
+def long_wait(p: Provider) -> dict[str, object]:
+    """A per-call timeout longer than collective_timeout (1 s) is waited for in full."""
+    if p.rank == 1:
+        time.sleep(2.5)
+    start = time.monotonic()
+    result = p.all_reduce(torch.ones(2), timeout=20.0).tolist()
+    return {"rank": p.rank, "result": result, "waited": time.monotonic() - start}
+
+
 def main() -> None:
     scenario = sys.argv[1]
     if "--explicit" in sys.argv:
@@ -105,8 +140,16 @@ def main() -> None:
             host_num_blocks=8,
         )
     else:
-        p = create_cpu_backend(num_blocks=8, host_num_blocks=8, collective_timeout=30.0)
-    result = {"ops": ops, "timeout": timeout, "timeouts": timeouts}[scenario](p)
+        seconds = 1.0 if scenario == "long_wait" else 30.0
+        p = create_cpu_backend(num_blocks=8, host_num_blocks=8, collective_timeout=seconds)
+    scenarios = {
+        "ops": ops,
+        "timeout": timeout,
+        "timeouts": timeouts,
+        "edges": edges,
+        "long_wait": long_wait,
+    }
+    result = scenarios[scenario](p)
     print(json.dumps(result), flush=True)
     if scenario == "timeout":
         os._exit(0)  # the stuck all_reduce cannot be cancelled; do not wait for it at exit

@@ -9,9 +9,13 @@ Every op is issued asynchronously and waited for with its timeout. An op that ti
 be cancelled, so the group is marked broken: later ops raise CommGroupBrokenError, and closing
 does not destroy it (that would wait for the stuck op); restart the process to get a new one.
 Timeouts are checked and capped by :func:`sagellm_backend.timeouts.check_timeout` before
-anything is sent, so a refused timeout changes nothing.
-With ``validate=True`` every op first gathers a small signature (op, reduce op, dtype, shape,
-peer) from every rank and refuses a mismatch on all of them with CommRankMismatchError.
+anything is sent, so a refused timeout changes nothing. A group this module creates on gloo has
+the cap as its own timeout, so each op's wait decides; on a backend whose group timeout bounds
+every op (NCCL's watchdog), a per-call timeout above ``collective_timeout`` is refused.
+With ``validate=True`` every op, barrier and send/recv included, first exchanges a small
+signature (op, reduce op, dtype, shape, peer) between the ranks and refuses a mismatch on all of
+them with CommRankMismatchError. Without it nothing is compared: a recv of another shape or
+dtype than its send gets whatever bytes arrive.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from sagellm_backend.errors import (
     CommGroupBrokenError,
     CommRankMismatchError,
     CommTimeoutError,
+    ErrorCode,
     InvalidArgumentError,
 )
-from sagellm_backend.timeouts import check_timeout
+from sagellm_backend.timeouts import MAX_TIMEOUT_S, check_timeout
 
 __all__ = ["GLOO", "CommSpec", "ProcessGroup", "WorldConfig"]
 
@@ -84,6 +89,11 @@ class CommSpec:
     collectives: tuple[CollectiveOp, ...] = PROTOCOL_COLLECTIVES
     binds_device: bool = False
     """Whether the group is bound to this process's device at init (NCCL: ``device_id``)."""
+    waits_per_op: bool = False
+    """Whether an op's own wait enforces its timeout, so that a group made here gets the cap as
+    its timeout (gloo); otherwise ``collective_timeout`` bounds every op."""
+    minmax_skips_nan: bool = False
+    """Whether min and max skip a NaN (gloo), so that the result's NaNs are restored after."""
 
     def check(self, op: CollectiveOp, tensor: torch.Tensor, reduce: ReduceOp | None) -> None:
         """Raise CommBackendNotSupportedError if this backend cannot run ``op`` on ``tensor``."""
@@ -104,6 +114,11 @@ class CommSpec:
                 f"{self.backend} cannot reduce with {reduce.value}",
                 hint=f"use one of {', '.join(o.value for o in sorted(self.reduce_ops))}",
             )
+        if tensor.dtype.is_complex and reduce in _UNORDERED:
+            raise CommBackendNotSupportedError(
+                f"{reduce.value} has no meaning for complex tensors ({tensor.dtype})",
+                hint="reduce the real and imaginary parts (torch.view_as_real) yourself",
+            )
         floating = tensor.dtype.is_floating_point or tensor.dtype.is_complex
         if reduce in self.int_only_ops and floating:
             raise CommBackendNotSupportedError(
@@ -118,16 +133,31 @@ class CommSpec:
             )
 
 
+_UNORDERED = frozenset({ReduceOp.MIN, ReduceOp.MAX, ReduceOp.PROD})
+"""Reductions torch.distributed refuses on complex tensors."""
+
 GLOO = CommSpec(
     backend="gloo",
     reduce_ops=frozenset(ReduceOp),
     float_only_ops=frozenset({ReduceOp.AVG}),
     int_only_ops=frozenset({ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR}),
     unsupported_dtypes=frozenset(
-        {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+        {
+            torch.int16,
+            torch.uint16,
+            torch.uint32,
+            torch.uint64,
+            torch.float8_e4m3fn,
+            torch.float8_e5m2,
+            torch.float8_e4m3fnuz,
+            torch.float8_e5m2fnuz,
+        }
     ),
+    waits_per_op=True,
+    minmax_skips_nan=True,
 )
-"""gloo (CPU tensors): every ReduceOp, bitwise on integers only, avg on floating point only."""
+"""gloo (CPU tensors): every ReduceOp, bitwise on integers only, avg on floating point only;
+no int16 or unsigned dtype wider than uint8."""
 
 
 @dataclass(frozen=True)
@@ -256,11 +286,14 @@ class ProcessGroup:
         reduce = coerce(ReduceOp, op, "reduce op")
         seconds = self._prepare(CollectiveOp.ALL_REDUCE, tensor, reduce, timeout)
         torch_op = _TORCH_OPS[reduce]
+        nan = self._nan_mask(tensor, reduce)
         self._run(
             CollectiveOp.ALL_REDUCE,
             lambda: dist.all_reduce(tensor, op=torch_op, async_op=True),
             seconds,
         )
+        if nan is not None:
+            self._restore_nan(CollectiveOp.ALL_REDUCE, tensor, nan, seconds)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, timeout: float | None) -> torch.Tensor:
@@ -287,11 +320,14 @@ class ProcessGroup:
         seconds = self._prepare(CollectiveOp.REDUCE_SCATTER, tensor, reduce, timeout)
         out = tensor.new_empty((tensor.shape[0] // self._world_size, *tensor.shape[1:]))
         torch_op = _TORCH_OPS[reduce]
+        nan = self._nan_mask(tensor, reduce)
         self._run(
             CollectiveOp.REDUCE_SCATTER,
             lambda: _reduce_scatter_single(out, tensor, op=torch_op, async_op=True),
             seconds,
         )
+        if nan is not None:
+            self._restore_nan(CollectiveOp.REDUCE_SCATTER, out, nan, seconds)
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int, timeout: float | None) -> torch.Tensor:
@@ -316,8 +352,34 @@ class ProcessGroup:
         return tensor
 
     def barrier(self, timeout: float | None) -> None:
-        seconds = self._check_usable(CollectiveOp.BARRIER, timeout)
+        seconds = self._prepare(CollectiveOp.BARRIER, None, None, timeout)
         self._run(CollectiveOp.BARRIER, lambda: dist.barrier(async_op=True), seconds)
+
+    def _nan_mask(self, tensor: torch.Tensor, reduce: ReduceOp) -> torch.Tensor | None:
+        """Where ``tensor`` is NaN, as uint8, for a min or max that would skip it; else None."""
+        if (
+            self._spec.minmax_skips_nan
+            and reduce in (ReduceOp.MIN, ReduceOp.MAX)
+            and tensor.dtype.is_floating_point
+        ):
+            return tensor.isnan().to(torch.uint8)
+        return None
+
+    def _restore_nan(
+        self, op: CollectiveOp, result: torch.Tensor, nan: torch.Tensor, seconds: float
+    ) -> None:
+        """Make ``result`` NaN wherever a rank's input was (torch's min and max propagate it):
+        the inputs' NaN masks, reduced as ``op`` reduced the inputs, with max."""
+        anywhere = nan if op is CollectiveOp.ALL_REDUCE else nan.new_empty(result.shape)
+
+        def issue() -> dist.Work | None:
+            if op is CollectiveOp.REDUCE_SCATTER:
+                return _reduce_scatter_single(anywhere, nan, op=dist.ReduceOp.MAX, async_op=True)
+            work: dist.Work | None = dist.all_reduce(anywhere, dist.ReduceOp.MAX, async_op=True)
+            return work
+
+        self._run(op, issue, seconds)
+        result.masked_fill_(anywhere.bool(), float("nan"))
 
     # Checks.
 
@@ -332,7 +394,16 @@ class ProcessGroup:
                 f"the process group is unusable: {_Lease.broken}",
                 hint="restart the process to create a new group",
             )
-        return self._timeout if timeout is None else check_timeout(timeout)
+        if timeout is None:
+            return self._timeout
+        seconds = check_timeout(timeout)
+        if seconds > self._timeout and not self._spec.waits_per_op:
+            raise InvalidArgumentError(
+                f"{op.value} timeout {seconds:g} s is longer than collective_timeout "
+                f"({self._timeout:g} s), which {self._spec.backend} enforces on every op",
+                hint="create the provider with a longer collective_timeout",
+            )
+        return seconds
 
     def _check_tensor(self, op: CollectiveOp, tensor: object) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
@@ -350,6 +421,11 @@ class ProcessGroup:
             raise InvalidArgumentError(
                 f"{op.value} needs a contiguous tensor of at least one dimension",
                 hint="use tensor.reshape(1) or tensor.contiguous()",
+            )
+        if tensor.is_conj() or tensor.is_neg():
+            raise InvalidArgumentError(
+                f"{op.value} got a lazily conjugated or negated view",
+                hint="materialise it first: tensor.resolve_conj().resolve_neg()",
             )
         return tensor
 
@@ -370,14 +446,15 @@ class ProcessGroup:
     def _prepare(
         self,
         op: CollectiveOp,
-        tensor: torch.Tensor,
+        tensor: torch.Tensor | None,
         reduce: ReduceOp | None,
         timeout: float | None,
         peer: int = -1,
     ) -> float:
         """Check the op on this rank, then (when validating) across ranks; its seconds."""
         seconds = self._check_usable(op, timeout)
-        self._spec.check(op, self._check_tensor(op, tensor), reduce)
+        if tensor is not None:
+            self._spec.check(op, self._check_tensor(op, tensor), reduce)
         if not self._validate or self._world_size == 1:
             return seconds
         mine = _signature(op, tensor, reduce, peer, self._device)
@@ -432,16 +509,18 @@ class ProcessGroup:
             waited = time.monotonic() - start
             timed_out = "timed out" in str(exc).lower() or waited >= seconds
             reason = (
-                f"{op.value} timed out after {seconds:g} s"
+                f"{op.value} timed out after {waited:.3g} s (its timeout: {seconds:g} s)"
                 if timed_out
                 else f"{op.value} failed: {exc}"
             )
             _Lease.broken = reason
+            p2p = op in (CollectiveOp.SEND, CollectiveOp.RECV) and not timed_out
             error = CommTimeoutError if timed_out else CommError
             raise error(
                 f"{reason} on rank {self._rank} of {self._world_size}",
                 hint="check that every rank reaches the same collective; the group is now "
                 "unusable, restart the process",
+                code=ErrorCode.COMM_P2P_FAILED if p2p else None,
             ) from exc
 
 
@@ -462,7 +541,7 @@ def _check_existing(spec: CommSpec, world: WorldConfig) -> None:
 
 
 def _init_group(spec: CommSpec, world: WorldConfig, timeout: float, device: torch.device) -> None:
-    delta = datetime.timedelta(seconds=timeout)
+    delta = datetime.timedelta(seconds=timeout)  # the rendezvous's
     store: Store
     if world.world_size == 1:
         store = HashStore()
@@ -487,25 +566,30 @@ def _init_group(spec: CommSpec, world: WorldConfig, timeout: float, device: torc
         store=store,
         rank=world.rank,
         world_size=world.world_size,
-        timeout=delta,
+        timeout=datetime.timedelta(seconds=MAX_TIMEOUT_S) if spec.waits_per_op else delta,
         device_id=device if spec.binds_device else None,
     )
 
 
 def _signature(
     op: CollectiveOp,
-    tensor: torch.Tensor,
+    tensor: torch.Tensor | None,
     reduce: ReduceOp | None,
     peer: int,
     device: torch.device,
 ) -> torch.Tensor:
-    shape = list(tensor.shape)[:_MAX_DIMS] + [-1] * max(0, _MAX_DIMS - tensor.dim())
+    """The op's fields as int64s: up to :data:`_MAX_DIMS` dimensions of the shape as they are
+    (the first and last halves of a longer one), and all of them by their checksum."""
+    dims = () if tensor is None else tuple(tensor.shape)
+    half = _MAX_DIMS // 2
+    listed = dims if len(dims) <= _MAX_DIMS else dims[:half] + dims[-half:]
+    shape = [*listed, *[-1] * (_MAX_DIMS - len(listed))]
     fields = [
         list(CollectiveOp).index(op),
         -1 if reduce is None else list(ReduceOp).index(reduce),
-        zlib.crc32(str(tensor.dtype).encode()),
-        tensor.dim(),
-        tensor.numel(),
+        -1 if tensor is None else zlib.crc32(str(tensor.dtype).encode()),
+        -1 if tensor is None else tensor.dim(),
+        zlib.crc32(str(dims).encode()),
         peer,
         *shape,
     ]
@@ -517,8 +601,16 @@ _MAX_DIMS = 8
 
 def _describe(signature: torch.Tensor) -> str:
     op, reduce, dtype, ndim, _, peer, *shape = (int(v) for v in signature.tolist())
+    name = list(CollectiveOp)[op].value
+    if ndim < 0:
+        return f"{name}()"
     dtypes = {zlib.crc32(str(d).encode()): str(d) for d in _KNOWN_DTYPES}
-    text = f"{list(CollectiveOp)[op].value}(shape={tuple(shape[:ndim])}"
+    if ndim > _MAX_DIMS:
+        half = _MAX_DIMS // 2
+        dims = ", ".join(map(str, shape[:half])) + ", ..., " + ", ".join(map(str, shape[half:]))
+        text = f"{name}(shape=({dims}) of {ndim} dimensions"
+    else:
+        text = f"{name}(shape={tuple(shape[:ndim])}"
     text += f", dtype={dtypes.get(dtype, '?')}"
     if reduce >= 0:
         text += f", op={list(ReduceOp)[reduce].value}"
