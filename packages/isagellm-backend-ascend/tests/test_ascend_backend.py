@@ -75,6 +75,34 @@ def test_launcher_local_rank_binds_the_npu(monkeypatch: pytest.MonkeyPatch) -> N
         explicit.close()
 
 
+@pytest.mark.parametrize("value", ["x", "\u00b2"])  # '²'.isdigit(), but int() refuses it
+def test_a_local_rank_that_is_no_index_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("LOCAL_RANK", value)
+    with pytest.raises(InvalidArgumentError, match="is not a device index"):
+        create_ascend_backend(**SMALL)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"kv_dtype": "bf16"}, CapabilityError),
+        ({"num_blocks": -1}, InvalidArgumentError),
+        ({"kv_memory_mb": 0, "num_blocks": 0}, InvalidArgumentError),
+        ({"num_layers": 0}, InvalidArgumentError),
+    ],
+)
+def test_a_refused_creation_leaves_the_current_npu(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, object], error: type[Exception]
+) -> None:
+    monkeypatch.setenv("FAKE_TORCH_NPU_SOC", "Ascend310P3")
+    torch_npu.npu.set_device(0)
+    with pytest.raises(error):
+        create_ascend_backend(Config(device="ascend:1"), **{**SMALL, **options})
+    assert torch_npu.npu.current_device() == 0
+
+
 def test_an_index_out_of_range_names_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "4,5")
     with pytest.raises(InvalidArgumentError, match=r"ascend:2 does not exist; 2 NPU\(s\)") as err:

@@ -1,6 +1,6 @@
 """The fused operators on the torch_npu stand-in: each against a float64 computation written
 here, on fresh random inputs with unused cache slots poisoned with NaN; what each leaves to the
-reference; and which ones a SoC family gets."""
+reference; what each refuses, changing nothing; and which ones a SoC family gets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ pytest.importorskip("torch", reason="needs torch: pip install isagellm-backend-a
 import torch
 
 from sagellm_backend.dtypes import DType
+from sagellm_backend.errors import GraphCaptureError, InvalidArgumentError
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
+from sagellm_backend.torch_backend.rotary import rotary_cos_sin_cache, rotary_embedding
 from sagellm_backend_ascend import create_ascend_backend
 from sagellm_backend_ascend.kernels import FUSED_OPS
 from sagellm_backend_ascend.runtime import NpuEvent, NpuStream
@@ -192,8 +194,15 @@ def test_paged_attention_decode_reads_only_live_slots(dtype: torch.dtype) -> Non
             close(out[b, h], weights @ values[:, h * kv_heads // heads], dtype)
 
 
-def test_attention_under_a_graph_capture_is_the_reference() -> None:
-    op, reference = fused("paged_attention_decode")
+def test_attention_under_a_graph_capture_is_refused_before_anything() -> None:
+    calls: list[object] = []
+
+    def operator(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return torch_npu.npu_fused_infer_attention_score(*args, **kwargs)
+
+    reference = Reference()
+    op = BY_NAME["paged_attention_decode"].wrap(operator, reference, torch_npu)
     side = torch_npu.npu.Stream(0)
     graph = torch_npu.npu.NPUGraph()
     args = (
@@ -202,10 +211,160 @@ def test_attention_under_a_graph_capture_is_the_reference() -> None:
         torch.zeros(1, 1, dtype=torch.int32, device=NPU),
         torch.ones(1, dtype=torch.int32, device=NPU),
     )
-    with torch_npu.npu.graph(graph, stream=side):
-        assert op(*args, 0.5) == "reference"
-    assert op(*args, 0.5).shape == (1, 2, 8)
-    assert len(reference.calls) == 1
+    out = torch.full((1, 2, 8), 7.0, dtype=torch.float16, device=NPU)
+    capture = torch_npu.npu.graph(graph, stream=side)
+    with capture, pytest.raises(GraphCaptureError, match="sequence lengths on the host"):
+        op(*args, 0.5, out=out)
+    assert calls == [] and reference.calls == []
+    assert bool((out.cpu() == 7).all())
+    assert op(*args, 0.5).shape == (1, 2, 8) and len(calls) == 1  # served outside a capture
+
+
+def test_attention_hands_the_operator_contiguous_query_and_block_table() -> None:
+    seen: list[bool] = []
+
+    def operator(query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.extend([query.is_contiguous(), kwargs["block_table"].is_contiguous()])
+        return torch_npu.npu_fused_infer_attention_score(query, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(9)
+    op = BY_NAME["paged_attention_decode"].wrap(operator, Reference(), torch_npu)
+    cache = randn(g, 6, 2, 4, 2, 16, dtype=torch.float16)
+    query = randn(g, 2, 3 * 4 * 16, dtype=torch.float16)[:, : 4 * 16].view(2, 4, 16)
+    tables = torch.tensor([[1, 2, 3], [4, 5, 0]], dtype=torch.int32).t().contiguous().t()
+    lens = torch.tensor([9, 5], dtype=torch.int32).to(NPU)
+    assert not query.is_contiguous() and not tables.is_contiguous()
+    got = op(query, cache, tables.to(NPU), lens, 0.25)
+    assert seen == [True, True]
+    expected = op(query.contiguous(), cache, tables.contiguous().to(NPU), lens, 0.25)
+    assert torch.equal(got.cpu(), expected.cpu())
+
+
+def test_rotary_leaves_tokens_outside_the_table_as_they_are() -> None:
+    g = torch.Generator().manual_seed(10)
+    op, reference = fused("rotary_embedding")
+    table = rotary_cos_sin_cache(16, 32, device=NPU)
+    positions = torch.tensor([3, -1, 16, 15, -17], device=NPU)
+    query, key = randn(g, 5, 4, 32, dtype=torch.float32), randn(g, 5, 2, 32, dtype=torch.float32)
+    before = (query.cpu(), key.cpu())
+    op(positions, query, key, table)
+    assert reference.calls == []
+    inside = torch.tensor([0, 3])
+    expected = [t[inside] for t in before]
+    rotary_embedding(torch.tensor([3, 15]), expected[0], expected[1], table.cpu())
+    for got, original, rotated in zip((query, key), before, expected, strict=True):
+        assert torch.equal(got.cpu()[[1, 2, 4]], original[[1, 2, 4]])
+        close(got[inside.to(NPU)], rotated.double(), torch.float32)
+
+
+def _h(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return torch.ones(shape, dtype=dtype, device=NPU)
+
+
+def _decode(
+    cache_dtype: torch.dtype = torch.float16,
+    cache: tuple[int, ...] = (6, 2, 4, 2, 16),
+    lens: tuple[int, int] = (5, 3),
+    table: tuple[int, int, int] = (1, 2, 3),
+    **kwargs: Any,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    tables = torch.tensor([table, (4, 5, 0)], dtype=torch.int32, device=NPU)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=NPU)
+    kv_cache = torch.randn(cache).to(cache_dtype).to(NPU)
+    return (torch.randn(2, 4, 16).half().to(NPU), kv_cache, tables, seq_lens, 0.25), kwargs
+
+
+def _rotary(
+    positions: torch.Tensor | None = None,
+    query: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (
+        torch.tensor([3, 5], device=NPU) if positions is None else positions,
+        torch.randn(2, 4, 64).half().to(NPU) if query is None else query,
+        torch.randn(2, 2, 64).half().to(NPU) if key is None else key,
+        rotary_cos_sin_cache(16, 64, device=NPU),
+    ), kwargs
+
+
+def _kv_write(
+    value_dtype: torch.dtype = torch.float16, slots: Any = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    cache = torch.zeros(4, 2, 4, 2, 8, dtype=torch.float16, device=NPU)
+    slot_mapping = torch.tensor([0, 1], device=NPU) if slots is None else slots
+    return (_h(2, 2, 8), _h(2, 2, 8, dtype=value_dtype), cache, slot_mapping), {}
+
+
+def _aliased(make: Callable[[torch.Tensor], tuple[Any, ...]], *shape: int) -> Any:
+    """``make(x)``'s arguments, in which ``x`` is given twice."""
+    return make(torch.randn(shape).half().to(NPU)), {}
+
+
+REFUSED: dict[str, tuple[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]]] = {
+    "rms_norm x a list": ("rms_norm", lambda: (([[1.0, 2.0]], _h(2), 1e-6), {})),
+    "rms_norm hidden size 0": ("rms_norm", lambda: ((_h(3, 0), _h(0), 1e-6), {})),
+    "rms_norm eps -1": ("rms_norm", lambda: ((_h(3, 8), _h(8), -1.0), {})),
+    "rms_norm eps nan": ("rms_norm", lambda: ((_h(3, 8), _h(8), float("nan")), {})),
+    "rms_norm eps a str": ("rms_norm", lambda: ((_h(3, 8), _h(8), "x"), {})),
+    "rms_norm weight size": ("rms_norm", lambda: ((_h(3, 8), _h(1), 1e-6), {})),
+    "silu_and_mul width 0": ("silu_and_mul", lambda: ((_h(3, 0),), {})),
+    "silu_and_mul x None": ("silu_and_mul", lambda: ((None,), {})),
+    "fused_add weight size": ("fused_add_rms_norm", lambda: ((_h(3, 8), _h(3, 8), _h(1)), {})),
+    "fused_add eps -1": ("fused_add_rms_norm", lambda: ((_h(3, 8), _h(3, 8), _h(8), -1.0), {})),
+    "fused_add x expanded": (
+        "fused_add_rms_norm",
+        lambda: ((_h(1, 8).expand(4, 8), torch.randn(4, 8).half().to(NPU), _h(8)), {}),
+    ),
+    "fused_add residual is x": (
+        "fused_add_rms_norm",
+        lambda: _aliased(lambda x: (x, x, _h(8)), 4, 8),
+    ),
+    "rotary float positions": ("rotary_embedding", lambda: _rotary(_h(2, dtype=torch.float32))),
+    "rotary is_neox an int": ("rotary_embedding", lambda: _rotary(is_neox=1)),
+    "rotary key expanded": ("rotary_embedding", lambda: _rotary(key=_h(1, 2, 64).expand(2, 2, 64))),
+    "rotary query is key": (
+        "rotary_embedding",
+        lambda: _aliased(lambda x: _rotary(query=x, key=x)[0], 2, 2, 64),
+    ),
+    "kv_write float slots": ("kv_cache_write", lambda: _kv_write(slots=_h(2, dtype=torch.float32))),
+    "kv_write slots a list": ("kv_cache_write", lambda: _kv_write(slots=[0, 1])),
+    "kv_write slots 2-D": (
+        "kv_cache_write",
+        lambda: _kv_write(slots=torch.tensor([[0], [1]], device=NPU)),
+    ),
+    "kv_write value fp32": ("kv_cache_write", lambda: _kv_write(value_dtype=torch.float32)),
+    "decode out fp32": (
+        "paged_attention_decode",
+        lambda: _decode(out=_h(2, 4, 16, dtype=torch.float32)),
+    ),
+    "decode cache bf16": ("paged_attention_decode", lambda: _decode(cache_dtype=torch.bfloat16)),
+    "decode length past the row": ("paged_attention_decode", lambda: _decode(lens=(13, 3))),
+    "decode page outside": (
+        "paged_attention_decode",
+        lambda: _decode(table=(1, 2, 7), lens=(12, 3)),
+    ),
+    "decode page -1": ("paged_attention_decode", lambda: _decode(table=(1, -1, 3), lens=(8, 3))),
+    "decode cache 4-D": ("paged_attention_decode", lambda: _decode(cache=(12, 4, 2, 16))),
+    "decode scale nan": (
+        "paged_attention_decode",
+        lambda: ((*_decode()[0][:4], float("nan")), {}),
+    ),
+}
+"""Calls each fused op refuses, as its reference does, before it writes anything."""
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_refused_call_changes_nothing(backend: Provider, case: str) -> None:
+    name, make = REFUSED[case]
+    args, kwargs = make()
+    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    before = [x.cpu().clone() for x in tensors]
+    with pytest.raises(InvalidArgumentError) as caught:
+        backend.get_kernel(name)(*args, **kwargs)
+    assert caught.value.hint
+    for tensor, original in zip(tensors, before, strict=True):
+        assert torch.equal(tensor.cpu(), original)
 
 
 def test_the_provider_uses_each_operator_its_soc_runs(backend: Provider) -> None:
@@ -239,7 +398,12 @@ def _impls(run_python: RunPython, **env: str) -> dict[str, bool]:
 
 
 @pytest.mark.parametrize(
-    ("soc", "family"), [("Ascend910B3", SocFamily.A2), ("Ascend310P3", SocFamily.P310)]
+    ("soc", "family"),
+    [
+        ("Ascend910B3", SocFamily.A2),
+        ("Ascend310P3", SocFamily.P310),
+        ("Ascend910B", SocFamily.UNKNOWN),  # a first-generation 910, no Atlas A2
+    ],
 )
 def test_which_ops_are_fused_follows_the_soc(
     run_python: RunPython, soc: str, family: SocFamily

@@ -95,6 +95,30 @@ def test_autoload_wrapper_is_read_through() -> None:
     assert reason is not None and "libascendcl.so" in reason
 
 
+def test_an_autoloaded_pairing_failure_names_the_installed_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    from sagellm_backend.errors import BackendUnavailableError
+    from sagellm_backend_ascend import availability
+
+    def import_module(name: str) -> object:
+        try:
+            raise ImportError("libtorch_npu.so: undefined symbol: _ZN5torch10ValueErrorC1EPKcz")
+        except ImportError as exc:
+            raise RuntimeError("Failed to load the backend extension: torch_npu.") from exc
+
+    monkeypatch.setattr(availability, "importlib", SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(availability, "probe", lambda: None)
+    with pytest.raises(BackendUnavailableError, match="do not pair") as caught:
+        availability.load_torch_npu()
+    version = metadata.version("torch")
+    assert f"torch {version} and torch-npu" in caught.value.message
+    assert f"torch-npu=={availability.release(version)}[.postN]" in caught.value.message
+
+
 def test_unknown_import_failure_is_a_load_error_not_unavailable() -> None:
     from sagellm_backend.errors import BackendLoadError
     from sagellm_backend_ascend.availability import _raise_for, diagnose

@@ -141,3 +141,22 @@ def test_a_swap_in_on_a_side_stream_lands_after_the_old_owners_queued_write(
     done.synchronize()
     torch.cuda.synchronize()
     assert provider.kv_block_read(swapped) == data
+
+
+def test_a_copy_inside_a_with_stream_block_reads_its_source_before_the_page_is_reused(
+    provider: Provider,
+) -> None:
+    src, dst, *_ = provider.kv_blocks_alloc([16] * 8, "bf16")  # the whole pool
+    data = fill(provider, src, 3)
+    torch.cuda.synchronize()
+    side = provider.create_stream()
+    hold(side.raw)
+    with side:
+        provider.kv_block_copy(src, dst)  # on the held-back stream, no stream= given
+    pages = provider.kv_block_info(src).pages
+    provider.kv_block_free(src)  # from the default stream
+    reused = provider.kv_block_alloc(16, "bf16")  # waits for the copy: no other page is free
+    assert provider.kv_block_info(reused).pages == pages
+    fill(provider, reused, 4)
+    torch.cuda.synchronize()
+    assert provider.kv_block_read(dst) == data

@@ -142,6 +142,40 @@ def test_work_on_a_side_stream_waits_for_the_current_stream_before_writing_reuse
     assert p.kv_block_read(swapped) == data, "the old write ran first"
 
 
+def test_provider_work_inside_a_with_stream_block_is_done_before_its_pages_are_reused() -> None:
+    p = MockBackendProvider()
+    side = p.create_stream()
+    old, src, dst = p.kv_blocks_alloc([16, 16, 16], DType.FP16)
+    data = fill(p, src, 1)
+    p.current_stream().synchronize()
+    with side:
+        fill(p, old, 2)  # queued on the side stream, not run yet
+        p.kv_block_copy(src, dst)
+    p.kv_blocks_free([old, src])  # from the default stream
+    reused = p.kv_blocks_alloc([16, 16], DType.FP16)
+    fresh = [fill(p, block, 3 + i) for i, block in enumerate(reused)]
+    p.current_stream().synchronize()
+    side.synchronize()
+    assert [p.kv_block_read(b) for b in reused] == fresh, "no late write of the side stream"
+    assert p.kv_block_read(dst) == data
+
+
+def test_provider_work_inside_a_with_stream_block_waits_for_the_default_streams_work() -> None:
+    p = MockBackendProvider()
+    side = p.create_stream()
+    old = p.kv_block_alloc(16, DType.FP16)
+    fill(p, old, 4)  # queued on the default stream, not run yet
+    old_pages = p.kv_block_info(old).pages
+    p.kv_block_free(old)  # reused at once: the default stream orders its own work
+    with side:
+        new = p.kv_block_alloc(16, DType.FP16)
+        assert p.kv_block_info(new).pages == old_pages
+        data = fill(p, new, 5)
+    side.synchronize()
+    p.current_stream().synchronize()
+    assert p.kv_block_read(new) == data, "the default stream's old write ran first"
+
+
 def test_free_after_an_event_orders_the_reuse_after_the_engines_work() -> None:
     p = MockBackendProvider(max_memory_mb=1)
     pages = (1 << 20) // p.kv_layout.page_bytes(DType.FP16)

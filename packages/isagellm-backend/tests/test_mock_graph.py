@@ -115,6 +115,19 @@ def test_captures_do_not_nest_and_failed_captures_do_not_replay() -> None:
     p.kv_block_alloc(16, DType.FP16)
 
 
+def test_side_stream_copies_during_a_capture_are_taken_alike_and_tracked() -> None:
+    p = MockBackendProvider(has_graph_exec=True)
+    a, b, c = p.kv_blocks_alloc([16, 16, 16], DType.FP16)
+    p.kv_block_write(a, page_bytes(p, 1))
+    side, capturing = p.create_stream(), p.create_stream()
+    with p.capture_graph(capturing):
+        first = p.kv_blocks_copy([(a, b)], stream=side)
+        second = p.kv_blocks_copy([(a, c)], stream=side)  # the events of the first not asked
+    side.synchronize()
+    assert first.query() and second.query()
+    assert p.kv_block_read(b) == p.kv_block_read(c) == page_bytes(p, 1)
+
+
 def test_replay_refuses_a_graph_whose_blocks_were_freed() -> None:
     p = MockBackendProvider(has_graph_exec=True)
     a, b = p.kv_blocks_alloc([16, 16], DType.FP16)

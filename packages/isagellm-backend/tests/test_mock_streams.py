@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from sagellm_backend import (
+    CapabilityError,
     DType,
     ErrorCode,
     Event,
@@ -41,11 +42,11 @@ def test_work_runs_only_when_waited_for(p: MockBackendProvider) -> None:
     side = p.create_stream()
     with side:
         data = fill(p, block, 7)
-    assert side.queued == 1 and side.done == 0, "issuing does not run the work"
+    assert side.queued > 0 and side.done == 0, "issuing does not run the work"
     assert p.kv_block_read(block) == bytes([POISON]) * len(data), (
         "stale: the read waits for its own stream"
     )
-    assert side.query() is True and side.done == 1
+    assert side.query() is True and side.done == side.queued
     assert p.kv_block_read(block) == data
 
 
@@ -132,6 +133,27 @@ def test_current_stream_is_per_thread_and_nests(p: MockBackendProvider) -> None:
         assert p.current_stream() is s1
     assert p.current_stream() is default
     assert seen == [default]
+
+
+def test_streams_left_out_of_order_are_refused_and_stay_current(
+    p: MockBackendProvider,
+) -> None:
+    outer, inner = p.create_stream(), p.create_stream()
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(InvalidArgumentError, match="order they were entered"):
+        outer.__exit__(None, None, None)
+    assert p.current_stream() is inner
+    inner.__exit__(None, None, None)
+    outer.__exit__(None, None, None)
+    assert p.current_stream() not in (outer, inner)
+
+
+def test_without_has_event_no_event_is_made() -> None:
+    plain = MockBackendProvider(has_event=False)
+    for make in (plain.create_event, plain.current_stream().record_event):
+        with pytest.raises(CapabilityError, match="has_event"):
+            make()
 
 
 def timed(p: MockBackendProvider, copies: int) -> float:

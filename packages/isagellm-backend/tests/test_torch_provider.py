@@ -236,6 +236,19 @@ def test_cpu_streams_and_events_are_honest(p: Provider) -> None:
         p.kv_blocks_copy([], stream=object())  # type: ignore[arg-type]
 
 
+def test_cpu_streams_left_out_of_order_are_refused_and_stay_current(p: Provider) -> None:
+    outer, inner = p.create_stream(), p.create_stream()
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(InvalidArgumentError, match="order they were entered"):
+        outer.__exit__(None, None, None)
+    assert p.current_stream() == inner
+    inner.__exit__(None, None, None)
+    assert p.current_stream() == outer
+    outer.__exit__(None, None, None)
+    assert p.current_stream() not in (outer, inner)
+
+
 def test_unclaimed_operations_are_refused(p: Provider) -> None:
     with pytest.raises(CapabilityError):
         p.capture_graph()

@@ -147,7 +147,7 @@ def load_torch_npu() -> ModuleType:
     try:
         torch = importlib.import_module("torch")
     except Exception as exc:
-        _raise_for(exc, "")
+        _raise_for(exc, _dist_version("torch") or "")
     torch_version: str = torch.__version__
     cuda: str | None = torch.version.cuda
     if cuda:

@@ -102,15 +102,20 @@ class NpuAdapter:
         """The selected device, else LOCAL_RANK's device (made current), else None."""
         if self._selected is not None:
             return self._selected
+        index = self.local_rank(environ)
+        return None if index is None else self.select(index)
+
+    def local_rank(self, environ: Mapping[str, str]) -> int | None:
+        """LOCAL_RANK's device index, not made current; None without a launcher."""
         text = environ.get("LOCAL_RANK")
         if not text:
             return None
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise InvalidArgumentError(
                 f"LOCAL_RANK={text!r} is not a device index",
                 hint="launch with torchrun, or unset LOCAL_RANK and name the device: ascend:N",
             )
-        return self.select(int(text))
+        return int(text)
 
     def soc_family(self, index: int) -> SocFamily:
         return SocFamily.of(self._npu.get_device_properties(self._check(index)).name)
@@ -151,6 +156,9 @@ class NpuAdapter:
 
     def new_stream(self, index: int) -> NpuStream:
         return self._npu.Stream(device=self._check(index))
+
+    def default_stream(self, index: int) -> NpuStream:
+        return self._npu.default_stream(self._check(index))
 
     def current_stream(self, index: int) -> NpuStream:
         return self._npu.current_stream(self._check(index))

@@ -13,9 +13,13 @@ standard op                 torch_npu operator                      SoC families
 ==========================  ======================================  =====================
 
 Each replacement keeps the reference's spec (reference, inputs, tolerance), so the conformance
-kit checks it, and calls the reference itself for what the operator cannot take: another dtype,
-an interleaved rotary, a non-contiguous input, and, for attention, a graph capture (the
-operator takes the sequence lengths as a host list, a read that a capture cannot contain).
+kit checks it. It checks its arguments first, with the torch layer's InvalidArgumentError, and
+calls the reference itself for what the operator cannot take (another dtype, an interleaved
+rotary, a non-contiguous input), which the reference serves or refuses; a refused call changes
+nothing. The fused ops read nothing on the host, so a rotary position outside the table is not
+refused: that token is left as it is. Attention is the exception: the operator takes the
+sequence lengths as a host list (read once, with the check of the block table), and so does the
+reference, so under a graph capture it is refused with GraphCaptureError.
 An op whose reference the torch layer does not register is left alone.
 
 The cache is one tensor per layer, ``[pages, 2, tokens, kv_heads, head_size]``; viewed as
@@ -35,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sagellm_backend.errors import KernelNotFoundError
+from sagellm_backend.errors import GraphCaptureError, KernelNotFoundError
 from sagellm_backend.protocols.ops import (
     FusedAddRmsNorm,
     KVCacheWrite,
@@ -43,6 +47,14 @@ from sagellm_backend.protocols.ops import (
     RmsNorm,
     RotaryEmbedding,
     SiluAndMul,
+)
+from sagellm_backend.torch_backend.arguments import (
+    cache_arg,
+    fail,
+    number_arg,
+    same_device,
+    tensor_arg,
+    written_arg,
 )
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend_ascend.soc import SocFamily
@@ -62,10 +74,24 @@ _HALVES = (torch.float16, torch.bfloat16)
 _MAX_ROTARY = 896
 
 
+def _norm_args(op: str, x: object, weight: object, eps: object) -> tuple[Tensor, Tensor, float]:
+    rows = tensor_arg(op, "x", x, "[..., h]")
+    w = tensor_arg(op, "weight", weight, "[h]")
+    same_device(op, rows, weight=w)
+    if w.shape[0] != rows.shape[-1] or rows.shape[-1] == 0:
+        fail(
+            op,
+            f"weight has {w.shape[0]} features, x {rows.shape[-1]}",
+            "pass the norm's weight for x's hidden size",
+        )
+    return rows, w, number_arg(op, "eps", eps, minimum=0.0)
+
+
 def _rms_norm(
     op: PairOp, reference: RmsNorm[Tensor], x: Tensor, weight: Tensor, eps: float = 1e-6
 ) -> Tensor:
-    if x.dtype not in _FLOATS or weight.dtype != x.dtype or x.dim() > 8 or weight.dim() != 1:
+    x, weight, eps = _norm_args("rms_norm", x, weight, eps)
+    if x.dtype not in _FLOATS or weight.dtype != x.dtype or x.dim() > 8:
         return reference(x, weight, eps)
     y, _ = op(x, weight, eps)
     return y
@@ -79,6 +105,12 @@ def _fused_add_rms_norm(
     weight: Tensor,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
+    name = "fused_add_rms_norm"
+    x, weight, eps = _norm_args(name, x, weight, eps)
+    residual = tensor_arg(name, "residual", residual, "[..., h]")
+    same_device(name, x, residual=residual)
+    written_arg(name, "residual", residual, x)
+    written_arg(name, "x", x)
     if (
         x.dtype not in _FLOATS
         or residual.dtype != x.dtype
@@ -94,7 +126,8 @@ def _fused_add_rms_norm(
 
 
 def _silu_and_mul(op: Op, reference: SiluAndMul[Tensor], x: Tensor) -> Tensor:
-    if x.dtype not in _FLOATS or not x.is_contiguous() or x.shape[-1] % 2 or x.dim() > 8:
+    x = tensor_arg("silu_and_mul", "x", x, "[..., 2 * d]")
+    if x.dtype not in _FLOATS or not x.is_contiguous() or x.shape[-1] % 2 or not x.shape[-1]:
         return reference(x)
     return op(x, -1)
 
@@ -109,19 +142,34 @@ def _rotary_embedding(
     *,
     is_neox: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    rotary = cos_sin_cache.shape[-1]
+    name = "rotary_embedding"
+    positions = tensor_arg(name, "positions", positions, "[n]", index=True)
+    query = tensor_arg(name, "query", query, "[n, heads, d]", leading=positions.shape[0])
+    key = tensor_arg(name, "key", key, "[n, kv_heads, d]", leading=positions.shape[0])
+    table = tensor_arg(name, "cos_sin_cache", cos_sin_cache, "[max_position, rotary_dim]")
+    same_device(name, query, positions=positions, key=key, cos_sin_cache=table)
+    if not isinstance(is_neox, bool):
+        fail(name, f"is_neox must be a bool, got {is_neox!r}", "pass is_neox=True or False")
+    written_arg(name, "query", query)
+    written_arg(name, "key", key)
+    if query.numel() and query.data_ptr() == key.data_ptr():
+        fail(name, "query and key start at one address", "pass query and key as separate views")
+    rows, rotary = table.shape
     if (
         not is_neox
         or query.dtype not in _FLOATS
         or key.dtype != query.dtype
         or rotary % 2
-        or rotary >= _MAX_ROTARY
+        or not 0 < rotary < _MAX_ROTARY
+        or rotary > min(query.shape[2], key.shape[2])
         or max(query.shape[1], key.shape[1]) >= 1000
+        or rows == 0
     ):
-        if is_neox:
-            return reference(positions, query, key, cos_sin_cache)
-        return reference(positions, query, key, cos_sin_cache, is_neox=False)
-    cos, sin = cos_sin_cache[positions.long()].to(query.dtype).chunk(2, dim=-1)
+        return reference(positions, query, key, table, is_neox=is_neox)
+    # Tokens whose position is outside the table turn by the identity (cos 1, sin 0).
+    inside = ((positions >= 0) & (positions < rows))[:, None]
+    cos, sin = table[positions.clamp(0, rows - 1).long()].to(query.dtype).chunk(2, dim=-1)
+    cos, sin = cos.masked_fill(~inside, 1.0), sin.masked_fill(~inside, 0.0)
     r1 = torch.cat([cos, cos], dim=-1)[None, :, None, :]  # [1, n, 1, rotary]: layout BS1D
     r2 = torch.cat([sin, sin], dim=-1)[None, :, None, :]
     for x in (query, key):
@@ -138,12 +186,24 @@ def _kv_cache_write(
     kv_cache: Tensor,
     slot_mapping: Tensor,
 ) -> None:
-    if key.dtype not in _HALVES or not kv_cache.is_contiguous() or kv_cache.dim() != 5:
-        reference(key, value, kv_cache, slot_mapping)
+    name = "kv_cache_write"
+    cache = cache_arg(name, kv_cache)
+    key = tensor_arg(name, "key", key, "[n, kv_heads, d]")
+    value = tensor_arg(name, "value", value, "[n, kv_heads, d]")
+    slots = tensor_arg(name, "slot_mapping", slot_mapping, "[n]", index=True, leading=len(key))
+    same_device(name, cache, key=key, value=value, slot_mapping=slots)
+    if (
+        key.dtype not in _HALVES
+        or not cache.is_contiguous()
+        or any(
+            x.shape != (len(key), *cache.shape[3:]) or x.dtype != cache.dtype for x in (key, value)
+        )
+    ):
+        reference(key, value, cache, slots)  # fp32; the reference refuses mismatched tensors
         return
-    pages, _, tokens = kv_cache.shape[:3]
-    rows = kv_cache.view(2 * pages, *kv_cache.shape[2:])
-    slots = slot_mapping.long()
+    pages, _, tokens = cache.shape[:3]
+    rows = cache.view(2 * pages, *cache.shape[2:])
+    slots = slots.long()
     valid = (slots >= 0) & (slots < pages * tokens)
     doubled = torch.where(
         valid, slots + torch.div(slots, tokens, rounding_mode="floor") * tokens, -1
@@ -163,18 +223,60 @@ def _paged_attention_decode(
     *,
     out: Tensor | None = None,
 ) -> Tensor:
-    if query.dtype not in _HALVES or not kv_cache.is_contiguous() or capturing():
-        if out is None:
-            return reference(query, kv_cache, block_tables, seq_lens, scale)
-        return reference(query, kv_cache, block_tables, seq_lens, scale, out=out)
-    pages, _, tokens, kv_heads, head_size = kv_cache.shape
-    rows = kv_cache.view(2 * pages, tokens, kv_heads * head_size)
+    name = "paged_attention_decode"
+    if capturing():
+        raise GraphCaptureError(
+            f"{name} reads the sequence lengths on the host, which a graph capture cannot contain",
+            hint="run attention outside the captured region",
+        )
+    query = tensor_arg(name, "query", query, "[b, heads, d]")
+    cache = cache_arg(name, kv_cache, query.shape[2])
+    tables = tensor_arg(
+        name, "block_tables", block_tables, "[b, w]", index=True, leading=len(query)
+    )
+    lengths = tensor_arg(name, "seq_lens", seq_lens, "[b]", index=True, leading=len(query))
+    if out is not None:
+        out = tensor_arg(name, "out", out, "[b, heads, d]")
+    same_device(name, query, kv_cache=cache, block_tables=tables, seq_lens=lengths, out=out)
+    scale = number_arg(name, "scale", scale)
+    pages, _, tokens, kv_heads, head_size = cache.shape
+    if (
+        query.dtype not in _HALVES
+        or cache.dtype != query.dtype
+        or not cache.is_contiguous()
+        or not kv_heads
+        or query.shape[1] % kv_heads
+        or (out is not None and (out.shape != query.shape or out.dtype != query.dtype))
+    ):
+        return reference(
+            query, cache, tables, lengths, scale, out=out
+        )  # fp32; the reference refuses mismatches
+    # One host read: the lengths, and whether a row's pages within its length are in the cache.
+    width = tables.shape[1]
+    read = torch.arange(width, device=tables.device) * tokens < lengths[:, None]
+    outside = (read & ((tables < 0) | (tables >= pages))).any(dim=1)
+    lens, bad = torch.stack([lengths.long(), outside.long()]).tolist()
+    for i, (length, wrong) in enumerate(zip(lens, bad, strict=True)):
+        if not 0 <= length <= width * tokens:
+            fail(
+                name,
+                f"seq_lens[{i}] is {length}; a row of {width} pages holds 0..{width * tokens}",
+                "pass each sequence's token count, within its block table row",
+            )
+        if wrong:
+            fail(
+                name,
+                f"block_tables[{i}] names pages outside the cache's 0..{pages - 1} within its "
+                f"{length} tokens",
+                "fill each row with the pages of its sequence's block",
+            )
+    rows = cache.view(2 * pages, tokens, kv_heads * head_size)
     result, _ = op(
-        query.unsqueeze(2),
+        query.contiguous().unsqueeze(2),
         rows[:-1],
         rows[1:],
-        block_table=(block_tables * 2).to(torch.int32),
-        actual_seq_lengths_kv=[int(n) for n in seq_lens.tolist()],
+        block_table=(tables.contiguous() * 2).to(torch.int32),
+        actual_seq_lengths_kv=lens,
         num_heads=query.shape[1],
         num_key_value_heads=kv_heads,
         scale=scale,

@@ -27,7 +27,8 @@ def create_ascend_provider(
 ) -> TorchBackendProvider[NpuStream, NpuEvent]:
     """A provider on ``ascend:N`` (N asked for, else LOCAL_RANK's NPU, else 0).
 
-    The NPU is made current (``torch.npu.set_device``) before the HCCL group is created.
+    The NPU is made current (``torch.npu.set_device``) once every option is checked, before the
+    KV pools and the HCCL group are created.
     """
     torch_npu = load_torch_npu()
     pin = options.pop("pin_host_memory", True)
@@ -35,8 +36,8 @@ def create_ascend_provider(
     adapter = NpuAdapter(torch_npu, pin_host_memory=pin)
     index = device.index
     if index is None:
-        index = adapter.bind(os.environ)
-    index = adapter.select(0 if index is None else index)
+        index = adapter.local_rank(os.environ)
+    index = 0 if index is None else index
     family = adapter.soc_family(index)
     kv_dtype = coerce(DType, options["kv_dtype"], "kv_dtype")
     if kv_dtype not in family.dtypes:
@@ -53,6 +54,7 @@ def create_ascend_provider(
             options,
             os.environ,
             graphs=None if graphs is None else NpuGraphs(adapter, graphs, index),
+            prepare=adapter.select,
         )
     except RuntimeError as exc:  # torch.OutOfMemoryError on recent torch_npu, else RuntimeError
         if "NPU out of memory" not in str(exc):

@@ -1,13 +1,14 @@
 """Ascend SoC families and what each offers, from the SoC name torch_npu reports.
 
 Names as CANN reports them (``torch.npu.get_device_name()``): ``Ascend910B1``..``Ascend910B4``
-(Atlas A2), ``Ascend910_9391`` and its siblings (Atlas A3), ``Ascend310P1``..``Ascend310P7``
-(Atlas 300I/300V inference cards), ``Ascend950PR_9599`` and the rest of the 950 family.
-Torch-free.
+(Atlas A2; ``Ascend910B`` with no digit is a first-generation 910), ``Ascend910_9391`` and its
+siblings (Atlas A3), ``Ascend310P1``..``Ascend310P7`` (Atlas 300I/300V inference cards),
+``Ascend950PR_9599`` and the rest of the 950 family. Torch-free.
 """
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 from sagellm_backend.dtypes import DType
@@ -27,7 +28,7 @@ class SocFamily(str, Enum):
     @classmethod
     def of(cls, soc_name: str) -> SocFamily:
         name = soc_name.strip().lower()
-        if name.startswith("ascend910b"):
+        if re.match(r"ascend910b\d", name):
             return cls.A2
         if name.startswith("ascend910_93"):
             return cls.A3

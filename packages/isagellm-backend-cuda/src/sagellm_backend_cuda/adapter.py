@@ -181,6 +181,9 @@ class CudaAdapter:
         stream: torch.cuda.Stream = torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]  # unannotated in torch
         return stream
 
+    def default_stream(self, index: int) -> torch.cuda.Stream:
+        return torch.cuda.default_stream(index)
+
     def current_stream(self, index: int) -> torch.cuda.Stream:
         return torch.cuda.current_stream(index)
 

@@ -42,13 +42,15 @@ before the free. The table orders its reuse after that work:
 - the provider issues its data operations (writes, copies, migrations) inside the table's lock
   (the ``issue`` callbacks), so no page can be freed and handed out again between the check of
   an operation and the queueing of its work;
-- work queued on the calling thread's current stream needs nothing more: whatever later writes
-  a reused page from that stream runs after it (and on the CPU work runs when it is issued);
-- work on another stream (``stream=``) is *in flight* until its event is reached. Pages freed
-  while any such work is in flight, the sources of a migration on another stream, and pages
-  freed with ``after=`` (work an engine queued itself on the cache tensors) wait in a
-  pending-release list. They return to the storage once their events are reached: polled on
-  allocation (oldest first), and waited for only when the storage would otherwise be short.
+- work the provider queues on the device's default stream needs nothing more: whatever later
+  writes a reused page from that stream runs after it (and on the CPU work runs when it is
+  issued); work on any other stream first waits for the default stream;
+- work on another stream (``stream=``, or inside a ``with stream:`` block) is *in flight* until
+  its event is reached. Pages freed while any such work is in flight, the sources of a
+  migration on another stream, and pages freed with ``after=`` (work an engine queued itself
+  on the cache tensors) wait in a pending-release list. They return to the storage once their
+  events are reached: polled on allocation (oldest first), and waited for only when the
+  storage would otherwise be short.
   Only pages with work pending on another stream are tracked: the common path records no
   event and keeps no per-block state;
 - :meth:`BlockTable.close` waits for every event it still holds before it releases the pages.
@@ -165,6 +167,8 @@ _held_tags: set[int] = set()
 _tags_lock = threading.Lock()
 _handle_range = cast("Callable[[int, int], Sequence[KVBlock]]", range)
 """``range``, typed as the handles it numbers."""
+_IN_FLIGHT_KEPT = 64
+"""Events of work on other streams the table keeps before it drops those already reached."""
 _ONE_PAGE = b"\x01"
 """Times ``n``: the page counts of ``n`` one-page blocks, made by one C call."""
 
@@ -648,11 +652,19 @@ class BlockTable:
         return plans, taken, event
 
     def use(self, block: KVBlock, work: Callable[[KVBlockInfo], R]) -> R:
-        """``work(info)`` for a live block of this table, under the lock (writes and reads)."""
+        """``work(info)`` for a live block of this table, under the lock (reads)."""
         _check_types([block], "block")
         with self._mutex:
             self._check_open()
             return work(self._info(block, self._lookup(block)))
+
+    def write(self, block: KVBlock, issue: Callable[[KVBlockInfo], Fence | None]) -> None:
+        """``issue(info)`` queues device work on a live block, under the lock; the event it
+        returns (work on another stream) is kept until reached, as a copy's is."""
+        _check_types([block], "block")
+        with self._mutex:
+            self._check_open()
+            self._track(issue(self._info(block, self._lookup(block))))
 
     # Lookup.
 
@@ -776,7 +788,10 @@ class BlockTable:
     def _track(self, event: Fence | None) -> None:
         """Keep the event of work on another stream until it is reached."""
         if event is not None:
-            self._in_flight = [e for e in self._in_flight if not e.query()]
+            # Those reached are dropped now and then, not on every call (nor in a capture,
+            # which cannot ask events), so that tracking work asks the device little.
+            if len(self._in_flight) >= _IN_FLIGHT_KEPT and not self._holds:
+                self._in_flight = [e for e in self._in_flight if not e.query()]
             self._in_flight.append(event)
             self._reopen()
 

@@ -194,7 +194,7 @@ class MockBackendProvider(Unique):
         world.join(rank, name)
         self._comm = communicator
         self._kernels = KernelTable()
-        self._streams = StreamScheduler(name)
+        self._streams = StreamScheduler(name, self._capability.require)
         self._table = BlockTable(
             self._memory,
             layout=self._layout,
@@ -345,7 +345,7 @@ class MockBackendProvider(Unique):
         payload = bytes(data)  # a memoryview of any item size counts its bytes
         memory = self._memory
 
-        def write(live: KVBlockInfo) -> None:
+        def write(live: KVBlockInfo) -> MockEvent | None:
             size = live.num_pages * self._layout.page_bytes(live.dtype)
             if len(payload) != size:
                 raise InvalidArgumentError(
@@ -354,9 +354,10 @@ class MockBackendProvider(Unique):
                 )
             ids = memory.page_ids(live)
             stamps = memory.stamps(live.device, ids)
-            stream.launch(lambda: memory.write(live.device, ids, stamps, payload), (live.block,))
+            work = _Work(self._streams, memory, stream, [])
+            return work.run(lambda: memory.write(live.device, ids, stamps, payload), [live.block])
 
-        self._table.use(block, write)
+        self._table.write(block, write)
 
     def kv_block_read(self, block: KVBlock) -> bytes:
         """The block's bytes once the current stream's queued work has run; pages never
@@ -564,11 +565,13 @@ def _positive_int(value: object, what: str) -> None:
 
 
 class _Work:
-    """The stream work of one copy or migration, queued by the block table under its lock.
+    """The stream work of one copy, migration or write, queued by the block table under its
+    lock.
 
-    On a stream other than the calling thread's current one, the work first waits for the
-    current stream, and its event is returned to the table, which reuses the pages it touches
-    only once the event is reached.
+    On a stream other than the default one, the work first waits for the default stream (pages
+    its work used may be reused here) and for the calling thread's current stream (whose queued
+    work may use the pages it writes), and its event is returned to the table, which reuses the
+    pages it touches only once the event is reached. Work on the default stream needs neither.
     """
 
     def __init__(
@@ -581,20 +584,29 @@ class _Work:
         self._memory = memory
         self._pairs = pairs
         self._stream = stream
-        current = streams.current()
         capture = streams.capture
         self._captured = capture is not None and capture.stream is stream
-        self._after = None if stream is current or self._captured else current
+        waits = (streams.current(), streams.default_stream)
+        self._after = [] if self._captured else [s for s in dict.fromkeys(waits) if s is not stream]
+        self._tracked = not self._captured and stream is not streams.default_stream
         self.event = MockEvent(streams)
 
     def __call__(self, transfers: list[Transfer]) -> MockEvent | None:
-        memory, stream = self._memory, self._stream
-        if self._after is not None:
-            stream.wait_stream(self._after)
+        memory = self._memory
         if transfers:
             copies = memory.copies(transfers)
             # A graph records the blocks it touches, to check them before each replay.
             blocks = [block for pair in self._pairs for block in pair] if self._captured else []
-            stream.launch(lambda: memory.move(copies), blocks)
+            return self.run(lambda: memory.move(copies), blocks)
+        return self.run(None, [])
+
+    def run(self, work: Callable[[], None] | None, blocks: list[KVBlock]) -> MockEvent | None:
+        """Queue ``work`` (None: nothing) after the streams it waits for; its event, where the
+        table must keep it."""
+        stream = self._stream
+        for other in self._after:
+            stream.wait_stream(other)
+        if work is not None:
+            stream.launch(work, blocks)
         stream.record_event(self.event)
-        return None if self._after is None else self.event
+        return self.event if self._tracked else None

@@ -58,8 +58,10 @@ class Capture:
 class StreamScheduler:
     """The streams of one provider and the lock that runs their work."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, require: Callable[[str, str], None] | None = None) -> None:
         self.name = name
+        self.require = require or (lambda flag, operation: None)
+        """Refuses an operation whose capability flag is off (CapabilityError)."""
         self.lock = threading.RLock()
         self.capture: Capture | None = None
         self.closed = False
@@ -185,6 +187,8 @@ class MockStream:
     # The Stream protocol.
 
     def record_event(self, event: Event | None = None) -> MockEvent:
+        if event is None:
+            self.scheduler.require("has_event", "record_event")
         target = MockEvent(self.scheduler) if event is None else self.scheduler.own_event(event)
         target.record(self)
         return target

@@ -71,6 +71,10 @@ class DeviceAdapter(Protocol[S, E]):
 
     def new_stream(self, index: int) -> S: ...
 
+    def default_stream(self, index: int) -> S:
+        """The device's default stream, current where no other was made current."""
+        ...
+
     def current_stream(self, index: int) -> S:
         """This thread's current stream on device ``index``."""
         ...

@@ -117,6 +117,10 @@ class CpuAdapter:
         self._check(index)
         return HostStream()
 
+    def default_stream(self, index: int) -> HostStream:
+        self._check(index)
+        return self._default
+
     def current_stream(self, index: int) -> HostStream:
         self._check(index)
         stack: list[HostStream] = self._current.__dict__.setdefault("stack", [])

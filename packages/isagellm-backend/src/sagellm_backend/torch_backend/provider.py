@@ -85,6 +85,8 @@ class TorchBackendProvider(Unique, Generic[S, E]):
         self._adapter = adapter
         self._graphs = graphs
         self._index = index
+        self._home = adapter.default_stream(index)
+        """The device's default stream: provider work on any other is tracked (see _Work)."""
         self._device = f"{adapter.kind}:{index}"
         self._torch_device = adapter.torch_device(index)
         element = to_torch_dtype(layout.dtype)
@@ -381,16 +383,16 @@ class TorchBackendProvider(Unique, Generic[S, E]):
             )
         payload = bytes(data)  # a memoryview of any item size counts its bytes
 
-        def write(live: KVBlockInfo) -> None:
+        def write(live: KVBlockInfo) -> TorchEvent[S, E] | None:
             size = self.kv_layout.page_bytes(live.dtype) * live.num_pages
             if len(payload) != size:
                 raise InvalidArgumentError(
                     f"KV block {live.block:#x} holds {size} bytes, got {len(payload)}",
                     hint="write exactly the block's size: page_bytes(dtype) * num_pages",
                 )
-            self._pool.write(live, payload)
+            return _Work(self, None).run(lambda: self._pool.write(live, payload))
 
-        self._blocks.use(block, write)
+        self._blocks.write(block, write)
 
     def kv_block_read(self, block: KVBlock) -> bytes:
         """The block's bytes, layer-major: ``[num_layers, pages, 2, tokens, kv_heads, head_size]``.
@@ -526,11 +528,14 @@ class TorchBackendProvider(Unique, Generic[S, E]):
 
 
 class _Work(Generic[S, E]):
-    """The device work of one copy or migration, queued by the block table under its lock.
+    """The device work of one copy, migration or write, queued by the block table under its
+    lock.
 
-    On a stream other than the calling thread's current one, the work first waits for the
-    current stream (whose queued work may still use the pages it writes), and its event is
-    returned to the table, which reuses the pages it touches only once the event is reached.
+    On a stream other than the device's default one, the work first waits for the default
+    stream (pages its work used may be reused here) and for the calling thread's current stream
+    (whose queued work may still use the pages it writes), and its event is returned to the
+    table, which reuses the pages it touches only once the event is reached. Work on the default
+    stream needs neither.
     """
 
     def __init__(self, provider: TorchBackendProvider[S, E], stream: Stream | None) -> None:
@@ -538,22 +543,32 @@ class _Work(Generic[S, E]):
         adapter = provider.adapter
         current = adapter.current_stream(provider.index)
         self._stream = None if stream is None else own_stream(adapter, stream)
-        self._raw = current if self._stream is None else self._stream.raw
-        self._current: S | None = None if self._raw is current or self._raw == current else current
+        raw = current if self._stream is None else self._stream.raw
+        self._raw = raw
+        home = provider._home
+        self._tracked = not (raw is home or raw == home)
+        waits = (current, home) if self._tracked else ()
+        self._after = [s for s in waits if not (s is raw or s == raw)]
         self.event: TorchEvent[S, E] | None = None
 
     def __call__(self, transfers: list[Transfer]) -> TorchEvent[S, E] | None:
+        return self.run(lambda: self._provider._move(transfers, self._raw))
+
+    def run(self, work: Callable[[], object]) -> TorchEvent[S, E] | None:
+        """Queue ``work`` on the stream after those it waits for; its event, where the table
+        must keep it."""
         provider = self._provider
-        if self._stream is None or self._current is None:  # on the current stream as it is
-            provider._move(transfers, self._raw)
-            self.event = TorchEvent(provider.adapter, provider.index, enable_timing=True)
-            self.event.record_raw(self._raw)
-            return None
-        provider.adapter.stream_wait_stream(self._stream.raw, self._current)
-        with self._stream:
-            provider._move(transfers, self._raw)
-        self.event = self._stream.record_event()
-        return self.event
+        adapter = provider.adapter
+        for other in self._after:
+            adapter.stream_wait_stream(self._raw, other)
+        if self._stream is None:
+            work()
+        else:
+            with self._stream:
+                work()
+        self.event = TorchEvent(adapter, provider.index, enable_timing=True)
+        self.event.record_raw(self._raw)
+        return self.event if self._tracked else None
 
 
 def create_torch_provider(
@@ -564,12 +579,15 @@ def create_torch_provider(
     *,
     mover: PageMover | None = None,
     graphs: GraphHook[S] | None = None,
+    prepare: Callable[[int], object] | None = None,
 ) -> TorchBackendProvider[S, E]:
     """A provider from a factory's device selection and validated options (see options.py).
 
     The device index is the one asked for, else the one a launcher assigned (LOCAL_RANK),
     else 0; rank and world come from the options, else the launcher's environment. A device
-    wheel passes its batched page ``mover`` and its ``graphs`` capture, where it has them.
+    wheel passes its batched page ``mover`` and its ``graphs`` capture, where it has them, and
+    ``prepare(index)``, run once every option is checked and before the device is used (where
+    it makes the device current, so that a refused creation leaves it as it was).
     """
     env = os.environ if environ is None else environ
     index = device.index
@@ -604,6 +622,8 @@ def create_torch_provider(
     timeout = options["collective_timeout"]
     validate = options["validate_collectives"]
     assert isinstance(timeout, float) and isinstance(validate, bool)
+    if prepare is not None:
+        prepare(index)
     return TorchBackendProvider(
         adapter,
         index=index,

@@ -78,7 +78,13 @@ class TorchStream(Generic[S, E]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack: list[AbstractContextManager[object]] = self._entered.__dict__["s"]
+        current = self._adapter.current_stream(self._index)
+        stack: list[AbstractContextManager[object]] = self._entered.__dict__.get("s", [])
+        if not stack or not (current is self.raw or current == self.raw):
+            raise InvalidArgumentError(
+                f"{self!r} is not this thread's current stream",
+                hint="leave nested `with stream:` blocks in the order they were entered",
+            )
         stack.pop().__exit__(exc_type, exc, tb)
 
 

@@ -271,6 +271,12 @@ class NPUTensor(torch.Tensor):
     def tolist(self) -> Any:
         return self.cpu().tolist()
 
+    def data_ptr(self) -> int:
+        return self.data_.data_ptr()  # addresses alias as on the device, for aliasing checks
+
+    def untyped_storage(self) -> torch.UntypedStorage:
+        return self.data_.untyped_storage()
+
     def numpy(self, *, force: bool = False) -> Any:
         raise TypeError(
             f"can't convert npu:{self.npu_index} device type tensor to numpy. Use Tensor.cpu() to "
