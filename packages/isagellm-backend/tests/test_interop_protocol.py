@@ -192,11 +192,21 @@ def test_protocol_errors_keep_the_builtin_a_caller_catches() -> None:
         raise error_from_protocol(full)
 
 
-def test_a_message_that_merely_looks_like_a_carried_code_is_left_alone() -> None:
-    model = proto.Error(code=proto.ErrorCode.UNAVAILABLE, message="[block_not_found] odd text")
-    error = error_from_protocol(model)
-    assert type(error) is errors.BackendUnavailableError
-    assert error.message == "[block_not_found] odd text"
+def test_a_message_that_merely_looks_like_a_carried_code_keeps_its_code_both_ways() -> None:
+    for model in (
+        proto.Error(code=proto.ErrorCode.UNAVAILABLE, message="[block_not_found] odd text"),
+        proto.Error(code=proto.ErrorCode.INVALID_ARGUMENT, message="[invalid_operator_mapping] x"),
+    ):
+        error = error_from_protocol(model)
+        assert error.code.value == model.code.value
+        again = error_to_protocol(error)
+        assert (again.code, again.message) == (model.code, model.message)
+    for ours in (
+        errors.InvalidArgumentError("[block_not_found] from an engine's log"),
+        errors.InvalidArgumentError("[invalid_operator_mapping] x"),
+    ):
+        back = error_from_protocol(error_to_protocol(ours))
+        assert (type(back), back.code, back.message) == (type(ours), ours.code, ours.message)
 
 
 def test_error_conversions_refuse_other_objects() -> None:

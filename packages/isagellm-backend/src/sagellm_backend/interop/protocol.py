@@ -379,8 +379,9 @@ def error_to_protocol(error: BackendError) -> ProtocolError:
     """The protocol ``Error`` model for one of our errors.
 
     The message is ours with the hint appended (``"message; hint"``); a code the protocol lacks
-    travels as its nearest code with ``[our_code] `` in front of the message. ``retryable`` is
-    the error class's.
+    travels as its nearest code with ``[our_code] `` in front of the message. A message that
+    already starts with a bracketed code gets its own code in front, so that it is not read as
+    carrying one. ``retryable`` is the error class's.
     """
     if not isinstance(error, BackendError):
         raise InvalidArgumentError(
@@ -395,8 +396,12 @@ def error_to_protocol(error: BackendError) -> ProtocolError:
     if value not in theirs:
         text = f"[{value}] {text}"
         value = NEAREST_PROTOCOL_CODES.get(error.code, value)
+    elif carried == value:  # the escape error_from_protocol adds
+        text = _strip_code(text)
     elif carried in theirs and NEAREST_CODES.get(carried) is error.code:
         value, text = carried, _strip_code(text)
+    elif carried in theirs | _values(ErrorCode):
+        text = f"[{value}] {text}"
     return cast(
         ProtocolError,
         proto.Error(
@@ -409,7 +414,8 @@ def error_from_protocol(error: ProtocolError) -> BackendError:
     """Our exception for a protocol ``Error`` model, of the class its code stands for.
 
     The error is returned, not raised. A protocol code we lack becomes our nearest code with
-    ``[their_code] `` in front of the message.
+    ``[their_code] `` in front of the message; a message that already starts with a bracketed
+    code gets its own code in front, as :func:`error_to_protocol` does.
     """
     proto = _protocol()
     if not isinstance(error, proto.Error):
@@ -420,13 +426,18 @@ def error_from_protocol(error: ProtocolError) -> BackendError:
     value = str(error.code.value)
     text = str(error.message)
     carried = _carried_code(text)
-    if value not in _values(ErrorCode):
+    ours = _values(ErrorCode)
+    if value not in ours:
         code = _our_code(value)
         text = f"[{value}] {text}"
-    elif carried in _values(ErrorCode) and NEAREST_PROTOCOL_CODES.get(ErrorCode(carried)) == value:
+    elif carried == value:  # the escape error_to_protocol adds
+        code, text = ErrorCode(value), _strip_code(text)
+    elif carried in ours and NEAREST_PROTOCOL_CODES.get(ErrorCode(carried)) == value:
         code, text = ErrorCode(carried), _strip_code(text)
     else:
         code = ErrorCode(value)
+        if carried in ours | _values(proto.ErrorCode):
+            text = f"[{value}] {text}"
     return CLASS_FOR_CODE[code](text, code=code)
 
 
