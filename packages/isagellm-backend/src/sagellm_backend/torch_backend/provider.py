@@ -545,10 +545,12 @@ class _Work(Generic[S, E]):
         self._stream = None if stream is None else own_stream(adapter, stream)
         raw = current if self._stream is None else self._stream.raw
         self._raw = raw
-        home = provider._home
+        # In a graph capture the captured (current) stream stands for the default one: a capture
+        # cannot wait for work outside it.
+        home = current if provider._blocks.held else provider._home
         self._tracked = not (raw is home or raw == home)
-        waits = (current, home) if self._tracked else ()
-        self._after = [s for s in waits if not (s is raw or s == raw)]
+        waits = [current] if home is current else [current, home]
+        self._after = [s for s in waits if self._tracked and not (s is raw or s == raw)]
         self.event: TorchEvent[S, E] | None = None
 
     def __call__(self, transfers: list[Transfer]) -> TorchEvent[S, E] | None:
