@@ -21,16 +21,19 @@ __all__ = ["Baselines", "baselines_for", "register_baselines"]
 class Baselines(Protocol):
     """Plain device operations of one provider."""
 
-    def contiguous_copy(self, nbytes: int) -> Callable[[], None]:
-        """An operation that copies ``nbytes`` contiguous bytes within the device, once per call."""
+    def contiguous_copy(self, nbytes: int) -> Callable[[], None] | None:
+        """An operation that copies ``nbytes`` contiguous bytes within the device, once per call;
+        None where the device moves no bytes to copy pages (the mock moves references)."""
         ...
 
-    def contiguous_swap(self, nbytes: int) -> Callable[[], None]:
-        """An operation that copies ``nbytes`` contiguous bytes to host memory and back."""
+    def contiguous_swap(self, nbytes: int) -> Callable[[], None] | None:
+        """An operation that copies ``nbytes`` contiguous bytes to host memory and back; None
+        where the device moves no bytes to swap pages."""
         ...
 
-    def raw_event_pair(self) -> Callable[[], float]:
-        """An operation that records two raw device events and returns their elapsed_ms."""
+    def raw_event_pair(self) -> Callable[[], float] | None:
+        """An operation that records two raw device events and returns their elapsed_ms; None
+        where the device has no events beside the provider's own."""
         ...
 
     def paged_copy(self, src_pages: list[int], dst_pages: list[int]) -> Callable[[], None]:

@@ -204,9 +204,10 @@ def run_benchmarks(
                 blocks,
             )
         )
-        if baselines is not None:
+        floor = None if baselines is None else baselines.contiguous_copy(nbytes)
+        if floor is not None:
             say("kv copy: contiguous")
-            flat = timed(baselines.contiguous_copy(nbytes))
+            flat = timed(floor)
             report.rows.append(
                 Comparison(
                     "kv copy",
@@ -222,10 +223,11 @@ def run_benchmarks(
         if provider.capability().has_kv_block_migrate:
             swapping = chosen[:blocks]
             _swap(provider, report, swapping, timed, say)
-            if baselines is not None:
+            swap_floor = None if baselines is None else baselines.contiguous_swap(nbytes)
+            if swap_floor is not None:
                 say("kv swap: contiguous")
                 ours = next(r.ours_s for r in report.rows if r.case == "kv swap")
-                flat = timed(baselines.contiguous_swap(nbytes))
+                flat = timed(swap_floor)
                 report.rows.append(
                     Comparison(
                         "kv swap",
@@ -244,8 +246,13 @@ def run_benchmarks(
         swapped = set(chosen[:blocks]) if swapping else set()
         provider.kv_blocks_free([b for b in pool if b not in swapped] + swapping)
 
+    if baselines is not None and floor is None:
+        report.skipped.append(
+            f"kv copy and swap floors: {provider.kind} moves no bytes to move a page"
+        )
     say("events")
-    if baselines is not None:
+    raw = None if baselines is None else baselines.raw_event_pair()
+    if raw is not None:
 
         def ours_events() -> None:
             for _ in range(blocks):
@@ -255,7 +262,6 @@ def run_benchmarks(
                 end.synchronize()
                 end.elapsed_ms(start)
 
-        raw = baselines.raw_event_pair()
         report.rows.append(
             Comparison(
                 "event record + elapsed_ms",
@@ -268,8 +274,10 @@ def run_benchmarks(
                 item="event pair",
             )
         )
-    else:
+    elif baselines is None:
         report.skipped.append(f"contiguous copy and raw events: no baselines for {provider.kind}")
+    else:
+        report.skipped.append(f"events: {provider.kind} has no events beside its own")
     if not provider.capability().supports_op("batch_metadata"):
         report.skipped.append("batch metadata: the backend does not claim batch_metadata")
     elif baselines is None:

@@ -15,7 +15,7 @@ plainest code that does the same work, timed in the same rounds:
   ``[layers, pages, 2, tokens, kv_heads, head_size]``, index tensors made once), so the excess
   per block is what validation, bookkeeping and building the indices cost;
 - ``kv_blocks_migrate`` of ``n`` blocks to host and back, against the same indexed copies between
-  the device pool and the host pool.
+  the device pool and the host pool; per block and migration (each run is two of them).
 
 Every row is a median over interleaved rounds: each round times every contender in turn (each
 ``timeit`` run long enough to dwarf the clock), so the load of a shared machine falls on both
@@ -234,10 +234,9 @@ def _migrate(
         blocks[:], _ = provider.kv_blocks_migrate(out, device)
 
     plain = baselines.paged_swap(_first_pages(provider, blocks))
+    moved = 2 * len(blocks)  # each run migrates every block out and in
     times = interleaved(
-        {"ours": (ours, {}, len(blocks)), "plain": (plain, {}, len(blocks))},
-        rounds,
-        provider.synchronize,
+        {"ours": (ours, {}, moved), "plain": (plain, {}, moved)}, rounds, provider.synchronize
     )
     return (
         f"kv_blocks_migrate out and in, {len(blocks)} blocks",
@@ -245,7 +244,7 @@ def _migrate(
         "plain indexed copies between the pools",
         times["ours"],
         times["plain"],
-        "the host cost per block of two migrations: new handles, validation, issuing",
+        "the host cost per block and migration: new handles, validation, issuing",
     )
 
 

@@ -72,12 +72,29 @@ class TorchBaselines(Generic[S, E]):
         return copy
 
     def paged_swap(self, pages: list[int]) -> Callable[[], None]:
+        """Host pages ``0..n-1``; with pinned host memory the copies are asynchronous, one a
+        layer each way, so that the host only issues them, as the backend's own swap does."""
         pool, host = self._provider.kv_pool(), self._provider.kv_pool(HOST)
         on_device = torch.tensor(pages, dtype=torch.int64, device=pool.device)
-        on_host = torch.arange(len(pages), dtype=torch.int64)
+        n = len(pages)
+        if not self._provider.adapter.pins_host_memory:
+            on_host = torch.arange(n, dtype=torch.int64)
 
-        def swap() -> None:
-            host.index_copy_(1, on_host, pool.index_select(1, on_device).to(host.device))
-            pool.index_copy_(1, on_device, host.index_select(1, on_host).to(pool.device))
+            def swap() -> None:
+                host.index_copy_(1, on_host, pool.index_select(1, on_device).to(host.device))
+                pool.index_copy_(1, on_device, host.index_select(1, on_host).to(pool.device))
 
-        return swap
+            return swap
+        back = torch.empty(
+            (pool.shape[0], n, *pool.shape[2:]), dtype=pool.dtype, device=pool.device
+        )
+
+        def swap_pinned() -> None:
+            out = pool.index_select(1, on_device)
+            for layer in range(pool.shape[0]):
+                host[layer, :n].copy_(out[layer], non_blocking=True)
+            for layer in range(pool.shape[0]):
+                back[layer].copy_(host[layer, :n], non_blocking=True)
+            pool.index_copy_(1, on_device, back)
+
+        return swap_pinned
