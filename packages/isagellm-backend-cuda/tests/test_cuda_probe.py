@@ -176,3 +176,19 @@ def test_visible_devices_hiding_every_gpu() -> None:
 def test_visible_device_count_follows_cuda(text: str | None, physical: int, visible: int) -> None:
     environ = {} if text is None else {"CUDA_VISIBLE_DEVICES": text}
     assert visible_device_count(physical, environ) == visible
+
+
+def test_a_probe_that_saw_devices_cuda_does_not_gives_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CUDA_VISIBLE_DEVICES naming a UUID of no device: CUDA counts none, so creation says the
+    backend is unavailable (a fallback list moves on) rather than that cuda:0 is out of range."""
+    pytest.importorskip("torch", reason="the cuda backend needs torch")
+    from sagellm_backend.factory import DeviceSelection
+    from sagellm_backend_cuda.provider import CUDA, create_cuda_provider
+
+    monkeypatch.setattr(CUDA, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-deadbeef")
+    with pytest.raises(BackendUnavailableError, match="GPU-deadbeef") as info:
+        create_cuda_provider(DeviceSelection())
+    assert info.value.hint is not None and "nvidia-smi -L" in info.value.hint

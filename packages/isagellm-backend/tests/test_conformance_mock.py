@@ -138,3 +138,18 @@ def test_every_standard_check_is_documented() -> None:
     text = (Path(__file__).resolve().parents[3] / "docs" / "conformance.md").read_text()
     missing = [c.id for c in STANDARD_CHECKS if f"| `{c.id}` | {c.promise} |" not in text]
     assert not missing
+
+
+def test_without_a_spec_the_target_is_the_one_sagellm_backend_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sagellm_backend.testing.spec_target import target_for_spec
+
+    monkeypatch.setenv("SAGELLM_BACKEND", "mock?max_memory_mb=32")
+    target = target_for_spec(None)
+    assert target.name == "mock?max_memory_mb=32"
+    provider = target.make_provider()
+    try:
+        assert provider.capability().total_memory_bytes == 32 << 20
+    finally:
+        provider.close()

@@ -35,11 +35,21 @@ NCCL = CommSpec(
     float_only_ops=frozenset({ReduceOp.AVG}),
     int_only_ops=frozenset(),
     unsupported_dtypes=frozenset(
-        {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+        {
+            torch.int16,
+            torch.uint16,
+            torch.uint32,
+            torch.uint64,
+            torch.float8_e4m3fn,
+            torch.float8_e5m2,
+            torch.float8_e4m3fnuz,
+            torch.float8_e5m2fnuz,
+        }
     ),
     binds_device=True,
 )
-"""NCCL through torch.distributed: no bitwise reductions; avg on floating point only."""
+"""NCCL through torch.distributed: no bitwise reductions; avg on floating point only; no int16
+or unsigned dtype wider than uint8 (torch has no NCCL type for them)."""
 
 _EVENT_POOL_LIMIT = 256
 """Idle events kept per (device, timing) pool; more are destroyed."""

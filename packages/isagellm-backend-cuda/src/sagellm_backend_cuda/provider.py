@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.errors import BackendUnavailableError, InvalidArgumentError
 from sagellm_backend.factory import DeviceSelection, OptionValue
 from sagellm_backend.ops import STANDARD_OPS
 from sagellm_backend.torch_backend.kernels import KERNEL_DTYPES
@@ -38,6 +38,11 @@ def create_cuda_provider(
 ) -> TorchBackendProvider[torch.cuda.Stream, PooledEvent]:
     """A provider on ``cuda:N`` (N asked for, else LOCAL_RANK's device, else 0)."""
     count = CUDA.device_count()
+    if not count:  # the probe saw devices that CUDA does not (e.g. an unknown UUID)
+        raise BackendUnavailableError(
+            f"no CUDA device is usable: {visible_devices_text(count)}",
+            hint="set CUDA_VISIBLE_DEVICES to devices of this machine (nvidia-smi -L lists them)",
+        )
     if device.index is not None and device.index >= count:
         raise InvalidArgumentError(
             f"cuda:{device.index} is out of range: {visible_devices_text(count)}",

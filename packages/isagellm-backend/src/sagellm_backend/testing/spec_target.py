@@ -15,7 +15,7 @@ from typing import Any
 from sagellm_backend.errors import BackendLoadError
 from sagellm_backend.mock import MockBackendProvider
 from sagellm_backend.protocols import BackendProvider
-from sagellm_backend.registry import get_backend
+from sagellm_backend.registry import default_registry, get_backend
 from sagellm_backend.testing.mock_target import MockTarget
 from sagellm_backend.testing.target import ConformanceTarget, TensorAdapter
 
@@ -39,7 +39,9 @@ class SpecTarget(ConformanceTarget[Any]):
 
 
 def target_for_spec(spec: str | None) -> ConformanceTarget[Any]:
-    """The conformance target for the backend ``spec`` selects (resolved once, then closed)."""
+    """The conformance target for the backend ``spec`` selects (resolved once, then closed);
+    None: ``$SAGELLM_BACKEND``, else the mock, as ``get_backend`` reads it."""
+    spec = str(default_registry().resolve_spec(spec))
     provider = get_backend(spec)
     kind = provider.kind
     provider.close()
