@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sagellm_backend import (
+    BackendLoadError,
     BlockNotFoundError,
     CapabilityDescriptor,
     DType,
@@ -28,7 +29,16 @@ from sagellm_backend import (
 from sagellm_backend.mock import MockBackendProvider, MockEvent, MockStream, MockTensor
 from sagellm_backend.mock.sampling import reference_sample
 from sagellm_backend.protocols import Event, Stream
-from sagellm_backend.testing import MockTarget, Outcome, run_conformance
+from sagellm_backend.testing import (
+    Area,
+    Check,
+    CheckContext,
+    CheckSkipped,
+    MockTarget,
+    Outcome,
+    run_conformance,
+    select_checks,
+)
 from sagellm_backend.testing.checks.long_run import LONG_RUN_OPS
 
 
@@ -501,6 +511,40 @@ def test_a_check_that_raises_unexpectedly_fails_with_the_exception_named() -> No
     report = run_conformance(MockTarget(provider_class=Crashes), select=["kv.write_read"])
     message = report.result("kv.write_read").message
     assert "raised RuntimeError: device lost" in message
+
+
+def test_a_provider_that_fails_to_close_fails_a_check_that_skipped_after_using_it() -> None:
+    class LeaksOnClose(MockBackendProvider):
+        used = False
+
+        def kv_block_alloc(self, num_tokens: int, dtype: DType | str) -> KVBlock:
+            self.used = True
+            return super().kv_block_alloc(num_tokens, dtype)
+
+        def close(self) -> None:
+            super().close()
+            if self.used:
+                raise RuntimeError("close leaked a block")
+
+    def skips(ctx: CheckContext[Any]) -> None:
+        ctx.provider.kv_block_alloc(16, "fp16")
+        raise CheckSkipped("does not apply")
+
+    check = Check("x.skips", Area.PROVIDER, "the provider closes cleanly", skips)
+    report = run_conformance(MockTarget(provider_class=LeaksOnClose), checks=[check])
+    result = report.result("x.skips")
+    assert result.outcome is Outcome.FAILED and "close leaked a block" in result.message
+    with pytest.raises(InvalidArgumentError, match="unknown check or area 'nope'"):
+        select_checks(["nope"], checks=())
+
+
+def test_a_target_that_cannot_make_a_provider_is_a_load_error() -> None:
+    class Unmakeable(MockBackendProvider):
+        def __init__(self, **options: Any) -> None:
+            raise OSError("no device node")
+
+    with pytest.raises(BackendLoadError, match="could not make a provider: OSError"):
+        run_conformance(MockTarget(provider_class=Unmakeable))
 
 
 def test_the_table_lists_every_check_with_skip_reasons_and_world_sizes() -> None:

@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sagellm_backend.cli.check import CHECK_MOCK_MEMORY_MB, sized_for_check
+from sagellm_backend.protocols import BackendProvider
 from sagellm_backend.testing import STANDARD_CHECKS, MockTarget
 from sagellm_backend.testing.suite import BackendConformanceSuite
 
@@ -153,3 +155,20 @@ def test_without_a_spec_the_target_is_the_one_sagellm_backend_names(
         assert provider.capability().total_memory_bytes == 32 << 20
     finally:
         provider.close()
+
+
+def test_a_spec_targets_world_ranks_share_every_option_of_the_spec() -> None:
+    from sagellm_backend.mock import MockBackendProvider
+    from sagellm_backend.testing.spec_target import target_for_spec
+
+    target = target_for_spec(
+        "mock?validate_collectives=false&supported_ops=sample&max_batch_size=7"
+    )
+
+    def seen(_: object, provider: BackendProvider[Any]) -> tuple[object, ...]:
+        assert isinstance(provider, MockBackendProvider)
+        cap = provider.capability()
+        return provider.options["validate_collectives"], cap.supported_ops, cap.max_batch_size
+
+    outcomes = target.run_world(2, seen, timeout=10)
+    assert [o.value for o in outcomes] == [(False, ("sample",), 7)] * 2

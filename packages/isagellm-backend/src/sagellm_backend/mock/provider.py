@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sagellm_backend.blocks import BlockTable, Transfer
 from sagellm_backend.capability import CapabilityDescriptor
@@ -120,6 +120,9 @@ class MockBackendProvider(Unique):
         world: MockWorld | None = None,
         rank: int = 0,
     ) -> None:
+        shared = {k: v for k, v in locals().items() if k not in ("self", "world", "rank")}
+        self.options = cast("MockOptions", shared)
+        """The options given, but the world and the rank: what every rank of a world shares."""
         flags = {
             "has_collective": has_collective,
             "has_graph_exec": has_graph_exec,

@@ -159,24 +159,5 @@ class MockTarget(ConformanceTarget[MockTensor]):
 
 
 def mock_options_of(provider: MockBackendProvider) -> MockOptions:
-    """Constructor options that rebuild ``provider``'s capability matrix and KV layout."""
-    cap = provider.capability()
-    layout = provider.kv_layout
-    return MockOptions(
-        supported_dtypes=list(cap.supported_dtypes),
-        supported_kernels=list(cap.supported_kernels),
-        has_collective=cap.has_collective,
-        has_graph_exec=cap.has_graph_exec,
-        max_memory_mb=cap.max_memory_mb or DEFAULT_MAX_MEMORY_MB,
-        has_stream=cap.has_stream,
-        has_event=cap.has_event,
-        has_kv_block_copy=cap.has_kv_block_copy,
-        has_kv_block_migrate=cap.has_kv_block_migrate,
-        supported_collectives=list(cap.supported_collectives),
-        supported_reduce_ops=list(cap.supported_reduce_ops),
-        device_type=cap.device_type,
-        num_layers=layout.num_layers,
-        num_kv_heads=layout.num_kv_heads,
-        head_size=layout.head_size,
-        tokens_per_block=layout.tokens_per_block,
-    )
+    """The constructor options ``provider`` was made with, those every rank of a world shares."""
+    return MockOptions(**provider.options)

@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any
 
 from sagellm_backend.capability import CapabilityDescriptor
-from sagellm_backend.errors import InvalidArgumentError
+from sagellm_backend.errors import BackendError, BackendLoadError, InvalidArgumentError
 from sagellm_backend.testing.check import (
     Area,
     Check,
@@ -138,8 +138,18 @@ class ConformanceReport:
 
 
 def probe_capability(target: ConformanceTarget[Any]) -> CapabilityDescriptor:
-    """The capability matrix of a fresh provider of ``target``."""
-    provider = target.make_provider()
+    """The capability matrix of a fresh provider of ``target``; a target that cannot make one
+    raises BackendLoadError (a BackendError it raises is passed on)."""
+    try:
+        provider = target.make_provider()
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendLoadError(
+            f"the conformance target {target.name!r} could not make a provider: "
+            f"{type(exc).__name__}: {exc}",
+            hint="fix the target's make_provider; the original error is chained below",
+        ) from exc
     try:
         return provider.capability()
     finally:
@@ -159,7 +169,7 @@ def select_checks(
         raise InvalidArgumentError(
             f"unknown check or area {', '.join(map(repr, unknown))}",
             hint=f"areas: {', '.join(a.value for a in Area)}; or a check id such as "
-            f"{checks[0].id!r}",
+            f"{(checks or STANDARD_CHECKS)[0].id!r}",
         )
     return [c for c in checks if c.id in wanted or c.area.value in wanted]
 
@@ -199,10 +209,11 @@ def run_check(
     ctx: CheckContext[Any] = CheckContext(target, capability, seed=f"{seed}:{check.id}")
     start = time.perf_counter()
     failure: str | None = None
+    skipped: str | None = None
     try:
         check.body(ctx)
     except CheckSkipped as exc:
-        return CheckResult(check, Outcome.SKIPPED, str(exc), time.perf_counter() - start)
+        skipped = str(exc)
     except ConformanceFailure as exc:
         failure = str(exc)
     except Exception as exc:
@@ -217,6 +228,8 @@ def run_check(
         except Exception as exc:
             failure = failure or f"closing the provider raised {type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - start
+    if skipped is not None and failure is None:  # a provider that fails to close still fails
+        return CheckResult(check, Outcome.SKIPPED, skipped, seconds)
     sizes = tuple(sorted(ctx.world_sizes))
     if failure is not None:
         message = f"broken promise: {check.promise}: {failure} [seed {seed}]"
