@@ -24,7 +24,7 @@ from sagellm_backend.capability import CapabilityDescriptor
 from sagellm_backend.dtypes import ReduceOp
 from sagellm_backend.errors import InvalidArgumentError
 from sagellm_backend.torch_backend.capture import CaptureGuard
-from sagellm_backend.torch_backend.collectives import CommSpec
+from sagellm_backend.torch_backend.collectives import FLOAT8, WIDE_UNSIGNED, CommSpec
 from sagellm_backend_ascend.runtime import NpuEvent, NpuModule, NpuStream
 from sagellm_backend_ascend.soc import SocFamily
 
@@ -35,19 +35,7 @@ HCCL = CommSpec(
     reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MIN, ReduceOp.MAX}),
     float_only_ops=frozenset(),
     int_only_ops=frozenset(),
-    unsupported_dtypes=frozenset(
-        {
-            torch.complex64,
-            torch.complex128,
-            torch.uint16,
-            torch.uint32,
-            torch.uint64,
-            torch.float8_e4m3fn,
-            torch.float8_e5m2,
-            torch.float8_e4m3fnuz,
-            torch.float8_e5m2fnuz,
-        }
-    ),
+    unsupported_dtypes=FLOAT8 | WIDE_UNSIGNED | {torch.complex64, torch.complex128},
 )
 """HCCL through torch_npu's ProcessGroupHCCL: its reduce-op table holds sum, prod, min and max
 only (no avg, band, bor, bxor); its dtype table covers the integer types, fp16, bf16, fp32,

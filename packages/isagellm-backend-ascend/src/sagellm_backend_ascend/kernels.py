@@ -56,7 +56,9 @@ from sagellm_backend.torch_backend.arguments import (
     tensor_arg,
     written_arg,
 )
+from sagellm_backend.torch_backend.norms import norm_args
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
+from sagellm_backend.torch_backend.rotary import rotary_args
 from sagellm_backend_ascend.soc import SocFamily
 
 __all__ = ["FUSED_OPS", "FusedOp", "register_npu_kernels"]
@@ -74,23 +76,10 @@ _HALVES = (torch.float16, torch.bfloat16)
 _MAX_ROTARY = 896
 
 
-def _norm_args(op: str, x: object, weight: object, eps: object) -> tuple[Tensor, Tensor, float]:
-    rows = tensor_arg(op, "x", x, "[..., h]")
-    w = tensor_arg(op, "weight", weight, "[h]")
-    same_device(op, rows, weight=w)
-    if w.shape[0] != rows.shape[-1] or rows.shape[-1] == 0:
-        fail(
-            op,
-            f"weight has {w.shape[0]} features, x {rows.shape[-1]}",
-            "pass the norm's weight for x's hidden size",
-        )
-    return rows, w, number_arg(op, "eps", eps, minimum=0.0)
-
-
 def _rms_norm(
     op: PairOp, reference: RmsNorm[Tensor], x: Tensor, weight: Tensor, eps: float = 1e-6
 ) -> Tensor:
-    x, weight, eps = _norm_args("rms_norm", x, weight, eps)
+    x, weight, eps = norm_args("rms_norm", x, weight, eps)
     if x.dtype not in _FLOATS or weight.dtype != x.dtype or x.dim() > 8:
         return reference(x, weight, eps)
     y, _ = op(x, weight, eps)
@@ -106,7 +95,7 @@ def _fused_add_rms_norm(
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     name = "fused_add_rms_norm"
-    x, weight, eps = _norm_args(name, x, weight, eps)
+    x, weight, eps = norm_args(name, x, weight, eps)
     residual = tensor_arg(name, "residual", residual, "[..., h]")
     same_device(name, x, residual=residual)
     written_arg(name, "residual", residual, x)
@@ -142,18 +131,7 @@ def _rotary_embedding(
     *,
     is_neox: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    name = "rotary_embedding"
-    positions = tensor_arg(name, "positions", positions, "[n]", index=True)
-    query = tensor_arg(name, "query", query, "[n, heads, d]", leading=positions.shape[0])
-    key = tensor_arg(name, "key", key, "[n, kv_heads, d]", leading=positions.shape[0])
-    table = tensor_arg(name, "cos_sin_cache", cos_sin_cache, "[max_position, rotary_dim]")
-    same_device(name, query, positions=positions, key=key, cos_sin_cache=table)
-    if not isinstance(is_neox, bool):
-        fail(name, f"is_neox must be a bool, got {is_neox!r}", "pass is_neox=True or False")
-    written_arg(name, "query", query)
-    written_arg(name, "key", key)
-    if query.numel() and query.data_ptr() == key.data_ptr():
-        fail(name, "query and key start at one address", "pass query and key as separate views")
+    positions, query, key, table = rotary_args(positions, query, key, cos_sin_cache, is_neox)
     rows, rotary = table.shape
     if (
         not is_neox

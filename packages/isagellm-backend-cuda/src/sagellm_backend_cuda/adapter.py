@@ -25,7 +25,7 @@ from sagellm_backend.errors import (
     InvalidArgumentError,
 )
 from sagellm_backend.torch_backend.capture import CaptureGuard
-from sagellm_backend.torch_backend.collectives import CommSpec
+from sagellm_backend.torch_backend.collectives import FLOAT8, WIDE_UNSIGNED, CommSpec
 
 __all__ = ["NCCL", "CudaAdapter", "PooledEvent", "new_cuda_event", "visible_devices_text"]
 
@@ -34,18 +34,7 @@ NCCL = CommSpec(
     reduce_ops=frozenset({ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.AVG}),
     float_only_ops=frozenset({ReduceOp.AVG}),
     int_only_ops=frozenset(),
-    unsupported_dtypes=frozenset(
-        {
-            torch.int16,
-            torch.uint16,
-            torch.uint32,
-            torch.uint64,
-            torch.float8_e4m3fn,
-            torch.float8_e5m2,
-            torch.float8_e4m3fnuz,
-            torch.float8_e5m2fnuz,
-        }
-    ),
+    unsupported_dtypes=FLOAT8 | WIDE_UNSIGNED | {torch.int16},
     binds_device=True,
 )
 """NCCL through torch.distributed: no bitwise reductions; avg on floating point only; no int16

@@ -43,7 +43,7 @@ from sagellm_backend.errors import (
 )
 from sagellm_backend.timeouts import MAX_TIMEOUT_S, check_timeout
 
-__all__ = ["GLOO", "CommSpec", "ProcessGroup", "WorldConfig"]
+__all__ = ["FLOAT8", "GLOO", "WIDE_UNSIGNED", "CommSpec", "ProcessGroup", "WorldConfig"]
 
 PROTOCOL_COLLECTIVES = (
     CollectiveOp.ALL_REDUCE,
@@ -133,6 +133,12 @@ class CommSpec:
             )
 
 
+FLOAT8 = frozenset(
+    {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+)
+"""The float8 dtypes, which no communication backend here reduces."""
+WIDE_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
+"""Unsigned dtypes wider than uint8, which torch maps to no gloo, NCCL or HCCL type."""
 _UNORDERED = frozenset({ReduceOp.MIN, ReduceOp.MAX, ReduceOp.PROD})
 """Reductions torch.distributed refuses on complex tensors."""
 
@@ -141,18 +147,7 @@ GLOO = CommSpec(
     reduce_ops=frozenset(ReduceOp),
     float_only_ops=frozenset({ReduceOp.AVG}),
     int_only_ops=frozenset({ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR}),
-    unsupported_dtypes=frozenset(
-        {
-            torch.int16,
-            torch.uint16,
-            torch.uint32,
-            torch.uint64,
-            torch.float8_e4m3fn,
-            torch.float8_e5m2,
-            torch.float8_e4m3fnuz,
-            torch.float8_e5m2fnuz,
-        }
-    ),
+    unsupported_dtypes=FLOAT8 | WIDE_UNSIGNED | {torch.int16},
     waits_per_op=True,
     minmax_skips_nan=True,
 )

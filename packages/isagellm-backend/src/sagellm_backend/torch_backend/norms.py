@@ -12,13 +12,13 @@ from sagellm_backend.torch_backend.arguments import (
     written_arg,
 )
 
-__all__ = ["fused_add_rms_norm", "rms_norm"]
+__all__ = ["fused_add_rms_norm", "norm_args", "rms_norm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x ** 2) + eps) * weight`` over the last dimension, accumulated in fp32
     (float64 for float64), a new tensor of ``x``'s dtype."""
-    rows, w, epsilon = _norm_args("rms_norm", x, weight, eps)
+    rows, w, epsilon = norm_args("rms_norm", x, weight, eps)
     return _normed(rows, w, epsilon)
 
 
@@ -27,7 +27,7 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x``, then ``x = rms_norm(residual, weight, eps)``, both in place."""
     op = "fused_add_rms_norm"
-    rows, w, epsilon = _norm_args(op, x, weight, eps)
+    rows, w, epsilon = norm_args(op, x, weight, eps)
     res = tensor_arg(op, "residual", residual, "[..., h]")
     same_device(op, rows, residual=res)
     if res.shape != rows.shape or res.dtype != rows.dtype:
@@ -43,9 +43,10 @@ def fused_add_rms_norm(
     return x, residual
 
 
-def _norm_args(
+def norm_args(
     op: str, x: object, weight: object, eps: object
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``x[..., h]``, ``weight[h]`` and ``eps`` checked (a device wheel's kernels share it)."""
     rows = tensor_arg(op, "x", x, "[..., h]")
     w = tensor_arg(op, "weight", weight, "[h]")
     same_device(op, rows, weight=w)

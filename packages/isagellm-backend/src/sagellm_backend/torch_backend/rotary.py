@@ -20,7 +20,7 @@ from sagellm_backend.torch_backend.arguments import (
 )
 from sagellm_backend.torch_backend.dtypes import to_torch_dtype
 
-__all__ = ["CosSinCache", "rotary_cos_sin_cache", "rotary_embedding"]
+__all__ = ["CosSinCache", "rotary_args", "rotary_cos_sin_cache", "rotary_embedding"]
 
 
 def rotary_cos_sin_cache(
@@ -66,16 +66,11 @@ class CosSinCache:
         return f"CosSinCache({self.device})"
 
 
-def rotary_embedding(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    *,
-    is_neox: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the first ``rotary_dim`` features of every head of ``query[n, heads, d]`` and
-    ``key[n, kv_heads, d]`` in place by the angles of ``positions[n]``; returns them."""
+def rotary_args(
+    positions: object, query: object, key: object, cos_sin_cache: object, is_neox: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rotary_embedding``'s tensors checked, without reading their values: positions, query,
+    key and table (a device wheel's kernels share it)."""
     op = "rotary_embedding"
     pos = tensor_arg(op, "positions", positions, "[n]", index=True)
     q = tensor_arg(op, "query", query, "[n, heads, d]", leading=pos.shape[0])
@@ -88,6 +83,21 @@ def rotary_embedding(
     written_arg(op, "key", k)
     if q.numel() and q.data_ptr() == k.data_ptr():
         fail(op, "query and key start at one address", "pass query and key as separate views")
+    return pos, q, k, table
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first ``rotary_dim`` features of every head of ``query[n, heads, d]`` and
+    ``key[n, kv_heads, d]`` in place by the angles of ``positions[n]``; returns them."""
+    op = "rotary_embedding"
+    pos, q, k, table = rotary_args(positions, query, key, cos_sin_cache, is_neox)
     rotary = table.shape[1]
     if rotary % 2 or rotary > min(q.shape[2], k.shape[2]) or q.dtype != k.dtype:
         fail(
