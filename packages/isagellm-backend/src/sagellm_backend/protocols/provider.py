@@ -43,5 +43,6 @@ class BackendProvider(
 
     def close(self) -> None:
         """Release the provider's device memory and process group; later calls on the provider
-        are refused (BackendUnavailableError). The torch backends' streams and events are the
-        device's and stay usable; the mock's are refused too."""
+        are refused (BackendUnavailableError), but ``capability()`` stays readable. The torch
+        backends' streams and events are the device's and stay usable; the mock's are refused
+        too."""
