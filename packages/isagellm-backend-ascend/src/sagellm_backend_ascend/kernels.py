@@ -54,9 +54,8 @@ from sagellm_backend.torch_backend.arguments import (
     number_arg,
     same_device,
     tensor_arg,
-    written_arg,
 )
-from sagellm_backend.torch_backend.norms import norm_args
+from sagellm_backend.torch_backend.norms import fused_add_norm_args, norm_args
 from sagellm_backend.torch_backend.provider import TorchBackendProvider
 from sagellm_backend.torch_backend.rotary import rotary_args
 from sagellm_backend_ascend.soc import SocFamily
@@ -94,19 +93,8 @@ def _fused_add_rms_norm(
     weight: Tensor,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    name = "fused_add_rms_norm"
-    x, weight, eps = norm_args(name, x, weight, eps)
-    residual = tensor_arg(name, "residual", residual, "[..., h]")
-    same_device(name, x, residual=residual)
-    written_arg(name, "residual", residual, x)
-    written_arg(name, "x", x)
-    if (
-        x.dtype not in _FLOATS
-        or residual.dtype != x.dtype
-        or weight.dtype != x.dtype
-        or residual.shape != x.shape
-        or x.dim() > 8
-    ):
+    x, residual, weight, eps = fused_add_norm_args(x, residual, weight, eps)
+    if x.dtype not in _FLOATS or weight.dtype != x.dtype or x.dim() > 8:
         return reference(x, residual, weight, eps)
     y, _, total = op(x, residual, weight, eps)
     residual.copy_(total)

@@ -12,7 +12,7 @@ from sagellm_backend.torch_backend.arguments import (
     written_arg,
 )
 
-__all__ = ["fused_add_rms_norm", "norm_args", "rms_norm"]
+__all__ = ["fused_add_norm_args", "fused_add_rms_norm", "norm_args", "rms_norm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -26,6 +26,17 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x``, then ``x = rms_norm(residual, weight, eps)``, both in place."""
+    rows, res, w, epsilon = fused_add_norm_args(x, residual, weight, eps)
+    res.add_(rows)
+    rows.copy_(_normed(res, w, epsilon))
+    return x, residual
+
+
+def fused_add_norm_args(
+    x: object, residual: object, weight: object, eps: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``fused_add_rms_norm``'s ``x``, ``residual``, ``weight`` and ``eps`` checked, the two it
+    writes apart in memory (a device wheel's kernels share it)."""
     op = "fused_add_rms_norm"
     rows, w, epsilon = norm_args(op, x, weight, eps)
     res = tensor_arg(op, "residual", residual, "[..., h]")
@@ -38,9 +49,7 @@ def fused_add_rms_norm(
         )
     written_arg(op, "residual", res, rows)
     written_arg(op, "x", rows)
-    res.add_(rows)
-    rows.copy_(_normed(res, w, epsilon))
-    return x, residual
+    return rows, res, w, epsilon
 
 
 def norm_args(

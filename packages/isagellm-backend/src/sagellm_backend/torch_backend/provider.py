@@ -548,9 +548,9 @@ class _Work(Generic[S, E]):
         # In a graph capture the captured (current) stream stands for the default one: a capture
         # cannot wait for work outside it.
         home = current if provider._blocks.held else provider._home
-        self._tracked = not (raw is home or raw == home)
-        waits = [current] if home is current else [current, home]
-        self._after = [s for s in waits if self._tracked and not (s is raw or s == raw)]
+        self._tracked = not _same(raw, home)
+        waits = (current,) if home is current else (current, home)
+        self._after = [s for s in waits if self._tracked and not _same(s, raw)]
         self.event: TorchEvent[S, E] | None = None
 
     def __call__(self, transfers: list[Transfer]) -> TorchEvent[S, E] | None:
@@ -571,6 +571,11 @@ class _Work(Generic[S, E]):
         self.event = TorchEvent(adapter, provider.index, enable_timing=True)
         self.event.record_raw(self._raw)
         return self.event if self._tracked else None
+
+
+def _same(stream: object, other: object) -> bool:
+    """Whether two stream objects of a device are the same stream (wrappers compare equal)."""
+    return stream is other or stream == other
 
 
 def create_torch_provider(
